@@ -1,0 +1,177 @@
+//! The `berth` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units::{parse_duration, parse_mode, parse_size, parse_ttl, Ttl};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "berth",
+    version,
+    about = "Object storage (S3 and S3-compatible, or a local directory) as a filesystem",
+    long_about = "berth serves object storage as a filesystem on a Kubernetes node.\n\n\
+                  Logging: set RUST_LOG (default: berth=info)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount SOURCE at MOUNTPOINT and serve it until unmounted (runs in the foreground).
+    ///
+    /// Prints one line starting with "berth: mounted" when the mount is ready. Stops and
+    /// unmounts on SIGINT/SIGTERM (a second signal forces it while files are open), or exits
+    /// by itself when the mountpoint is unmounted with `umount`.
+    Mount(MountArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    /// `s3://BUCKET[/PREFIX]`, or a local directory used as an object store.
+    #[arg(default_value = "berth-data")]
+    pub source: String,
+
+    /// Directory to mount on (created if missing).
+    #[arg(default_value = "berth-mnt")]
+    pub mountpoint: PathBuf,
+
+    /// S3 endpoint for S3-compatible stores (MinIO, SeaweedFS, COS, OSS...). Implies
+    /// path-style addressing unless --virtual-hosted is given.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// S3 region (default: from the AWS config chain, else us-east-1).
+    #[arg(long, env = "AWS_REGION", value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// Use virtual-hosted-style addressing with --endpoint-url.
+    #[arg(long)]
+    pub virtual_hosted: bool,
+
+    /// Refuse every change; metadata is then cached for the life of the mount unless
+    /// --metadata-ttl says otherwise (dataset mode).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// How long metadata (stat, lookups, negative lookups) is trusted before asking the store
+    /// again: e.g. 500ms, 1s, 5m, or `indefinite`. [default: 1s; indefinite with --read-only]
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub metadata_ttl: Option<Ttl>,
+
+    /// Memory for prefetched data and write buffers, across all open files.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub memory_limit: u64,
+
+    /// Multipart upload part size (S3 needs >= 5MiB; at most 10,000 parts per object).
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub part_size: u64,
+
+    /// Largest readahead window of one sequential reader.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub max_prefetch: u64,
+
+    /// Ranged GET size (the unit of reads and prefetch).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub block_size: u64,
+
+    /// Ranged GETs in flight at once, across all open files.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub max_gets: usize,
+
+    /// How long one store request is retried (with backoff) before the operation fails with
+    /// EIO. Also bounds the start-up check.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub request_deadline: Duration,
+
+    /// FUSE worker threads, each on its own cloned /dev/fuse queue.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub threads: usize,
+
+    /// Owner of every file and directory [default: the user running berth].
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+
+    /// Group of every file and directory [default: the group running berth].
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+
+    /// Permission bits of files.
+    #[arg(long, value_name = "MODE", default_value = "0644", value_parser = parse_mode)]
+    pub file_mode: u32,
+
+    /// Permission bits of directories.
+    #[arg(long, value_name = "MODE", default_value = "0755", value_parser = parse_mode)]
+    pub dir_mode: u32,
+
+    /// Where the engine keeps state a successor can take over (inode journal).
+    #[arg(long, value_name = "DIR", default_value = "/run/berth")]
+    pub state_dir: PathBuf,
+
+    /// Node-wide block cache directory. Accepted but NOT USED yet: the cache is not
+    /// implemented in this version, reads go to the store.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Node-wide block cache size. Accepted but NOT USED yet (see --cache-dir).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Mount(args) => crate::mount::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the whole cause chain, outermost first.
+            eprintln!("berth: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("berth=info,warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn mount_defaults_to_the_local_directory_store() {
+        let cli = Cli::try_parse_from(["berth", "mount"]).unwrap();
+        let Command::Mount(args) = cli.command;
+        assert_eq!(args.source, "berth-data");
+        assert_eq!(args.mountpoint, PathBuf::from("berth-mnt"));
+        assert_eq!(args.part_size, 8 << 20);
+        assert!(args.metadata_ttl.is_none());
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected() {
+        let err = Cli::try_parse_from(["berth", "mount", "--memory-limit", "banana"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

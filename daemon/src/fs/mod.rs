@@ -1,0 +1,673 @@
+//! The filesystem both doors serve: the fuse-backend-rs `FileSystem` trait over the namespace,
+//! the prefetching readers and the uploads.
+//!
+//! Requests arrive on FUSE worker threads (or, later, virtio-fs queue threads) and run their
+//! store I/O on the engine's tokio runtime with `block_on`. Every operation object storage
+//! cannot do well fails at once with a fixed errno and one log line naming it; see the
+//! semantics table in the README.
+
+mod attr;
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, FsOptions, OpenOptions, SetattrValid, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+
+use crate::memory::MemoryLimiter;
+use crate::namespace::{store_error, DirStream, Kind, Namespace, Node};
+use crate::prefetch::{Fetcher, ObjectReader};
+use crate::upload::Upload;
+pub use attr::AttrConfig;
+
+/// Largest object a server-side copy (rename) can handle in one request.
+const MAX_COPY_SIZE: u64 = 5 << 30;
+/// Kernel cache lifetime standing in for "forever".
+const INDEFINITE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    pub read_only: bool,
+    pub part_size: usize,
+    pub attr: AttrConfig,
+}
+
+enum Handle {
+    Read(ObjectReader),
+    Write { ino: u64, upload: Upload },
+    Dir(Mutex<DirStream>),
+}
+
+pub struct BerthFs {
+    rt: tokio::runtime::Handle,
+    ns: Arc<Namespace>,
+    fetcher: Arc<Fetcher>,
+    memory: Arc<MemoryLimiter>,
+    config: FsConfig,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_handle: AtomicU64,
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// Logs an operation berth refuses by design, and returns its errno.
+fn unsupported(op: &str, what: &str, why: &str, code: i32) -> io::Error {
+    tracing::info!(op, target_path = what, errno = code, "unsupported: {why}");
+    errno(code)
+}
+
+fn name_of(name: &CStr) -> io::Result<&str> {
+    // Object keys are UTF-8; a name that is not cannot exist in the store.
+    name.to_str().map_err(|_| errno(libc::EINVAL))
+}
+
+impl BerthFs {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        ns: Arc<Namespace>,
+        fetcher: Arc<Fetcher>,
+        memory: Arc<MemoryLimiter>,
+        config: FsConfig,
+    ) -> BerthFs {
+        BerthFs {
+            rt,
+            ns,
+            fetcher,
+            memory,
+            config,
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    pub fn namespace(&self) -> &Arc<Namespace> {
+        &self.ns
+    }
+
+    fn ttl(&self) -> Duration {
+        self.ns.ttl().unwrap_or(INDEFINITE)
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Handle>>> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles().insert(fh, Arc::new(handle));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> io::Result<Arc<Handle>> {
+        self.handles().get(&fh).cloned().ok_or_else(|| errno(libc::EBADF))
+    }
+
+    fn entry(&self, node: &Node) -> Entry {
+        // A file being written changes size with every write: let the kernel ask each time.
+        let ttl = if self.ns.is_pending(node.ino) {
+            Duration::ZERO
+        } else {
+            self.ttl()
+        };
+        Entry {
+            inode: node.ino,
+            generation: 0,
+            attr: self.config.attr.stat(node),
+            attr_flags: 0,
+            attr_timeout: ttl,
+            entry_timeout: ttl,
+        }
+    }
+
+    /// Commits an upload and tells the namespace how it ended.
+    fn commit(&self, ino: u64, upload: &Upload) -> io::Result<()> {
+        let result = self.rt.block_on(upload.commit());
+        match &result {
+            Ok(stat) => self.ns.end_write(ino, Some(stat.clone())),
+            Err(e) => {
+                tracing::error!(key = upload.key(), error = %e, "file was NOT saved to the store");
+                self.ns.end_write(ino, None);
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// Commits every upload still open; called once the mount is gone, so that data written
+    /// and closed just before an unmount is never lost.
+    pub fn shutdown(&self) {
+        let open: Vec<Arc<Handle>> = self.handles().drain().map(|(_, h)| h).collect();
+        for handle in open {
+            if let Handle::Write { ino, upload } = &*handle {
+                if self.rt.block_on(upload.is_open()) {
+                    tracing::info!(key = upload.key(), "committing a file still open at unmount");
+                    let _ = self.commit(*ino, upload);
+                }
+            }
+        }
+    }
+
+    fn open_upload(&self, parent: u64, name: &str, key: String) -> io::Result<(Node, u64)> {
+        let upload = Upload::new(
+            self.ns.store().clone(),
+            self.memory.clone(),
+            key,
+            self.config.part_size,
+        );
+        let node = self.ns.begin_write(parent, name, upload.written())?;
+        let fh = self.add_handle(Handle::Write {
+            ino: node.ino,
+            upload,
+        });
+        Ok((node, fh))
+    }
+
+    fn read_only_guard(&self, op: &str) -> io::Result<()> {
+        if self.config.read_only {
+            tracing::debug!(op, "refused: mounted read-only");
+            return Err(errno(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    fn readdir_with(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut emit: impl FnMut(&crate::namespace::DirItem, u64) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let handle = self.handle(fh)?;
+        let Handle::Dir(stream) = &*handle else {
+            return Err(errno(libc::EBADF));
+        };
+        let mut stream = stream.lock().unwrap_or_else(|e| e.into_inner());
+        self.rt.block_on(async {
+            stream.seek(&self.ns, offset).await?;
+            loop {
+                let next_offset = stream.position() + 1;
+                let Some(item) = stream.peek(&self.ns).await? else {
+                    return Ok(());
+                };
+                if emit(item, next_offset)? == 0 {
+                    return Ok(()); // the kernel's buffer is full; this entry comes next time
+                }
+                stream.advance();
+            }
+        })
+    }
+}
+
+impl FileSystem for BerthFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let want = FsOptions::ASYNC_READ
+            | FsOptions::BIG_WRITES
+            | FsOptions::MAX_PAGES
+            | FsOptions::ATOMIC_O_TRUNC
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::AUTO_INVAL_DATA;
+        tracing::debug!(?capable, "FUSE INIT");
+        Ok(capable & want)
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let name = name_of(name)?;
+        match self.rt.block_on(self.ns.lookup(parent, name)) {
+            Ok(node) => Ok(self.entry(&node)),
+            // A negative entry the kernel may cache for the metadata TTL.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Entry {
+                inode: 0,
+                generation: 0,
+                attr: self.config.attr.empty(),
+                attr_flags: 0,
+                attr_timeout: self.ttl(),
+                entry_timeout: self.ttl(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn forget(&self, _ctx: &Context, _inode: u64, _count: u64) {
+        // Inode numbers stay valid for the life of the mount, so nothing is dropped.
+    }
+
+    fn batch_forget(&self, _ctx: &Context, _requests: Vec<(u64, u64)>) {}
+
+    fn getattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        let node = self.rt.block_on(self.ns.getattr(inode))?;
+        let entry = self.entry(&node);
+        Ok((entry.attr, entry.attr_timeout))
+    }
+
+    fn setattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        _handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.read_only_guard("setattr")?;
+        let node = self.rt.block_on(self.ns.getattr(inode))?;
+        let path = node.key.to_string();
+        if valid.intersects(SetattrValid::MODE) {
+            return Err(unsupported("chmod", &path, "objects have no permission bits", libc::EPERM));
+        }
+        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
+            return Err(unsupported("chown", &path, "objects have no owner", libc::EPERM));
+        }
+        let writing = self.ns.is_pending(inode);
+        if valid.contains(SetattrValid::SIZE) && attr.st_size as u64 != node.stat.size {
+            return Err(unsupported(
+                "truncate",
+                &path,
+                "objects cannot be resized in place; open with O_TRUNC to replace one",
+                libc::EOPNOTSUPP,
+            ));
+        }
+        let times = SetattrValid::ATIME
+            | SetattrValid::MTIME
+            | SetattrValid::ATIME_NOW
+            | SetattrValid::MTIME_NOW;
+        if valid.intersects(times) && !writing {
+            return Err(unsupported(
+                "utimens",
+                &path,
+                "a stored object's times are set by the store",
+                libc::EPERM,
+            ));
+        }
+        // Times on a file being written are accepted and superseded by the commit time.
+        let entry = self.entry(&node);
+        Ok((entry.attr, entry.attr_timeout))
+    }
+
+    fn symlink(
+        &self,
+        _ctx: &Context,
+        _linkname: &CStr,
+        _parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.read_only_guard("symlink")?;
+        Err(unsupported("symlink", &name.to_string_lossy(), "symbolic links cannot be stored as objects", libc::EPERM))
+    }
+
+    fn mknod(
+        &self,
+        _ctx: &Context,
+        _parent: u64,
+        name: &CStr,
+        _mode: u32,
+        _rdev: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        self.read_only_guard("mknod")?;
+        Err(unsupported("mknod", &name.to_string_lossy(), "only regular files and directories exist in object storage", libc::EPERM))
+    }
+
+    fn link(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _newparent: u64,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        self.read_only_guard("link")?;
+        Err(unsupported("link", &newname.to_string_lossy(), "hard links cannot be stored as objects", libc::EPERM))
+    }
+
+    fn mkdir(
+        &self,
+        _ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        _mode: u32,
+        _umask: u32,
+    ) -> io::Result<Entry> {
+        self.read_only_guard("mkdir")?;
+        let name = name_of(name)?;
+        let dir = self.ns.node(parent)?;
+        let marker = format!("{}{name}/", self.ns.dir_prefix(&dir));
+        self.rt
+            .block_on(self.ns.store().put(&marker, bytes::Bytes::new()))
+            .map_err(|e| store_error("mkdir", &marker, e))?;
+        let node = self.ns.add_dir(parent, name)?;
+        Ok(self.entry(&node))
+    }
+
+    fn unlink(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.read_only_guard("unlink")?;
+        let name = name_of(name)?;
+        let node = self.rt.block_on(self.ns.lookup(parent, name))?;
+        if node.kind == Kind::Dir {
+            return Err(errno(libc::EISDIR));
+        }
+        if self.ns.is_pending(node.ino) {
+            return Err(errno(libc::EBUSY));
+        }
+        let key = self.ns.object_key(&node);
+        self.rt
+            .block_on(self.ns.store().delete(&key))
+            .map_err(|e| store_error("delete", &key, e))?;
+        self.ns.invalidate(node.ino);
+        Ok(())
+    }
+
+    fn rmdir(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.read_only_guard("rmdir")?;
+        let name = name_of(name)?;
+        let node = self.rt.block_on(self.ns.lookup(parent, name))?;
+        if node.kind != Kind::Dir {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let prefix = self.ns.dir_prefix(&node);
+        // Two keys tell "only the marker" from "marker and something else".
+        let page = self
+            .rt
+            .block_on(self.ns.store().list(&prefix, None, 2))
+            .map_err(|e| store_error("list", &prefix, e))?;
+        let has_children = !page.prefixes.is_empty() || page.objects.iter().any(|o| o.key != prefix);
+        let has_local = self.ns.open_dir(node.ino)?.has_local_entries();
+        if has_children || has_local {
+            return Err(errno(libc::ENOTEMPTY));
+        }
+        self.rt
+            .block_on(self.ns.store().delete(&prefix))
+            .map_err(|e| store_error("rmdir", &prefix, e))?;
+        self.ns.invalidate(node.ino);
+        Ok(())
+    }
+
+    fn rename(
+        &self,
+        _ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.read_only_guard("rename")?;
+        let (oldname, newname) = (name_of(oldname)?, name_of(newname)?);
+        if flags & !libc::RENAME_NOREPLACE != 0 {
+            return Err(unsupported("rename", oldname, "RENAME_EXCHANGE and RENAME_WHITEOUT need atomic renames", libc::EINVAL));
+        }
+        let node = self.rt.block_on(self.ns.lookup(olddir, oldname))?;
+        if node.kind == Kind::Dir {
+            return Err(unsupported("rename", &node.key, "renaming a directory means copying every object below it", libc::EOPNOTSUPP));
+        }
+        if self.ns.is_pending(node.ino) {
+            return Err(errno(libc::EBUSY));
+        }
+        if node.stat.size > MAX_COPY_SIZE {
+            return Err(unsupported("rename", &node.key, "objects over 5 GiB cannot be copied in one request", libc::EOPNOTSUPP));
+        }
+        match self.rt.block_on(self.ns.lookup(newdir, newname)) {
+            Ok(target) if target.kind == Kind::Dir => return Err(errno(libc::EISDIR)),
+            Ok(target) if self.ns.is_pending(target.ino) => return Err(errno(libc::EBUSY)),
+            Ok(_) if flags & libc::RENAME_NOREPLACE != 0 => return Err(errno(libc::EEXIST)),
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        let target_dir = self.ns.node(newdir)?;
+        let from = self.ns.object_key(&node);
+        let to = format!("{}{newname}", self.ns.dir_prefix(&target_dir));
+        // Not atomic: copy, then delete. A crash in between leaves both names, never neither.
+        self.rt
+            .block_on(self.ns.store().copy(&from, &to))
+            .map_err(|e| store_error("copy", &from, e))?;
+        self.rt
+            .block_on(self.ns.store().delete(&from))
+            .map_err(|e| store_error("delete", &from, e))?;
+        if let Some(replaced) = self.ns.child(newdir, newname) {
+            self.ns.invalidate(replaced.ino);
+        }
+        self.ns.rename(node.ino, newdir, newname)?;
+        tracing::debug!(from, to, "renamed by copy and delete");
+        Ok(())
+    }
+
+    fn open(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let node = self.rt.block_on(self.ns.getattr(inode))?;
+        if node.kind == Kind::Dir {
+            return Err(errno(libc::EISDIR));
+        }
+        if self.ns.is_pending(inode) {
+            tracing::info!(path = %node.key, "refused: file is being written by another handle");
+            return Err(errno(libc::EBUSY));
+        }
+        let flags = flags as i32;
+        let access = flags & libc::O_ACCMODE;
+        if access != libc::O_RDONLY {
+            self.read_only_guard("open for write")?;
+            if flags & libc::O_TRUNC != 0 {
+                let key = self.ns.object_key(&node);
+                let (_, fh) = self.open_upload(node.parent, &node.name, key)?;
+                return Ok((Some(fh), OpenOptions::empty(), None));
+            }
+            if flags & libc::O_APPEND != 0 {
+                return Err(unsupported("open", &node.key, "appending to a stored object is not possible", libc::EOPNOTSUPP));
+            }
+            if access == libc::O_WRONLY {
+                return Err(unsupported("open", &node.key, "a stored object can only be replaced whole: open it with O_TRUNC", libc::EOPNOTSUPP));
+            }
+            // O_RDWR without O_TRUNC: reads work, writes are refused one by one.
+        }
+        let key = self.ns.object_key(&node);
+        let reader = ObjectReader::new(self.fetcher.clone(), &key, node.stat.etag.as_deref(), node.stat.size);
+        let fh = self.add_handle(Handle::Read(reader));
+        let opts = if self.ns.ttl().is_none() {
+            OpenOptions::KEEP_CACHE
+        } else {
+            OpenOptions::empty()
+        };
+        Ok((Some(fh), opts, None))
+    }
+
+    fn create(
+        &self,
+        _ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.read_only_guard("create")?;
+        let name = name_of(name)?;
+        if args.flags as i32 & libc::O_EXCL != 0 {
+            match self.rt.block_on(self.ns.lookup(parent, name)) {
+                Ok(_) => return Err(errno(libc::EEXIST)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let dir = self.ns.node(parent)?;
+        let key = format!("{}{name}", self.ns.dir_prefix(&dir));
+        let (node, fh) = self.open_upload(parent, name, key)?;
+        Ok((self.entry(&node), Some(fh), OpenOptions::empty(), None))
+    }
+
+    fn read(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let handle = self.handle(handle)?;
+        let reader = match &*handle {
+            Handle::Read(reader) => reader,
+            Handle::Write { upload, .. } => {
+                return Err(unsupported("read", upload.key(), "a file cannot be read while it is being written", libc::EOPNOTSUPP));
+            }
+            Handle::Dir(_) => return Err(errno(libc::EISDIR)),
+        };
+        let parts = self
+            .rt
+            .block_on(reader.read(offset, size as u64))
+            .map_err(|e| store_error("read", "", e))?;
+        let mut total = 0;
+        for part in parts {
+            w.write_all(&part)?;
+            total += part.len();
+        }
+        Ok(total)
+    }
+
+    fn write(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _delayed_write: bool,
+        _flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<usize> {
+        let handle = self.handle(handle)?;
+        let Handle::Write { upload, .. } = &*handle else {
+            return Err(unsupported("write", "", "stored objects cannot be modified in place; open with O_TRUNC to replace one", libc::EOPNOTSUPP));
+        };
+        let mut data = vec![0u8; size as usize];
+        r.read_exact(&mut data)?;
+        self.rt.block_on(upload.write(offset, &data))
+    }
+
+    fn flush(&self, _ctx: &Context, _inode: u64, handle: u64, _lock_owner: u64) -> io::Result<()> {
+        let handle = self.handle(handle)?;
+        if let Handle::Write { ino, upload } = &*handle {
+            // A flush before any write (e.g. a shell closing the original fd after dup2) must
+            // not commit an empty object; release commits those.
+            if upload.written().load(Ordering::Acquire) > 0 {
+                return self.commit(*ino, upload);
+            }
+        }
+        Ok(())
+    }
+
+    fn fsync(&self, _ctx: &Context, _inode: u64, _datasync: bool, handle: u64) -> io::Result<()> {
+        let handle = self.handle(handle)?;
+        if let Handle::Write { ino, upload } = &*handle {
+            return self.commit(*ino, upload);
+        }
+        Ok(())
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _handle: u64,
+        _mode: u32,
+        _offset: u64,
+        _length: u64,
+    ) -> io::Result<()> {
+        Err(unsupported("fallocate", "", "objects cannot be preallocated", libc::EOPNOTSUPP))
+    }
+
+    fn release(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _flags: u32,
+        handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        let removed = self.handles().remove(&handle);
+        if let Some(handle) = removed {
+            if let Handle::Write { ino, upload } = &*handle {
+                // Errors here reach no application (close has returned); commit logs them.
+                let _ = self.commit(*ino, upload);
+            }
+        }
+        Ok(())
+    }
+
+    fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
+        Ok(attr::statfs())
+    }
+
+    fn opendir(&self, _ctx: &Context, inode: u64, _flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+        let stream = self.ns.open_dir(inode)?;
+        Ok((Some(self.add_handle(Handle::Dir(Mutex::new(stream)))), OpenOptions::empty()))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.readdir_with(handle, offset, |item, next| {
+            add_entry(DirEntry {
+                ino: item.node.ino,
+                offset: next,
+                type_: attr::dirent_type(item.node.kind),
+                name: item.name.as_bytes(),
+            })
+        })
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.readdir_with(handle, offset, |item, next| {
+            add_entry(
+                DirEntry {
+                    ino: item.node.ino,
+                    offset: next,
+                    type_: attr::dirent_type(item.node.kind),
+                    name: item.name.as_bytes(),
+                },
+                self.entry(&item.node),
+            )
+        })
+    }
+
+    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
+        self.handles().remove(&handle);
+        Ok(())
+    }
+}

@@ -1,0 +1,20 @@
+//! berth: object storage as a filesystem on every Kubernetes node.
+//!
+//! Data flows store -> namespace -> fs -> door:
+//! - [`store`]: object stores behind one trait (S3, local directory) with retries;
+//! - [`namespace`]: keys seen as directories and files, inode table, listings;
+//! - [`prefetch`] and [`upload`]: reads and writes of object data, under one [`memory`] budget;
+//! - [`fs`]: the FileSystem both doors serve;
+//! - [`fuse`]: the /dev/fuse door (mount, queues, unmount);
+//! - [`mount`] and [`cli`]: the `berth` command.
+
+pub mod cli;
+pub mod fs;
+pub mod fuse;
+pub mod memory;
+pub mod mount;
+pub mod namespace;
+pub mod prefetch;
+pub mod store;
+pub mod units;
+pub mod upload;

@@ -1,0 +1,449 @@
+//! The namespace: object keys seen as a tree of directories and files.
+//!
+//! Keys map to paths under the mount prefix; `/` makes directories, both implicit (a key below
+//! them exists) and explicit (a `dir/` marker object). A directory shadows a file of the same
+//! name. What the store said is cached on each inode for the metadata TTL (forever in read-only
+//! dataset mode); files being written exist locally until their upload commits.
+
+mod inodes;
+pub mod keys;
+mod listing;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+pub use inodes::{ChildUpdate, InodeTable, Kind, Node, ObjectStat, ROOT_INO};
+use listing::{Listed, ListingMerger};
+
+use crate::store::{ObjectStore, StoreError};
+
+/// Keys asked for per LIST call.
+const LIST_PAGE: usize = 1000;
+
+pub struct Namespace {
+    store: Arc<dyn ObjectStore>,
+    /// Mount prefix in the bucket: `""` or ending in `/`.
+    prefix: String,
+    /// `None`: cache forever (read-only datasets).
+    ttl: Option<Duration>,
+    table: InodeTable,
+    /// Files being written: inode -> bytes written so far.
+    pending: Mutex<HashMap<u64, Arc<AtomicU64>>>,
+    skipped_keys: AtomicU64,
+}
+
+/// Logs a store error with its context and turns it into the errno the caller sees.
+pub fn store_error(op: &str, key: &str, e: StoreError) -> io::Error {
+    match e {
+        StoreError::NotFound => {}
+        _ => tracing::warn!(op, key, error = %e, "store request failed"),
+    }
+    io::Error::from_raw_os_error(e.errno())
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+impl Namespace {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+        ttl: Option<Duration>,
+        journal: Option<&Path>,
+    ) -> io::Result<Namespace> {
+        Ok(Namespace {
+            store,
+            prefix,
+            ttl,
+            table: InodeTable::create(journal, SystemTime::now())?,
+            pending: Mutex::new(HashMap::new()),
+            skipped_keys: AtomicU64::new(0),
+        })
+    }
+
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Keys skipped so far because they cannot be paths.
+    pub fn skipped_keys(&self) -> u64 {
+        self.skipped_keys.load(Ordering::Relaxed)
+    }
+
+    /// The store key of a file node.
+    pub fn object_key(&self, node: &Node) -> String {
+        format!("{}{}", self.prefix, node.key)
+    }
+
+    /// The store prefix listing a directory node's children.
+    pub fn dir_prefix(&self, node: &Node) -> String {
+        if node.key.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}{}/", self.prefix, node.key)
+        }
+    }
+
+    pub fn node(&self, ino: u64) -> io::Result<Node> {
+        // An id the kernel holds but this table never issued: ESTALE, never ENOENT.
+        self.table.get(ino).ok_or_else(|| errno(libc::ESTALE))
+    }
+
+    fn dir_node(&self, ino: u64) -> io::Result<Node> {
+        let node = self.node(ino)?;
+        match node.kind {
+            Kind::Dir => Ok(node),
+            Kind::File => Err(errno(libc::ENOTDIR)),
+        }
+    }
+
+    fn is_fresh(&self, node: &Node) -> bool {
+        match (node.validated, self.ttl) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(at), Some(ttl)) => at.elapsed() < ttl,
+        }
+    }
+
+    fn with_pending_size(&self, mut node: Node) -> Node {
+        if let Some(written) = self.pending_lock().get(&node.ino) {
+            node.stat.size = written.load(Ordering::Acquire);
+        }
+        node
+    }
+
+    fn pending_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<AtomicU64>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_pending(&self, ino: u64) -> bool {
+        self.pending_lock().contains_key(&ino)
+    }
+
+    /// Finds `name` in `parent`: local files being written, then the cache, then the store
+    /// (HEAD of the key and LIST of `key/` at once; a directory wins over a file).
+    pub async fn lookup(&self, parent: u64, name: &str) -> io::Result<Node> {
+        let dir = self.dir_node(parent)?;
+        if !keys::is_valid_name(name) {
+            return Err(errno(libc::ENOENT));
+        }
+        if let Some(node) = self.table.child(parent, name) {
+            if self.is_pending(node.ino) || self.is_fresh(&node) {
+                return Ok(self.with_pending_size(node));
+            }
+        }
+        let key = keys::join(&dir.key, name);
+        let object_key = format!("{}{}", self.prefix, key);
+        let dir_prefix = format!("{object_key}/");
+        let (head, list) = tokio::join!(
+            self.store.head(&object_key),
+            self.store.list(&dir_prefix, None, 1)
+        );
+        let list = list.map_err(|e| store_error("list", &dir_prefix, e))?;
+        let update = if !list.objects.is_empty() || !list.prefixes.is_empty() {
+            ChildUpdate {
+                name: name.to_string(),
+                kind: Kind::Dir,
+                stat: ObjectStat::empty(SystemTime::now()),
+            }
+        } else {
+            let info = head.map_err(|e| store_error("head", &object_key, e))?;
+            ChildUpdate {
+                name: name.to_string(),
+                kind: Kind::File,
+                stat: ObjectStat {
+                    size: info.size,
+                    mtime: info.last_modified,
+                    etag: info.etag,
+                },
+            }
+        };
+        self.record(parent, update)
+    }
+
+    fn record(&self, parent: u64, update: ChildUpdate) -> io::Result<Node> {
+        let mut nodes = self.table.upsert(parent, vec![update])?;
+        nodes.pop().ok_or_else(|| errno(libc::EIO))
+    }
+
+    /// Attributes of `ino`, asking the store again once the TTL has passed.
+    pub async fn getattr(&self, ino: u64) -> io::Result<Node> {
+        let node = self.node(ino)?;
+        if node.kind == Kind::Dir || self.is_pending(ino) || self.is_fresh(&node) {
+            return Ok(self.with_pending_size(node));
+        }
+        let key = self.object_key(&node);
+        let info = self
+            .store
+            .head(&key)
+            .await
+            .map_err(|e| store_error("head", &key, e))?;
+        let stat = ObjectStat {
+            size: info.size,
+            mtime: info.last_modified,
+            etag: info.etag,
+        };
+        self.table.set_stat(ino, stat);
+        self.node(ino)
+    }
+
+    /// Registers a file about to be written as `parent/name`; it is visible at once with the
+    /// size written so far. Refuses a second writer of the same file (EBUSY).
+    pub fn begin_write(
+        &self,
+        parent: u64,
+        name: &str,
+        written: Arc<AtomicU64>,
+    ) -> io::Result<Node> {
+        self.dir_node(parent)?;
+        if !keys::is_valid_name(name) {
+            return Err(errno(libc::EINVAL));
+        }
+        if let Some(existing) = self.table.child(parent, name) {
+            if existing.kind == Kind::Dir {
+                return Err(errno(libc::EISDIR));
+            }
+            if self.is_pending(existing.ino) {
+                return Err(errno(libc::EBUSY));
+            }
+        }
+        let node = self.record(
+            parent,
+            ChildUpdate {
+                name: name.to_string(),
+                kind: Kind::File,
+                stat: ObjectStat::empty(SystemTime::now()),
+            },
+        )?;
+        self.pending_lock().insert(node.ino, written);
+        Ok(node)
+    }
+
+    /// The write of `ino` ended: with the committed object's stat, or `None` if it failed.
+    pub fn end_write(&self, ino: u64, committed: Option<ObjectStat>) {
+        self.pending_lock().remove(&ino);
+        match committed {
+            Some(stat) => self.table.set_stat(ino, stat),
+            None => self.table.invalidate(ino),
+        }
+    }
+
+    /// A directory now exists (made by mkdir).
+    pub fn add_dir(&self, parent: u64, name: &str) -> io::Result<Node> {
+        self.record(
+            parent,
+            ChildUpdate {
+                name: name.to_string(),
+                kind: Kind::Dir,
+                stat: ObjectStat::empty(SystemTime::now()),
+            },
+        )
+    }
+
+    /// Something changed in the store under our feet (delete, rmdir): ask again next time.
+    pub fn invalidate(&self, ino: u64) {
+        self.table.invalidate(ino);
+    }
+
+    pub fn child(&self, parent: u64, name: &str) -> Option<Node> {
+        self.table.child(parent, name)
+    }
+
+    pub fn rename(&self, ino: u64, new_parent: u64, new_name: &str) -> io::Result<()> {
+        self.table.rename(ino, new_parent, new_name)
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Starts reading directory `ino` from the beginning.
+    pub fn open_dir(&self, ino: u64) -> io::Result<DirStream> {
+        let dir = self.dir_node(ino)?;
+        let local: Vec<Node> = {
+            let pending = self.pending_lock();
+            pending
+                .keys()
+                .filter_map(|&i| self.table.get(i))
+                .filter(|n| n.parent == ino)
+                .collect()
+        };
+        Ok(DirStream::new(dir, self.dir_prefix_of_ino(ino)?, local))
+    }
+
+    fn dir_prefix_of_ino(&self, ino: u64) -> io::Result<String> {
+        Ok(self.dir_prefix(&self.node(ino)?))
+    }
+
+    /// Fetches the next page of a directory listing into `stream`.
+    async fn fill(&self, stream: &mut DirStream) -> io::Result<()> {
+        let page = self
+            .store
+            .list(&stream.prefix, stream.token.as_deref(), LIST_PAGE)
+            .await
+            .map_err(|e| store_error("list", &stream.prefix, e))?;
+        stream.token = page.next_token.clone();
+        let mut listed = VecDeque::new();
+        let skipped_before = stream.merger.skipped;
+        stream.merger.push_page(&stream.prefix, page, &mut listed);
+        if stream.token.is_none() {
+            stream.merger.finish(&mut listed);
+            stream.done = true;
+        }
+        let skipped = stream.merger.skipped - skipped_before;
+        if skipped > 0 {
+            let total = self.skipped_keys.fetch_add(skipped, Ordering::Relaxed) + skipped;
+            tracing::warn!(
+                prefix = %stream.prefix,
+                skipped,
+                total,
+                "skipped keys that cannot be paths (empty, '.', '..' or over-long components, NUL)"
+            );
+        }
+        let now = SystemTime::now();
+        let updates: Vec<ChildUpdate> = listed
+            .into_iter()
+            .filter(|e| !stream.local_names.contains(&e.name))
+            .map(|e| match e.what {
+                Listed::Dir => ChildUpdate {
+                    name: e.name,
+                    kind: Kind::Dir,
+                    stat: ObjectStat::empty(now),
+                },
+                Listed::File(info) => ChildUpdate {
+                    name: e.name,
+                    kind: Kind::File,
+                    stat: ObjectStat {
+                        size: info.size,
+                        mtime: info.last_modified,
+                        etag: info.etag,
+                    },
+                },
+            })
+            .collect();
+        let nodes = self.table.upsert(stream.dir.ino, updates)?;
+        stream.ready.extend(nodes.into_iter().map(|n| DirItem {
+            name: n.name.clone(),
+            node: n,
+        }));
+        Ok(())
+    }
+}
+
+/// One entry of a directory stream.
+#[derive(Clone, Debug)]
+pub struct DirItem {
+    pub name: Arc<str>,
+    pub node: Node,
+}
+
+/// A directory being read: at most one page of the listing in memory, whatever its size.
+///
+/// Entry `i` (0-based: `.`, `..`, files being written, then the listing) has offset `i + 1`.
+/// Reading on from the last offset continues the listing; any other offset restarts it and
+/// skips ahead, which is correct (listings are ordered) if slow, and rare.
+pub struct DirStream {
+    dir: Node,
+    prefix: String,
+    local: Vec<Node>,
+    local_names: HashSet<String>,
+    position: u64,
+    ready: VecDeque<DirItem>,
+    token: Option<String>,
+    started: bool,
+    done: bool,
+    merger: ListingMerger,
+}
+
+impl DirStream {
+    fn new(dir: Node, prefix: String, local: Vec<Node>) -> DirStream {
+        let local_names = local.iter().map(|n| n.name.to_string()).collect();
+        DirStream {
+            dir,
+            prefix,
+            local,
+            local_names,
+            position: 0,
+            ready: VecDeque::new(),
+            token: None,
+            started: false,
+            done: false,
+            merger: ListingMerger::default(),
+        }
+    }
+
+    fn rewind(&mut self) {
+        self.position = 0;
+        self.ready.clear();
+        self.token = None;
+        self.started = false;
+        self.done = false;
+        self.merger = ListingMerger::default();
+    }
+
+    /// Whether files are being written in this directory right now.
+    pub fn has_local_entries(&self) -> bool {
+        !self.local.is_empty()
+    }
+
+    /// The offset the kernel passes to continue after the last entry returned.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Positions the stream at `offset`.
+    pub async fn seek(&mut self, ns: &Namespace, offset: u64) -> io::Result<()> {
+        if offset == self.position {
+            return Ok(());
+        }
+        self.rewind();
+        while self.position < offset {
+            if self.peek(ns).await?.is_none() {
+                break;
+            }
+            self.advance();
+        }
+        Ok(())
+    }
+
+    /// The next entry, fetching a page if needed; `None` at the end.
+    pub async fn peek(&mut self, ns: &Namespace) -> io::Result<Option<&DirItem>> {
+        if !self.started {
+            self.started = true;
+            let parent = ns.node(self.dir.parent)?;
+            self.ready.push_back(DirItem {
+                name: Arc::from("."),
+                node: self.dir.clone(),
+            });
+            self.ready.push_back(DirItem {
+                name: Arc::from(".."),
+                node: parent,
+            });
+            for node in &self.local {
+                self.ready.push_back(DirItem {
+                    name: node.name.clone(),
+                    node: ns.with_pending_size(node.clone()),
+                });
+            }
+        }
+        while self.ready.is_empty() && !self.done {
+            ns.fill(self).await?;
+        }
+        Ok(self.ready.front())
+    }
+
+    pub fn advance(&mut self) {
+        if self.ready.pop_front().is_some() {
+            self.position += 1;
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Reads of one open object: block-aligned ranged GETs, an adaptive readahead window, and a
+//! global memory budget.
+//!
+//! Objects are read in fixed blocks (1 MiB by default, the unit the node cache will use). A
+//! read waits only for the blocks it covers; blocks ahead of a sequential reader are fetched
+//! concurrently in the background, as many as the window says and the memory budget allows.
+//! Blocks a reader has passed are dropped at once, and a handle's in-flight GETs are cancelled
+//! when it is closed.
+
+mod window;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+
+use crate::memory::{MemoryLimiter, Reservation};
+use crate::store::{ObjectStore, StoreError, StoreResult};
+pub use window::{Access, Window};
+
+#[derive(Clone, Debug)]
+pub struct PrefetchConfig {
+    pub block_size: u64,
+    /// Largest readahead window per handle.
+    pub max_window: u64,
+    /// GETs in flight across the whole engine.
+    pub max_concurrent_gets: usize,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            block_size: 1 << 20,
+            max_window: 64 << 20,
+            max_concurrent_gets: 32,
+        }
+    }
+}
+
+/// What every reader shares: the store, the memory budget and the GET concurrency limit.
+pub struct Fetcher {
+    store: Arc<dyn ObjectStore>,
+    memory: Arc<MemoryLimiter>,
+    gets: Arc<Semaphore>,
+    config: PrefetchConfig,
+}
+
+impl Fetcher {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        memory: Arc<MemoryLimiter>,
+        config: PrefetchConfig,
+    ) -> Arc<Fetcher> {
+        Arc::new(Fetcher {
+            store,
+            memory,
+            gets: Arc::new(Semaphore::new(config.max_concurrent_gets.max(1))),
+            config,
+        })
+    }
+}
+
+type BlockFuture = Shared<BoxFuture<'static, StoreResult<Bytes>>>;
+
+/// One block fetched or being fetched. Dropping it cancels the GET and frees its memory.
+struct Block {
+    data: BlockFuture,
+    abort: AbortHandle,
+    _memory: Reservation,
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.abort.abort();
+    }
+}
+
+struct ReadState {
+    window: Window,
+    blocks: BTreeMap<u64, Block>,
+}
+
+/// An open object being read.
+pub struct ObjectReader {
+    fetcher: Arc<Fetcher>,
+    key: Arc<str>,
+    etag: Option<Arc<str>>,
+    size: u64,
+    state: Mutex<ReadState>,
+}
+
+impl ObjectReader {
+    pub fn new(fetcher: Arc<Fetcher>, key: &str, etag: Option<&str>, size: u64) -> ObjectReader {
+        let window = Window::new(fetcher.config.block_size, fetcher.config.max_window);
+        ObjectReader {
+            fetcher,
+            key: Arc::from(key),
+            etag: etag.map(Arc::from),
+            size,
+            state: Mutex::new(ReadState {
+                window,
+                blocks: BTreeMap::new(),
+            }),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads up to `len` bytes at `offset`; short only at the end of the object.
+    pub async fn read(&self, offset: u64, len: u64) -> StoreResult<Vec<Bytes>> {
+        if offset >= self.size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (offset + len).min(self.size);
+        let bs = self.fetcher.config.block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let wanted = self.plan(offset, end, first, last);
+
+        let mut out = Vec::with_capacity(wanted.len());
+        for (index, fut) in wanted {
+            let data = match fut.await {
+                Ok(data) => data,
+                Err(e) => {
+                    // Forget the failed block so the next read asks the store again.
+                    self.lock().blocks.remove(&index);
+                    return Err(e);
+                }
+            };
+            let block_start = index * bs;
+            let from = offset.max(block_start) - block_start;
+            let to = end.min(block_start + data.len() as u64) - block_start;
+            if from >= to {
+                return Err(StoreError::Changed);
+            }
+            out.push(data.slice(from as usize..to as usize));
+        }
+        Ok(out)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Updates the window, drops passed blocks, starts the GETs this read needs and the ones
+    /// the window wants, and returns the futures of the blocks covering the request.
+    fn plan(&self, offset: u64, end: u64, first: u64, last: u64) -> Vec<(u64, BlockFuture)> {
+        let bs = self.fetcher.config.block_size;
+        let mut state = self.lock();
+        let access = state.window.on_read(offset, end - offset);
+        let ahead = match access {
+            Access::Sequential { ahead } => {
+                let keep_from = first.saturating_sub(1);
+                state.blocks.retain(|&i, _| i >= keep_from);
+                ahead
+            }
+            Access::Random => {
+                state.blocks.retain(|&i, _| (first..=last).contains(&i));
+                0
+            }
+        };
+        let mut wanted = Vec::new();
+        for index in first..=last {
+            let block = match state.blocks.entry(index) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let memory = self.fetcher.memory.reserve(self.block_len(index));
+                    e.insert(self.start(index, memory))
+                }
+            };
+            wanted.push((index, block.data.clone()));
+        }
+        let last_block = (self.size - 1) / bs;
+        for index in (last + 1..=last + ahead).take_while(|&i| i <= last_block) {
+            if state.blocks.contains_key(&index) {
+                continue;
+            }
+            let Some(memory) = self.fetcher.memory.try_reserve(self.block_len(index)) else {
+                break; // out of budget: prefetch less rather than more memory
+            };
+            let block = self.start(index, memory);
+            state.blocks.insert(index, block);
+        }
+        wanted
+    }
+
+    fn block_len(&self, index: u64) -> u64 {
+        let bs = self.fetcher.config.block_size;
+        (self.size - index * bs).min(bs)
+    }
+
+    fn start(&self, index: u64, memory: Reservation) -> Block {
+        let bs = self.fetcher.config.block_size;
+        let range = index * bs..index * bs + self.block_len(index);
+        let fetcher = self.fetcher.clone();
+        let key = self.key.clone();
+        let etag = self.etag.clone();
+        let task = tokio::spawn(async move {
+            let _permit = fetcher
+                .gets
+                .acquire()
+                .await
+                .map_err(|_| StoreError::Rejected("engine shutting down".into()))?;
+            fetcher
+                .store
+                .get_range(&key, range, etag.as_deref())
+                .await
+        });
+        let abort = task.abort_handle();
+        let data = task
+            .map(|joined| {
+                joined.unwrap_or_else(|e| Err(StoreError::Rejected(format!("fetch task: {e}"))))
+            })
+            .boxed()
+            .shared();
+        Block {
+            data,
+            abort,
+            _memory: memory,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    async fn reader_over(bytes: &[u8], limit: u64) -> (ObjectReader, Arc<MemoryLimiter>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("obj"), bytes).unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let info = store.head("obj").await.unwrap();
+        let memory = MemoryLimiter::new(limit);
+        let config = PrefetchConfig {
+            block_size: 4096,
+            max_window: 64 * 4096,
+            max_concurrent_gets: 4,
+        };
+        let fetcher = Fetcher::new(store, memory.clone(), config);
+        let reader = ObjectReader::new(fetcher, "obj", info.etag.as_deref(), info.size);
+        (reader, memory, dir)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    fn concat(parts: Vec<Bytes>) -> Vec<u8> {
+        parts.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    #[tokio::test]
+    async fn sequential_and_random_reads_return_exact_bytes() {
+        let data = pattern(1_000_000);
+        let (reader, _m, _d) = reader_over(&data, 1 << 30).await;
+        let mut off = 0;
+        while off < data.len() {
+            let got = concat(reader.read(off as u64, 10_000).await.unwrap());
+            let end = (off + 10_000).min(data.len());
+            assert_eq!(got, &data[off..end]);
+            off = end;
+        }
+        for (o, l) in [(999_990u64, 100u64), (5, 1), (4095, 2), (123_456, 70_000), (2_000_000, 5)] {
+            let got = concat(reader.read(o, l).await.unwrap());
+            let s = (o as usize).min(data.len());
+            let e = ((o + l) as usize).min(data.len());
+            assert_eq!(got, &data[s..e], "offset {o} len {l}");
+        }
+    }
+
+    #[tokio::test]
+    async fn prefetch_never_takes_more_than_the_budget() {
+        let data = pattern(2_000_000);
+        // Budget of 8 blocks; the window wants up to 64.
+        let (reader, memory, _d) = reader_over(&data, 8 * 4096).await;
+        for i in 0..200u64 {
+            reader.read(i * 4096, 4096).await.unwrap();
+            // Demand blocks (at most 2 here) may go over; prefetch may not.
+            assert!(memory.used() <= 8 * 4096 + 2 * 4096, "used {}", memory.used());
+        }
+        drop(reader);
+        assert_eq!(memory.used(), 0, "closing the handle frees everything");
+    }
+
+    #[tokio::test]
+    async fn a_changed_object_is_an_error_not_stale_bytes() {
+        let data = pattern(100_000);
+        let (reader, _m, dir) = reader_over(&data, 1 << 30).await;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(dir.path().join("obj"), pattern(100_001)).unwrap();
+        let err = reader.read(50_000, 10).await.unwrap_err();
+        assert!(matches!(err, StoreError::Changed), "{err:?}");
+    }
+}

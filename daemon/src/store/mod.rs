@@ -1,0 +1,139 @@
+//! Object stores: one trait, an S3 implementation and a local-directory implementation.
+//!
+//! Everything above this module speaks in keys relative to the bucket root; the mount prefix is
+//! applied by the namespace. Errors are classified here once, so that the retry policy and the
+//! errno mapping above never look at SDK types.
+
+mod local;
+mod retry;
+mod s3;
+
+use std::ops::Range;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use local::LocalStore;
+pub use retry::{RetryPolicy, RetryingStore};
+pub use s3::{S3Options, S3Store};
+
+/// Metadata of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// Opaque version tag; a new value means new content.
+    pub etag: Option<String>,
+    pub last_modified: SystemTime,
+}
+
+/// One page of a delimited (`/`) listing.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    /// Common prefixes, each ending in `/`.
+    pub prefixes: Vec<String>,
+    /// Token for the next page; `None` when the listing is complete.
+    pub next_token: Option<String>,
+}
+
+/// A part of a multipart upload that the store accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadedPart {
+    pub number: i32,
+    pub etag: String,
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum StoreError {
+    #[error("object not found")]
+    NotFound,
+    #[error("object changed since it was opened")]
+    Changed,
+    #[error("bucket does not exist: {0}")]
+    NoSuchBucket(String),
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    /// Worth retrying: network errors, timeouts, throttling, 5xx.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store rejected the request for a reason a retry will not fix.
+    #[error("store error: {0}")]
+    Rejected(String),
+    /// Retries ran out before the store answered.
+    #[error("store did not answer within the deadline ({attempts} attempts): {last}")]
+    DeadlineExceeded { attempts: u32, last: String },
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// The errno a filesystem caller sees for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::NotFound => libc::ENOENT,
+            StoreError::AccessDenied(_) => libc::EACCES,
+            StoreError::Changed
+            | StoreError::NoSuchBucket(_)
+            | StoreError::Unavailable(_)
+            | StoreError::Rejected(_)
+            | StoreError::DeadlineExceeded { .. } => libc::EIO,
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The operations berth needs from an object store. Listings are always delimited by `/`.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// Human-readable name for logs, e.g. `s3://bucket` or `/srv/data`.
+    fn describe(&self) -> String;
+
+    /// Cheap check that the store is reachable and usable (bucket exists, credentials work).
+    async fn check(&self, prefix: &str) -> StoreResult<()>;
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectInfo>;
+
+    /// Reads `range` of `key`. With `etag`, fails with [`StoreError::Changed`] if the object
+    /// no longer carries that tag.
+    async fn get_range(&self, key: &str, range: Range<u64>, etag: Option<&str>)
+        -> StoreResult<Bytes>;
+
+    /// Lists `prefix` (empty or ending in `/`) with delimiter `/`.
+    async fn list(
+        &self,
+        prefix: &str,
+        token: Option<&str>,
+        max_keys: usize,
+    ) -> StoreResult<ListPage>;
+
+    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>>;
+
+    async fn create_upload(&self, key: &str) -> StoreResult<String>;
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> StoreResult<UploadedPart>;
+
+    async fn complete_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+    ) -> StoreResult<Option<String>>;
+
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> StoreResult<()>;
+
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// Server-side copy of a whole object.
+    async fn copy(&self, from: &str, to: &str) -> StoreResult<()>;
+}

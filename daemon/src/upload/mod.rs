@@ -1,0 +1,301 @@
+//! Writes of one new object: a sequential stream turned into a multipart upload.
+//!
+//! Bytes collect in a part-sized buffer; each full part is uploaded in the background (a few
+//! at a time per handle) while the application keeps writing. The object appears in the store
+//! only when the upload is committed (close or fsync), all at once; until then readers of the
+//! store see the old object, or none. A failed upload is aborted and reported as EIO, never
+//! committed half-way.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tokio::task::JoinHandle;
+
+use crate::memory::{MemoryLimiter, Reservation};
+use crate::namespace::ObjectStat;
+use crate::store::{ObjectStore, StoreResult, UploadedPart};
+
+/// S3 allows at most this many parts in one upload.
+const MAX_PARTS: i32 = 10_000;
+/// Parts uploading at once for one handle.
+const PARTS_IN_FLIGHT: usize = 4;
+/// How long a writer waits for memory before going over the budget.
+const MEMORY_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+enum Status {
+    Open,
+    Committed(ObjectStat),
+    Failed(i32),
+}
+
+struct State {
+    buf: BytesMut,
+    buf_memory: Option<Reservation>,
+    upload_id: Option<String>,
+    in_flight: VecDeque<(JoinHandle<StoreResult<UploadedPart>>, Reservation)>,
+    parts: Vec<UploadedPart>,
+    next_part: i32,
+    status: Status,
+}
+
+pub struct Upload {
+    store: Arc<dyn ObjectStore>,
+    memory: Arc<MemoryLimiter>,
+    key: String,
+    part_size: usize,
+    written: Arc<AtomicU64>,
+    state: tokio::sync::Mutex<State>,
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+impl Upload {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        memory: Arc<MemoryLimiter>,
+        key: String,
+        part_size: usize,
+    ) -> Upload {
+        Upload {
+            store,
+            memory,
+            key,
+            part_size,
+            written: Arc::new(AtomicU64::new(0)),
+            state: tokio::sync::Mutex::new(State {
+                buf: BytesMut::new(),
+                buf_memory: None,
+                upload_id: None,
+                in_flight: VecDeque::new(),
+                parts: Vec::new(),
+                next_part: 1,
+                status: Status::Open,
+            }),
+        }
+    }
+
+    /// Bytes accepted so far (the size `stat` shows while the file is open).
+    pub fn written(&self) -> Arc<AtomicU64> {
+        self.written.clone()
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Appends `data` at `offset`, which must be where the previous write ended.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
+        let mut st = self.state.lock().await;
+        match st.status {
+            Status::Open => {}
+            Status::Committed(_) => {
+                tracing::warn!(key = %self.key, "write after the object was committed (close/fsync): not supported");
+                return Err(errno(libc::EOPNOTSUPP));
+            }
+            Status::Failed(e) => return Err(errno(e)),
+        }
+        let written = self.written.load(Ordering::Acquire);
+        if offset != written {
+            tracing::warn!(key = %self.key, offset, expected = written, "non-sequential write refused: objects are written front to back");
+            return Err(errno(libc::EINVAL));
+        }
+        let mut rest = data;
+        while !rest.is_empty() {
+            if st.buf_memory.is_none() {
+                let r = self.memory.reserve_wait(self.part_size as u64, MEMORY_WAIT).await;
+                st.buf_memory = Some(r);
+                st.buf.reserve(self.part_size);
+            }
+            let room = self.part_size - st.buf.len();
+            let take = room.min(rest.len());
+            st.buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if st.buf.len() == self.part_size {
+                if let Err(e) = self.send_part(&mut st).await {
+                    st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
+                    self.abort(&mut st).await;
+                    return Err(e);
+                }
+            }
+        }
+        self.written.fetch_add(data.len() as u64, Ordering::AcqRel);
+        Ok(data.len())
+    }
+
+    /// Uploads the buffer as the next part, waiting first if too many parts are in flight.
+    async fn send_part(&self, st: &mut State) -> io::Result<()> {
+        if st.next_part > MAX_PARTS {
+            tracing::error!(key = %self.key, part_size = self.part_size, "object too large for {MAX_PARTS} parts; raise --part-size");
+            return Err(errno(libc::EFBIG));
+        }
+        if st.upload_id.is_none() {
+            let id = self.store.create_upload(&self.key).await.map_err(|e| {
+                tracing::error!(key = %self.key, error = %e, "could not start multipart upload");
+                errno(e.errno())
+            })?;
+            st.upload_id = Some(id);
+        }
+        while st.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.reap_one(st).await?;
+        }
+        let body = st.buf.split().freeze();
+        let memory = st.buf_memory.take().unwrap_or_else(|| self.memory.reserve(0));
+        let number = st.next_part;
+        st.next_part += 1;
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let id = st.upload_id.clone().unwrap_or_default();
+        let task = tokio::spawn(async move { store.upload_part(&key, &id, number, body).await });
+        st.in_flight.push_back((task, memory));
+        Ok(())
+    }
+
+    async fn reap_one(&self, st: &mut State) -> io::Result<()> {
+        let Some((task, _memory)) = st.in_flight.pop_front() else {
+            return Ok(());
+        };
+        match task.await {
+            Ok(Ok(part)) => {
+                st.parts.push(part);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(key = %self.key, error = %e, "part upload failed");
+                Err(errno(libc::EIO))
+            }
+            Err(e) => {
+                tracing::error!(key = %self.key, error = %e, "part upload task failed");
+                Err(errno(libc::EIO))
+            }
+        }
+    }
+
+    /// Makes the object visible in the store. Idempotent: later calls return the first result.
+    pub async fn commit(&self) -> io::Result<ObjectStat> {
+        let mut st = self.state.lock().await;
+        match &st.status {
+            Status::Committed(stat) => return Ok(stat.clone()),
+            Status::Failed(e) => return Err(errno(*e)),
+            Status::Open => {}
+        }
+        match self.finish(&mut st).await {
+            Ok(stat) => {
+                tracing::debug!(key = %self.key, size = stat.size, "object committed");
+                st.status = Status::Committed(stat.clone());
+                Ok(stat)
+            }
+            Err(e) => {
+                st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
+                self.abort(&mut st).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn finish(&self, st: &mut State) -> io::Result<ObjectStat> {
+        let size = self.written.load(Ordering::Acquire);
+        let etag = if st.upload_id.is_none() {
+            let body = st.buf.split().freeze();
+            st.buf_memory = None;
+            self.store.put(&self.key, body).await.map_err(|e| {
+                tracing::error!(key = %self.key, error = %e, "upload failed");
+                errno(e.errno())
+            })?
+        } else {
+            if !st.buf.is_empty() {
+                self.send_part(st).await?;
+            }
+            while !st.in_flight.is_empty() {
+                self.reap_one(st).await?;
+            }
+            st.parts.sort_by_key(|p| p.number);
+            let id = st.upload_id.clone().unwrap_or_default();
+            self.store
+                .complete_upload(&self.key, &id, &st.parts)
+                .await
+                .map_err(|e| {
+                    tracing::error!(key = %self.key, error = %e, "completing the upload failed");
+                    errno(e.errno())
+                })?
+        };
+        Ok(ObjectStat {
+            size,
+            mtime: SystemTime::now(),
+            etag,
+        })
+    }
+
+    async fn abort(&self, st: &mut State) {
+        for (task, _) in st.in_flight.drain(..) {
+            task.abort();
+        }
+        st.buf.clear();
+        st.buf_memory = None;
+        if let Some(id) = st.upload_id.take() {
+            if let Err(e) = self.store.abort_upload(&self.key, &id).await {
+                tracing::warn!(key = %self.key, error = %e, "could not abort the multipart upload; the store may keep its parts until a lifecycle rule removes them");
+            }
+        }
+    }
+
+    /// Whether the upload committed (or failed) already.
+    pub async fn is_open(&self) -> bool {
+        matches!(self.state.lock().await.status, Status::Open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    fn setup(part: usize) -> (Upload, Arc<MemoryLimiter>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let memory = MemoryLimiter::new(1 << 30);
+        let up = Upload::new(store, memory.clone(), "out/file".into(), part);
+        (up, memory, dir)
+    }
+
+    #[tokio::test]
+    async fn streams_parts_and_commits_exact_bytes() {
+        let (up, memory, dir) = setup(1000);
+        let data: Vec<u8> = (0..10_500u32).map(|i| (i % 251) as u8).collect();
+        let mut off = 0;
+        for chunk in data.chunks(777) {
+            up.write(off, chunk).await.unwrap();
+            off += chunk.len() as u64;
+        }
+        assert!(!dir.path().join("out/file").exists(), "nothing visible before commit");
+        let stat = up.commit().await.unwrap();
+        assert_eq!(stat.size, data.len() as u64);
+        assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), data);
+        assert_eq!(up.commit().await.unwrap().size, stat.size, "commit is idempotent");
+        assert_eq!(memory.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn refuses_out_of_order_writes_and_writes_after_commit() {
+        let (up, _m, _d) = setup(1000);
+        up.write(0, b"abc").await.unwrap();
+        let e = up.write(10, b"x").await.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        up.commit().await.unwrap();
+        let e = up.write(3, b"d").await.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+    }
+
+    #[tokio::test]
+    async fn an_empty_file_commits_as_an_empty_object() {
+        let (up, _m, dir) = setup(1000);
+        up.commit().await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), b"");
+    }
+}
