@@ -166,7 +166,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
 
 fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
     if matches!(source, Source::S3 { .. }) && args.part_size < MIN_S3_PART {
-        bail!("--part-size must be at least 5MiB for S3 (got {} bytes)", args.part_size);
+        bail!(
+            "--part-size must be at least 5MiB for S3 (got {} bytes)",
+            args.part_size
+        );
     }
     if args.block_size < 4096 || args.block_size > (64 << 20) {
         bail!("--block-size must be between 4KiB and 64MiB");
@@ -190,6 +193,12 @@ fn prepare_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("mountpoint {}", path.display()))?;
     if !path.is_dir() {
         bail!("mountpoint {} is not a directory", path.display());
+    }
+    if crate::fuse::is_mountpoint(&path) {
+        bail!(
+            "{} is already a mountpoint; unmount it first (stacking mounts hides the one below)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -305,13 +314,22 @@ mod tests {
     fn parses_sources() {
         assert_eq!(
             Source::parse("s3://b").unwrap(),
-            Source::S3 { bucket: "b".into(), prefix: "".into() }
+            Source::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
         );
         assert_eq!(
             Source::parse("s3://b/data/set/").unwrap(),
-            Source::S3 { bucket: "b".into(), prefix: "data/set/".into() }
+            Source::S3 {
+                bucket: "b".into(),
+                prefix: "data/set/".into()
+            }
         );
-        assert_eq!(Source::parse("./dir").unwrap(), Source::Local("./dir".into()));
+        assert_eq!(
+            Source::parse("./dir").unwrap(),
+            Source::Local("./dir".into())
+        );
         assert!(Source::parse("s3://").is_err());
         assert!(Source::parse("s3://b/../x").is_err());
         assert!(Source::parse("gs://b").is_err());

@@ -108,7 +108,10 @@ impl BerthFs {
     }
 
     fn handle(&self, fh: u64) -> io::Result<Arc<Handle>> {
-        self.handles().get(&fh).cloned().ok_or_else(|| errno(libc::EBADF))
+        self.handles()
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))
     }
 
     fn entry(&self, node: &Node) -> Entry {
@@ -148,7 +151,10 @@ impl BerthFs {
         for handle in open {
             if let Handle::Write { ino, upload } = &*handle {
                 if self.rt.block_on(upload.is_open()) {
-                    tracing::info!(key = upload.key(), "committing a file still open at unmount");
+                    tracing::info!(
+                        key = upload.key(),
+                        "committing a file still open at unmount"
+                    );
                     let _ = self.commit(*ino, upload);
                 }
             }
@@ -268,10 +274,20 @@ impl FileSystem for BerthFs {
         let node = self.rt.block_on(self.ns.getattr(inode))?;
         let path = node.key.to_string();
         if valid.intersects(SetattrValid::MODE) {
-            return Err(unsupported("chmod", &path, "objects have no permission bits", libc::EPERM));
+            return Err(unsupported(
+                "chmod",
+                &path,
+                "objects have no permission bits",
+                libc::EPERM,
+            ));
         }
         if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
-            return Err(unsupported("chown", &path, "objects have no owner", libc::EPERM));
+            return Err(unsupported(
+                "chown",
+                &path,
+                "objects have no owner",
+                libc::EPERM,
+            ));
         }
         let writing = self.ns.is_pending(inode);
         if valid.contains(SetattrValid::SIZE) && attr.st_size as u64 != node.stat.size {
@@ -307,7 +323,12 @@ impl FileSystem for BerthFs {
         name: &CStr,
     ) -> io::Result<Entry> {
         self.read_only_guard("symlink")?;
-        Err(unsupported("symlink", &name.to_string_lossy(), "symbolic links cannot be stored as objects", libc::EPERM))
+        Err(unsupported(
+            "symlink",
+            &name.to_string_lossy(),
+            "symbolic links cannot be stored as objects",
+            libc::EPERM,
+        ))
     }
 
     fn mknod(
@@ -320,7 +341,12 @@ impl FileSystem for BerthFs {
         _umask: u32,
     ) -> io::Result<Entry> {
         self.read_only_guard("mknod")?;
-        Err(unsupported("mknod", &name.to_string_lossy(), "only regular files and directories exist in object storage", libc::EPERM))
+        Err(unsupported(
+            "mknod",
+            &name.to_string_lossy(),
+            "only regular files and directories exist in object storage",
+            libc::EPERM,
+        ))
     }
 
     fn link(
@@ -331,7 +357,12 @@ impl FileSystem for BerthFs {
         newname: &CStr,
     ) -> io::Result<Entry> {
         self.read_only_guard("link")?;
-        Err(unsupported("link", &newname.to_string_lossy(), "hard links cannot be stored as objects", libc::EPERM))
+        Err(unsupported(
+            "link",
+            &newname.to_string_lossy(),
+            "hard links cannot be stored as objects",
+            libc::EPERM,
+        ))
     }
 
     fn mkdir(
@@ -384,7 +415,8 @@ impl FileSystem for BerthFs {
             .rt
             .block_on(self.ns.store().list(&prefix, None, 2))
             .map_err(|e| store_error("list", &prefix, e))?;
-        let has_children = !page.prefixes.is_empty() || page.objects.iter().any(|o| o.key != prefix);
+        let has_children =
+            !page.prefixes.is_empty() || page.objects.iter().any(|o| o.key != prefix);
         let has_local = self.ns.open_dir(node.ino)?.has_local_entries();
         if has_children || has_local {
             return Err(errno(libc::ENOTEMPTY));
@@ -408,17 +440,32 @@ impl FileSystem for BerthFs {
         self.read_only_guard("rename")?;
         let (oldname, newname) = (name_of(oldname)?, name_of(newname)?);
         if flags & !libc::RENAME_NOREPLACE != 0 {
-            return Err(unsupported("rename", oldname, "RENAME_EXCHANGE and RENAME_WHITEOUT need atomic renames", libc::EINVAL));
+            return Err(unsupported(
+                "rename",
+                oldname,
+                "RENAME_EXCHANGE and RENAME_WHITEOUT need atomic renames",
+                libc::EINVAL,
+            ));
         }
         let node = self.rt.block_on(self.ns.lookup(olddir, oldname))?;
         if node.kind == Kind::Dir {
-            return Err(unsupported("rename", &node.key, "renaming a directory means copying every object below it", libc::EOPNOTSUPP));
+            return Err(unsupported(
+                "rename",
+                &node.key,
+                "renaming a directory means copying every object below it",
+                libc::EOPNOTSUPP,
+            ));
         }
         if self.ns.is_pending(node.ino) {
             return Err(errno(libc::EBUSY));
         }
         if node.stat.size > MAX_COPY_SIZE {
-            return Err(unsupported("rename", &node.key, "objects over 5 GiB cannot be copied in one request", libc::EOPNOTSUPP));
+            return Err(unsupported(
+                "rename",
+                &node.key,
+                "objects over 5 GiB cannot be copied in one request",
+                libc::EOPNOTSUPP,
+            ));
         }
         match self.rt.block_on(self.ns.lookup(newdir, newname)) {
             Ok(target) if target.kind == Kind::Dir => return Err(errno(libc::EISDIR)),
@@ -471,15 +518,30 @@ impl FileSystem for BerthFs {
                 return Ok((Some(fh), OpenOptions::empty(), None));
             }
             if flags & libc::O_APPEND != 0 {
-                return Err(unsupported("open", &node.key, "appending to a stored object is not possible", libc::EOPNOTSUPP));
+                return Err(unsupported(
+                    "open",
+                    &node.key,
+                    "appending to a stored object is not possible",
+                    libc::EOPNOTSUPP,
+                ));
             }
             if access == libc::O_WRONLY {
-                return Err(unsupported("open", &node.key, "a stored object can only be replaced whole: open it with O_TRUNC", libc::EOPNOTSUPP));
+                return Err(unsupported(
+                    "open",
+                    &node.key,
+                    "a stored object can only be replaced whole: open it with O_TRUNC",
+                    libc::EOPNOTSUPP,
+                ));
             }
             // O_RDWR without O_TRUNC: reads work, writes are refused one by one.
         }
         let key = self.ns.object_key(&node);
-        let reader = ObjectReader::new(self.fetcher.clone(), &key, node.stat.etag.as_deref(), node.stat.size);
+        let reader = ObjectReader::new(
+            self.fetcher.clone(),
+            &key,
+            node.stat.etag.as_deref(),
+            node.stat.size,
+        );
         let fh = self.add_handle(Handle::Read(reader));
         let opts = if self.ns.ttl().is_none() {
             OpenOptions::KEEP_CACHE
@@ -526,7 +588,12 @@ impl FileSystem for BerthFs {
         let reader = match &*handle {
             Handle::Read(reader) => reader,
             Handle::Write { upload, .. } => {
-                return Err(unsupported("read", upload.key(), "a file cannot be read while it is being written", libc::EOPNOTSUPP));
+                return Err(unsupported(
+                    "read",
+                    upload.key(),
+                    "a file cannot be read while it is being written",
+                    libc::EOPNOTSUPP,
+                ));
             }
             Handle::Dir(_) => return Err(errno(libc::EISDIR)),
         };
@@ -557,7 +624,12 @@ impl FileSystem for BerthFs {
     ) -> io::Result<usize> {
         let handle = self.handle(handle)?;
         let Handle::Write { upload, .. } = &*handle else {
-            return Err(unsupported("write", "", "stored objects cannot be modified in place; open with O_TRUNC to replace one", libc::EOPNOTSUPP));
+            return Err(unsupported(
+                "write",
+                "",
+                "stored objects cannot be modified in place; open with O_TRUNC to replace one",
+                libc::EOPNOTSUPP,
+            ));
         };
         let mut data = vec![0u8; size as usize];
         r.read_exact(&mut data)?;
@@ -593,7 +665,12 @@ impl FileSystem for BerthFs {
         _offset: u64,
         _length: u64,
     ) -> io::Result<()> {
-        Err(unsupported("fallocate", "", "objects cannot be preallocated", libc::EOPNOTSUPP))
+        Err(unsupported(
+            "fallocate",
+            "",
+            "objects cannot be preallocated",
+            libc::EOPNOTSUPP,
+        ))
     }
 
     fn release(
@@ -620,9 +697,17 @@ impl FileSystem for BerthFs {
         Ok(attr::statfs())
     }
 
-    fn opendir(&self, _ctx: &Context, inode: u64, _flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+    fn opendir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
         let stream = self.ns.open_dir(inode)?;
-        Ok((Some(self.add_handle(Handle::Dir(Mutex::new(stream)))), OpenOptions::empty()))
+        Ok((
+            Some(self.add_handle(Handle::Dir(Mutex::new(stream)))),
+            OpenOptions::empty(),
+        ))
     }
 
     fn readdir(

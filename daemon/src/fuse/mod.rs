@@ -46,7 +46,10 @@ impl FuseMount {
     pub fn mount(mountpoint: &Path, opts: &MountOptions) -> io::Result<FuseMount> {
         let meta = std::fs::metadata(mountpoint)?;
         if !meta.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::NotADirectory, "mountpoint is not a directory"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "mountpoint is not a directory",
+            ));
         }
         let device = OpenOptions::new()
             .read(true)
@@ -88,7 +91,10 @@ impl FuseMount {
             } else {
                 ""
             };
-            return Err(io::Error::new(e.kind(), format!("mount {}: {e}{hint}", mountpoint.display())));
+            return Err(io::Error::new(
+                e.kind(),
+                format!("mount {}: {e}{hint}", mountpoint.display()),
+            ));
         }
         Ok(FuseMount {
             mountpoint: mountpoint.to_path_buf(),
@@ -150,19 +156,6 @@ impl FuseMount {
         Ok(())
     }
 
-    /// Whether the kernel still has this mount (it may have been unmounted from outside).
-    pub fn is_mounted(&self) -> bool {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .map(|info| {
-                let target = self.mountpoint.to_string_lossy();
-                info.lines().any(|l| {
-                    let mut fields = l.split(' ');
-                    fields.nth(4) == Some(&*target) && l.contains(" - fuse.berth ")
-                })
-            })
-            .unwrap_or(false)
-    }
-
     /// Aborts the connection through fusectl, failing every pending request at once; used when
     /// the engine must go away while requests are stuck.
     pub fn abort_connection(&self) {
@@ -175,11 +168,36 @@ impl FuseMount {
     /// The fusectl connection id: the minor device number of the mount.
     fn connection_id(&self) -> Option<u64> {
         let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        let target = self.mountpoint.to_string_lossy();
-        let line = info.lines().find(|l| l.split(' ').nth(4) == Some(&*target))?;
+        let target = mountinfo_escape(&self.mountpoint.to_string_lossy());
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(&*target))?;
         let devno = line.split(' ').nth(2)?;
         devno.split(':').nth(1)?.parse().ok()
     }
+}
+
+/// Whether `path` (canonical) is the target of a mount in this mount namespace.
+pub fn is_mountpoint(path: &Path) -> bool {
+    let target = mountinfo_escape(&path.to_string_lossy());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| info.lines().any(|l| l.split(' ').nth(4) == Some(&*target)))
+        .unwrap_or(false)
+}
+
+/// /proc/self/mountinfo writes space, tab, newline and backslash as octal escapes.
+fn mountinfo_escape(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            ' ' => out.push_str("\\040"),
+            '\t' => out.push_str("\\011"),
+            '\n' => out.push_str("\\012"),
+            '\\' => out.push_str("\\134"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// One worker: read a request, serve it, reply; until the connection goes away.
@@ -219,5 +237,17 @@ fn serve_queue(mut queue: File, server: &Server<Arc<BerthFs>>) {
             // ENOENT on reply: the request was interrupted and the kernel forgot it.
             tracing::debug!(error = ?e, "FUSE request not answered cleanly");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_escaped_like_the_kernel_does() {
+        assert_eq!(mountinfo_escape("/mnt/a b\\c"), "/mnt/a\\040b\\134c");
+        assert!(is_mountpoint(Path::new("/proc")));
+        assert!(!is_mountpoint(Path::new("/proc/self")));
     }
 }

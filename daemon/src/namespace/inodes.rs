@@ -107,10 +107,16 @@ impl InodeTable {
         let mut data = Vec::new();
         File::open(path)?.read_to_end(&mut data)?;
         if data.len() < 12 || &data[..8] != MAGIC {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a berth inode journal"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a berth inode journal",
+            ));
         }
         if u32::from_le_bytes(data[8..12].try_into().unwrap_or_default()) != VERSION {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "unsupported journal version"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unsupported journal version",
+            ));
         }
         let journal = OpenOptions::new().append(true).open(path)?;
         let table = Self::with_root(Some(journal), root_mtime);
@@ -202,7 +208,10 @@ impl InodeTable {
                     ino
                 }
             };
-            let node = inner.nodes.get_mut(&ino).expect("child map points at a node");
+            let node = inner
+                .nodes
+                .get_mut(&ino)
+                .expect("child map points at a node");
             node.kind = u.kind;
             node.stat = u.stat;
             node.validated = Some(now);
@@ -411,7 +420,9 @@ mod tests {
         let path = dir_.path().join("inodes");
         let t = InodeTable::create(Some(&path), SystemTime::UNIX_EPOCH).unwrap();
         let a = t.upsert(ROOT_INO, vec![dir("a")]).unwrap()[0].ino;
-        let kids = t.upsert(a, (0..100).map(|i| file(&format!("f{i}"))).collect()).unwrap();
+        let kids = t
+            .upsert(a, (0..100).map(|i| file(&format!("f{i}"))).collect())
+            .unwrap();
         t.rename(kids[5].ino, ROOT_INO, "moved").unwrap();
         drop(t);
         // Simulate a crash in the middle of the next record.
@@ -426,7 +437,10 @@ mod tests {
         assert_eq!(r.child(ROOT_INO, "moved").unwrap().ino, kids[5].ino);
         assert!(r.child(a, "f5").is_none());
         let new = r.upsert(ROOT_INO, vec![file("new")]).unwrap()[0].ino;
-        assert!(new > kids[99].ino, "numbers continue after the recovered ones");
+        assert!(
+            new > kids[99].ino,
+            "numbers continue after the recovered ones"
+        );
     }
 
     #[test]

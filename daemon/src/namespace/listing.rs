@@ -35,6 +35,7 @@ pub struct ListingMerger {
 impl ListingMerger {
     /// Adds one page of the listing of `dir_prefix`; ready entries are appended to `out`.
     pub fn push_page(&mut self, dir_prefix: &str, page: ListPage, out: &mut VecDeque<ListedEntry>) {
+        // (key relative to the directory, entry): the order S3 lists in.
         let mut items: Vec<(String, ListedEntry)> =
             Vec::with_capacity(page.objects.len() + page.prefixes.len());
         for obj in page.objects {
@@ -51,7 +52,7 @@ impl ListingMerger {
             }
             let name = name.to_string();
             items.push((
-                obj.key.clone(),
+                name.clone(),
                 ListedEntry {
                     name,
                     what: Listed::File(obj),
@@ -68,7 +69,7 @@ impl ListingMerger {
                         name: name.to_string(),
                         what: Listed::Dir,
                     };
-                    items.push((prefix, entry));
+                    items.push((format!("{name}/"), entry));
                 }
                 _ => self.skipped += 1,
             }
@@ -161,7 +162,10 @@ mod tests {
         let long = format!("o/{}", "n".repeat(300));
         m.push_page(
             "o/",
-            page(&["o/", "o/ok.txt", &long], &["o//", "o/./", "o/../", "o/sub/"]),
+            page(
+                &["o/", "o/ok.txt", &long],
+                &["o//", "o/./", "o/../", "o/sub/"],
+            ),
             &mut out,
         );
         m.finish(&mut out);
@@ -174,7 +178,9 @@ mod tests {
         let mut m = ListingMerger::default();
         let mut out = VecDeque::new();
         for p in 0..100 {
-            let keys: Vec<String> = (0..1000).map(|i| format!("big/f{:07}", p * 1000 + i)).collect();
+            let keys: Vec<String> = (0..1000)
+                .map(|i| format!("big/f{:07}", p * 1000 + i))
+                .collect();
             let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
             m.push_page("big/", page(&refs, &[]), &mut out);
             assert!(m.held.len() <= 1, "held {}", m.held.len());

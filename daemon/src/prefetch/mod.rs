@@ -74,7 +74,11 @@ struct Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
-        self.abort.abort();
+        // Cancel only GETs nobody waits for: a concurrent read of the same handle may hold a
+        // clone of this block's future (the kernel sends readahead from several threads).
+        if self.data.strong_count().unwrap_or(1) <= 1 {
+            self.abort.abort();
+        }
     }
 }
 
@@ -151,7 +155,9 @@ impl ObjectReader {
     fn plan(&self, offset: u64, end: u64, first: u64, last: u64) -> Vec<(u64, BlockFuture)> {
         let bs = self.fetcher.config.block_size;
         let mut state = self.lock();
-        let access = state.window.on_read(offset, end - offset);
+        let previous_ahead = state.window.ahead();
+        let prefetched = (first..=last).all(|i| state.blocks.contains_key(&i));
+        let access = state.window.on_read(offset, end - offset, prefetched);
         let ahead = match access {
             Access::Sequential { ahead } => {
                 let keep_from = first.saturating_sub(1);
@@ -159,7 +165,10 @@ impl ObjectReader {
                 ahead
             }
             Access::Random => {
-                state.blocks.retain(|&i, _| (first..=last).contains(&i));
+                // Keep what a sibling read of the old window may still want; drop the rest.
+                let margin = previous_ahead + 1;
+                let keep = first.saturating_sub(margin)..=last + margin;
+                state.blocks.retain(|i, _| keep.contains(i));
                 0
             }
         };
@@ -205,10 +214,7 @@ impl ObjectReader {
                 .acquire()
                 .await
                 .map_err(|_| StoreError::Rejected("engine shutting down".into()))?;
-            fetcher
-                .store
-                .get_range(&key, range, etag.as_deref())
-                .await
+            fetcher.store.get_range(&key, range, etag.as_deref()).await
         });
         let abort = task.abort_handle();
         let data = task
@@ -230,7 +236,10 @@ mod tests {
     use super::*;
     use crate::store::LocalStore;
 
-    async fn reader_over(bytes: &[u8], limit: u64) -> (ObjectReader, Arc<MemoryLimiter>, tempfile::TempDir) {
+    async fn reader_over(
+        bytes: &[u8],
+        limit: u64,
+    ) -> (ObjectReader, Arc<MemoryLimiter>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("obj"), bytes).unwrap();
         let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
@@ -265,7 +274,13 @@ mod tests {
             assert_eq!(got, &data[off..end]);
             off = end;
         }
-        for (o, l) in [(999_990u64, 100u64), (5, 1), (4095, 2), (123_456, 70_000), (2_000_000, 5)] {
+        for (o, l) in [
+            (999_990u64, 100u64),
+            (5, 1),
+            (4095, 2),
+            (123_456, 70_000),
+            (2_000_000, 5),
+        ] {
             let got = concat(reader.read(o, l).await.unwrap());
             let s = (o as usize).min(data.len());
             let e = ((o + l) as usize).min(data.len());
@@ -281,7 +296,11 @@ mod tests {
         for i in 0..200u64 {
             reader.read(i * 4096, 4096).await.unwrap();
             // Demand blocks (at most 2 here) may go over; prefetch may not.
-            assert!(memory.used() <= 8 * 4096 + 2 * 4096, "used {}", memory.used());
+            assert!(
+                memory.used() <= 8 * 4096 + 2 * 4096,
+                "used {}",
+                memory.used()
+            );
         }
         drop(reader);
         assert_eq!(memory.used(), 0, "closing the handle frees everything");

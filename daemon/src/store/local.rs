@@ -49,7 +49,9 @@ impl LocalStore {
         }
         for part in trimmed.split('/') {
             if part.is_empty() || part == "." || part == ".." || part.contains('\0') {
-                return Err(StoreError::Rejected(format!("key {key:?} is not a safe path")));
+                return Err(StoreError::Rejected(format!(
+                    "key {key:?} is not a safe path"
+                )));
             }
             path.push(part);
         }
@@ -70,7 +72,12 @@ fn io_err(context: &str, e: io::Error) -> StoreError {
 }
 
 fn etag_of(meta: &fs::Metadata) -> String {
-    format!("\"{:x}-{:x}-{:x}\"", meta.ino(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000, meta.len())
+    format!(
+        "\"{:x}-{:x}-{:x}\"",
+        meta.ino(),
+        meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+        meta.len()
+    )
 }
 
 fn info_of(key: String, meta: &fs::Metadata) -> ObjectInfo {
@@ -96,7 +103,8 @@ fn write_atomically(target: &Path, staging: &Path, body: &[u8]) -> StoreResult<(
         fs::create_dir_all(parent).map_err(|e| io_err("create parent", e))?;
     }
     let mut f = fs::File::create(staging).map_err(|e| io_err("create staging file", e))?;
-    f.write_all(body).map_err(|e| io_err("write staging file", e))?;
+    f.write_all(body)
+        .map_err(|e| io_err("write staging file", e))?;
     fs::rename(staging, target).map_err(|e| io_err("rename into place", e))
 }
 
@@ -347,9 +355,11 @@ impl ObjectStore for LocalStore {
         blocking(move || {
             fs::create_dir_all(&uploads).map_err(|e| io_err("create staging dir", e))?;
             let mut src = fs::File::open(&source).map_err(|e| io_err("open source", e))?;
-            src.seek(SeekFrom::Start(0)).map_err(|e| io_err("seek", e))?;
+            src.seek(SeekFrom::Start(0))
+                .map_err(|e| io_err("seek", e))?;
             let mut body = Vec::new();
-            src.read_to_end(&mut body).map_err(|e| io_err("read source", e))?;
+            src.read_to_end(&mut body)
+                .map_err(|e| io_err("read source", e))?;
             write_atomically(&target, &staging, &body)
         })
         .await
@@ -377,7 +387,13 @@ mod tests {
             store.put(key, Bytes::from_static(b"hi")).await.unwrap();
         }
         let page = store.list("", None, 2).await.unwrap();
-        assert_eq!(page.objects.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), ["a-1"]);
+        assert_eq!(
+            page.objects
+                .iter()
+                .map(|o| o.key.as_str())
+                .collect::<Vec<_>>(),
+            ["a-1"]
+        );
         assert_eq!(page.prefixes, ["a/"]);
         let page = store
             .list("", page.next_token.as_deref(), 10)
@@ -393,12 +409,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         let id = store.create_upload("d/f").await.unwrap();
-        let p2 = store.upload_part("d/f", &id, 2, Bytes::from_static(b"world")).await.unwrap();
-        let p1 = store.upload_part("d/f", &id, 1, Bytes::from_static(b"hello ")).await.unwrap();
+        let p2 = store
+            .upload_part("d/f", &id, 2, Bytes::from_static(b"world"))
+            .await
+            .unwrap();
+        let p1 = store
+            .upload_part("d/f", &id, 1, Bytes::from_static(b"hello "))
+            .await
+            .unwrap();
         store.complete_upload("d/f", &id, &[p1, p2]).await.unwrap();
         assert_eq!(fs::read(dir.path().join("d/f")).unwrap(), b"hello world");
         let info = store.head("d/f").await.unwrap();
-        let got = store.get_range("d/f", 6..11, info.etag.as_deref()).await.unwrap();
+        let got = store
+            .get_range("d/f", 6..11, info.etag.as_deref())
+            .await
+            .unwrap();
         assert_eq!(&got[..], b"world");
         assert!(store.list("", None, 10).await.unwrap().prefixes == ["d/"]);
     }
@@ -408,7 +433,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         for key in ["../x", "a/../../x", "a//b", "./a"] {
-            assert!(matches!(store.head(key).await, Err(StoreError::Rejected(_))), "{key}");
+            assert!(
+                matches!(store.head(key).await, Err(StoreError::Rejected(_))),
+                "{key}"
+            );
         }
     }
 }

@@ -100,8 +100,12 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// Reads `range` of `key`. With `etag`, fails with [`StoreError::Changed`] if the object
     /// no longer carries that tag.
-    async fn get_range(&self, key: &str, range: Range<u64>, etag: Option<&str>)
-        -> StoreResult<Bytes>;
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> StoreResult<Bytes>;
 
     /// Lists `prefix` (empty or ending in `/`) with delimiter `/`.
     async fn list(

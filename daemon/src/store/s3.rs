@@ -273,9 +273,9 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
-        out.upload_id()
-            .map(str::to_string)
-            .ok_or_else(|| StoreError::Rejected("CreateMultipartUpload returned no upload id".into()))
+        out.upload_id().map(str::to_string).ok_or_else(|| {
+            StoreError::Rejected("CreateMultipartUpload returned no upload id".into())
+        })
     }
 
     async fn upload_part(

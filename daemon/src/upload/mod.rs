@@ -109,7 +109,10 @@ impl Upload {
         let mut rest = data;
         while !rest.is_empty() {
             if st.buf_memory.is_none() {
-                let r = self.memory.reserve_wait(self.part_size as u64, MEMORY_WAIT).await;
+                let r = self
+                    .memory
+                    .reserve_wait(self.part_size as u64, MEMORY_WAIT)
+                    .await;
                 st.buf_memory = Some(r);
                 st.buf.reserve(self.part_size);
             }
@@ -146,7 +149,10 @@ impl Upload {
             self.reap_one(st).await?;
         }
         let body = st.buf.split().freeze();
-        let memory = st.buf_memory.take().unwrap_or_else(|| self.memory.reserve(0));
+        let memory = st
+            .buf_memory
+            .take()
+            .unwrap_or_else(|| self.memory.reserve(0));
         let number = st.next_part;
         st.next_part += 1;
         let store = self.store.clone();
@@ -273,11 +279,18 @@ mod tests {
             up.write(off, chunk).await.unwrap();
             off += chunk.len() as u64;
         }
-        assert!(!dir.path().join("out/file").exists(), "nothing visible before commit");
+        assert!(
+            !dir.path().join("out/file").exists(),
+            "nothing visible before commit"
+        );
         let stat = up.commit().await.unwrap();
         assert_eq!(stat.size, data.len() as u64);
         assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), data);
-        assert_eq!(up.commit().await.unwrap().size, stat.size, "commit is idempotent");
+        assert_eq!(
+            up.commit().await.unwrap().size,
+            stat.size,
+            "commit is idempotent"
+        );
         assert_eq!(memory.used(), 0);
     }
 
