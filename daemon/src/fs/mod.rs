@@ -405,7 +405,12 @@ impl FileSystem for BerthFs {
     fn rmdir(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         self.read_only_guard("rmdir")?;
         let name = name_of(name)?;
-        let node = self.rt.block_on(self.ns.lookup(parent, name))?;
+        // A directory the kernel knows may have been implicit and vanished from the store with
+        // its last file; removing it then is a no-op that succeeds.
+        let node = match self.ns.child(parent, name) {
+            Some(node) if node.kind == Kind::Dir => node,
+            _ => self.rt.block_on(self.ns.lookup(parent, name))?,
+        };
         if node.kind != Kind::Dir {
             return Err(errno(libc::ENOTDIR));
         }
@@ -623,7 +628,7 @@ impl FileSystem for BerthFs {
         _fuse_flags: u32,
     ) -> io::Result<usize> {
         let handle = self.handle(handle)?;
-        let Handle::Write { upload, .. } = &*handle else {
+        let Handle::Write { ino, upload } = &*handle else {
             return Err(unsupported(
                 "write",
                 "",
@@ -631,6 +636,11 @@ impl FileSystem for BerthFs {
                 libc::EOPNOTSUPP,
             ));
         };
+        if upload.written().load(Ordering::Acquire) == 0
+            && self.rt.block_on(upload.reopen_if_empty())
+        {
+            self.ns.resume_write(*ino, upload.written());
+        }
         let mut data = vec![0u8; size as usize];
         r.read_exact(&mut data)?;
         self.rt.block_on(upload.write(offset, &data))
@@ -639,11 +649,10 @@ impl FileSystem for BerthFs {
     fn flush(&self, _ctx: &Context, _inode: u64, handle: u64, _lock_owner: u64) -> io::Result<()> {
         let handle = self.handle(handle)?;
         if let Handle::Write { ino, upload } = &*handle {
-            // A flush before any write (e.g. a shell closing the original fd after dup2) must
-            // not commit an empty object; release commits those.
-            if upload.written().load(Ordering::Acquire) > 0 {
-                return self.commit(*ino, upload);
-            }
+            // Commit on close, so the object is in the store when close() returns. A flush
+            // with nothing written may come before the writes (a shell closing the original
+            // fd after dup2); the empty object it commits is replaced by the writes that follow.
+            return self.commit(*ino, upload);
         }
         Ok(())
     }

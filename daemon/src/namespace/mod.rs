@@ -228,6 +228,11 @@ impl Namespace {
         Ok(node)
     }
 
+    /// A committed empty file is being written again (see `Upload::reopen_if_empty`).
+    pub fn resume_write(&self, ino: u64, written: Arc<AtomicU64>) {
+        self.pending_lock().insert(ino, written);
+    }
+
     /// The write of `ino` ended: with the committed object's stat, or `None` if it failed.
     pub fn end_write(&self, ino: u64, committed: Option<ObjectStat>) {
         self.pending_lock().remove(&ino);

@@ -251,6 +251,21 @@ impl Upload {
         }
     }
 
+    /// Re-opens an upload that committed an empty object before any data came, so that the
+    /// writes that follow replace it. Shells do this: `echo x > f` opens `f`, moves the fd with
+    /// dup2 and closes the original (a flush with nothing written), then writes. Returns
+    /// whether it re-opened.
+    pub async fn reopen_if_empty(&self) -> bool {
+        let mut st = self.state.lock().await;
+        match &st.status {
+            Status::Committed(stat) if stat.size == 0 => {
+                st.status = Status::Open;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the upload committed (or failed) already.
     pub async fn is_open(&self) -> bool {
         matches!(self.state.lock().await.status, Status::Open)
@@ -303,6 +318,24 @@ mod tests {
         up.commit().await.unwrap();
         let e = up.write(3, b"d").await.unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+    }
+
+    #[tokio::test]
+    async fn writes_after_an_empty_commit_replace_the_empty_object() {
+        let (up, _m, dir) = setup(4);
+        up.commit().await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), b"");
+        assert!(up.reopen_if_empty().await);
+        up.write(0, b"hello world").await.unwrap();
+        assert_eq!(up.commit().await.unwrap().size, 11);
+        assert_eq!(
+            std::fs::read(dir.path().join("out/file")).unwrap(),
+            b"hello world"
+        );
+        assert!(
+            !up.reopen_if_empty().await,
+            "a non-empty object stays committed"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,83 @@
+//! The test cases. Each runs in parallel with the others: own bucket, own
+//! mountpoint, own temp dirs.
+
+mod cli;
+mod listing;
+mod local;
+mod namespace;
+mod oddkeys;
+mod read;
+mod readonly;
+mod storedown;
+mod unmount;
+mod unsupported;
+mod write;
+
+use crate::reqs::Needs;
+
+pub struct Case {
+    pub name: &'static str,
+    pub needs: Needs,
+    pub run: fn() -> anyhow::Result<()>,
+}
+
+const fn case(name: &'static str, needs: Needs, run: fn() -> anyhow::Result<()>) -> Case {
+    Case { name, needs, run }
+}
+
+pub fn all() -> Vec<Case> {
+    let s3 = Needs::S3_MOUNT;
+    vec![
+        // Slowest first, so it overlaps with the rest.
+        case("listing::big_prefix_100k", s3, listing::big_prefix_100k),
+        case(
+            "listing::readdir_matches_bucket",
+            s3,
+            listing::readdir_matches_bucket,
+        ),
+        case("listing::prefix_mount", s3, listing::prefix_mount),
+        case("listing::stat_matches_head", s3, listing::stat_matches_head),
+        case("read::large_object", s3, read::large_object),
+        case("write::sequential_writes", s3, write::sequential_writes),
+        case("write::cp_into_mount", s3, write::cp_into_mount),
+        case(
+            "write::overwrite_with_truncate",
+            s3,
+            write::overwrite_with_truncate,
+        ),
+        case("write::fsync_commits", s3, write::fsync_commits),
+        case(
+            "namespace::unlink_mkdir_rmdir",
+            s3,
+            namespace::unlink_mkdir_rmdir,
+        ),
+        case("unsupported::errnos", s3, unsupported::errnos),
+        case("unsupported::rename_file", s3, unsupported::rename_file),
+        case("readonly::read_only_mount", s3, readonly::read_only_mount),
+        case(
+            "oddkeys::unsafe_keys_skipped",
+            Needs::FUSE,
+            oddkeys::unsafe_keys_skipped,
+        ),
+        case(
+            "storedown::eio_then_recovery",
+            Needs::FUSE.union(Needs::WEED),
+            storedown::eio_then_recovery,
+        ),
+        case(
+            "local::local_directory_store",
+            Needs::FUSE,
+            local::local_directory_store,
+        ),
+        case("unmount::sigterm", s3, unmount::sigterm),
+        case("unmount::umount_command", s3, unmount::umount_command),
+        case("cli::no_such_bucket", s3, cli::no_such_bucket),
+        case("cli::wrong_credentials", s3, cli::wrong_credentials),
+        case(
+            "cli::unreachable_endpoint",
+            Needs::FUSE,
+            cli::unreachable_endpoint,
+        ),
+        case("cli::bad_flag", Needs::NOTHING, cli::bad_flag),
+    ]
+}

@@ -1,0 +1,153 @@
+//! Writing new objects through the mount: commit on close (or fsync).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::mount::{Mount, MountOpts};
+use crate::shared_server;
+use crate::util::{close_checked, ensure_same_bytes, random_bytes, read_file, stat};
+
+/// Write `data` to a new file in chunks whose sizes cycle through `chunks`,
+/// then close, checking the close result.
+fn write_chunked(path: &std::path::Path, data: &[u8], chunks: &[usize]) -> Result<()> {
+    let mut file = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let mut off = 0;
+    for size in chunks.iter().cycle() {
+        if off == data.len() {
+            break;
+        }
+        let end = (off + size).min(data.len());
+        file.write_all(&data[off..end])
+            .with_context(|| format!("write {}..{end} of {}", off, path.display()))?;
+        off = end;
+    }
+    close_checked(file).with_context(|| format!("close {}", path.display()))
+}
+
+pub fn sequential_writes() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("write")?;
+    bucket.put("existing/x", b"makes existing/ a directory".to_vec())?;
+    let m = Mount::s3(server, &bucket.name, None, MountOpts::default())?;
+
+    // 20 MiB in 1 MiB and odd-sized chunks.
+    let big = random_bytes(0x20, 20 << 20);
+    let chunks = [1 << 20, 777, 65_537, (1 << 20) + 13, 4093, 1, 300_000];
+    write_chunked(&m.join("big.bin"), &big, &chunks)?;
+    ensure_same_bytes("GetObject big.bin", &bucket.get("big.bin")?, &big)?;
+    ensure!(
+        stat(m.join("big.bin"))?.len() == big.len() as u64,
+        "size of big.bin through the mount after close"
+    );
+    ensure_same_bytes(
+        "big.bin read back through the mount",
+        &read_file(m.join("big.bin"))?,
+        &big,
+    )?;
+
+    // A few bytes.
+    write_chunked(&m.join("small.txt"), b"hi!\n", &[4])?;
+    ensure_same_bytes("GetObject small.txt", &bucket.get("small.txt")?, b"hi!\n")?;
+
+    // An empty file.
+    close_checked(File::create(m.join("empty.txt"))?).context("close empty.txt")?;
+    let head = bucket
+        .head("empty.txt")?
+        .context("empty.txt not in bucket after close")?;
+    ensure!(
+        head.size == 0,
+        "empty.txt has {} bytes in the bucket",
+        head.size
+    );
+
+    // Into an implicit directory: the key gets the directory's prefix.
+    let nested = random_bytes(0x21, 100_000);
+    write_chunked(&m.join("existing/new.bin"), &nested, &[4096])?;
+    ensure_same_bytes(
+        "GetObject existing/new.bin",
+        &bucket.get("existing/new.bin")?,
+        &nested,
+    )?;
+    m.finish()
+}
+
+pub fn cp_into_mount() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("cp")?;
+    let m = Mount::s3(server, &bucket.name, None, MountOpts::default())?;
+    let src_dir = tempfile::Builder::new().prefix("berth-e2e-cp-").tempdir()?;
+    let src = src_dir.path().join("source.bin");
+    let data = random_bytes(0xc9, (3 << 20) + 5);
+    std::fs::write(&src, &data)?;
+    let out = Command::new("cp")
+        .arg(&src)
+        .arg(m.join("copied.bin"))
+        .output()
+        .context("running cp")?;
+    ensure!(
+        out.status.success(),
+        "cp into the mount failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure_same_bytes("GetObject copied.bin", &bucket.get("copied.bin")?, &data)?;
+    m.finish()
+}
+
+pub fn overwrite_with_truncate() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("overwrite")?;
+    bucket.put("over.txt", b"old content, longer than the new one".to_vec())?;
+    bucket.put("over2.txt", b"old content too".to_vec())?;
+    let m = Mount::s3(server, &bucket.name, None, MountOpts::default())?;
+
+    // O_WRONLY|O_TRUNC on an existing object.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.join("over.txt"))
+        .context("open over.txt with O_TRUNC")?;
+    f.write_all(b"new")?;
+    close_checked(f).context("close over.txt")?;
+    ensure_same_bytes("GetObject over.txt", &bucket.get("over.txt")?, b"new")?;
+    ensure_same_bytes(
+        "over.txt through the mount",
+        &read_file(m.join("over.txt"))?,
+        b"new",
+    )?;
+
+    // O_CREAT|O_TRUNC (File::create) on an existing object.
+    let data = random_bytes(0x0e, 2 << 20);
+    let mut f = File::create(m.join("over2.txt")).context("File::create over2.txt")?;
+    f.write_all(&data)?;
+    close_checked(f).context("close over2.txt")?;
+    ensure_same_bytes("GetObject over2.txt", &bucket.get("over2.txt")?, &data)?;
+    m.finish()
+}
+
+pub fn fsync_commits() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("fsync")?;
+    let m = Mount::s3(server, &bucket.name, None, MountOpts::default())?;
+    let data = random_bytes(0xf5, 300 << 10);
+    let mut f = File::create(m.join("synced.bin"))?;
+    f.write_all(&data)?;
+    f.sync_all().context("fsync synced.bin")?;
+    // Still open: the object must already be there.
+    let head = bucket
+        .head("synced.bin")?
+        .context("synced.bin not in the bucket after fsync (before close)")?;
+    ensure!(
+        head.size == data.len() as u64,
+        "after fsync the object has {} bytes, want {}",
+        head.size,
+        data.len()
+    );
+    ensure_same_bytes("GetObject after fsync", &bucket.get("synced.bin")?, &data)?;
+    close_checked(f).context("close synced.bin")?;
+    ensure_same_bytes("GetObject after close", &bucket.get("synced.bin")?, &data)?;
+    m.finish()
+}

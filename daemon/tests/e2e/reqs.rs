@@ -1,0 +1,130 @@
+//! What a test needs from the machine, and what this machine has.
+
+use std::path::{Path, PathBuf};
+
+/// A set of requirements (a tiny bit set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Needs(u8);
+
+impl Needs {
+    /// Nothing beyond the `berth` binary.
+    pub const NOTHING: Needs = Needs(0);
+    /// Root and an openable `/dev/fuse`.
+    pub const FUSE: Needs = Needs(1);
+    /// The `weed` binary (the test starts its own server).
+    pub const WEED: Needs = Needs(2);
+    /// The shared SeaweedFS server started by `main` (implies `WEED`).
+    pub const SHARED_SERVER: Needs = Needs(4 | 2);
+    /// The usual S3 test: FUSE plus the shared server.
+    pub const S3_MOUNT: Needs = Needs(1 | 4 | 2);
+
+    pub const fn union(self, other: Needs) -> Needs {
+        Needs(self.0 | other.0)
+    }
+
+    pub const fn contains(self, other: Needs) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+/// One requirement this machine lacks, grouped for the skip message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Missing {
+    /// "FUSE" or "S3".
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+pub struct Requirements {
+    fuse: Result<(), String>,
+    weed: Result<PathBuf, String>,
+}
+
+impl Requirements {
+    pub fn detect() -> Requirements {
+        Requirements {
+            fuse: detect_fuse(),
+            weed: find_weed(),
+        }
+    }
+
+    pub fn weed_bin(&self) -> Option<&Path> {
+        self.weed.as_deref().ok()
+    }
+
+    pub fn missing(&self, needs: Needs) -> Vec<Missing> {
+        let mut out = Vec::new();
+        if needs.contains(Needs::FUSE) {
+            if let Err(reason) = &self.fuse {
+                out.push(Missing {
+                    kind: "FUSE",
+                    reason: reason.clone(),
+                });
+            }
+        }
+        if needs.contains(Needs::WEED) {
+            if let Err(reason) = &self.weed {
+                out.push(Missing {
+                    kind: "S3",
+                    reason: reason.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+fn detect_fuse() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!("not running as root (euid {euid})"));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map(drop)
+        .map_err(|e| format!("/dev/fuse cannot be opened: {e}"))
+}
+
+/// `BERTH_WEED_BIN`, else `<repo>/.tools/venv/bin/weed`, else `weed` on `PATH`.
+pub fn find_weed() -> Result<PathBuf, String> {
+    const HINT: &str = "set BERTH_WEED_BIN or run `cargo xtask setup`";
+    if let Some(bin) = std::env::var_os("BERTH_WEED_BIN").filter(|v| !v.is_empty()) {
+        let bin = PathBuf::from(bin);
+        return if is_executable(&bin) {
+            Ok(bin)
+        } else {
+            Err(format!(
+                "weed binary not found: BERTH_WEED_BIN={} is not an executable file ({HINT})",
+                bin.display()
+            ))
+        };
+    }
+    let venv = repo_root().join(".tools/venv/bin/weed");
+    if is_executable(&venv) {
+        return Ok(venv);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("weed");
+            if is_executable(&candidate) {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(format!("weed binary not found ({HINT})"))
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("daemon crate lives inside the repository")
+        .to_path_buf()
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
