@@ -94,6 +94,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             block_size: args.block_size,
             max_window: args.max_prefetch,
             max_concurrent_gets: args.max_gets,
+            ..PrefetchConfig::default()
         },
     );
     let fs = Arc::new(BerthFs::new(

@@ -28,6 +28,8 @@ pub struct PrefetchConfig {
     pub max_window: u64,
     /// GETs in flight across the whole engine.
     pub max_concurrent_gets: usize,
+    /// Consecutive blocks wanted at once are fetched with one GET of up to this size.
+    pub max_get_size: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -36,6 +38,7 @@ impl Default for PrefetchConfig {
             block_size: 1 << 20,
             max_window: 64 << 20,
             max_concurrent_gets: 32,
+            max_get_size: 8 << 20,
         }
     }
 }
@@ -65,20 +68,20 @@ impl Fetcher {
 
 type BlockFuture = Shared<BoxFuture<'static, StoreResult<Bytes>>>;
 
-/// One block fetched or being fetched. Dropping it cancels the GET and frees its memory.
+/// One block fetched or being fetched; dropping it frees its share of the memory budget.
 struct Block {
     data: BlockFuture,
-    abort: AbortHandle,
     _memory: Reservation,
 }
 
-impl Drop for Block {
+/// Cancels a GET once no future that could want its bytes is left. Every block future of a
+/// GET holds one until it completes, so a read still waiting keeps the GET alive even if its
+/// block was evicted from the map meanwhile.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        // Cancel only GETs nobody waits for: a concurrent read of the same handle may hold a
-        // clone of this block's future (the kernel sends readahead from several threads).
-        if self.data.strong_count().unwrap_or(1) <= 1 {
-            self.abort.abort();
-        }
+        self.0.abort();
     }
 }
 
@@ -172,18 +175,13 @@ impl ObjectReader {
                 0
             }
         };
-        let mut wanted = Vec::new();
-        for index in first..=last {
-            let block = match state.blocks.entry(index) {
-                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    let memory = self.fetcher.memory.reserve(self.block_len(index));
-                    e.insert(self.start(index, memory))
-                }
-            };
-            wanted.push((index, block.data.clone()));
-        }
+        let demand: Vec<(u64, Reservation)> = (first..=last)
+            .filter(|i| !state.blocks.contains_key(i))
+            .map(|i| (i, self.fetcher.memory.reserve(self.block_len(i))))
+            .collect();
+        self.start_runs(&mut state, demand);
         let last_block = (self.size - 1) / bs;
+        let mut prefetch = Vec::new();
         for index in (last + 1..=last + ahead).take_while(|&i| i <= last_block) {
             if state.blocks.contains_key(&index) {
                 continue;
@@ -191,20 +189,43 @@ impl ObjectReader {
             let Some(memory) = self.fetcher.memory.try_reserve(self.block_len(index)) else {
                 break; // out of budget: prefetch less rather than more memory
             };
-            let block = self.start(index, memory);
-            state.blocks.insert(index, block);
+            prefetch.push((index, memory));
         }
-        wanted
+        // Top the window up in runs, not block by block: a reader advancing one block per
+        // read would otherwise turn into one small GET per read.
+        let max_run = (self.fetcher.config.max_get_size / bs).max(1);
+        let worth_it = prefetch.len() as u64 >= max_run.min(ahead.div_ceil(2)).max(1);
+        if worth_it {
+            self.start_runs(&mut state, prefetch);
+        }
+        (first..=last)
+            .filter_map(|i| state.blocks.get(&i).map(|b| (i, b.data.clone())))
+            .collect()
     }
 
-    fn block_len(&self, index: u64) -> u64 {
-        let bs = self.fetcher.config.block_size;
-        (self.size - index * bs).min(bs)
+    /// Starts GETs for `blocks` (ascending), one GET per run of consecutive blocks up to the
+    /// coalescing limit: fewer, larger requests stream faster from object stores.
+    fn start_runs(&self, state: &mut ReadState, blocks: Vec<(u64, Reservation)>) {
+        let max_run = (self.fetcher.config.max_get_size / self.fetcher.config.block_size).max(1);
+        let mut run: Vec<(u64, Reservation)> = Vec::new();
+        for (index, memory) in blocks {
+            let contiguous = run.last().is_some_and(|(prev, _)| *prev + 1 == index);
+            if !run.is_empty() && (!contiguous || run.len() as u64 == max_run) {
+                self.start_run(state, std::mem::take(&mut run));
+            }
+            run.push((index, memory));
+        }
+        if !run.is_empty() {
+            self.start_run(state, run);
+        }
     }
 
-    fn start(&self, index: u64, memory: Reservation) -> Block {
+    fn start_run(&self, state: &mut ReadState, run: Vec<(u64, Reservation)>) {
         let bs = self.fetcher.config.block_size;
-        let range = index * bs..index * bs + self.block_len(index);
+        let first = run[0].0;
+        let start = first * bs;
+        let end = (first + run.len() as u64) * bs;
+        let range = start..end.min(self.size);
         let fetcher = self.fetcher.clone();
         let key = self.key.clone();
         let etag = self.etag.clone();
@@ -216,18 +237,41 @@ impl ObjectReader {
                 .map_err(|_| StoreError::Rejected("engine shutting down".into()))?;
             fetcher.store.get_range(&key, range, etag.as_deref()).await
         });
-        let abort = task.abort_handle();
-        let data = task
+        let guard = Arc::new(AbortOnDrop(task.abort_handle()));
+        let whole = task
             .map(|joined| {
                 joined.unwrap_or_else(|e| Err(StoreError::Rejected(format!("fetch task: {e}"))))
             })
             .boxed()
             .shared();
-        Block {
-            data,
-            abort,
-            _memory: memory,
+        for (index, memory) in run {
+            let whole = whole.clone();
+            let guard = guard.clone();
+            let from = ((index - first) * bs) as usize;
+            let data = async move {
+                let _guard = guard;
+                let bytes = whole.await?;
+                let to = (from + bs as usize).min(bytes.len());
+                if from >= to {
+                    return Err(StoreError::Changed);
+                }
+                Ok(bytes.slice(from..to))
+            }
+            .boxed()
+            .shared();
+            state.blocks.insert(
+                index,
+                Block {
+                    data,
+                    _memory: memory,
+                },
+            );
         }
+    }
+
+    fn block_len(&self, index: u64) -> u64 {
+        let bs = self.fetcher.config.block_size;
+        (self.size - index * bs).min(bs)
     }
 }
 
@@ -249,6 +293,7 @@ mod tests {
             block_size: 4096,
             max_window: 64 * 4096,
             max_concurrent_gets: 4,
+            max_get_size: 4 * 4096,
         };
         let fetcher = Fetcher::new(store, memory.clone(), config);
         let reader = ObjectReader::new(fetcher, "obj", info.etag.as_deref(), info.size);

@@ -19,7 +19,7 @@ mod util;
 use std::process::ExitCode;
 use std::sync::OnceLock;
 
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use libtest_mimic::{Arguments, Completion, Failed, Measurement, Trial};
 
 use crate::reqs::{Needs, Requirements};
 use crate::seaweed::Seaweed;
@@ -45,12 +45,18 @@ fn main() -> ExitCode {
     let mut trials = Vec::new();
     let mut wants_shared = false;
     let mut skipped: Vec<(reqs::Missing, usize)> = Vec::new();
-    for case in cases::all() {
-        let missing = reqs.missing(case.needs);
-        let trial = make_trial(case.name, case.run, missing.clone(), strict);
+    let tests = cases::all()
+        .into_iter()
+        .map(|case| (case.needs, TrialKind::Test(case.name, case.run)));
+    let benches = cases::benches()
+        .into_iter()
+        .map(|case| (case.needs, TrialKind::Bench(case.name, case.run)));
+    for (needs, kind) in tests.chain(benches) {
+        let missing = reqs.missing(needs);
+        let trial = make_trial(kind, missing.clone(), strict);
         if missing.is_empty() {
             let runs = !args.list && !args.is_filtered_out(&trial) && !args.is_ignored(&trial);
-            wants_shared |= runs && case.needs.contains(Needs::SHARED_SERVER);
+            wants_shared |= runs && needs.contains(Needs::SHARED_SERVER);
         } else {
             for m in missing {
                 match skipped.iter_mut().find(|(seen, _)| *seen == m) {
@@ -86,16 +92,27 @@ fn main() -> ExitCode {
     conclusion.exit_code()
 }
 
-fn make_trial(
-    name: &'static str,
-    run: fn() -> anyhow::Result<()>,
-    missing: Vec<reqs::Missing>,
-    strict: bool,
-) -> Trial {
+/// A test, or a benchmark that runs as a quick correctness test unless `--bench` is given.
+enum TrialKind {
+    Test(&'static str, fn() -> anyhow::Result<()>),
+    Bench(&'static str, fn(bool) -> anyhow::Result<Option<u64>>),
+}
+
+fn make_trial(kind: TrialKind, missing: Vec<reqs::Missing>, strict: bool) -> Trial {
+    let name = match kind {
+        TrialKind::Test(name, _) | TrialKind::Bench(name, _) => name,
+    };
     if missing.is_empty() {
-        return Trial::test(name, move || {
-            run().map_err(|e| Failed::from(format!("{e:#}")))
-        });
+        return match kind {
+            TrialKind::Test(_, run) => Trial::test(name, move || {
+                run().map_err(|e| Failed::from(format!("{e:#}")))
+            }),
+            TrialKind::Bench(_, run) => Trial::bench(name, move |test_mode| {
+                run(test_mode)
+                    .map(|ns| ns.map(|avg| Measurement { avg, variance: 0 }))
+                    .map_err(|e| Failed::from(format!("{e:#}")))
+            }),
+        };
     }
     let why = missing
         .iter()

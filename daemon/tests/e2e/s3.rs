@@ -130,6 +130,44 @@ impl Bucket {
         })
     }
 
+    /// Reads a whole object with `concurrency` ranged GETs of `part` bytes in flight (how a
+    /// tuned client reads); returns the byte count.
+    pub fn get_ranged_parallel(&self, key: &str, part: usize, concurrency: usize) -> Result<usize> {
+        let size = self
+            .head(key)?
+            .with_context(|| format!("{key} does not exist"))?
+            .size as usize;
+        rt().block_on(async {
+            let mut offsets = (0..size).step_by(part.max(1));
+            let mut in_flight = tokio::task::JoinSet::new();
+            let mut total = 0;
+            loop {
+                while in_flight.len() < concurrency {
+                    let Some(start) = offsets.next() else { break };
+                    let end = (start + part).min(size) - 1;
+                    let req = self
+                        .client
+                        .get_object()
+                        .bucket(&self.name)
+                        .key(key)
+                        .range(format!("bytes={start}-{end}"));
+                    in_flight.spawn(async move {
+                        let out = req
+                            .send()
+                            .await
+                            .map_err(|e| anyhow!("ranged GET: {}", DisplayErrorContext(e)))?;
+                        let body = out.body.collect().await.context("ranged GET body")?;
+                        anyhow::Ok(body.into_bytes().len())
+                    });
+                }
+                match in_flight.join_next().await {
+                    Some(done) => total += done??,
+                    None => return Ok(total),
+                }
+            }
+        })
+    }
+
     /// `None` when the object does not exist.
     pub fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let res = rt().block_on(self.client.head_object().bucket(&self.name).key(key).send());

@@ -1,6 +1,7 @@
 //! The test cases. Each runs in parallel with the others: own bucket, own
 //! mountpoint, own temp dirs.
 
+mod bench;
 mod cli;
 mod listing;
 mod local;
@@ -46,6 +47,7 @@ pub fn all() -> Vec<Case> {
             write::overwrite_with_truncate,
         ),
         case("write::fsync_commits", s3, write::fsync_commits),
+        case("write::shell_redirect", s3, write::shell_redirect),
         case(
             "namespace::unlink_mkdir_rmdir",
             s3,
@@ -80,4 +82,20 @@ pub fn all() -> Vec<Case> {
         ),
         case("cli::bad_flag", Needs::NOTHING, cli::bad_flag),
     ]
+}
+
+/// A benchmark: `run(test_mode)`; in test mode (a plain test run) it only checks correctness
+/// and returns `None`, otherwise the nanoseconds of one measured iteration.
+pub struct BenchCase {
+    pub name: &'static str,
+    pub needs: Needs,
+    pub run: fn(bool) -> anyhow::Result<Option<u64>>,
+}
+
+pub fn benches() -> Vec<BenchCase> {
+    vec![BenchCase {
+        name: "bench::seq_read_vs_sdk",
+        needs: Needs::S3_MOUNT,
+        run: bench::seq_read_vs_sdk,
+    }]
 }

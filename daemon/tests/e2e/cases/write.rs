@@ -151,3 +151,53 @@ pub fn fsync_commits() -> Result<()> {
     ensure_same_bytes("GetObject after close", &bucket.get("synced.bin")?, &data)?;
     m.finish()
 }
+
+/// Regression: a shell redirect opens the file, moves the fd with dup2 and closes the original
+/// before writing, so the first flush carries no data. The object must end up with the bytes
+/// written afterwards, not empty. Appending (`>>`) to a stored object is refused.
+pub fn shell_redirect() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("redirect")?;
+    let m = Mount::s3(server, &bucket.name, None, MountOpts::default())?;
+    let file = m.join("greeting.txt");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("echo hello > \"$1\" && printf world > \"$1.2\"")
+        .arg("sh")
+        .arg(&file)
+        .status()?;
+    ensure!(status.success(), "redirect into the mount failed: {status}");
+    ensure_same_bytes(
+        "GetObject greeting.txt",
+        &bucket.get("greeting.txt")?,
+        b"hello\n",
+    )?;
+    ensure_same_bytes(
+        "GetObject greeting.txt.2",
+        &bucket.get("greeting.txt.2")?,
+        b"world",
+    )?;
+    ensure_same_bytes("read back", &read_file(&file)?, b"hello\n")?;
+
+    let append = Command::new("sh")
+        .arg("-c")
+        .arg("echo more >> \"$1\"")
+        .arg("sh")
+        .arg(&file)
+        .output()?;
+    ensure!(
+        !append.status.success(),
+        "appending to a stored object must fail"
+    );
+    let stderr = String::from_utf8_lossy(&append.stderr);
+    ensure!(
+        stderr.contains("Operation not supported"),
+        "append should fail with EOPNOTSUPP, shell said: {stderr}"
+    );
+    ensure_same_bytes(
+        "after refused append",
+        &bucket.get("greeting.txt")?,
+        b"hello\n",
+    )?;
+    m.finish()
+}
