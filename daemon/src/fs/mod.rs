@@ -605,7 +605,7 @@ impl FileSystem for BerthFs {
         let parts = self
             .rt
             .block_on(reader.read(offset, size as u64))
-            .map_err(|e| store_error("read", "", e))?;
+            .map_err(|e| store_error("read", reader.key(), e))?;
         let mut total = 0;
         for part in parts {
             w.write_all(&part)?;

@@ -118,6 +118,10 @@ impl ObjectReader {
         self.size
     }
 
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Reads up to `len` bytes at `offset`; short only at the end of the object.
     pub async fn read(&self, offset: u64, len: u64) -> StoreResult<Vec<Bytes>> {
         if offset >= self.size || len == 0 {
