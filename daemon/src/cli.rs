@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cache::EnginePreference;
 use crate::units::{parse_duration, parse_mode, parse_size, parse_ttl, Ttl};
 
 #[derive(Parser, Debug)]
@@ -113,14 +114,23 @@ pub struct MountArgs {
     #[arg(long, value_name = "DIR", default_value = "/run/berth")]
     pub state_dir: PathBuf,
 
-    /// Node-wide block cache directory. Accepted but NOT USED yet: the cache is not
-    /// implemented in this version, reads go to the store.
+    /// Node-wide block cache directory: blocks read from the store are kept here (and in
+    /// memory) and survive restarts. Without it, every read goes to the store.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// Node-wide block cache size. Accepted but NOT USED yet (see --cache-dir).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub cache_size: Option<u64>,
+    /// Disk quota of the block cache (never exceeded).
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// Memory tier of the block cache (recently used blocks).
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub cache_memory: u64,
+
+    /// I/O engine of the cache disk: `auto` (io_uring, falling back to a thread pool when the
+    /// kernel or a seccomp profile refuses it), `io-uring`, or `threads`.
+    #[arg(long, value_name = "ENGINE", default_value = "auto")]
+    pub cache_io: EnginePreference,
 }
 
 pub fn main() -> ExitCode {

@@ -3,11 +3,13 @@
 //! Data flows store -> namespace -> fs -> door:
 //! - [`store`]: object stores behind one trait (S3, local directory) with retries;
 //! - [`namespace`]: keys seen as directories and files, inode table, listings;
+//! - [`cache`]: the node-wide block cache (memory + disk, io_uring);
 //! - [`prefetch`] and [`upload`]: reads and writes of object data, under one [`memory`] budget;
 //! - [`fs`]: the FileSystem both doors serve;
 //! - [`fuse`]: the /dev/fuse door (mount, queues, unmount);
 //! - [`mount`] and [`cli`]: the `berth` command.
 
+pub mod cache;
 pub mod cli;
 pub mod fs;
 pub mod fuse;

@@ -8,12 +8,13 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::cache::{BlockCache, CacheConfig};
 use crate::cli::MountArgs;
 use crate::fs::{AttrConfig, BerthFs, FsConfig};
 use crate::fuse::{FuseMount, MountOptions};
 use crate::memory::MemoryLimiter;
 use crate::namespace::{keys, Namespace};
-use crate::prefetch::{Fetcher, PrefetchConfig};
+use crate::prefetch::{Fetcher, NodeCache, PrefetchConfig};
 use crate::store::{
     LocalStore, ObjectStore, RetryPolicy, RetryingStore, S3Options, S3Store, StoreError,
 };
@@ -87,6 +88,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating the inode journal {}", journal.display()))?,
     );
     let memory = MemoryLimiter::new(args.memory_limit);
+    let cache = open_cache(&args, &source)?;
     let fetcher = Fetcher::new(
         store.clone(),
         memory.clone(),
@@ -96,6 +98,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             max_concurrent_gets: args.max_gets,
             ..PrefetchConfig::default()
         },
+        cache.clone(),
     );
     let fs = Arc::new(BerthFs::new(
         rt.handle().clone(),
@@ -140,9 +143,6 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         read_only = args.read_only,
         "serving"
     );
-    if args.cache_dir.is_some() || args.cache_size.is_some() {
-        tracing::warn!("--cache-dir/--cache-size are accepted but not used yet: there is no block cache in this version");
-    }
     println!("berth: mounted {} at {}", args.source, mountpoint.display());
     let _ = std::io::stdout().flush();
 
@@ -156,6 +156,9 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     rt.block_on(wait_for_end(&fuse, done_rx))?;
     fs.shutdown();
     let _ = std::fs::remove_file(&journal);
+    if let Some(node) = &cache {
+        tracing::info!(stats = ?node.cache.stats(), "block cache");
+    }
     tracing::info!(
         inodes = ns.inode_count(),
         skipped_keys = ns.skipped_keys(),
@@ -182,6 +185,39 @@ fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
         bail!("--threads and --max-gets must be at least 1");
     }
     Ok(())
+}
+
+/// Opens the node cache if `--cache-dir` is given. A cache that cannot be opened is an error:
+/// running silently without it would turn every read into a GET.
+fn open_cache(args: &MountArgs, source: &Source) -> anyhow::Result<Option<NodeCache>> {
+    let Some(dir) = &args.cache_dir else {
+        return Ok(None);
+    };
+    let config = CacheConfig {
+        dir: dir.clone(),
+        size: args.cache_size,
+        block_size: args.block_size,
+        memory: args.cache_memory,
+        engine: args.cache_io,
+    };
+    let cache = BlockCache::open(&config)
+        .with_context(|| format!("opening the block cache in {}", dir.display()))?;
+    let store_id = match source {
+        Source::S3 { bucket, .. } => format!(
+            "s3|{}|{bucket}",
+            args.endpoint_url.as_deref().unwrap_or("aws")
+        ),
+        Source::Local(path) => format!(
+            "local|{}",
+            path.canonicalize()
+                .unwrap_or_else(|_| path.clone())
+                .display()
+        ),
+    };
+    Ok(Some(NodeCache {
+        cache,
+        store_id: Arc::from(store_id),
+    }))
 }
 
 fn prepare_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {

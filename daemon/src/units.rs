@@ -2,17 +2,21 @@
 
 use std::time::Duration;
 
-/// `512MiB`, `1GiB`, `64M`, `4k`, `4096`. K/M/G/T are powers of 1024 with or without `iB`/`B`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+/// Splits `12.5 MiB` into `(12.5, "MiB")`.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (try 512MiB, 1GiB, 4096)"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+    Some((num.parse().ok()?, unit.trim()))
+}
+
+/// `512MiB`, `1GiB`, `64M`, `4k`, `4096`. K/M/G/T are powers of 1024 with or without `iB`/`B`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a size (try 512MiB, 1GiB, 4096)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
@@ -33,15 +37,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// `250ms`, `1s`, `5m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (try 500ms, 1s, 5m)"))?;
-    let secs = match unit.trim() {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("{text:?} is not a duration (try 500ms, 1s, 5m)"))?;
+    let secs = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" | "min" => value * 60.0,

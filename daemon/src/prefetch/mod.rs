@@ -10,6 +10,7 @@
 mod window;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 
+use crate::cache::{BlockCache, ObjectId};
 use crate::memory::{MemoryLimiter, Reservation};
 use crate::store::{ObjectStore, StoreError, StoreResult};
 pub use window::{Access, Window};
@@ -49,6 +51,15 @@ pub struct Fetcher {
     memory: Arc<MemoryLimiter>,
     gets: Arc<Semaphore>,
     config: PrefetchConfig,
+    cache: Option<NodeCache>,
+}
+
+/// The node cache and the name this store has in it.
+#[derive(Clone)]
+pub struct NodeCache {
+    pub cache: Arc<BlockCache>,
+    /// Identifies the store (endpoint and bucket, or local root) in cache keys.
+    pub store_id: Arc<str>,
 }
 
 impl Fetcher {
@@ -56,13 +67,64 @@ impl Fetcher {
         store: Arc<dyn ObjectStore>,
         memory: Arc<MemoryLimiter>,
         config: PrefetchConfig,
+        cache: Option<NodeCache>,
     ) -> Arc<Fetcher> {
         Arc::new(Fetcher {
             store,
             memory,
             gets: Arc::new(Semaphore::new(config.max_concurrent_gets.max(1))),
             config,
+            cache,
         })
+    }
+
+    /// One ranged GET under the engine-wide concurrency limit.
+    async fn get(&self, key: &str, range: Range<u64>, etag: Option<&str>) -> StoreResult<Bytes> {
+        let _permit = self
+            .gets
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Rejected("engine shutting down".into()))?;
+        self.store.get_range(key, range, etag).await
+    }
+
+    /// Blocks `first..first + count` of an object: through the node cache when there is one
+    /// (and the object has an ETag to key it by), else with one GET split into blocks.
+    async fn blocks(
+        self: Arc<Self>,
+        key: Arc<str>,
+        etag: Option<Arc<str>>,
+        size: u64,
+        first: u64,
+        count: u64,
+    ) -> StoreResult<Arc<Vec<Bytes>>> {
+        let bs = self.config.block_size;
+        if let (Some(node), Some(etag)) = (self.cache.clone(), etag.clone()) {
+            let obj = ObjectId {
+                store: node.store_id.clone(),
+                key: key.clone(),
+                etag: etag.clone(),
+            };
+            let fetch = |range: Range<u64>| {
+                let (me, key, etag) = (self.clone(), key.clone(), etag.clone());
+                async move { me.get(&key, range, Some(&etag)).await }.boxed()
+            };
+            let blocks = node
+                .cache
+                .read_blocks(&obj, first, count, size, fetch)
+                .await?;
+            return Ok(Arc::new(blocks));
+        }
+        let range = first * bs..((first + count) * bs).min(size);
+        let whole = self.get(&key, range, etag.as_deref()).await?;
+        let blocks = (0..count as usize)
+            .map(|n| {
+                let from = (n * bs as usize).min(whole.len());
+                let to = (from + bs as usize).min(whole.len());
+                whole.slice(from..to)
+            })
+            .collect();
+        Ok(Arc::new(blocks))
     }
 }
 
@@ -225,22 +287,14 @@ impl ObjectReader {
     }
 
     fn start_run(&self, state: &mut ReadState, run: Vec<(u64, Reservation)>) {
-        let bs = self.fetcher.config.block_size;
         let first = run[0].0;
-        let start = first * bs;
-        let end = (first + run.len() as u64) * bs;
-        let range = start..end.min(self.size);
-        let fetcher = self.fetcher.clone();
-        let key = self.key.clone();
-        let etag = self.etag.clone();
-        let task = tokio::spawn(async move {
-            let _permit = fetcher
-                .gets
-                .acquire()
-                .await
-                .map_err(|_| StoreError::Rejected("engine shutting down".into()))?;
-            fetcher.store.get_range(&key, range, etag.as_deref()).await
-        });
+        let task = tokio::spawn(self.fetcher.clone().blocks(
+            self.key.clone(),
+            self.etag.clone(),
+            self.size,
+            first,
+            run.len() as u64,
+        ));
         let guard = Arc::new(AbortOnDrop(task.abort_handle()));
         let whole = task
             .map(|joined| {
@@ -251,15 +305,14 @@ impl ObjectReader {
         for (index, memory) in run {
             let whole = whole.clone();
             let guard = guard.clone();
-            let from = ((index - first) * bs) as usize;
+            let n = (index - first) as usize;
             let data = async move {
                 let _guard = guard;
-                let bytes = whole.await?;
-                let to = (from + bs as usize).min(bytes.len());
-                if from >= to {
-                    return Err(StoreError::Changed);
+                let blocks = whole.await?;
+                match blocks.get(n) {
+                    Some(block) if !block.is_empty() => Ok(block.clone()),
+                    _ => Err(StoreError::Changed),
                 }
-                Ok(bytes.slice(from..to))
             }
             .boxed()
             .shared();
@@ -299,7 +352,7 @@ mod tests {
             max_concurrent_gets: 4,
             max_get_size: 4 * 4096,
         };
-        let fetcher = Fetcher::new(store, memory.clone(), config);
+        let fetcher = Fetcher::new(store, memory.clone(), config, None);
         let reader = ObjectReader::new(fetcher, "obj", info.etag.as_deref(), info.size);
         (reader, memory, dir)
     }

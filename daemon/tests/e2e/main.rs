@@ -11,6 +11,7 @@
 mod cases;
 mod fakes3;
 mod mount;
+mod proxy;
 mod reqs;
 mod s3;
 mod seaweed;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tempfile::TempDir;
 
 use crate::seaweed::{Seaweed, ACCESS_KEY, SECRET_KEY};
@@ -343,6 +343,17 @@ impl Mount {
         if is_mounted(&self.mnt) {
             bail!("berth exited but {} is still mounted", self.mnt.display());
         }
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Crash berth with SIGKILL, reap it, and detach the dead mount it leaves behind (the
+    /// kernel keeps it, failing with ENOTCONN, until someone unmounts it).
+    pub fn kill9(mut self) -> Result<()> {
+        self.signal(libc::SIGKILL)?;
+        let status = self.wait_exit(EXIT_TIMEOUT)?;
+        ensure!(status.code().is_none(), "berth survived SIGKILL: {status}");
+        let _ = umount2(&self.mnt, libc::MNT_DETACH);
         self.finished = true;
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! mountpoint, own temp dirs.
 
 mod bench;
+mod cache;
 mod cli;
 mod listing;
 mod local;
@@ -48,6 +49,38 @@ pub fn all() -> Vec<Case> {
         ),
         case("write::fsync_commits", s3, write::fsync_commits),
         case("write::shell_redirect", s3, write::shell_redirect),
+        case(
+            "cache::second_read_served_locally_uring",
+            s3,
+            cache::second_read_served_locally_uring,
+        ),
+        case(
+            "cache::second_read_served_locally_threads",
+            s3,
+            cache::second_read_served_locally_threads,
+        ),
+        case("cache::survives_kill_9", s3, cache::survives_kill_9),
+        case(
+            "cache::store_down_still_readable",
+            Needs::FUSE.union(Needs::WEED),
+            cache::store_down_still_readable,
+        ),
+        case(
+            "cache::changed_object_gives_new_bytes",
+            s3,
+            cache::changed_object_gives_new_bytes,
+        ),
+        case(
+            "cache::corrupt_block_is_refetched",
+            s3,
+            cache::corrupt_block_is_refetched,
+        ),
+        case("cache::quota_is_respected", s3, cache::quota_is_respected),
+        case(
+            "cache::full_cache_disk_is_bypassed",
+            s3,
+            cache::full_cache_disk_is_bypassed,
+        ),
         case(
             "namespace::unlink_mkdir_rmdir",
             s3,

@@ -1,0 +1,574 @@
+//! The node-wide block cache: a memory tier and a disk tier in front of object storage.
+//!
+//! Blocks are fixed-size pieces of objects, keyed by (store, key, ETag, block index): a changed
+//! object has a new ETag, so it can never be served stale bytes. The disk tier is one data file
+//! of fixed slots in `--cache-dir` (its size is the quota, never exceeded) written and read
+//! through an I/O engine (io_uring, or a pread/pwrite pool as fallback), plus an index log
+//! that survives restarts and crashes. Every block carries a CRC checked on each read from
+//! disk; a mismatch drops the block and fetches it again. Concurrent misses of one block wait
+//! for a single fetch. If the cache disk fails or fills up, blocks are served from the store
+//! and not cached: reads never fail because of the cache.
+
+mod hot;
+mod index;
+pub mod io;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::Semaphore;
+
+use crate::store::StoreResult;
+use hot::HotTier;
+use index::{BlockKey, Index, SlotEntry};
+pub use io::{EngineKind, EnginePreference};
+
+/// Disk writes in flight at once; past that, new blocks are not cached (the store is not slowed
+/// down by a slow cache disk).
+const MAX_PENDING_WRITES: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Disk quota in bytes.
+    pub size: u64,
+    pub block_size: u64,
+    /// Memory tier size in bytes.
+    pub memory: u64,
+    pub engine: EnginePreference,
+}
+
+/// Counters, all monotonic.
+#[derive(Default)]
+struct Counters {
+    memory_hits: AtomicU64,
+    disk_hits: AtomicU64,
+    misses: AtomicU64,
+    bytes_from_memory: AtomicU64,
+    bytes_from_disk: AtomicU64,
+    bytes_from_store: AtomicU64,
+    checksum_failures: AtomicU64,
+    write_errors: AtomicU64,
+    writes_skipped: AtomicU64,
+    coalesced: AtomicU64,
+}
+
+/// A snapshot of the cache's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub engine: String,
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub bytes_from_memory: u64,
+    pub bytes_from_disk: u64,
+    pub bytes_from_store: u64,
+    pub checksum_failures: u64,
+    pub write_errors: u64,
+    pub writes_skipped: u64,
+    pub coalesced: u64,
+    pub evictions: u64,
+    pub disk_blocks: u64,
+    pub disk_slots: u64,
+    pub memory_bytes: u64,
+}
+
+/// Identifies an object version for caching.
+#[derive(Clone, Debug)]
+pub struct ObjectId {
+    /// Which store (endpoint and bucket, or local root).
+    pub store: Arc<str>,
+    pub key: Arc<str>,
+    pub etag: Arc<str>,
+}
+
+impl ObjectId {
+    fn block_key(&self, index: u64) -> BlockKey {
+        Arc::from(format!(
+            "{}\0{}\0{}\0{index}",
+            self.store, self.key, self.etag
+        ))
+    }
+}
+
+type Waiter = Shared<BoxFuture<'static, Option<Bytes>>>;
+
+/// Removes keys from the in-flight map when a fetch ends, however it ends.
+struct Unregister<'a> {
+    cache: &'a BlockCache,
+    keys: Vec<BlockKey>,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.cache.inflight);
+        for key in &self.keys {
+            inflight.remove(key);
+        }
+    }
+}
+
+pub struct BlockCache {
+    block_size: u64,
+    align: usize,
+    io: Arc<dyn io::BlockIo>,
+    index: Mutex<Index>,
+    hot: Mutex<HotTier>,
+    inflight: Mutex<HashMap<BlockKey, Waiter>>,
+    writes: Arc<Semaphore>,
+    counters: Counters,
+    _lock: std::fs::File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes an exclusive lock on the cache dir so that two processes never share slots.
+fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::create(dir.join("lock"))?;
+    // SAFETY: flock on a valid fd has no memory-safety preconditions.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!(
+                "cache dir {} is in use by another berth process ({e})",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+impl BlockCache {
+    pub fn open(config: &CacheConfig) -> std::io::Result<Arc<BlockCache>> {
+        let dir = &config.dir;
+        std::fs::create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
+        let slots = (config.size / config.block_size).min(u32::MAX as u64) as u32;
+        if slots == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "cache size is smaller than one block",
+            ));
+        }
+        let data_len = slots as u64 * config.block_size;
+        let io = io::open_engine(&dir.join("data"), data_len, config.engine)?;
+        let (index, replayed) = Index::open(&dir.join("index"), config.block_size, slots)?;
+        tracing::info!(
+            dir = %dir.display(),
+            slots,
+            block_size = config.block_size,
+            blocks = index.len(),
+            replayed,
+            engine = ?io.kind(),
+            "block cache ready"
+        );
+        Ok(Arc::new(BlockCache {
+            block_size: config.block_size,
+            align: io.alignment(),
+            io,
+            index: Mutex::new(index),
+            hot: Mutex::new(HotTier::new(config.memory)),
+            inflight: Mutex::new(HashMap::new()),
+            writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
+            counters: Counters::default(),
+            _lock: lock,
+        }))
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let index = lock(&self.index);
+        CacheStats {
+            engine: format!("{:?}", self.io.kind()),
+            memory_hits: get(&c.memory_hits),
+            disk_hits: get(&c.disk_hits),
+            misses: get(&c.misses),
+            bytes_from_memory: get(&c.bytes_from_memory),
+            bytes_from_disk: get(&c.bytes_from_disk),
+            bytes_from_store: get(&c.bytes_from_store),
+            checksum_failures: get(&c.checksum_failures),
+            write_errors: get(&c.write_errors),
+            writes_skipped: get(&c.writes_skipped),
+            coalesced: get(&c.coalesced),
+            evictions: index.evictions,
+            disk_blocks: index.len() as u64,
+            disk_slots: index.slots() as u64,
+            memory_bytes: lock(&self.hot).bytes(),
+        }
+    }
+
+    /// Blocks `first..first + count` of `obj` (whose size is `size`), from the cache where
+    /// possible. Missing blocks are fetched with `fetch(byte_range)`, one call per run of
+    /// consecutive blocks, and cached.
+    pub async fn read_blocks<F>(
+        self: &Arc<Self>,
+        obj: &ObjectId,
+        first: u64,
+        count: u64,
+        size: u64,
+        fetch: F,
+    ) -> StoreResult<Vec<Bytes>>
+    where
+        F: Fn(Range<u64>) -> BoxFuture<'static, StoreResult<Bytes>>,
+    {
+        let keys: Vec<BlockKey> = (first..first + count).map(|i| obj.block_key(i)).collect();
+        let mut out: Vec<Option<Bytes>> = vec![None; keys.len()];
+        self.fill_from_memory(&keys, &mut out);
+        self.fill_from_disk(&keys, &mut out).await;
+
+        // Misses: wait for a fetch someone else started, or start our own.
+        let mut waiting = Vec::new();
+        let mut mine = Vec::new();
+        {
+            let mut inflight = lock(&self.inflight);
+            for (i, key) in keys.iter().enumerate() {
+                if out[i].is_some() {
+                    continue;
+                }
+                if let Some(w) = inflight.get(key) {
+                    waiting.push((i, w.clone()));
+                } else {
+                    let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
+                    inflight.insert(key.clone(), rx.map(Result::ok).boxed().shared());
+                    mine.push((i, tx));
+                }
+            }
+        }
+        self.counters
+            .coalesced
+            .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        let fetched = self.fetch_runs(&keys, first, size, mine, &fetch).await;
+        for (i, bytes) in fetched? {
+            out[i] = Some(bytes);
+        }
+        for (i, w) in waiting {
+            out[i] = match w.await {
+                Some(bytes) => Some(bytes),
+                // The fetch we waited for failed or was cancelled: fetch it ourselves.
+                None => {
+                    let range = self.block_range(first + i as u64, size);
+                    Some(fetch(range).await?)
+                }
+            };
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    fn block_range(&self, index: u64, size: u64) -> Range<u64> {
+        let start = index * self.block_size;
+        start..(start + self.block_size).min(size)
+    }
+
+    fn fill_from_memory(&self, keys: &[BlockKey], out: &mut [Option<Bytes>]) {
+        let mut hot = lock(&self.hot);
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(bytes) = hot.get(key) {
+                self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .bytes_from_memory
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                out[i] = Some(bytes);
+            }
+        }
+    }
+
+    async fn fill_from_disk(&self, keys: &[BlockKey], out: &mut [Option<Bytes>]) {
+        let wanted: Vec<(usize, SlotEntry)> = {
+            let mut index = lock(&self.index);
+            keys.iter()
+                .enumerate()
+                .filter(|(i, _)| out[*i].is_none())
+                .filter_map(|(i, k)| index.lookup(k).map(|e| (i, e)))
+                .collect()
+        };
+        let reads = wanted
+            .iter()
+            .map(|&(i, entry)| async move { (i, self.read_slot(&keys[i], entry).await) });
+        for (i, bytes) in futures::future::join_all(reads).await {
+            if let Some(bytes) = bytes {
+                self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .bytes_from_disk
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                lock(&self.hot).insert(keys[i].clone(), bytes.clone());
+                out[i] = Some(bytes);
+            }
+        }
+    }
+
+    /// Reads and verifies one slot; `None` (and the block dropped) if it cannot be trusted.
+    async fn read_slot(&self, key: &BlockKey, entry: SlotEntry) -> Option<Bytes> {
+        let padded = (entry.len as usize).next_multiple_of(self.align);
+        let offset = entry.slot as u64 * self.block_size;
+        let read = match io::AlignedBuf::zeroed(padded, self.align) {
+            Ok(buf) => self.io.read_at(buf, offset).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(buf) => {
+                let data = &buf.as_slice()[..entry.len as usize];
+                if crc32fast::hash(data) == entry.crc {
+                    return Some(Bytes::copy_from_slice(data));
+                }
+                self.counters
+                    .checksum_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    slot = entry.slot,
+                    "cached block failed its checksum; fetching it again"
+                );
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(slot = entry.slot, error = %e, "reading the cache disk failed; fetching from the store");
+            }
+        }
+        lock(&self.index).remove(key);
+        None
+    }
+
+    /// Fetches our misses in runs of consecutive blocks, wakes the waiters, caches the blocks.
+    async fn fetch_runs<F>(
+        self: &Arc<Self>,
+        keys: &[BlockKey],
+        first: u64,
+        size: u64,
+        mine: Vec<(usize, tokio::sync::oneshot::Sender<Bytes>)>,
+        fetch: &F,
+    ) -> StoreResult<Vec<(usize, Bytes)>>
+    where
+        F: Fn(Range<u64>) -> BoxFuture<'static, StoreResult<Bytes>>,
+    {
+        // Whatever happens (an error, or this future being dropped), no key of ours may stay
+        // registered as in flight: waiters see their sender dropped and fetch themselves.
+        let _unregister = Unregister {
+            cache: self,
+            keys: mine.iter().map(|(i, _)| keys[*i].clone()).collect(),
+        };
+        let mut runs: Vec<Vec<(usize, tokio::sync::oneshot::Sender<Bytes>)>> = Vec::new();
+        for item in mine {
+            match runs.last_mut() {
+                Some(run) if run.last().is_some_and(|(i, _)| *i + 1 == item.0) => run.push(item),
+                _ => runs.push(vec![item]),
+            }
+        }
+        let mut done = Vec::new();
+        for run in runs {
+            let start = self.block_range(first + run[0].0 as u64, size).start;
+            let end = self
+                .block_range(first + run[run.len() - 1].0 as u64, size)
+                .end;
+            self.counters
+                .misses
+                .fetch_add(run.len() as u64, Ordering::Relaxed);
+            let whole = fetch(start..end).await?;
+            self.counters
+                .bytes_from_store
+                .fetch_add(whole.len() as u64, Ordering::Relaxed);
+            for (n, (i, tx)) in run.into_iter().enumerate() {
+                let from = (n as u64 * self.block_size) as usize;
+                let to = (from + self.block_size as usize).min(whole.len());
+                let bytes = whole.slice(from.min(to)..to);
+                let key = keys[i].clone();
+                lock(&self.hot).insert(key.clone(), bytes.clone());
+                lock(&self.inflight).remove(&key);
+                let _ = tx.send(bytes.clone());
+                self.store_later(key, bytes.clone());
+                done.push((i, bytes));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Writes a block to the disk tier in the background, unless the disk is too far behind.
+    fn store_later(self: &Arc<Self>, key: BlockKey, bytes: Bytes) {
+        let Ok(permit) = self.writes.clone().try_acquire_owned() else {
+            self.counters.writes_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            cache.write_block(key, bytes).await;
+        });
+    }
+
+    async fn write_block(&self, key: BlockKey, bytes: Bytes) {
+        if lock(&self.index).lookup(&key).is_some() {
+            return;
+        }
+        let Some(slot) = lock(&self.index).allocate() else {
+            return;
+        };
+        let entry = SlotEntry {
+            slot,
+            len: bytes.len() as u32,
+            crc: crc32fast::hash(&bytes),
+        };
+        let offset = slot as u64 * self.block_size;
+        let written = match io::AlignedBuf::from_slice_padded(&bytes, self.align) {
+            Ok(buf) => self.io.write_at(buf, offset).await,
+            Err(e) => Err(e),
+        };
+        let result = written.and_then(|_| lock(&self.index).commit(key, entry));
+        if let Err(e) = result {
+            lock(&self.index).abandon(slot);
+            let n = self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            if n % 1000 == 0 {
+                tracing::warn!(error = %e, errors = n + 1, "cache disk write failed; serving from the store without caching");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    fn open(dir: &Path, engine: EnginePreference) -> Arc<BlockCache> {
+        BlockCache::open(&CacheConfig {
+            dir: dir.to_path_buf(),
+            size: 64 * 4096,
+            block_size: 4096,
+            memory: 8 * 4096,
+            engine,
+        })
+        .unwrap()
+    }
+
+    fn object() -> ObjectId {
+        ObjectId {
+            store: Arc::from("test"),
+            key: Arc::from("k"),
+            etag: Arc::from("\"e1\""),
+        }
+    }
+
+    /// A fake store read: byte `i` of the object is `i % 251`; counts calls.
+    fn source(
+        calls: Arc<AtomicUsize>,
+    ) -> impl Fn(Range<u64>) -> BoxFuture<'static, StoreResult<Bytes>> {
+        move |range: Range<u64>| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(Bytes::from(
+                    range.map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
+                ))
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_a_block_make_one_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), EnginePreference::ThreadPool);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let obj = object();
+        let (a, b) = tokio::join!(
+            cache.read_blocks(&obj, 0, 2, 10_000, source(calls.clone())),
+            cache.read_blocks(&obj, 0, 2, 10_000, source(calls.clone())),
+        );
+        assert_eq!(a.unwrap(), b.unwrap());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one GET for both readers");
+        assert_eq!(cache.stats().coalesced, 2);
+    }
+
+    #[tokio::test]
+    async fn blocks_come_back_from_disk_after_reopening_and_bad_ones_are_refetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let obj = object();
+        let want: Vec<u8> = (0..10_000u64).map(|i| (i % 251) as u8).collect();
+        {
+            let cache = open(dir.path(), EnginePreference::Auto);
+            let got = cache
+                .read_blocks(&obj, 0, 3, 10_000, source(calls.clone()))
+                .await
+                .unwrap();
+            assert_eq!(got.concat(), want);
+            while cache.stats().disk_blocks < 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let cache = open(dir.path(), EnginePreference::Auto);
+        let got = cache
+            .read_blocks(&obj, 0, 3, 10_000, source(calls.clone()))
+            .await
+            .unwrap();
+        assert_eq!(got.concat(), want);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "served from disk after reopening"
+        );
+        assert_eq!(cache.stats().disk_hits, 3);
+        drop(cache);
+
+        // Corrupt every slot: the next read must refetch, never return the garbage.
+        std::fs::write(dir.path().join("data"), vec![0xAB; 64 * 4096]).unwrap();
+        let cache = open(dir.path(), EnginePreference::ThreadPool);
+        let got = cache
+            .read_blocks(&obj, 0, 3, 10_000, source(calls.clone()))
+            .await
+            .unwrap();
+        assert_eq!(got.concat(), want);
+        assert_eq!(cache.stats().checksum_failures, 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_etag_never_sees_old_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), EnginePreference::ThreadPool);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let old = object();
+        cache
+            .read_blocks(&old, 0, 1, 4096, source(calls.clone()))
+            .await
+            .unwrap();
+        let new = ObjectId {
+            etag: Arc::from("\"e2\""),
+            ..object()
+        };
+        cache
+            .read_blocks(&new, 0, 1, 4096, source(calls.clone()))
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_second_process_cannot_share_the_cache_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _guard = rt.enter();
+        let _first = open(dir.path(), EnginePreference::ThreadPool);
+        let second = BlockCache::open(&CacheConfig {
+            dir: dir.path().to_path_buf(),
+            size: 64 * 4096,
+            block_size: 4096,
+            memory: 0,
+            engine: EnginePreference::ThreadPool,
+        });
+        assert!(second.err().unwrap().to_string().contains("in use"));
+    }
+}

@@ -1,0 +1,296 @@
+//! The node block cache through real mounts: blocks come from disk on the second read, across
+//! restarts and kill -9, with the store down; changed objects, corrupt blocks, the quota and a
+//! full cache disk are handled. Object GETs are counted by a proxy in front of SeaweedFS.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::mount::{Mount, MountOpts};
+use crate::proxy::CountingProxy;
+use crate::seaweed::Seaweed;
+use crate::shared_server;
+use crate::util::{ensure_same_bytes, random_bytes, read_file};
+
+const MIB: usize = 1 << 20;
+
+fn cache_flags(dir: &Path, engine: &str, extra: &[&str]) -> MountOpts {
+    let mut flags = vec![
+        "--cache-dir".to_string(),
+        dir.display().to_string(),
+        "--cache-io".to_string(),
+        engine.to_string(),
+    ];
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    MountOpts {
+        extra: flags,
+        ..MountOpts::default()
+    }
+}
+
+/// Drops the kernel's page cache so that reads reach berth again.
+fn drop_page_cache() -> Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
+}
+
+/// Background disk writes finish within milliseconds; give them a moment before a crash.
+fn let_writes_land() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn second_read_served_locally(engine: &str) -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket(&format!("cache-{engine}"))?;
+    let data = random_bytes(0xcace, 16 * MIB + 12345);
+    bucket.put("obj.bin", data.clone())?;
+    let proxy = CountingProxy::start(&server.endpoint())?;
+    let cache = tempfile::tempdir()?;
+
+    let m = Mount::s3_endpoint(
+        &proxy.endpoint(),
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), engine, &[]),
+    )?;
+    ensure_same_bytes("first read", &read_file(m.join("obj.bin"))?, &data)?;
+    let cold = proxy.gets();
+    ensure!(cold > 0, "the first read must GET from the store");
+    drop_page_cache()?;
+    ensure_same_bytes("second read", &read_file(m.join("obj.bin"))?, &data)?;
+    ensure!(
+        proxy.gets() == cold,
+        "second read made {} GETs",
+        proxy.gets() - cold
+    );
+    let_writes_land();
+    m.finish()?;
+
+    // A new process on the same cache dir: served from disk, no GET.
+    let m = Mount::s3_endpoint(
+        &proxy.endpoint(),
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), engine, &[]),
+    )?;
+    ensure_same_bytes("read after restart", &read_file(m.join("obj.bin"))?, &data)?;
+    ensure!(
+        proxy.gets() == cold,
+        "read after restart made {} GETs",
+        proxy.gets() - cold
+    );
+    m.finish()
+}
+
+pub fn second_read_served_locally_uring() -> Result<()> {
+    second_read_served_locally("auto")
+}
+
+pub fn second_read_served_locally_threads() -> Result<()> {
+    second_read_served_locally("threads")
+}
+
+pub fn survives_kill_9() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("cache-kill")?;
+    let data = random_bytes(0x9, 8 * MIB);
+    bucket.put("k.bin", data.clone())?;
+    let proxy = CountingProxy::start(&server.endpoint())?;
+    let cache = tempfile::tempdir()?;
+    let m = Mount::s3_endpoint(
+        &proxy.endpoint(),
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), "auto", &[]),
+    )?;
+    ensure_same_bytes("first read", &read_file(m.join("k.bin"))?, &data)?;
+    let cold = proxy.gets();
+    let_writes_land();
+    m.kill9()?;
+
+    let m = Mount::s3_endpoint(
+        &proxy.endpoint(),
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), "auto", &[]),
+    )?;
+    ensure_same_bytes("read after kill -9", &read_file(m.join("k.bin"))?, &data)?;
+    ensure!(
+        proxy.gets() == cold,
+        "read after kill -9 made {} GETs",
+        proxy.gets() - cold
+    );
+    m.finish()
+}
+
+pub fn store_down_still_readable() -> Result<()> {
+    let bin = crate::reqs::find_weed().map_err(anyhow::Error::msg)?;
+    let server = Seaweed::start(&bin, "cache-down")?;
+    let bucket = server.bucket("down")?;
+    let data = random_bytes(0xd0, 6 * MIB);
+    bucket.put("d.bin", data.clone())?;
+    let cache = tempfile::tempdir()?;
+    let m = Mount::s3(
+        &server,
+        &bucket.name,
+        None,
+        cache_flags(
+            cache.path(),
+            "auto",
+            &["--read-only", "--request-deadline", "2s"],
+        ),
+    )?;
+    ensure_same_bytes("first read", &read_file(m.join("d.bin"))?, &data)?;
+    let_writes_land();
+    server.kill()?;
+    drop_page_cache()?;
+    ensure_same_bytes(
+        "read with the store down",
+        &read_file(m.join("d.bin"))?,
+        &data,
+    )?;
+    let result = m.finish();
+    server.shutdown();
+    result
+}
+
+pub fn changed_object_gives_new_bytes() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("cache-etag")?;
+    let old = random_bytes(1, 3 * MIB);
+    let new = random_bytes(2, 3 * MIB);
+    bucket.put("e.bin", old.clone())?;
+    let cache = tempfile::tempdir()?;
+    let m = Mount::s3(
+        server,
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), "auto", &["--metadata-ttl", "200ms"]),
+    )?;
+    ensure_same_bytes("old", &read_file(m.join("e.bin"))?, &old)?;
+    bucket.put("e.bin", new.clone())?;
+    std::thread::sleep(Duration::from_millis(400));
+    ensure_same_bytes(
+        "after the object changed",
+        &read_file(m.join("e.bin"))?,
+        &new,
+    )?;
+    m.finish()
+}
+
+pub fn corrupt_block_is_refetched() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("cache-crc")?;
+    let data = random_bytes(3, 4 * MIB);
+    bucket.put("c.bin", data.clone())?;
+    let cache = tempfile::tempdir()?;
+    let m = Mount::s3(
+        server,
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), "auto", &[]),
+    )?;
+    ensure_same_bytes("first read", &read_file(m.join("c.bin"))?, &data)?;
+    let_writes_land();
+    m.finish()?;
+    // Scribble over the first 64 KiB of every slot that holds data.
+    let path = cache.path().join("data");
+    let mut bytes = std::fs::read(&path)?;
+    for slot in bytes.chunks_mut(MIB) {
+        if slot.iter().any(|&b| b != 0) {
+            slot[..64 * 1024].fill(0xAB);
+        }
+    }
+    std::fs::write(&path, bytes)?;
+    let m = Mount::s3(
+        server,
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), "auto", &[]),
+    )?;
+    ensure_same_bytes(
+        "read over corrupt blocks",
+        &read_file(m.join("c.bin"))?,
+        &data,
+    )?;
+    ensure!(
+        m.log().contains("checksum"),
+        "the corruption was not reported in the log"
+    );
+    m.finish()
+}
+
+pub fn quota_is_respected() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("cache-quota")?;
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("q{i}.bin"), random_bytes(100 + i, 4 * MIB)))
+        .collect();
+    for (k, d) in &files {
+        bucket.put(k, d.clone())?;
+    }
+    let cache = tempfile::tempdir()?;
+    let m = Mount::s3(
+        server,
+        &bucket.name,
+        None,
+        cache_flags(
+            cache.path(),
+            "auto",
+            &["--cache-size", "8MiB", "--cache-memory", "2MiB"],
+        ),
+    )?;
+    for _ in 0..2 {
+        for (k, d) in &files {
+            ensure_same_bytes(k, &read_file(m.join(k))?, d)?;
+        }
+        drop_page_cache()?;
+    }
+    let_writes_land();
+    let meta = std::fs::metadata(cache.path().join("data"))?;
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = meta.blocks() * 512;
+    ensure!(
+        on_disk <= 8 * MIB as u64,
+        "cache data uses {on_disk} bytes, over the 8 MiB quota"
+    );
+    m.finish()
+}
+
+pub fn full_cache_disk_is_bypassed() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("cache-full")?;
+    let data = random_bytes(5, 8 * MIB);
+    bucket.put("f.bin", data.clone())?;
+    let tiny = tempfile::tempdir()?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "berth-e2e-tiny"])
+        .arg(tiny.path())
+        .status()?;
+    ensure!(status.success(), "mounting a tiny tmpfs failed");
+    let result = (|| {
+        let m = Mount::s3(
+            server,
+            &bucket.name,
+            None,
+            cache_flags(tiny.path(), "auto", &["--cache-size", "64MiB"]),
+        )?;
+        ensure_same_bytes(
+            "read with a full cache disk",
+            &read_file(m.join("f.bin"))?,
+            &data,
+        )?;
+        drop_page_cache()?;
+        ensure_same_bytes("second read", &read_file(m.join("f.bin"))?, &data)?;
+        let_writes_land();
+        ensure!(
+            m.log().contains("cache disk write failed"),
+            "the full disk was not reported"
+        );
+        m.finish()
+    })();
+    let _ = std::process::Command::new("umount")
+        .arg(tiny.path())
+        .status();
+    result
+}
