@@ -30,6 +30,14 @@ pub enum Command {
     /// unmounts on SIGINT/SIGTERM (a second signal forces it while files are open), or exits
     /// by itself when the mountpoint is unmounted with `umount`.
     Mount(MountArgs),
+
+    /// Preload objects into the block cache, with bounded concurrency and a progress display.
+    ///
+    /// For paths inside a berth mount, every file below them is read through the mount (its
+    /// process owns the cache). For s3:// sources, objects are read straight into --cache-dir,
+    /// which must not be in use by a running mount. The cache quota is respected: if the data
+    /// is larger than the cache, the oldest blocks are evicted and a warning says so.
+    Warm(WarmArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -42,18 +50,11 @@ pub struct MountArgs {
     #[arg(default_value = "berth-mnt")]
     pub mountpoint: PathBuf,
 
-    /// S3 endpoint for S3-compatible stores (MinIO, SeaweedFS, COS, OSS...). Implies
-    /// path-style addressing unless --virtual-hosted is given.
-    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
-    pub endpoint_url: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
 
-    /// S3 region (default: from the AWS config chain, else us-east-1).
-    #[arg(long, env = "AWS_REGION", value_name = "REGION")]
-    pub region: Option<String>,
-
-    /// Use virtual-hosted-style addressing with --endpoint-url.
-    #[arg(long)]
-    pub virtual_hosted: bool,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 
     /// Refuse every change; metadata is then cached for the life of the mount unless
     /// --metadata-ttl says otherwise (dataset mode).
@@ -77,18 +78,9 @@ pub struct MountArgs {
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub max_prefetch: u64,
 
-    /// Ranged GET size (the unit of reads and prefetch).
-    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
-    pub block_size: u64,
-
     /// Ranged GETs in flight at once, across all open files.
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub max_gets: usize,
-
-    /// How long one store request is retried (with backoff) before the operation fails with
-    /// EIO. Also bounds the start-up check.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub request_deadline: Duration,
 
     /// FUSE worker threads, each on its own cloned /dev/fuse queue.
     #[arg(long, value_name = "N", default_value_t = 4)]
@@ -113,7 +105,33 @@ pub struct MountArgs {
     /// Where the engine keeps state a successor can take over (inode journal).
     #[arg(long, value_name = "DIR", default_value = "/run/berth")]
     pub state_dir: PathBuf,
+}
 
+/// How to reach the object store (shared by the commands that talk to one).
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// S3 endpoint for S3-compatible stores (MinIO, SeaweedFS, COS, OSS...). Implies
+    /// path-style addressing unless --virtual-hosted is given.
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// S3 region (default: from the AWS config chain, else us-east-1).
+    #[arg(long, env = "AWS_REGION", value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// Use virtual-hosted-style addressing with --endpoint-url.
+    #[arg(long)]
+    pub virtual_hosted: bool,
+
+    /// How long one store request is retried (with backoff) before the operation fails with
+    /// EIO. Also bounds the start-up check.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub request_deadline: Duration,
+}
+
+/// The node block cache.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
     /// Node-wide block cache directory: blocks read from the store are kept here (and in
     /// memory) and survive restarts. Without it, every read goes to the store.
     #[arg(long, value_name = "DIR")]
@@ -131,6 +149,27 @@ pub struct MountArgs {
     /// kernel or a seccomp profile refuses it), `io-uring`, or `threads`.
     #[arg(long, value_name = "ENGINE", default_value = "auto")]
     pub cache_io: EnginePreference,
+    /// Ranged GET size (the unit of reads and prefetch).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub block_size: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WarmArgs {
+    /// What to preload: paths inside a berth mount (files or directories, read through the
+    /// mount so that its cache fills), or `s3://BUCKET[/PREFIX]` (read into --cache-dir).
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<String>,
+
+    /// Objects read at once.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub concurrency: usize,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 pub fn main() -> ExitCode {
@@ -138,6 +177,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Mount(args) => crate::mount::run(args),
+        Command::Warm(args) => crate::warm::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -172,10 +212,14 @@ mod tests {
     #[test]
     fn mount_defaults_to_the_local_directory_store() {
         let cli = Cli::try_parse_from(["berth", "mount"]).unwrap();
-        let Command::Mount(args) = cli.command;
+        let Command::Mount(args) = cli.command else {
+            panic!("parsed as another command");
+        };
         assert_eq!(args.source, "berth-data");
         assert_eq!(args.mountpoint, PathBuf::from("berth-mnt"));
         assert_eq!(args.part_size, 8 << 20);
+        assert_eq!(args.cache.block_size, 1 << 20);
+        assert!(args.cache.cache_dir.is_none());
         assert!(args.metadata_ttl.is_none());
     }
 

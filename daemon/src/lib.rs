@@ -7,7 +7,7 @@
 //! - [`prefetch`] and [`upload`]: reads and writes of object data, under one [`memory`] budget;
 //! - [`fs`]: the FileSystem both doors serve;
 //! - [`fuse`]: the /dev/fuse door (mount, queues, unmount);
-//! - [`mount`] and [`cli`]: the `berth` command.
+//! - [`mount`], [`warm`] and [`cli`]: the `berth` command.
 
 pub mod cache;
 pub mod cli;
@@ -20,3 +20,4 @@ pub mod prefetch;
 pub mod store;
 pub mod units;
 pub mod upload;
+pub mod warm;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::{BlockCache, CacheConfig};
-use crate::cli::MountArgs;
+use crate::cli::{CacheArgs, MountArgs, StoreArgs};
 use crate::fs::{AttrConfig, BerthFs, FsConfig};
 use crate::fuse::{FuseMount, MountOptions};
 use crate::memory::MemoryLimiter;
@@ -64,18 +64,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the I/O runtime")?;
 
-    let (store, prefix) = rt.block_on(open_store(&source, &args))?;
-    let policy = RetryPolicy {
-        deadline: args.request_deadline,
-        ..RetryPolicy::default()
-    };
-    let check = RetryPolicy {
-        deadline: args.request_deadline.min(MAX_STARTUP_CHECK),
-        ..RetryPolicy::default()
-    };
-    rt.block_on(check.run("check", || store.check(&prefix)))
-        .map_err(|e| explain_check_failure(e, &args.source, args.endpoint_url.as_deref()))?;
-    let store: Arc<dyn ObjectStore> = Arc::new(RetryingStore::new(store, policy));
+    let (store, prefix) = connect(&rt, &source, &args.source, &args.store)?;
 
     let ttl = match args.metadata_ttl {
         Some(ttl) => ttl.0,
@@ -88,12 +77,12 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             .with_context(|| format!("creating the inode journal {}", journal.display()))?,
     );
     let memory = MemoryLimiter::new(args.memory_limit);
-    let cache = open_cache(&args, &source)?;
+    let cache = open_cache(&args.cache, &args.store, &source, false)?;
     let fetcher = Fetcher::new(
         store.clone(),
         memory.clone(),
         PrefetchConfig {
-            block_size: args.block_size,
+            block_size: args.cache.block_size,
             max_window: args.max_prefetch,
             max_concurrent_gets: args.max_gets,
             ..PrefetchConfig::default()
@@ -175,10 +164,10 @@ fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
             args.part_size
         );
     }
-    if args.block_size < 4096 || args.block_size > (64 << 20) {
+    if args.cache.block_size < 4096 || args.cache.block_size > (64 << 20) {
         bail!("--block-size must be between 4KiB and 64MiB");
     }
-    if args.memory_limit < 2 * args.part_size.max(args.block_size) {
+    if args.memory_limit < 2 * args.part_size.max(args.cache.block_size) {
         bail!("--memory-limit must be at least twice --part-size and --block-size");
     }
     if args.threads == 0 || args.max_gets == 0 {
@@ -189,23 +178,29 @@ fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
 
 /// Opens the node cache if `--cache-dir` is given. A cache that cannot be opened is an error:
 /// running silently without it would turn every read into a GET.
-fn open_cache(args: &MountArgs, source: &Source) -> anyhow::Result<Option<NodeCache>> {
-    let Some(dir) = &args.cache_dir else {
+pub fn open_cache(
+    cache: &CacheArgs,
+    store: &StoreArgs,
+    source: &Source,
+    wait_for_disk: bool,
+) -> anyhow::Result<Option<NodeCache>> {
+    let Some(dir) = &cache.cache_dir else {
         return Ok(None);
     };
     let config = CacheConfig {
         dir: dir.clone(),
-        size: args.cache_size,
-        block_size: args.block_size,
-        memory: args.cache_memory,
-        engine: args.cache_io,
+        size: cache.cache_size,
+        block_size: cache.block_size,
+        memory: cache.cache_memory,
+        engine: cache.cache_io,
+        wait_for_disk,
     };
-    let cache = BlockCache::open(&config)
+    let opened = BlockCache::open(&config)
         .with_context(|| format!("opening the block cache in {}", dir.display()))?;
     let store_id = match source {
         Source::S3 { bucket, .. } => format!(
             "s3|{}|{bucket}",
-            args.endpoint_url.as_deref().unwrap_or("aws")
+            store.endpoint_url.as_deref().unwrap_or("aws")
         ),
         Source::Local(path) => format!(
             "local|{}",
@@ -215,7 +210,7 @@ fn open_cache(args: &MountArgs, source: &Source) -> anyhow::Result<Option<NodeCa
         ),
     };
     Ok(Some(NodeCache {
-        cache,
+        cache: opened,
         store_id: Arc::from(store_id),
     }))
 }
@@ -240,27 +235,42 @@ fn prepare_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-async fn open_store(
+/// Opens the store SOURCE names, checks it answers (bucket exists, credentials work) within
+/// the start-up deadline, and wraps it with retries under `--request-deadline`. Returns the
+/// store and the key prefix of the source.
+pub fn connect(
+    rt: &tokio::runtime::Runtime,
     source: &Source,
-    args: &MountArgs,
+    text: &str,
+    args: &StoreArgs,
 ) -> anyhow::Result<(Arc<dyn ObjectStore>, String)> {
-    Ok(match source {
+    let (store, prefix): (Arc<dyn ObjectStore>, String) = match source {
         Source::Local(dir) => {
             let store = LocalStore::open(dir)
                 .with_context(|| format!("opening local store {}", dir.display()))?;
             (Arc::new(store), String::new())
         }
         Source::S3 { bucket, prefix } => {
-            let store = S3Store::connect(&S3Options {
+            let store = rt.block_on(S3Store::connect(&S3Options {
                 bucket: bucket.clone(),
                 endpoint_url: args.endpoint_url.clone(),
                 region: args.region.clone(),
                 virtual_hosted: args.virtual_hosted,
-            })
-            .await;
+            }));
             (Arc::new(store), prefix.clone())
         }
-    })
+    };
+    let check = RetryPolicy {
+        deadline: args.request_deadline.min(MAX_STARTUP_CHECK),
+        ..RetryPolicy::default()
+    };
+    rt.block_on(check.run("check", || store.check(&prefix)))
+        .map_err(|e| explain_check_failure(e, text, args.endpoint_url.as_deref()))?;
+    let policy = RetryPolicy {
+        deadline: args.request_deadline,
+        ..RetryPolicy::default()
+    };
+    Ok((Arc::new(RetryingStore::new(store, policy)), prefix))
 }
 
 fn explain_check_failure(e: StoreError, source: &str, endpoint: Option<&str>) -> anyhow::Error {

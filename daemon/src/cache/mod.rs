@@ -41,6 +41,9 @@ pub struct CacheConfig {
     /// Memory tier size in bytes.
     pub memory: u64,
     pub engine: EnginePreference,
+    /// Wait for the disk instead of skipping blocks when writes fall behind (warm-up wants
+    /// every block cached; a mount wants reads never slowed by the cache disk).
+    pub wait_for_disk: bool,
 }
 
 /// Counters, all monotonic.
@@ -121,6 +124,7 @@ pub struct BlockCache {
     hot: Mutex<HotTier>,
     inflight: Mutex<HashMap<BlockKey, Waiter>>,
     writes: Arc<Semaphore>,
+    wait_for_disk: bool,
     counters: Counters,
     _lock: std::fs::File,
 }
@@ -179,6 +183,7 @@ impl BlockCache {
             hot: Mutex::new(HotTier::new(config.memory)),
             inflight: Mutex::new(HashMap::new()),
             writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
+            wait_for_disk: config.wait_for_disk,
             counters: Counters::default(),
             _lock: lock,
         }))
@@ -387,16 +392,22 @@ impl BlockCache {
                 lock(&self.hot).insert(key.clone(), bytes.clone());
                 lock(&self.inflight).remove(&key);
                 let _ = tx.send(bytes.clone());
-                self.store_later(key, bytes.clone());
+                self.store_later(key, bytes.clone()).await;
                 done.push((i, bytes));
             }
         }
         Ok(done)
     }
 
-    /// Writes a block to the disk tier in the background, unless the disk is too far behind.
-    fn store_later(self: &Arc<Self>, key: BlockKey, bytes: Bytes) {
-        let Ok(permit) = self.writes.clone().try_acquire_owned() else {
+    /// Writes a block to the disk tier in the background; when the disk is too far behind,
+    /// waits (warm-up) or skips the block (mounts).
+    async fn store_later(self: &Arc<Self>, key: BlockKey, bytes: Bytes) {
+        let permit = if self.wait_for_disk {
+            self.writes.clone().acquire_owned().await.ok()
+        } else {
+            self.writes.clone().try_acquire_owned().ok()
+        };
+        let Some(permit) = permit else {
             self.counters.writes_skipped.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -405,6 +416,11 @@ impl BlockCache {
             let _permit = permit;
             cache.write_block(key, bytes).await;
         });
+    }
+
+    /// Waits until every block handed to the disk tier so far is written (or failed).
+    pub async fn drain_writes(&self) {
+        let _all = self.writes.acquire_many(MAX_PENDING_WRITES as u32).await;
     }
 
     async fn write_block(&self, key: BlockKey, bytes: Bytes) {
@@ -448,6 +464,7 @@ mod tests {
             block_size: 4096,
             memory: 8 * 4096,
             engine,
+            wait_for_disk: false,
         })
         .unwrap()
     }
@@ -568,6 +585,7 @@ mod tests {
             block_size: 4096,
             memory: 0,
             engine: EnginePreference::ThreadPool,
+            wait_for_disk: false,
         });
         assert!(second.err().unwrap().to_string().contains("in use"));
     }

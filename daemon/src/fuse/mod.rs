@@ -185,6 +185,31 @@ pub fn is_mountpoint(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The filesystem type of the mount that holds `path` (canonical), e.g. `fuse.berth`.
+pub fn fstype_of(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The mount with the longest mountpoint that is a prefix of `path` (the last one mounted
+    // wins among equals, as later lines stack on earlier ones).
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        let target = line.split(' ').nth(4)?;
+        let covers = path.starts_with(mountinfo_unescape(target));
+        let fstype = line.split(" - ").nth(1)?.split(' ').next()?;
+        if covers && best.as_ref().is_none_or(|(len, _)| target.len() >= *len) {
+            best = Some((target.len(), fstype.to_string()));
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
+fn mountinfo_unescape(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
 /// /proc/self/mountinfo writes space, tab, newline and backslash as octal escapes.
 fn mountinfo_escape(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
@@ -249,5 +274,7 @@ mod tests {
         assert_eq!(mountinfo_escape("/mnt/a b\\c"), "/mnt/a\\040b\\134c");
         assert!(is_mountpoint(Path::new("/proc")));
         assert!(!is_mountpoint(Path::new("/proc/self")));
+        assert_eq!(fstype_of(Path::new("/proc/self")).as_deref(), Some("proc"));
+        assert_eq!(mountinfo_unescape("/mnt/a\\040b"), "/mnt/a b");
     }
 }

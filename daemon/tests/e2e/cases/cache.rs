@@ -294,3 +294,122 @@ pub fn full_cache_disk_is_bypassed() -> Result<()> {
         .status();
     result
 }
+
+/// Runs `berth warm ARGS...` to completion, killing it after two minutes; returns its stderr.
+fn berth_warm(args: &[String]) -> Result<String> {
+    let scratch = tempfile::tempdir()?;
+    let err_path = scratch.path().join("stderr");
+    let mut child = crate::mount::berth_command(scratch.path())
+        .arg("warm")
+        .args(args)
+        .env("RUST_LOG", "berth=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("berth warm did not finish within 2 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&err_path)?;
+    ensure!(status.success(), "berth warm failed ({status}): {stderr}");
+    Ok(stderr)
+}
+
+fn nested_objects(bucket: &crate::s3::Bucket) -> Result<Vec<(String, Vec<u8>)>> {
+    let files: Vec<(String, Vec<u8>)> = ["ds/a.bin", "ds/sub/b.bin", "ds/sub/deeper/c.bin"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            (
+                k.to_string(),
+                random_bytes(40 + i as u64, 3 * MIB + i * 1000),
+            )
+        })
+        .collect();
+    for (k, d) in &files {
+        bucket.put(k, d.clone())?;
+    }
+    Ok(files)
+}
+
+/// `berth warm s3://...` fills the cache dir; a mount on it then reads without GETs.
+pub fn warm_s3_source() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("warm-s3")?;
+    let files = nested_objects(&bucket)?;
+    let proxy = CountingProxy::start(&server.endpoint())?;
+    let cache = tempfile::tempdir()?;
+    let log = berth_warm(&[
+        format!("s3://{}/ds", bucket.name),
+        "--endpoint-url".into(),
+        proxy.endpoint(),
+        "--cache-dir".into(),
+        cache.path().display().to_string(),
+    ])?;
+    ensure!(
+        log.contains("3 objects"),
+        "warm did not report what it found: {log}"
+    );
+    ensure!(log.contains("0 failed"), "warm summary missing: {log}");
+    let warmed = proxy.gets();
+    ensure!(warmed > 0, "warm made no GETs");
+    let m = Mount::s3_endpoint(
+        &proxy.endpoint(),
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), "auto", &[]),
+    )?;
+    for (k, d) in &files {
+        ensure_same_bytes(k, &read_file(m.join(k))?, d)?;
+    }
+    ensure!(
+        proxy.gets() == warmed,
+        "reads after warm made {} GETs",
+        proxy.gets() - warmed
+    );
+    m.finish()
+}
+
+/// `berth warm MOUNT/dir` reads through the mount, whose cache then serves without GETs.
+pub fn warm_through_mount() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("warm-mnt")?;
+    let files = nested_objects(&bucket)?;
+    let proxy = CountingProxy::start(&server.endpoint())?;
+    let cache = tempfile::tempdir()?;
+    let m = Mount::s3_endpoint(
+        &proxy.endpoint(),
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), "auto", &[]),
+    )?;
+    let log = berth_warm(&[
+        m.join("ds").display().to_string(),
+        "--concurrency".into(),
+        "2".into(),
+    ])?;
+    ensure!(
+        log.contains("3 files"),
+        "warm did not report what it found: {log}"
+    );
+    let warmed = proxy.gets();
+    ensure!(warmed > 0, "warm made no GETs");
+    drop_page_cache()?;
+    for (k, d) in &files {
+        ensure_same_bytes(k, &read_file(m.join(k))?, d)?;
+    }
+    ensure!(
+        proxy.gets() == warmed,
+        "reads after warm made {} GETs",
+        proxy.gets() - warmed
+    );
+    m.finish()
+}

@@ -81,6 +81,8 @@ pub fn all() -> Vec<Case> {
             s3,
             cache::full_cache_disk_is_bypassed,
         ),
+        case("cache::warm_s3_source", s3, cache::warm_s3_source),
+        case("cache::warm_through_mount", s3, cache::warm_through_mount),
         case(
             "namespace::unlink_mkdir_rmdir",
             s3,
