@@ -15,6 +15,31 @@ use crate::util::{ensure_same_bytes, random_bytes, read_file};
 
 const MIB: usize = 1 << 20;
 
+/// Registers a test once per cache I/O engine: `NAME::io_uring` and `NAME::threads`, so both
+/// engines pass the same suite.
+macro_rules! on_both_engines {
+    ($($test:ident),* $(,)?) => {$(
+        pub mod $test {
+            pub fn io_uring() -> anyhow::Result<()> {
+                super::$test("io-uring")
+            }
+            pub fn threads() -> anyhow::Result<()> {
+                super::$test("threads")
+            }
+        }
+    )*};
+}
+
+on_both_engines!(
+    second_read_served_locally,
+    survives_kill_9,
+    store_down_still_readable,
+    changed_object_gives_new_bytes,
+    corrupt_block_is_refetched,
+    quota_is_respected,
+    full_cache_disk_is_bypassed,
+);
+
 fn cache_flags(dir: &Path, engine: &str, extra: &[&str]) -> MountOpts {
     let mut flags = vec![
         "--cache-dir".to_string(),
@@ -39,9 +64,9 @@ fn let_writes_land() {
     std::thread::sleep(Duration::from_millis(500));
 }
 
-fn second_read_served_locally(engine: &str) -> Result<()> {
+pub fn second_read_served_locally(engine: &str) -> Result<()> {
     let server = shared_server()?;
-    let bucket = server.bucket(&format!("cache-{engine}"))?;
+    let bucket = server.bucket(&format!("cache-{}", engine.replace('-', "")))?;
     let data = random_bytes(0xcace, 16 * MIB + 12345);
     bucket.put("obj.bin", data.clone())?;
     let proxy = CountingProxy::start(&server.endpoint())?;
@@ -82,17 +107,9 @@ fn second_read_served_locally(engine: &str) -> Result<()> {
     m.finish()
 }
 
-pub fn second_read_served_locally_uring() -> Result<()> {
-    second_read_served_locally("auto")
-}
-
-pub fn second_read_served_locally_threads() -> Result<()> {
-    second_read_served_locally("threads")
-}
-
-pub fn survives_kill_9() -> Result<()> {
+pub fn survives_kill_9(engine: &str) -> Result<()> {
     let server = shared_server()?;
-    let bucket = server.bucket("cache-kill")?;
+    let bucket = server.bucket(&format!("cache-kill-{}", engine.replace('-', "")))?;
     let data = random_bytes(0x9, 8 * MIB);
     bucket.put("k.bin", data.clone())?;
     let proxy = CountingProxy::start(&server.endpoint())?;
@@ -101,7 +118,7 @@ pub fn survives_kill_9() -> Result<()> {
         &proxy.endpoint(),
         &bucket.name,
         None,
-        cache_flags(cache.path(), "auto", &[]),
+        cache_flags(cache.path(), engine, &[]),
     )?;
     ensure_same_bytes("first read", &read_file(m.join("k.bin"))?, &data)?;
     let cold = proxy.gets();
@@ -112,7 +129,7 @@ pub fn survives_kill_9() -> Result<()> {
         &proxy.endpoint(),
         &bucket.name,
         None,
-        cache_flags(cache.path(), "auto", &[]),
+        cache_flags(cache.path(), engine, &[]),
     )?;
     ensure_same_bytes("read after kill -9", &read_file(m.join("k.bin"))?, &data)?;
     ensure!(
@@ -123,10 +140,10 @@ pub fn survives_kill_9() -> Result<()> {
     m.finish()
 }
 
-pub fn store_down_still_readable() -> Result<()> {
+pub fn store_down_still_readable(engine: &str) -> Result<()> {
     let bin = crate::reqs::find_weed().map_err(anyhow::Error::msg)?;
-    let server = Seaweed::start(&bin, "cache-down")?;
-    let bucket = server.bucket("down")?;
+    let server = Seaweed::start(&bin, &format!("cache-down-{engine}"))?;
+    let bucket = server.bucket(&format!("down-{}", engine.replace('-', "")))?;
     let data = random_bytes(0xd0, 6 * MIB);
     bucket.put("d.bin", data.clone())?;
     let cache = tempfile::tempdir()?;
@@ -154,9 +171,9 @@ pub fn store_down_still_readable() -> Result<()> {
     result
 }
 
-pub fn changed_object_gives_new_bytes() -> Result<()> {
+pub fn changed_object_gives_new_bytes(engine: &str) -> Result<()> {
     let server = shared_server()?;
-    let bucket = server.bucket("cache-etag")?;
+    let bucket = server.bucket(&format!("cache-etag-{}", engine.replace('-', "")))?;
     let old = random_bytes(1, 3 * MIB);
     let new = random_bytes(2, 3 * MIB);
     bucket.put("e.bin", old.clone())?;
@@ -165,7 +182,7 @@ pub fn changed_object_gives_new_bytes() -> Result<()> {
         server,
         &bucket.name,
         None,
-        cache_flags(cache.path(), "auto", &["--metadata-ttl", "200ms"]),
+        cache_flags(cache.path(), engine, &["--metadata-ttl", "200ms"]),
     )?;
     ensure_same_bytes("old", &read_file(m.join("e.bin"))?, &old)?;
     bucket.put("e.bin", new.clone())?;
@@ -178,9 +195,9 @@ pub fn changed_object_gives_new_bytes() -> Result<()> {
     m.finish()
 }
 
-pub fn corrupt_block_is_refetched() -> Result<()> {
+pub fn corrupt_block_is_refetched(engine: &str) -> Result<()> {
     let server = shared_server()?;
-    let bucket = server.bucket("cache-crc")?;
+    let bucket = server.bucket(&format!("cache-crc-{}", engine.replace('-', "")))?;
     let data = random_bytes(3, 4 * MIB);
     bucket.put("c.bin", data.clone())?;
     let cache = tempfile::tempdir()?;
@@ -188,7 +205,7 @@ pub fn corrupt_block_is_refetched() -> Result<()> {
         server,
         &bucket.name,
         None,
-        cache_flags(cache.path(), "auto", &[]),
+        cache_flags(cache.path(), engine, &[]),
     )?;
     ensure_same_bytes("first read", &read_file(m.join("c.bin"))?, &data)?;
     let_writes_land();
@@ -206,7 +223,7 @@ pub fn corrupt_block_is_refetched() -> Result<()> {
         server,
         &bucket.name,
         None,
-        cache_flags(cache.path(), "auto", &[]),
+        cache_flags(cache.path(), engine, &[]),
     )?;
     ensure_same_bytes(
         "read over corrupt blocks",
@@ -220,9 +237,9 @@ pub fn corrupt_block_is_refetched() -> Result<()> {
     m.finish()
 }
 
-pub fn quota_is_respected() -> Result<()> {
+pub fn quota_is_respected(engine: &str) -> Result<()> {
     let server = shared_server()?;
-    let bucket = server.bucket("cache-quota")?;
+    let bucket = server.bucket(&format!("cache-quota-{}", engine.replace('-', "")))?;
     let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| (format!("q{i}.bin"), random_bytes(100 + i, 4 * MIB)))
         .collect();
@@ -257,9 +274,9 @@ pub fn quota_is_respected() -> Result<()> {
     m.finish()
 }
 
-pub fn full_cache_disk_is_bypassed() -> Result<()> {
+pub fn full_cache_disk_is_bypassed(engine: &str) -> Result<()> {
     let server = shared_server()?;
-    let bucket = server.bucket("cache-full")?;
+    let bucket = server.bucket(&format!("cache-full-{}", engine.replace('-', "")))?;
     let data = random_bytes(5, 8 * MIB);
     bucket.put("f.bin", data.clone())?;
     let tiny = tempfile::tempdir()?;
@@ -273,7 +290,7 @@ pub fn full_cache_disk_is_bypassed() -> Result<()> {
             server,
             &bucket.name,
             None,
-            cache_flags(tiny.path(), "auto", &["--cache-size", "64MiB"]),
+            cache_flags(tiny.path(), engine, &["--cache-size", "64MiB"]),
         )?;
         ensure_same_bytes(
             "read with a full cache disk",

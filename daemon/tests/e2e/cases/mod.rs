@@ -29,7 +29,7 @@ const fn case(name: &'static str, needs: Needs, run: fn() -> anyhow::Result<()>)
 
 pub fn all() -> Vec<Case> {
     let s3 = Needs::S3_MOUNT;
-    vec![
+    let mut cases = vec![
         // Slowest first, so it overlaps with the rest.
         case("listing::big_prefix_100k", s3, listing::big_prefix_100k),
         case(
@@ -49,38 +49,6 @@ pub fn all() -> Vec<Case> {
         ),
         case("write::fsync_commits", s3, write::fsync_commits),
         case("write::shell_redirect", s3, write::shell_redirect),
-        case(
-            "cache::second_read_served_locally_uring",
-            s3,
-            cache::second_read_served_locally_uring,
-        ),
-        case(
-            "cache::second_read_served_locally_threads",
-            s3,
-            cache::second_read_served_locally_threads,
-        ),
-        case("cache::survives_kill_9", s3, cache::survives_kill_9),
-        case(
-            "cache::store_down_still_readable",
-            Needs::FUSE.union(Needs::WEED),
-            cache::store_down_still_readable,
-        ),
-        case(
-            "cache::changed_object_gives_new_bytes",
-            s3,
-            cache::changed_object_gives_new_bytes,
-        ),
-        case(
-            "cache::corrupt_block_is_refetched",
-            s3,
-            cache::corrupt_block_is_refetched,
-        ),
-        case("cache::quota_is_respected", s3, cache::quota_is_respected),
-        case(
-            "cache::full_cache_disk_is_bypassed",
-            s3,
-            cache::full_cache_disk_is_bypassed,
-        ),
         case("cache::warm_s3_source", s3, cache::warm_s3_source),
         case("cache::warm_through_mount", s3, cache::warm_through_mount),
         case(
@@ -116,7 +84,32 @@ pub fn all() -> Vec<Case> {
             cli::unreachable_endpoint,
         ),
         case("cli::bad_flag", Needs::NOTHING, cli::bad_flag),
-    ]
+    ];
+    // The block cache suite, once per I/O engine.
+    macro_rules! both {
+        ($($test:ident: $needs:expr),* $(,)?) => {$(
+            cases.push(case(
+                concat!("cache::", stringify!($test), "::io_uring"),
+                $needs,
+                cache::$test::io_uring,
+            ));
+            cases.push(case(
+                concat!("cache::", stringify!($test), "::threads"),
+                $needs,
+                cache::$test::threads,
+            ));
+        )*};
+    }
+    both!(
+        second_read_served_locally: s3,
+        survives_kill_9: s3,
+        store_down_still_readable: Needs::FUSE.union(Needs::WEED),
+        changed_object_gives_new_bytes: s3,
+        corrupt_block_is_refetched: s3,
+        quota_is_respected: s3,
+        full_cache_disk_is_bypassed: s3,
+    );
+    cases
 }
 
 /// A benchmark: `run(test_mode)`; in test mode (a plain test run) it only checks correctness
