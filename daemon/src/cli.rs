@@ -38,6 +38,23 @@ pub enum Command {
     /// which must not be in use by a running mount. The cache quota is respected: if the data
     /// is larger than the cache, the oldest blocks are evicted and a warning says so.
     Warm(WarmArgs),
+
+    /// Show what a running `berth mount` reports: inodes, memory, cache hits and misses.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// The mountpoint of a running `berth mount`.
+    pub mountpoint: PathBuf,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The --state-dir the mount uses.
+    #[arg(long, value_name = "DIR", default_value = "/run/berth")]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -178,6 +195,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Mount(args) => crate::mount::run(args),
         Command::Warm(args) => crate::warm::run(args),
+        Command::Status(args) => crate::status::run(&args.mountpoint, &args.state_dir, args.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod mount;
 pub mod namespace;
 pub mod prefetch;
+pub mod status;
 pub mod store;
 pub mod units;
 pub mod upload;

@@ -15,6 +15,7 @@ use crate::fuse::{FuseMount, MountOptions};
 use crate::memory::MemoryLimiter;
 use crate::namespace::{keys, Namespace};
 use crate::prefetch::{Fetcher, NodeCache, PrefetchConfig};
+use crate::status;
 use crate::store::{
     LocalStore, ObjectStore, RetryPolicy, RetryingStore, S3Options, S3Store, StoreError,
 };
@@ -132,6 +133,42 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         read_only = args.read_only,
         "serving"
     );
+
+    let status_file = status::status_path(&args.state_dir, &mountpoint);
+    let report = {
+        let (source, mountpoint) = (args.source.clone(), mountpoint.display().to_string());
+        let (ns, memory, cache) = (ns.clone(), memory.clone(), cache.clone());
+        let started = status::now_unix();
+        let read_only = args.read_only;
+        move || status::MountStatus {
+            pid: std::process::id(),
+            source: source.clone(),
+            mountpoint: mountpoint.clone(),
+            started_unix: started,
+            updated_unix: status::now_unix(),
+            read_only,
+            inodes: ns.inode_count() as u64,
+            skipped_keys: ns.skipped_keys(),
+            memory_used: memory.used(),
+            memory_peak: memory.peak(),
+            memory_limit: memory.limit(),
+            cache: cache.as_ref().map(|c| c.cache.stats()),
+        }
+    };
+    let reporter = {
+        let path = status_file.clone();
+        if let Err(e) = status::write(&path, &report()) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the status file; `berth status` will not see this mount");
+        }
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(status::REFRESH).await;
+                if let Err(e) = status::write(&path, &report()) {
+                    tracing::debug!(error = %e, "could not write the status file");
+                }
+            }
+        })
+    };
     println!("berth: mounted {} at {}", args.source, mountpoint.display());
     let _ = std::io::stdout().flush();
 
@@ -143,8 +180,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         let _ = done_tx.send(());
     });
     rt.block_on(wait_for_end(&fuse, done_rx))?;
+    reporter.abort();
     fs.shutdown();
     let _ = std::fs::remove_file(&journal);
+    let _ = std::fs::remove_file(&status_file);
     if let Some(node) = &cache {
         tracing::info!(stats = ?node.cache.stats(), "block cache");
     }
@@ -287,14 +326,9 @@ fn explain_check_failure(e: StoreError, source: &str, endpoint: Option<&str>) ->
     }
 }
 
-/// Where the inode journal of a mount lives: one file per mountpoint under the state dir.
+/// Where the inode journal of a mount lives: one directory per mountpoint under the state dir.
 fn journal_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
-    let name: String = mountpoint
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    state_dir.join("mounts").join(name).join("inodes")
+    status::mount_state_dir(state_dir, mountpoint).join("inodes")
 }
 
 /// The kernel reads ahead 128 KiB on FUSE by default; 1 MiB requests halve the round trips of

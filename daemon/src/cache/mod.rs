@@ -62,7 +62,7 @@ struct Counters {
 }
 
 /// A snapshot of the cache's counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     pub engine: String,
     pub memory_hits: u64,

@@ -179,7 +179,13 @@ impl ObjectStore for LocalStore {
         blocking(move || {
             let entries = match fs::read_dir(&dir) {
                 Ok(entries) => entries,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ListPage::default()),
+                // Nothing below a missing path or a file: an empty listing, as in S3.
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    return Ok(ListPage::default())
+                }
                 Err(e) => return Err(io_err("list", e)),
             };
             // (key, metadata) in S3 order: byte order of the full key, directories ending in '/'.
@@ -426,6 +432,22 @@ mod tests {
             .unwrap();
         assert_eq!(&got[..], b"world");
         assert!(store.list("", None, 10).await.unwrap().prefixes == ["d/"]);
+    }
+
+    /// Regression: a lookup lists `name/` to see whether `name` is a directory; for a file
+    /// that must be an empty listing, not an error (it made `cat FILE` fail with EIO).
+    #[tokio::test]
+    async fn listing_below_a_file_or_a_missing_path_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store.put("f", Bytes::from_static(b"x")).await.unwrap();
+        for prefix in ["f/", "missing/", "f/deeper/"] {
+            let page = store.list(prefix, None, 10).await.unwrap();
+            assert!(
+                page.objects.is_empty() && page.prefixes.is_empty(),
+                "{prefix}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -285,6 +285,14 @@ impl Mount {
         self.child.as_ref().map_or(0, |c| c.id() as libc::pid_t)
     }
 
+    /// The `--state-dir` this mount was given.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir
+            .as_ref()
+            .map(|d| d.path().join("state"))
+            .unwrap_or_default()
+    }
+
     /// Everything berth wrote to stderr so far.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()

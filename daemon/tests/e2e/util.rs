@@ -238,3 +238,6 @@ pub fn tail_file(path: &Path, n: usize) -> String {
         Err(e) => format!("[cannot read {}: {e}]", path.display()),
     }
 }
+
+/// A little longer than a mount takes to refresh its status file (every 2 s).
+pub const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_millis(2500);

@@ -430,3 +430,63 @@ pub fn warm_through_mount() -> Result<()> {
     );
     m.finish()
 }
+
+/// `berth status` reports a running mount, its cache counters included, and says clearly
+/// when nothing is mounted.
+pub fn status_reports_the_cache() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("status")?;
+    let data = random_bytes(77, 2 * MIB);
+    bucket.put("s.bin", data.clone())?;
+    let cache = tempfile::tempdir()?;
+    let m = Mount::s3(
+        server,
+        &bucket.name,
+        None,
+        cache_flags(cache.path(), "auto", &[]),
+    )?;
+    ensure_same_bytes("read", &read_file(m.join("s.bin"))?, &data)?;
+    std::thread::sleep(crate::util::STATUS_REFRESH);
+    let scratch = tempfile::tempdir()?;
+    let out = crate::mount::berth_command(scratch.path())
+        .args(["status", "--json", "--state-dir"])
+        .arg(m.state_dir())
+        .arg(m.path())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "berth status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        text.contains(&format!("\"pid\": {}", m.pid())),
+        "wrong pid in {text}"
+    );
+    ensure!(
+        text.contains("\"misses\": 2"),
+        "two 1 MiB blocks missed: {text}"
+    );
+    ensure!(
+        text.contains(&format!("\"bytes_from_store\": {}", 2 * MIB)),
+        "{text}"
+    );
+    let state = m.state_dir();
+    m.finish()?;
+    // A directory nothing is mounted on.
+    let out = crate::mount::berth_command(scratch.path())
+        .args(["status", "--state-dir"])
+        .arg(&state)
+        .arg(scratch.path())
+        .output()?;
+    ensure!(
+        !out.status.success(),
+        "status of an unmounted path must fail"
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("no berth mount"),
+        "unclear error: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

@@ -41,6 +41,12 @@ pub fn local_directory_store() -> Result<()> {
     std::fs::create_dir(src.join("emptydir"))?;
 
     let m = Mount::local(&src, MountOpts::default())?;
+    // Regression: a file looked up by path before any listing (lookup lists `name/` too).
+    ensure_same_bytes(
+        "direct read before any listing",
+        &read_file(m.join("sub/deeper/x"))?,
+        &files[2].1,
+    )?;
     for dir in ["", "sub", "sub/deeper", "emptydir"] {
         let want = listing(&src.join(dir))?;
         let got = listing(&m.join(dir))?;

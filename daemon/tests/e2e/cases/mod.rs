@@ -52,6 +52,11 @@ pub fn all() -> Vec<Case> {
         case("cache::warm_s3_source", s3, cache::warm_s3_source),
         case("cache::warm_through_mount", s3, cache::warm_through_mount),
         case(
+            "cache::status_reports_the_cache",
+            s3,
+            cache::status_reports_the_cache,
+        ),
+        case(
             "namespace::unlink_mkdir_rmdir",
             s3,
             namespace::unlink_mkdir_rmdir,
