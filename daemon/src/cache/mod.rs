@@ -30,7 +30,7 @@ pub use io::{EngineKind, EnginePreference};
 
 /// Disk writes in flight at once; past that, new blocks are not cached (the store is not slowed
 /// down by a slow cache disk).
-const MAX_PENDING_WRITES: usize = 32;
+const MAX_PENDING_WRITES: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct CacheConfig {

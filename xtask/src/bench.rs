@@ -1,0 +1,361 @@
+//! `cargo xtask bench cache`: warm reads through a berth mount against fio on the cache device.
+//!
+//! Everything is measured in one run on one machine, so the output is ratios:
+//! - warm sequential 1 MiB and random 4 KiB reads (fio, O_DIRECT, psync) through the FUSE mount
+//!   whose block cache holds the file, against the same fio jobs on a file of the same size on
+//!   the filesystem of the cache directory (the device ceiling);
+//! - CPU seconds the berth process spends per GiB served, io_uring engine against thread pool.
+//!
+//! The source is a local directory store, so the store plays no part once the cache is warm;
+//! the memory tier is off (`--cache-memory 0`) so that hits come from the disk tier.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd};
+
+const MIB: u64 = 1 << 20;
+const ENGINES: [&str; 2] = ["io-uring", "threads"];
+const RANDOM_SECONDS: u32 = 10;
+
+/// Results of one fio job.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fio {
+    bytes_per_sec: f64,
+    iops: f64,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let (suite, size_mib) = parse(args)?;
+    if suite != "cache" {
+        bail!("unknown bench suite {suite:?}; available: cache");
+    }
+    ensure_fio()?;
+    run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "berth",
+    ]))?;
+    let size = size_mib * MIB;
+    let work = repo_root().join("target").join("bench-cache");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("src"))?;
+    eprintln!("bench: writing a {size_mib} MiB test file");
+    write_data(&work.join("src").join("data.bin"), size)?;
+
+    let mut rows = Vec::new();
+    for engine in ENGINES {
+        rows.push((engine, through_mount(&work, engine, size)?));
+    }
+    eprintln!("bench: measuring the device ceiling with fio");
+    let ceiling_file = work.join("ceiling.bin");
+    write_data(&ceiling_file, size)?;
+    let ceiling = (
+        fio_seq(&ceiling_file, size)?,
+        fio_rand(&ceiling_file, size)?,
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    report(&rows, ceiling, size_mib);
+    Ok(())
+}
+
+fn parse(args: &[String]) -> Result<(String, u64)> {
+    let mut suite = None;
+    let mut size = 1024;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--size-mib" => {
+                size = it
+                    .next()
+                    .context("--size-mib needs a number")?
+                    .parse()
+                    .context("--size-mib needs a number")?;
+            }
+            s if suite.is_none() && !s.starts_with('-') => suite = Some(s.to_string()),
+            other => bail!("unknown argument {other:?} to `cargo xtask bench`"),
+        }
+    }
+    Ok((suite.unwrap_or_else(|| "cache".into()), size))
+}
+
+fn ensure_fio() -> Result<()> {
+    if dpkg_installed("fio") {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("fio is not installed (apt-get install fio)");
+    }
+    run_cmd(Command::new("apt-get").arg("update"))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "fio"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// A file of `size` bytes of cheap pseudo-random data (incompressible enough for a disk).
+fn write_data(path: &Path, size: u64) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut chunk = vec![0u8; MIB as usize];
+    for _ in 0..size / MIB {
+        for word in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&chunk)?;
+    }
+    f.flush()?;
+    f.get_ref().sync_all()?;
+    Ok(())
+}
+
+struct Measured {
+    seq: Fio,
+    rand: Fio,
+    cpu_per_gib: f64,
+}
+
+/// Mounts the source with a cache on `engine`, warms it, and measures warm reads.
+fn through_mount(work: &Path, engine: &str, size: u64) -> Result<Measured> {
+    let mnt = work.join(format!("mnt-{engine}"));
+    std::fs::create_dir_all(&mnt)?;
+    let berth = repo_root().join("target").join("release").join("berth");
+    let mut child = Command::new(&berth)
+        .arg("mount")
+        .arg(work.join("src"))
+        .arg(&mnt)
+        .args(["--read-only", "--cache-memory", "0", "--cache-io", engine])
+        .arg("--cache-size")
+        .arg(format!("{}MiB", 2 * size / MIB))
+        .arg("--cache-dir")
+        .arg(work.join(format!("cache-{engine}")))
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .env("RUST_LOG", "berth=warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting berth")?;
+    let result = (|| {
+        wait_ready(&mut child)?;
+        let file = mnt.join("data.bin");
+        eprintln!("bench: [{engine}] warming the cache");
+        fio_seq(&file, size)?;
+        wait_cached(work, &mnt, size)?;
+        let pid = child.id();
+        let cpu_before = cpu_seconds(pid)?;
+        let seq = fio_seq(&file, size)?;
+        let cpu = cpu_seconds(pid)? - cpu_before;
+        eprintln!("bench: [{engine}] random 4 KiB reads for {RANDOM_SECONDS}s");
+        let rand = fio_rand(&file, size)?;
+        Ok(Measured {
+            seq,
+            rand,
+            cpu_per_gib: cpu / (size as f64 / (1u64 << 30) as f64),
+        })
+    })();
+    let _ = Command::new("umount").arg(&mnt).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    result
+}
+
+fn wait_ready(child: &mut Child) -> Result<()> {
+    let stdout = child.stdout.take().context("berth stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if !line.starts_with("berth: mounted") {
+        bail!("berth did not mount (printed {line:?})");
+    }
+    Ok(())
+}
+
+/// Waits until `berth status` shows every block of the file on disk.
+fn wait_cached(work: &Path, mnt: &Path, size: u64) -> Result<()> {
+    let berth = repo_root().join("target").join("release").join("berth");
+    let want = size.div_ceil(MIB);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(&berth)
+            .args(["status", "--json", "--state-dir"])
+            .arg(work.join("state"))
+            .arg(mnt)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let blocks = json_number(&text, "disk_blocks").unwrap_or(0.0) as u64;
+        if blocks >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {blocks} of {want} blocks reached the cache disk");
+        }
+        // Blocks the disk could not take while the first read ran: read again.
+        fio_seq(&mnt.join("data.bin"), size)?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let hz = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(100.0);
+    Ok(ticks / hz)
+}
+
+fn fio(file: &Path, size: u64, job: &[&str]) -> Result<Fio> {
+    let out = Command::new("fio")
+        .arg("--name=berth-bench")
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--size={size}"))
+        .args([
+            "--direct=1",
+            "--ioengine=psync",
+            "--group_reporting",
+            "--output-format=json",
+        ])
+        .args(job)
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let read = json_object(&text, "read").context("fio output has no read section")?;
+    Ok(Fio {
+        bytes_per_sec: json_number(read, "bw_bytes").context("no bw_bytes")?,
+        iops: json_number(read, "iops").context("no iops")?,
+    })
+}
+
+fn fio_seq(file: &Path, size: u64) -> Result<Fio> {
+    fio(file, size, &["--rw=read", "--bs=1M", "--numjobs=1"])
+}
+
+fn fio_rand(file: &Path, size: u64) -> Result<Fio> {
+    let runtime = format!("--runtime={RANDOM_SECONDS}");
+    fio(
+        file,
+        size,
+        &[
+            "--rw=randread",
+            "--bs=4k",
+            "--numjobs=4",
+            "--time_based",
+            &runtime,
+        ],
+    )
+}
+
+/// The text after the first `"key" : {` (an object, not a string value such as `"rw" : "read"`).
+fn json_object<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!("\"{key}\"");
+    let mut from = 0;
+    while let Some(at) = text[from..].find(&needle) {
+        let rest = text[from + at + needle.len()..].trim_start();
+        if let Some(value) = rest.strip_prefix(':').map(str::trim_start) {
+            if let Some(object) = value.strip_prefix('{') {
+                return Some(object);
+            }
+        }
+        from += at + needle.len();
+    }
+    None
+}
+
+/// The first `"key" : number` after the start of `text` (fio's JSON is regular enough).
+fn json_number(text: &str, key: &str) -> Option<f64> {
+    let at = text.find(&format!("\"{key}\""))?;
+    let rest = text[at + key.len() + 2..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e' || c == '+'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+fn report(rows: &[(&str, Measured)], ceiling: (Fio, Fio), size_mib: u64) {
+    let mib = |f: &Fio| f.bytes_per_sec / MIB as f64;
+    println!();
+    println!(
+        "cache bench: warm reads of a {size_mib} MiB file, disk tier only, fio psync O_DIRECT"
+    );
+    println!("| workload | ceiling (cache device) | engine | berth mount | ratio to ceiling |");
+    println!("|---|---|---|---|---|");
+    for (engine, m) in rows {
+        println!(
+            "| sequential 1 MiB, 1 job | {:.0} MiB/s | {engine} | {:.0} MiB/s | {:.2} |",
+            mib(&ceiling.0),
+            mib(&m.seq),
+            m.seq.bytes_per_sec / ceiling.0.bytes_per_sec
+        );
+    }
+    for (engine, m) in rows {
+        println!(
+            "| random 4 KiB, 4 jobs | {:.0} IOPS | {engine} | {:.0} IOPS | {:.2} |",
+            ceiling.1.iops,
+            m.rand.iops,
+            m.rand.iops / ceiling.1.iops
+        );
+    }
+    if let [(_, uring), (_, pool)] = rows {
+        println!();
+        println!(
+            "CPU per GiB served (sequential): io_uring {:.2} s, thread pool {:.2} s, io_uring/pool = {:.2}",
+            uring.cpu_per_gib,
+            pool.cpu_per_gib,
+            uring.cpu_per_gib / pool.cpu_per_gib.max(1e-9)
+        );
+    }
+    println!("goals: sequential >= 0.90 of the ceiling, random 4 KiB >= 0.60, io_uring CPU <= 0.60 of the pool");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_numbers_out_of_fio_json() {
+        let text = r#"{"jobs":[{"rw" : "read", "read" : {"io_bytes":1,"bw_bytes" : 1048576,"iops": 2.5e3}}]}"#;
+        let read = json_object(text, "read").unwrap();
+        assert_eq!(json_number(read, "bw_bytes"), Some(1048576.0));
+        assert_eq!(json_number(read, "iops"), Some(2500.0));
+        assert_eq!(json_number(read, "missing"), None);
+    }
+
+    #[test]
+    fn parses_arguments() {
+        let (suite, size) = parse(&["cache".into(), "--size-mib".into(), "64".into()]).unwrap();
+        assert_eq!((suite.as_str(), size), ("cache", 64));
+        assert!(parse(&["--bogus".into()]).is_err());
+    }
+}
