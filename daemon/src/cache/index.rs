@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"BERTHCIX";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// Fraction of slots freed at once when the cache is full.
 const EVICT_BATCH: f64 = 0.05;
@@ -25,11 +25,37 @@ const EVICT_BATCH: f64 = 0.05;
 /// Identifies one block: store, object key, ETag and block index, joined by NUL.
 pub type BlockKey = Arc<str>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Bytes covered by one checksum: a small read verifies only the chunks it touches.
+pub const CHUNK: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotEntry {
     pub slot: u32,
     pub len: u32,
-    pub crc: u32,
+    /// CRC-32 of each `CHUNK` of the block (the last one may be shorter).
+    pub crcs: Arc<[u32]>,
+}
+
+impl SlotEntry {
+    pub fn new(slot: u32, data: &[u8]) -> SlotEntry {
+        SlotEntry {
+            slot,
+            len: data.len() as u32,
+            crcs: data.chunks(CHUNK).map(crc32fast::hash).collect(),
+        }
+    }
+
+    /// Whether `data`, read from byte `offset` of the block (a multiple of `CHUNK`), matches
+    /// the checksums of the chunks it covers.
+    pub fn verify(&self, offset: usize, data: &[u8]) -> bool {
+        if offset % CHUNK != 0 {
+            return false;
+        }
+        let first = offset / CHUNK;
+        data.chunks(CHUNK)
+            .enumerate()
+            .all(|(i, chunk)| self.crcs.get(first + i) == Some(&crc32fast::hash(chunk)))
+    }
 }
 
 pub struct Index {
@@ -124,15 +150,20 @@ impl Index {
     /// Maps `key` to `entry.slot`; returns a slot the key held before, now empty.
     fn apply(&mut self, key: BlockKey, entry: SlotEntry) -> Option<u32> {
         let slot = entry.slot as usize;
-        if slot >= self.owners.len() || entry.len as u64 > self.block_size {
+        let chunks = (entry.len as usize).div_ceil(CHUNK);
+        if slot >= self.owners.len()
+            || entry.len as u64 > self.block_size
+            || entry.crcs.len() != chunks
+        {
             return None;
         }
         if let Some(old) = self.owners[slot].take() {
             self.map.remove(&old);
         }
         let mut orphan = None;
+        let new_slot = entry.slot;
         if let Some(previous) = self.map.insert(key.clone(), entry) {
-            if previous.slot != entry.slot {
+            if previous.slot != new_slot {
                 self.owners[previous.slot as usize] = None;
                 orphan = Some(previous.slot);
             }
@@ -166,7 +197,7 @@ impl Index {
     }
 
     pub fn lookup(&mut self, key: &str) -> Option<SlotEntry> {
-        let entry = *self.map.get(key)?;
+        let entry = self.map.get(key)?.clone();
         self.referenced[entry.slot as usize] = true;
         Some(entry)
     }
@@ -204,10 +235,11 @@ impl Index {
     pub fn commit(&mut self, key: BlockKey, entry: SlotEntry) -> io::Result<()> {
         let mut record = Vec::with_capacity(key.len() + 32);
         encode(&key, &entry, &mut record);
+        let slot = entry.slot as usize;
         if let Some(orphan) = self.apply(key, entry) {
             self.free.push(orphan);
         }
-        self.referenced[entry.slot as usize] = true;
+        self.referenced[slot] = true;
         self.log.write_all(&record)?;
         self.records += 1;
         if self.records > 4 * self.owners.len() as u64 + 1024 {
@@ -236,7 +268,10 @@ fn encode(key: &str, entry: &SlotEntry, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&entry.slot.to_le_bytes());
     out.extend_from_slice(&entry.len.to_le_bytes());
-    out.extend_from_slice(&entry.crc.to_le_bytes());
+    out.extend_from_slice(&(entry.crcs.len() as u16).to_le_bytes());
+    for crc in entry.crcs.iter() {
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
     let key = key.as_bytes();
     let len = key.len().min(u16::MAX as usize);
     out.extend_from_slice(&(len as u16).to_le_bytes());
@@ -245,22 +280,23 @@ fn encode(key: &str, entry: &SlotEntry, out: &mut Vec<u8>) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
+/// Decodes one record: `[slot u32][len u32][n u16][n x crc u32][key len u16][key][crc u32]`.
 fn decode(buf: &[u8]) -> Option<(BlockKey, SlotEntry, usize)> {
-    const FIXED: usize = 4 + 4 + 4 + 2;
-    if buf.len() < FIXED {
-        return None;
-    }
-    let u32_at = |i: usize| buf[i..i + 4].try_into().ok().map(u32::from_le_bytes);
-    let key_len = u16::from_le_bytes([buf[12], buf[13]]) as usize;
-    let total = FIXED + key_len + 4;
+    let u16_at = |i: usize| Some(u16::from_le_bytes(buf.get(i..i + 2)?.try_into().ok()?));
+    let u32_at = |i: usize| Some(u32::from_le_bytes(buf.get(i..i + 4)?.try_into().ok()?));
+    let n = u16_at(8)? as usize;
+    let key_at = 10 + 4 * n + 2;
+    let key_len = u16_at(key_at - 2)? as usize;
+    let total = key_at + key_len + 4;
     if buf.len() < total || crc32fast::hash(&buf[..total - 4]) != u32_at(total - 4)? {
         return None;
     }
-    let key = std::str::from_utf8(&buf[FIXED..FIXED + key_len]).ok()?;
+    let key = std::str::from_utf8(&buf[key_at..key_at + key_len]).ok()?;
+    let crcs: Option<Arc<[u32]>> = (0..n).map(|i| u32_at(10 + 4 * i)).collect();
     let entry = SlotEntry {
         slot: u32_at(0)?,
         len: u32_at(4)?,
-        crc: u32_at(8)?,
+        crcs: crcs?,
     };
     Some((Arc::from(key), entry, total))
 }
@@ -274,11 +310,24 @@ mod tests {
     }
 
     fn entry(slot: u32) -> SlotEntry {
-        SlotEntry {
-            slot,
-            len: 100,
-            crc: slot * 7,
-        }
+        SlotEntry::new(slot, &[slot as u8; 100])
+    }
+
+    #[test]
+    fn chunk_checksums_verify_partial_reads() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        let e = SlotEntry::new(0, &data);
+        assert_eq!(e.crcs.len(), 3);
+        assert!(e.verify(0, &data));
+        assert!(e.verify(CHUNK, &data[CHUNK..2 * CHUNK]));
+        assert!(e.verify(2 * CHUNK, &data[2 * CHUNK..]));
+        let mut bad = data[CHUNK..2 * CHUNK].to_vec();
+        bad[7] ^= 1;
+        assert!(!e.verify(CHUNK, &bad));
+        assert!(
+            !e.verify(100, &data[100..200]),
+            "unaligned offsets are refused"
+        );
     }
 
     #[test]

@@ -301,8 +301,8 @@ impl BlockCache {
                 .collect()
         };
         let reads = wanted
-            .iter()
-            .map(|&(i, entry)| async move { (i, self.read_slot(&keys[i], entry).await) });
+            .into_iter()
+            .map(|(i, entry)| async move { (i, self.read_slot(&keys[i], entry).await) });
         for (i, bytes) in futures::future::join_all(reads).await {
             if let Some(bytes) = bytes {
                 self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
@@ -317,17 +317,33 @@ impl BlockCache {
 
     /// Reads and verifies one slot; `None` (and the block dropped) if it cannot be trusted.
     async fn read_slot(&self, key: &BlockKey, entry: SlotEntry) -> Option<Bytes> {
-        let padded = (entry.len as usize).next_multiple_of(self.align);
-        let offset = entry.slot as u64 * self.block_size;
-        let read = match io::AlignedBuf::zeroed(padded, self.align) {
+        self.read_slot_range(key, &entry, 0..entry.len as usize)
+            .await
+    }
+
+    /// Reads `range` of a cached block from its slot, verifying the checksums of the chunks
+    /// it covers (the read is widened to chunk and I/O alignment, then trimmed).
+    async fn read_slot_range(
+        &self,
+        key: &BlockKey,
+        entry: &SlotEntry,
+        range: Range<usize>,
+    ) -> Option<Bytes> {
+        let unit = self.align.max(index::CHUNK);
+        let start = range.start / unit * unit;
+        let end = range.end.next_multiple_of(unit);
+        let offset = entry.slot as u64 * self.block_size + start as u64;
+        let read = match io::AlignedBuf::zeroed(end - start, self.align) {
             Ok(buf) => self.io.read_at(buf, offset).await,
             Err(e) => Err(e),
         };
         match read {
             Ok(buf) => {
-                let data = &buf.as_slice()[..entry.len as usize];
-                if crc32fast::hash(data) == entry.crc {
-                    return Some(Bytes::copy_from_slice(data));
+                let valid = (entry.len as usize).min(end) - start;
+                if entry.verify(start, &buf.as_slice()[..valid]) {
+                    let from = range.start - start;
+                    let to = range.end.min(entry.len as usize) - start;
+                    return Some(Bytes::copy_from_slice(&buf.as_slice()[from..to]));
                 }
                 self.counters
                     .checksum_failures
@@ -344,6 +360,37 @@ impl BlockCache {
         }
         lock(&self.index).remove(key);
         None
+    }
+
+    /// `range` of block `index` if the block is cached, reading only the chunks it covers from
+    /// disk: small random reads must not pay for the whole block. `None` on a miss.
+    pub async fn read_cached_range(
+        &self,
+        obj: &ObjectId,
+        index: u64,
+        range: Range<usize>,
+    ) -> Option<Bytes> {
+        let key = obj.block_key(index);
+        if let Some(block) = lock(&self.hot).get(&key) {
+            let to = range.end.min(block.len());
+            if range.start < to {
+                self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .bytes_from_memory
+                    .fetch_add((to - range.start) as u64, Ordering::Relaxed);
+                return Some(block.slice(range.start..to));
+            }
+        }
+        let entry = lock(&self.index).lookup(&key)?;
+        if range.start >= entry.len as usize {
+            return None;
+        }
+        let bytes = self.read_slot_range(&key, &entry, range).await?;
+        self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_from_disk
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Some(bytes)
     }
 
     /// Fetches our misses in runs of consecutive blocks, wakes the waiters, caches the blocks.
@@ -430,11 +477,7 @@ impl BlockCache {
         let Some(slot) = lock(&self.index).allocate() else {
             return;
         };
-        let entry = SlotEntry {
-            slot,
-            len: bytes.len() as u32,
-            crc: crc32fast::hash(&bytes),
-        };
+        let entry = SlotEntry::new(slot, &bytes);
         let offset = slot as u64 * self.block_size;
         let written = match io::AlignedBuf::from_slice_padded(&bytes, self.align) {
             Ok(buf) => self.io.write_at(buf, offset).await,

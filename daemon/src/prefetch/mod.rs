@@ -147,6 +147,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What a read waits for.
+enum Plan {
+    /// These blocks, being fetched or fetched.
+    Blocks(Vec<(u64, BlockFuture)>),
+    /// Try the node cache for just the requested bytes of one block first.
+    CachedRange(ObjectId),
+}
+
 struct ReadState {
     window: Window,
     blocks: BTreeMap<u64, Block>,
@@ -192,7 +200,22 @@ impl ObjectReader {
         let end = (offset + len).min(self.size);
         let bs = self.fetcher.config.block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let wanted = self.plan(offset, end, first, last);
+        let wanted = match self.plan(offset, end, first, last) {
+            Plan::Blocks(wanted) => wanted,
+            Plan::CachedRange(id) => {
+                // A small random read of a cached block: read just its bytes.
+                let block_start = first * bs;
+                let range = (offset - block_start) as usize..(end - block_start) as usize;
+                if let Some(node) = &self.fetcher.cache {
+                    if let Some(bytes) = node.cache.read_cached_range(&id, first, range).await {
+                        if bytes.len() as u64 == end - offset {
+                            return Ok(vec![bytes]);
+                        }
+                    }
+                }
+                self.demand_blocks(first, last)
+            }
+        };
 
         let mut out = Vec::with_capacity(wanted.len());
         for (index, fut) in wanted {
@@ -219,9 +242,33 @@ impl ObjectReader {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Starts what blocks `first..=last` need (no readahead) and returns their futures.
+    fn demand_blocks(&self, first: u64, last: u64) -> Vec<(u64, BlockFuture)> {
+        let mut state = self.lock();
+        let demand: Vec<(u64, Reservation)> = (first..=last)
+            .filter(|i| !state.blocks.contains_key(i))
+            .map(|i| (i, self.fetcher.memory.reserve(self.block_len(i))))
+            .collect();
+        self.start_runs(&mut state, demand);
+        (first..=last)
+            .filter_map(|i| state.blocks.get(&i).map(|b| (i, b.data.clone())))
+            .collect()
+    }
+
+    /// The cache identity of this object, if the node cache can hold it.
+    fn cache_id(&self) -> Option<ObjectId> {
+        let node = self.fetcher.cache.as_ref()?;
+        Some(ObjectId {
+            store: node.store_id.clone(),
+            key: self.key.clone(),
+            etag: self.etag.clone()?,
+        })
+    }
+
     /// Updates the window, drops passed blocks, starts the GETs this read needs and the ones
-    /// the window wants, and returns the futures of the blocks covering the request.
-    fn plan(&self, offset: u64, end: u64, first: u64, last: u64) -> Vec<(u64, BlockFuture)> {
+    /// the window wants, and returns the futures of the blocks covering the request, or, for
+    /// a random read within one block that the node cache may hold, says to try that first.
+    fn plan(&self, offset: u64, end: u64, first: u64, last: u64) -> Plan {
         let bs = self.fetcher.config.block_size;
         let mut state = self.lock();
         let previous_ahead = state.window.ahead();
@@ -238,6 +285,11 @@ impl ObjectReader {
                 let margin = previous_ahead + 1;
                 let keep = first.saturating_sub(margin)..=last + margin;
                 state.blocks.retain(|i, _| keep.contains(i));
+                if first == last && !state.blocks.contains_key(&first) {
+                    if let Some(id) = self.cache_id() {
+                        return Plan::CachedRange(id);
+                    }
+                }
                 0
             }
         };
@@ -264,9 +316,11 @@ impl ObjectReader {
         if worth_it {
             self.start_runs(&mut state, prefetch);
         }
-        (first..=last)
-            .filter_map(|i| state.blocks.get(&i).map(|b| (i, b.data.clone())))
-            .collect()
+        Plan::Blocks(
+            (first..=last)
+                .filter_map(|i| state.blocks.get(&i).map(|b| (i, b.data.clone())))
+                .collect(),
+        )
     }
 
     /// Starts GETs for `blocks` (ascending), one GET per run of consecutive blocks up to the

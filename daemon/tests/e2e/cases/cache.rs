@@ -14,6 +14,31 @@ use crate::shared_server;
 use crate::util::{ensure_same_bytes, random_bytes, read_file};
 
 const MIB: usize = 1 << 20;
+/// Cache size the tests use unless they say otherwise.
+const CACHE_MIB: usize = 64;
+
+/// Overwrites `bytes` with `fill` at `offset` within every slot of the cache data file that
+/// holds data, in place (the file is sparse and never read whole).
+fn corrupt_slots(cache_dir: &Path, offset: usize, len: usize, fill: u8) -> Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(cache_dir.join("data"))?;
+    let slots = file.metadata()?.len() as usize / MIB;
+    let mut corrupted = 0;
+    let mut probe = vec![0u8; MIB];
+    for slot in 0..slots {
+        let at = (slot * MIB) as u64;
+        file.read_exact_at(&mut probe, at)?;
+        if probe.iter().any(|&b| b != 0) {
+            file.write_all_at(&vec![fill; len], at + offset as u64)?;
+            corrupted += 1;
+        }
+    }
+    ensure!(corrupted > 0, "no cached block found to corrupt");
+    Ok(corrupted)
+}
 
 /// Registers a test once per cache I/O engine: `NAME::io_uring` and `NAME::threads`, so both
 /// engines pass the same suite.
@@ -38,6 +63,7 @@ on_both_engines!(
     corrupt_block_is_refetched,
     quota_is_respected,
     full_cache_disk_is_bypassed,
+    random_reads_from_the_disk_tier,
 );
 
 fn cache_flags(dir: &Path, engine: &str, extra: &[&str]) -> MountOpts {
@@ -48,6 +74,10 @@ fn cache_flags(dir: &Path, engine: &str, extra: &[&str]) -> MountOpts {
         engine.to_string(),
     ];
     flags.extend(extra.iter().map(|s| s.to_string()));
+    if !extra.contains(&"--cache-size") {
+        // Small, so that a test can scan the data file.
+        flags.extend(["--cache-size".to_string(), format!("{CACHE_MIB}MiB")]);
+    }
     MountOpts {
         extra: flags,
         ..MountOpts::default()
@@ -211,14 +241,7 @@ pub fn corrupt_block_is_refetched(engine: &str) -> Result<()> {
     let_writes_land();
     m.finish()?;
     // Scribble over the first 64 KiB of every slot that holds data.
-    let path = cache.path().join("data");
-    let mut bytes = std::fs::read(&path)?;
-    for slot in bytes.chunks_mut(MIB) {
-        if slot.iter().any(|&b| b != 0) {
-            slot[..64 * 1024].fill(0xAB);
-        }
-    }
-    std::fs::write(&path, bytes)?;
+    corrupt_slots(cache.path(), 0, 64 * 1024, 0xAB)?;
     let m = Mount::s3(
         server,
         &bucket.name,
@@ -370,6 +393,8 @@ pub fn warm_s3_source() -> Result<()> {
         proxy.endpoint(),
         "--cache-dir".into(),
         cache.path().display().to_string(),
+        "--cache-size".into(),
+        format!("{CACHE_MIB}MiB"),
     ])?;
     ensure!(
         log.contains("3 objects"),
@@ -489,4 +514,62 @@ pub fn status_reports_the_cache() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// Small random reads of cached blocks read only the chunks they need from the disk tier,
+/// verify them, and never return a corrupt chunk.
+pub fn random_reads_from_the_disk_tier(engine: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let server = shared_server()?;
+    let bucket = server.bucket(&format!("cache-rand-{}", engine.replace('-', "")))?;
+    let data = random_bytes(0x5eed, 6 * MIB + 777);
+    bucket.put("r.bin", data.clone())?;
+    let proxy = CountingProxy::start(&server.endpoint())?;
+    let cache = tempfile::tempdir()?;
+    let flags = cache_flags(cache.path(), engine, &["--cache-memory", "0"]);
+    let m = Mount::s3_endpoint(&proxy.endpoint(), &bucket.name, None, flags)?;
+    ensure_same_bytes("warming read", &read_file(m.join("r.bin"))?, &data)?;
+    let_writes_land();
+    let cold = proxy.gets();
+    drop_page_cache()?;
+    let file = std::fs::File::open(m.join("r.bin"))?;
+    let mut rng = crate::util::Rng::new(0xab);
+    for i in 0..300 {
+        let offset = rng.range(0, data.len() as u64 - 1) as usize;
+        let len = (rng.range(1, 9000) as usize).min(data.len() - offset);
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset as u64)?;
+        ensure_same_bytes(
+            &format!("pread #{i} at {offset}"),
+            &buf,
+            &data[offset..offset + len],
+        )?;
+    }
+    ensure!(
+        proxy.gets() == cold,
+        "random reads of cached blocks made {} GETs",
+        proxy.gets() - cold
+    );
+    drop(file);
+    m.finish()?;
+
+    // Corrupt one 4 KiB chunk in the middle of every used slot, then read exactly there.
+    corrupt_slots(cache.path(), 512 * 1024, 4096, 0x5A)?;
+    let flags = cache_flags(cache.path(), engine, &["--cache-memory", "0"]);
+    let m = Mount::s3_endpoint(&proxy.endpoint(), &bucket.name, None, flags)?;
+    let file = std::fs::File::open(m.join("r.bin"))?;
+    let offset = 2 * MIB + 512 * 1024 + 100;
+    let mut buf = vec![0u8; 1000];
+    file.read_exact_at(&mut buf, offset as u64)?;
+    ensure_same_bytes(
+        "pread over a corrupt chunk",
+        &buf,
+        &data[offset..offset + 1000],
+    )?;
+    ensure!(
+        m.log().contains("checksum"),
+        "the corrupt chunk was not reported"
+    );
+    drop(file);
+    m.finish()
 }

@@ -113,6 +113,7 @@ pub fn all() -> Vec<Case> {
         corrupt_block_is_refetched: s3,
         quota_is_respected: s3,
         full_cache_disk_is_bypassed: s3,
+        random_reads_from_the_disk_tier: s3,
     );
     cases
 }
