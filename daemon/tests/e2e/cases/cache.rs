@@ -84,6 +84,29 @@ fn cache_flags(dir: &Path, engine: &str, extra: &[&str]) -> MountOpts {
     }
 }
 
+/// Mounts `bucket` through the counting proxy with a block cache in `dir`.
+fn mount_via(
+    proxy: &CountingProxy,
+    bucket: &str,
+    dir: &Path,
+    engine: &str,
+    extra: &[&str],
+) -> Result<Mount> {
+    Mount::s3_endpoint(
+        &proxy.endpoint(),
+        bucket,
+        None,
+        cache_flags(dir, engine, extra),
+    )
+}
+
+/// Fails if the proxy saw object GETs since it counted `before`.
+fn no_new_gets(proxy: &CountingProxy, before: u64, what: &str) -> Result<()> {
+    let now = proxy.gets();
+    ensure!(now == before, "{what} made {} GETs", now - before);
+    Ok(())
+}
+
 /// Drops the kernel's page cache so that reads reach berth again.
 fn drop_page_cache() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
@@ -102,38 +125,20 @@ pub fn second_read_served_locally(engine: &str) -> Result<()> {
     let proxy = CountingProxy::start(&server.endpoint())?;
     let cache = tempfile::tempdir()?;
 
-    let m = Mount::s3_endpoint(
-        &proxy.endpoint(),
-        &bucket.name,
-        None,
-        cache_flags(cache.path(), engine, &[]),
-    )?;
+    let m = mount_via(&proxy, &bucket.name, cache.path(), engine, &[])?;
     ensure_same_bytes("first read", &read_file(m.join("obj.bin"))?, &data)?;
     let cold = proxy.gets();
     ensure!(cold > 0, "the first read must GET from the store");
     drop_page_cache()?;
     ensure_same_bytes("second read", &read_file(m.join("obj.bin"))?, &data)?;
-    ensure!(
-        proxy.gets() == cold,
-        "second read made {} GETs",
-        proxy.gets() - cold
-    );
+    no_new_gets(&proxy, cold, "second read")?;
     let_writes_land();
     m.finish()?;
 
     // A new process on the same cache dir: served from disk, no GET.
-    let m = Mount::s3_endpoint(
-        &proxy.endpoint(),
-        &bucket.name,
-        None,
-        cache_flags(cache.path(), engine, &[]),
-    )?;
+    let m = mount_via(&proxy, &bucket.name, cache.path(), engine, &[])?;
     ensure_same_bytes("read after restart", &read_file(m.join("obj.bin"))?, &data)?;
-    ensure!(
-        proxy.gets() == cold,
-        "read after restart made {} GETs",
-        proxy.gets() - cold
-    );
+    no_new_gets(&proxy, cold, "read after restart")?;
     m.finish()
 }
 
@@ -144,29 +149,15 @@ pub fn survives_kill_9(engine: &str) -> Result<()> {
     bucket.put("k.bin", data.clone())?;
     let proxy = CountingProxy::start(&server.endpoint())?;
     let cache = tempfile::tempdir()?;
-    let m = Mount::s3_endpoint(
-        &proxy.endpoint(),
-        &bucket.name,
-        None,
-        cache_flags(cache.path(), engine, &[]),
-    )?;
+    let m = mount_via(&proxy, &bucket.name, cache.path(), engine, &[])?;
     ensure_same_bytes("first read", &read_file(m.join("k.bin"))?, &data)?;
     let cold = proxy.gets();
     let_writes_land();
     m.kill9()?;
 
-    let m = Mount::s3_endpoint(
-        &proxy.endpoint(),
-        &bucket.name,
-        None,
-        cache_flags(cache.path(), engine, &[]),
-    )?;
+    let m = mount_via(&proxy, &bucket.name, cache.path(), engine, &[])?;
     ensure_same_bytes("read after kill -9", &read_file(m.join("k.bin"))?, &data)?;
-    ensure!(
-        proxy.gets() == cold,
-        "read after kill -9 made {} GETs",
-        proxy.gets() - cold
-    );
+    no_new_gets(&proxy, cold, "read after kill -9")?;
     m.finish()
 }
 
@@ -403,20 +394,11 @@ pub fn warm_s3_source() -> Result<()> {
     ensure!(log.contains("0 failed"), "warm summary missing: {log}");
     let warmed = proxy.gets();
     ensure!(warmed > 0, "warm made no GETs");
-    let m = Mount::s3_endpoint(
-        &proxy.endpoint(),
-        &bucket.name,
-        None,
-        cache_flags(cache.path(), "auto", &[]),
-    )?;
+    let m = mount_via(&proxy, &bucket.name, cache.path(), "auto", &[])?;
     for (k, d) in &files {
         ensure_same_bytes(k, &read_file(m.join(k))?, d)?;
     }
-    ensure!(
-        proxy.gets() == warmed,
-        "reads after warm made {} GETs",
-        proxy.gets() - warmed
-    );
+    no_new_gets(&proxy, warmed, "reads after warm")?;
     m.finish()
 }
 
@@ -427,12 +409,7 @@ pub fn warm_through_mount() -> Result<()> {
     let files = nested_objects(&bucket)?;
     let proxy = CountingProxy::start(&server.endpoint())?;
     let cache = tempfile::tempdir()?;
-    let m = Mount::s3_endpoint(
-        &proxy.endpoint(),
-        &bucket.name,
-        None,
-        cache_flags(cache.path(), "auto", &[]),
-    )?;
+    let m = mount_via(&proxy, &bucket.name, cache.path(), "auto", &[])?;
     let log = berth_warm(&[
         m.join("ds").display().to_string(),
         "--concurrency".into(),
@@ -448,11 +425,7 @@ pub fn warm_through_mount() -> Result<()> {
     for (k, d) in &files {
         ensure_same_bytes(k, &read_file(m.join(k))?, d)?;
     }
-    ensure!(
-        proxy.gets() == warmed,
-        "reads after warm made {} GETs",
-        proxy.gets() - warmed
-    );
+    no_new_gets(&proxy, warmed, "reads after warm")?;
     m.finish()
 }
 
@@ -526,8 +499,13 @@ pub fn random_reads_from_the_disk_tier(engine: &str) -> Result<()> {
     bucket.put("r.bin", data.clone())?;
     let proxy = CountingProxy::start(&server.endpoint())?;
     let cache = tempfile::tempdir()?;
-    let flags = cache_flags(cache.path(), engine, &["--cache-memory", "0"]);
-    let m = Mount::s3_endpoint(&proxy.endpoint(), &bucket.name, None, flags)?;
+    let m = mount_via(
+        &proxy,
+        &bucket.name,
+        cache.path(),
+        engine,
+        &["--cache-memory", "0"],
+    )?;
     ensure_same_bytes("warming read", &read_file(m.join("r.bin"))?, &data)?;
     let_writes_land();
     let cold = proxy.gets();
@@ -545,18 +523,19 @@ pub fn random_reads_from_the_disk_tier(engine: &str) -> Result<()> {
             &data[offset..offset + len],
         )?;
     }
-    ensure!(
-        proxy.gets() == cold,
-        "random reads of cached blocks made {} GETs",
-        proxy.gets() - cold
-    );
+    no_new_gets(&proxy, cold, "random reads of cached blocks")?;
     drop(file);
     m.finish()?;
 
     // Corrupt one 4 KiB chunk in the middle of every used slot, then read exactly there.
     corrupt_slots(cache.path(), 512 * 1024, 4096, 0x5A)?;
-    let flags = cache_flags(cache.path(), engine, &["--cache-memory", "0"]);
-    let m = Mount::s3_endpoint(&proxy.endpoint(), &bucket.name, None, flags)?;
+    let m = mount_via(
+        &proxy,
+        &bucket.name,
+        cache.path(),
+        engine,
+        &["--cache-memory", "0"],
+    )?;
     let file = std::fs::File::open(m.join("r.bin"))?;
     let offset = 2 * MIB + 512 * 1024 + 100;
     let mut buf = vec![0u8; 1000];
