@@ -67,6 +67,12 @@ pub struct MountArgs {
     #[arg(default_value = "berth-mnt")]
     pub mountpoint: PathBuf,
 
+    /// Serve another source at another mountpoint from this process, with the same flags,
+    /// sharing one memory budget and one block cache (two mounts of one bucket read a block
+    /// from the store once). Repeatable.
+    #[arg(long, num_args = 2, value_names = ["SOURCE", "MOUNTPOINT"], action = clap::ArgAction::Append)]
+    pub also: Vec<String>,
+
     #[command(flatten)]
     pub store: StoreArgs,
 
@@ -239,6 +245,20 @@ mod tests {
         assert_eq!(args.cache.block_size, 1 << 20);
         assert!(args.cache.cache_dir.is_none());
         assert!(args.metadata_ttl.is_none());
+    }
+
+    #[test]
+    fn also_takes_source_and_mountpoint_pairs() {
+        let cli = Cli::try_parse_from([
+            "berth", "mount", "s3://a", "/m/a", "--also", "s3://b/p", "/m/b", "--also", "dir",
+            "/m/c",
+        ])
+        .unwrap();
+        let Command::Mount(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.also, ["s3://b/p", "/m/b", "dir", "/m/c"]);
+        assert!(Cli::try_parse_from(["berth", "mount", "--also", "s3://b"]).is_err());
     }
 
     #[test]

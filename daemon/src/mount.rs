@@ -52,33 +52,137 @@ impl Source {
 }
 
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
-    let source = Source::parse(&args.source)?;
-    validate(&args, &source)?;
+    let mut wanted = vec![(args.source.clone(), args.mountpoint.clone())];
+    for pair in args.also.chunks(2) {
+        if let [source, mountpoint] = pair {
+            wanted.push((source.clone(), PathBuf::from(mountpoint)));
+        }
+    }
+    let mut targets = Vec::with_capacity(wanted.len());
+    for (text, mountpoint) in wanted {
+        let source = Source::parse(&text)?;
+        validate(&args, &source)?;
+        targets.push((text, source, mountpoint));
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("berth mount needs root (CAP_SYS_ADMIN) to mount FUSE filesystems");
     }
-    let mountpoint = prepare_mountpoint(&args.mountpoint)?;
+    let mut mountpoints = Vec::with_capacity(targets.len());
+    for (_, _, mountpoint) in &targets {
+        let mountpoint = prepare_mountpoint(mountpoint)?;
+        if mountpoints.contains(&mountpoint) {
+            bail!("{} is given twice", mountpoint.display());
+        }
+        mountpoints.push(mountpoint);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("berth-io")
         .build()
         .context("starting the I/O runtime")?;
 
-    let (store, prefix) = connect(&rt, &source, &args.source, &args.store)?;
+    // One memory budget and one block cache for every mount of this process.
+    let memory = MemoryLimiter::new(args.memory_limit);
+    let cache = open_cache_dir(&args.cache, false)?;
+    let mut served: Vec<Served> = Vec::with_capacity(targets.len());
+    for ((text, source, _), mountpoint) in targets.iter().zip(&mountpoints) {
+        let node = cache.as_ref().map(|c| NodeCache {
+            cache: c.clone(),
+            store_id: Arc::from(store_id(&args.store, source)),
+        });
+        match serve(&rt, &args, text, source, mountpoint, &memory, node) {
+            Ok(one) => served.push(one),
+            Err(e) => {
+                for one in &served {
+                    let _ = one.fuse.unmount(true);
+                }
+                return Err(e);
+            }
+        }
+    }
+    for one in &served {
+        println!(
+            "berth: mounted {} at {}",
+            one.source,
+            one.fuse.mountpoint().display()
+        );
+    }
+    let _ = std::io::stdout().flush();
 
+    // Done when every worker of every mount has stopped (each mount unmounted).
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let workers: Vec<_> = served
+        .iter_mut()
+        .flat_map(|s| s.workers.drain(..))
+        .collect();
+    std::thread::spawn(move || {
+        for w in workers {
+            let _ = w.join();
+        }
+        let _ = done_tx.send(());
+    });
+    let fuses: Vec<&FuseMount> = served.iter().map(|s| &s.fuse).collect();
+    rt.block_on(wait_for_end(&fuses, done_rx))?;
+    for one in &served {
+        one.finish();
+    }
+    if let Some(cache) = &cache {
+        tracing::info!(stats = ?cache.stats(), "block cache");
+    }
+    tracing::info!(peak_memory = memory.peak(), "unmounted; bye");
+    Ok(())
+}
+
+/// One mount being served.
+struct Served {
+    source: String,
+    fuse: FuseMount,
+    fs: Arc<BerthFs>,
+    ns: Arc<Namespace>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    journal: PathBuf,
+    status_file: PathBuf,
+    reporter: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// After the unmount: commit what is still open, remove the state files.
+    fn finish(&self) {
+        self.reporter.abort();
+        self.fs.shutdown();
+        let _ = std::fs::remove_file(&self.journal);
+        let _ = std::fs::remove_file(&self.status_file);
+        tracing::info!(
+            mountpoint = %self.fuse.mountpoint().display(),
+            inodes = self.ns.inode_count(),
+            skipped_keys = self.ns.skipped_keys(),
+            "unmounted"
+        );
+    }
+}
+
+/// Connects to one source and mounts it, sharing the process's memory budget and cache.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    args: &MountArgs,
+    text: &str,
+    source: &Source,
+    mountpoint: &Path,
+    memory: &Arc<MemoryLimiter>,
+    cache: Option<NodeCache>,
+) -> anyhow::Result<Served> {
+    let (store, prefix) = connect(rt, source, text, &args.store)?;
     let ttl = match args.metadata_ttl {
         Some(ttl) => ttl.0,
         None if args.read_only => None,
         None => Some(Duration::from_secs(1)),
     };
-    let journal = journal_path(&args.state_dir, &mountpoint);
+    let journal = journal_path(&args.state_dir, mountpoint);
     let ns = Arc::new(
         Namespace::new(store.clone(), prefix, ttl, Some(&journal))
             .with_context(|| format!("creating the inode journal {}", journal.display()))?,
     );
-    let memory = MemoryLimiter::new(args.memory_limit);
-    let cache = open_cache(&args.cache, &args.store, &source, false)?;
     let fetcher = Fetcher::new(
         store.clone(),
         memory.clone(),
@@ -107,16 +211,15 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             },
         },
     ));
-
     let fuse = FuseMount::mount(
-        &mountpoint,
+        mountpoint,
         &MountOptions {
             fsname: format!("berth:{}", store.describe()),
             read_only: args.read_only,
             allow_other: true,
         },
     )
-    .context("mounting")?;
+    .with_context(|| format!("mounting {}", mountpoint.display()))?;
     let workers = match fuse.serve(fs.clone(), args.threads) {
         Ok(w) => w,
         Err(e) => {
@@ -126,18 +229,42 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     };
     tune_readahead(&fuse);
     tracing::info!(
-        source = %args.source,
+        source = %text,
         mountpoint = %mountpoint.display(),
         ttl = ?ttl,
         memory_limit = args.memory_limit,
         read_only = args.read_only,
         "serving"
     );
+    let status_file = status::status_path(&args.state_dir, mountpoint);
+    let reporter = publish_status(rt, &status_file, args, text, mountpoint, &ns, memory, cache);
+    Ok(Served {
+        source: text.to_string(),
+        fuse,
+        fs,
+        ns,
+        workers,
+        journal,
+        status_file,
+        reporter,
+    })
+}
 
-    let status_file = status::status_path(&args.state_dir, &mountpoint);
+/// Writes the mount's status file now and every few seconds (see `berth status`).
+#[allow(clippy::too_many_arguments)]
+fn publish_status(
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+    args: &MountArgs,
+    text: &str,
+    mountpoint: &Path,
+    ns: &Arc<Namespace>,
+    memory: &Arc<MemoryLimiter>,
+    cache: Option<NodeCache>,
+) -> tokio::task::JoinHandle<()> {
     let report = {
-        let (source, mountpoint) = (args.source.clone(), mountpoint.display().to_string());
-        let (ns, memory, cache) = (ns.clone(), memory.clone(), cache.clone());
+        let (source, mountpoint) = (text.to_string(), mountpoint.display().to_string());
+        let (ns, memory) = (ns.clone(), memory.clone());
         let started = status::now_unix();
         let read_only = args.read_only;
         move || status::MountStatus {
@@ -155,45 +282,18 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             cache: cache.as_ref().map(|c| c.cache.stats()),
         }
     };
-    let reporter = {
-        let path = status_file.clone();
-        if let Err(e) = status::write(&path, &report()) {
-            tracing::warn!(path = %path.display(), error = %e, "could not write the status file; `berth status` will not see this mount");
-        }
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(status::REFRESH).await;
-                if let Err(e) = status::write(&path, &report()) {
-                    tracing::debug!(error = %e, "could not write the status file");
-                }
-            }
-        })
-    };
-    println!("berth: mounted {} at {}", args.source, mountpoint.display());
-    let _ = std::io::stdout().flush();
-
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        for w in workers {
-            let _ = w.join();
-        }
-        let _ = done_tx.send(());
-    });
-    rt.block_on(wait_for_end(&fuse, done_rx))?;
-    reporter.abort();
-    fs.shutdown();
-    let _ = std::fs::remove_file(&journal);
-    let _ = std::fs::remove_file(&status_file);
-    if let Some(node) = &cache {
-        tracing::info!(stats = ?node.cache.stats(), "block cache");
+    if let Err(e) = status::write(path, &report()) {
+        tracing::warn!(path = %path.display(), error = %e, "could not write the status file; `berth status` will not see this mount");
     }
-    tracing::info!(
-        inodes = ns.inode_count(),
-        skipped_keys = ns.skipped_keys(),
-        peak_memory = memory.peak(),
-        "unmounted; bye"
-    );
-    Ok(())
+    let path = path.to_path_buf();
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(status::REFRESH).await;
+            if let Err(e) = status::write(&path, &report()) {
+                tracing::debug!(error = %e, "could not write the status file");
+            }
+        }
+    })
 }
 
 fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
@@ -215,14 +315,12 @@ fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the node cache if `--cache-dir` is given. A cache that cannot be opened is an error:
-/// running silently without it would turn every read into a GET.
-pub fn open_cache(
+/// Opens the block cache if `--cache-dir` is given. A cache that cannot be opened is an
+/// error: running silently without it would turn every read into a GET.
+pub fn open_cache_dir(
     cache: &CacheArgs,
-    store: &StoreArgs,
-    source: &Source,
     wait_for_disk: bool,
-) -> anyhow::Result<Option<NodeCache>> {
+) -> anyhow::Result<Option<Arc<BlockCache>>> {
     let Some(dir) = &cache.cache_dir else {
         return Ok(None);
     };
@@ -234,9 +332,14 @@ pub fn open_cache(
         engine: cache.cache_io,
         wait_for_disk,
     };
-    let opened = BlockCache::open(&config)
-        .with_context(|| format!("opening the block cache in {}", dir.display()))?;
-    let store_id = match source {
+    BlockCache::open(&config)
+        .map(Some)
+        .with_context(|| format!("opening the block cache in {}", dir.display()))
+}
+
+/// How a store is named in cache keys: two mounts of the same bucket share blocks.
+fn store_id(store: &StoreArgs, source: &Source) -> String {
+    match source {
         Source::S3 { bucket, .. } => format!(
             "s3|{}|{bucket}",
             store.endpoint_url.as_deref().unwrap_or("aws")
@@ -247,11 +350,22 @@ pub fn open_cache(
                 .unwrap_or_else(|_| path.clone())
                 .display()
         ),
-    };
-    Ok(Some(NodeCache {
-        cache: opened,
-        store_id: Arc::from(store_id),
-    }))
+    }
+}
+
+/// The block cache for one source (see [`open_cache_dir`]).
+pub fn open_cache(
+    cache: &CacheArgs,
+    store: &StoreArgs,
+    source: &Source,
+    wait_for_disk: bool,
+) -> anyhow::Result<Option<NodeCache>> {
+    Ok(
+        open_cache_dir(cache, wait_for_disk)?.map(|cache| NodeCache {
+            cache,
+            store_id: Arc::from(store_id(store, source)),
+        }),
+    )
 }
 
 fn prepare_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
@@ -346,43 +460,48 @@ fn tune_readahead(fuse: &FuseMount) {
     }
 }
 
-/// Waits for a signal (then unmounts) or for the workers to stop (unmounted from outside).
+/// Waits for a signal (then unmounts everything) or for every mount's workers to stop
+/// (unmounted from outside).
 async fn wait_for_end(
-    fuse: &FuseMount,
+    mounts: &[&FuseMount],
     mut done: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut signals = 0;
+    tokio::select! {
+        _ = &mut done => return Ok(()),
+        _ = term.recv() => signals += 1,
+        _ = int.recv() => signals += 1,
+    }
+    tracing::info!("signal received; unmounting");
+    let mut left: Vec<&FuseMount> = mounts.to_vec();
     loop {
-        tokio::select! {
-            _ = &mut done => return Ok(()),
-            _ = term.recv() => signals += 1,
-            _ = int.recv() => signals += 1,
-        }
-        if signals == 1 {
-            tracing::info!("signal received; unmounting");
-        }
-        loop {
+        let mut busy = Vec::new();
+        for fuse in left {
             match fuse.unmount(signals > 1) {
-                Ok(()) => {
-                    if signals > 1 {
-                        tracing::warn!("forced unmount: open files on the mount now fail");
-                        fuse.abort_connection();
-                    }
-                    break;
+                Ok(()) if signals > 1 => {
+                    tracing::warn!(mountpoint = %fuse.mountpoint().display(), "forced unmount: open files on the mount now fail");
+                    fuse.abort_connection();
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    tracing::warn!("mountpoint busy (open files or working directories); retrying every second; signal again to force");
-                    tokio::select! {
-                        _ = &mut done => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = term.recv() => { signals += 1; continue }
-                        _ = int.recv() => { signals += 1; continue }
-                    }
-                }
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => busy.push(fuse),
                 Err(e) => return Err(e).context("unmounting"),
             }
+        }
+        if busy.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            busy = busy.len(),
+            "mountpoint busy (open files or working directories); retrying every second; signal again to force"
+        );
+        left = busy;
+        tokio::select! {
+            _ = &mut done => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = term.recv() => signals += 1,
+            _ = int.recv() => signals += 1,
         }
     }
 }

@@ -552,3 +552,50 @@ pub fn random_reads_from_the_disk_tier(engine: &str) -> Result<()> {
     drop(file);
     m.finish()
 }
+
+/// Two mounts of one bucket in one process share the cache: a block read through one is not
+/// fetched again through the other. Unmounting one leaves the other serving.
+pub fn two_mounts_share_blocks() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("cache-share")?;
+    let data = random_bytes(0x5ade, 5 * MIB + 3);
+    bucket.put("shared.bin", data.clone())?;
+    let proxy = CountingProxy::start(&server.endpoint())?;
+    let cache = tempfile::tempdir()?;
+    let second = tempfile::tempdir()?;
+    let second_mnt = second.path().canonicalize()?;
+    let source = format!("s3://{}", bucket.name);
+    let also = [
+        "--also",
+        source.as_str(),
+        second_mnt.to_str().context("utf-8 path")?,
+    ];
+    let m = mount_via(&proxy, &bucket.name, cache.path(), "auto", &also)?;
+    ensure!(
+        crate::util::is_mounted(&second_mnt),
+        "the --also mount is not there"
+    );
+    ensure_same_bytes(
+        "read through the first mount",
+        &read_file(m.join("shared.bin"))?,
+        &data,
+    )?;
+    let once = proxy.gets();
+    ensure!(once > 0, "the first read must GET from the store");
+    ensure_same_bytes(
+        "read through the second mount",
+        &read_file(second_mnt.join("shared.bin"))?,
+        &data,
+    )?;
+    no_new_gets(&proxy, once, "the second mount's read")?;
+    let status = std::process::Command::new("umount")
+        .arg(&second_mnt)
+        .status()?;
+    ensure!(status.success(), "umount of the second mount failed");
+    ensure_same_bytes(
+        "first mount after the second left",
+        &read_file(m.join("shared.bin"))?,
+        &data,
+    )?;
+    m.finish()
+}

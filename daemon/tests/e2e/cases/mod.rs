@@ -57,6 +57,11 @@ pub fn all() -> Vec<Case> {
             cache::status_reports_the_cache,
         ),
         case(
+            "cache::two_mounts_share_blocks",
+            s3,
+            cache::two_mounts_share_blocks,
+        ),
+        case(
             "namespace::unlink_mkdir_rmdir",
             s3,
             namespace::unlink_mkdir_rmdir,
