@@ -99,6 +99,13 @@ impl ObjectId {
     }
 }
 
+/// Block `n` of `run`, the bytes of consecutive blocks fetched with one GET (empty past the end).
+pub fn nth_block(run: &Bytes, n: usize, block_size: u64) -> Bytes {
+    let from = (n * block_size as usize).min(run.len());
+    let to = (from + block_size as usize).min(run.len());
+    run.slice(from..to)
+}
+
 type Waiter = Shared<BoxFuture<'static, Option<Bytes>>>;
 
 /// Removes keys from the in-flight map when a fetch ends, however it ends.
@@ -432,9 +439,7 @@ impl BlockCache {
                 .bytes_from_store
                 .fetch_add(whole.len() as u64, Ordering::Relaxed);
             for (n, (i, tx)) in run.into_iter().enumerate() {
-                let from = (n as u64 * self.block_size) as usize;
-                let to = (from + self.block_size as usize).min(whole.len());
-                let bytes = whole.slice(from.min(to)..to);
+                let bytes = nth_block(&whole, n, self.block_size);
                 let key = keys[i].clone();
                 lock(&self.hot).insert(key.clone(), bytes.clone());
                 lock(&self.inflight).remove(&key);

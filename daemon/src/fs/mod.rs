@@ -422,7 +422,7 @@ impl FileSystem for BerthFs {
             .map_err(|e| store_error("list", &prefix, e))?;
         let has_children =
             !page.prefixes.is_empty() || page.objects.iter().any(|o| o.key != prefix);
-        let has_local = self.ns.open_dir(node.ino)?.has_local_entries();
+        let has_local = !self.ns.files_being_written_in(node.ino).is_empty();
         if has_children || has_local {
             return Err(errno(libc::ENOTEMPTY));
         }

@@ -274,19 +274,19 @@ impl Namespace {
     /// Starts reading directory `ino` from the beginning.
     pub fn open_dir(&self, ino: u64) -> io::Result<DirStream> {
         let dir = self.dir_node(ino)?;
-        let local: Vec<Node> = {
-            let pending = self.pending_lock();
-            pending
-                .keys()
-                .filter_map(|&i| self.table.get(i))
-                .filter(|n| n.parent == ino)
-                .collect()
-        };
-        Ok(DirStream::new(dir, self.dir_prefix_of_ino(ino)?, local))
+        let local = self.files_being_written_in(ino);
+        let prefix = self.dir_prefix(&dir);
+        Ok(DirStream::new(dir, prefix, local))
     }
 
-    fn dir_prefix_of_ino(&self, ino: u64) -> io::Result<String> {
-        Ok(self.dir_prefix(&self.node(ino)?))
+    /// Files being written in directory `ino` (they exist only here until committed).
+    pub fn files_being_written_in(&self, ino: u64) -> Vec<Node> {
+        let pending = self.pending_lock();
+        pending
+            .keys()
+            .filter_map(|&i| self.table.get(i))
+            .filter(|n| n.parent == ino)
+            .collect()
     }
 
     /// Fetches the next page of a directory listing into `stream`.
@@ -393,11 +393,6 @@ impl DirStream {
         self.started = false;
         self.done = false;
         self.merger = ListingMerger::default();
-    }
-
-    /// Whether files are being written in this directory right now.
-    pub fn has_local_entries(&self) -> bool {
-        !self.local.is_empty()
     }
 
     /// The offset the kernel passes to continue after the last entry returned.

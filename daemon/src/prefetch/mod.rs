@@ -18,7 +18,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 
-use crate::cache::{BlockCache, ObjectId};
+use crate::cache::{nth_block, BlockCache, ObjectId};
 use crate::memory::{MemoryLimiter, Reservation};
 use crate::store::{ObjectStore, StoreError, StoreResult};
 pub use window::{Access, Window};
@@ -118,11 +118,7 @@ impl Fetcher {
         let range = first * bs..((first + count) * bs).min(size);
         let whole = self.get(&key, range, etag.as_deref()).await?;
         let blocks = (0..count as usize)
-            .map(|n| {
-                let from = (n * bs as usize).min(whole.len());
-                let to = (from + bs as usize).min(whole.len());
-                whole.slice(from..to)
-            })
+            .map(|n| nth_block(&whole, n, bs))
             .collect();
         Ok(Arc::new(blocks))
     }

@@ -46,20 +46,14 @@ pub fn s3_args(endpoint: &str, bucket: &str, prefix: Option<&str>) -> Vec<String
 /// no AWS configuration from the machine.
 pub fn berth_command(scratch: &Path) -> Command {
     let mut cmd = Command::new(BERTH);
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
+    for var in util::PROXY_VARS.into_iter().chain([
         "AWS_PROFILE",
         "AWS_SESSION_TOKEN",
         "AWS_ENDPOINT_URL",
         "AWS_ENDPOINT_URL_S3",
         "AWS_ROLE_ARN",
         "AWS_WEB_IDENTITY_TOKEN_FILE",
-    ] {
+    ]) {
         cmd.env_remove(var);
     }
     cmd.env("NO_PROXY", util::NO_PROXY)

@@ -12,15 +12,18 @@ use anyhow::{bail, Context, Result};
 
 /// Loopback only: no proxy may sit between the tests and their servers. Set
 /// before any thread or child process starts, so everything inherits it.
+/// Proxy settings that must not reach the SDK or berth in tests.
+pub const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+];
+
 pub fn sanitize_proxy_env() {
-    for var in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
+    for var in PROXY_VARS {
         std::env::remove_var(var);
     }
     std::env::set_var("NO_PROXY", NO_PROXY);

@@ -381,12 +381,7 @@ mod tests {
         let direct = is_direct(&file);
         let engine = make(file)?;
         let size = (tasks * blocks * engine.alignment()) as u64;
-        File::options()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        set_file_len(path, size);
         Some((engine, size, direct))
     }
 
@@ -489,16 +484,20 @@ mod tests {
             return;
         };
         let size = (8 * 64 * engine.alignment()) as u64;
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        set_file_len(&path, size);
         bounded("roundtrip", concurrent_roundtrip(engine, &path, 8, 8)).await;
     }
 
     /// Many more concurrent requests than the ring (or pool) takes at once.
+    fn set_file_len(path: &Path, size: u64) {
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+    }
+
     async fn backlog_roundtrip(engine: Arc<dyn BlockIo>, path: &Path) {
         bounded(
             "backlog roundtrip",
@@ -717,12 +716,7 @@ mod tests {
             }
         };
         let size = (64 * 64 * engine.alignment()) as u64;
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        set_file_len(&path, size);
         backlog_roundtrip(engine, &path).await;
     }
 
@@ -734,12 +728,7 @@ mod tests {
         let align = dio_alignment_of(&file);
         let engine: Arc<dyn BlockIo> = Arc::new(ThreadPoolIo::with_config(file, align, 1));
         let size = (64 * 64 * engine.alignment()) as u64;
-        File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        set_file_len(&path, size);
         backlog_roundtrip(engine, &path).await;
     }
 
