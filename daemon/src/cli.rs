@@ -39,8 +39,42 @@ pub enum Command {
     /// is larger than the cache, the oldest blocks are evicted and a warning says so.
     Warm(WarmArgs),
 
-    /// Show what a running `berth mount` reports: inodes, memory, cache hits and misses.
+    /// Show what a running `berth mount` reports: engine generation and recoveries, inodes,
+    /// memory, cache hits and misses.
     Status(StatusArgs),
+
+    /// Replace the engine serving a mount with a new binary, without unmounting: the old
+    /// engine finishes open writes and stops at a request boundary, the new one takes over
+    /// the connection. Applications see a short stall, no error.
+    Upgrade(UpgradeArgs),
+
+    /// Serve connections handed over by a holder (started by `berth mount`, not by hand).
+    #[command(hide = true)]
+    Engine(EngineArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UpgradeArgs {
+    /// The mountpoint of a running `berth mount`.
+    pub mountpoint: PathBuf,
+
+    /// The new berth binary [default: the binary the mount runs now].
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+
+    /// The --state-dir the mount uses.
+    #[arg(long, value_name = "DIR", default_value = "/run/berth")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// The socket to the holder (inherited fd).
+    #[arg(long, value_name = "FD")]
+    pub handoff_fd: i32,
+
+    #[command(flatten)]
+    pub mount: MountArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -78,6 +112,9 @@ pub struct MountArgs {
 
     #[command(flatten)]
     pub cache: CacheArgs,
+
+    #[command(flatten)]
+    pub heal: crate::heal::HealArgs,
 
     /// Refuse every change; metadata is then cached for the life of the mount unless
     /// --metadata-ttl says otherwise (dataset mode).
@@ -199,7 +236,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Mount(args) => crate::mount::run(args),
+        Command::Mount(args) => crate::heal::holder::run(args, engine_argv()),
+        Command::Upgrade(args) => {
+            crate::heal::upgrade::run(&args.mountpoint, args.binary.as_deref(), &args.state_dir)
+        }
+        Command::Engine(args) => crate::engine::run(args),
         Command::Warm(args) => crate::warm::run(args),
         Command::Status(args) => crate::status::run(&args.mountpoint, &args.state_dir, args.json),
     };
@@ -211,6 +252,13 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The arguments after `mount`, given to every engine the holder starts.
+fn engine_argv() -> Vec<std::ffi::OsString> {
+    let mut args = std::env::args_os().skip(1);
+    let _ = args.by_ref().find(|a| a == "mount");
+    args.collect()
 }
 
 fn init_logging() {

@@ -6,13 +6,17 @@
 //! - [`cache`]: the node-wide block cache (memory + disk, io_uring);
 //! - [`prefetch`] and [`upload`]: reads and writes of object data, under one [`memory`] budget;
 //! - [`fs`]: the FileSystem both doors serve;
-//! - [`fuse`]: the /dev/fuse door (mount, queues, unmount);
+//! - [`fuse`]: the /dev/fuse door (mount, queues, workers, unmount);
+//! - [`heal`]: the holder that keeps connections alive, and engine replacement;
+//! - [`engine`]: the replaceable process that serves requests;
 //! - [`mount`], [`warm`] and [`cli`]: the `berth` command.
 
 pub mod cache;
 pub mod cli;
+pub mod engine;
 pub mod fs;
 pub mod fuse;
+pub mod heal;
 pub mod memory;
 pub mod mount;
 pub mod namespace;

@@ -1,17 +1,16 @@
-//! `berth mount`: build the engine for one source, mount it, serve until unmounted.
+//! What `berth mount` is made of: sources, the store connection, and the volume (namespace +
+//! filesystem) an engine serves. The processes live in `heal::holder` (the mount) and
+//! `engine` (the serving).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::{BlockCache, CacheConfig};
 use crate::cli::{CacheArgs, MountArgs, StoreArgs};
 use crate::fs::{AttrConfig, BerthFs, FsConfig};
-use crate::fuse::{FuseMount, MountOptions};
 use crate::memory::MemoryLimiter;
 use crate::namespace::{keys, Namespace};
 use crate::prefetch::{Fetcher, NodeCache, PrefetchConfig};
@@ -51,140 +50,83 @@ impl Source {
     }
 }
 
-pub fn run(args: MountArgs) -> anyhow::Result<()> {
+/// The (source text, parsed source, mountpoint) pairs of a `berth mount` command line, checked.
+pub fn targets(args: &MountArgs) -> anyhow::Result<Vec<(String, Source, PathBuf)>> {
     let mut wanted = vec![(args.source.clone(), args.mountpoint.clone())];
     for pair in args.also.chunks(2) {
         if let [source, mountpoint] = pair {
             wanted.push((source.clone(), PathBuf::from(mountpoint)));
         }
     }
-    let mut targets = Vec::with_capacity(wanted.len());
+    let mut targets: Vec<(String, Source, PathBuf)> = Vec::with_capacity(wanted.len());
     for (text, mountpoint) in wanted {
         let source = Source::parse(&text)?;
-        validate(&args, &source)?;
-        targets.push((text, source, mountpoint));
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("berth mount needs root (CAP_SYS_ADMIN) to mount FUSE filesystems");
-    }
-    let mut mountpoints = Vec::with_capacity(targets.len());
-    for (_, _, mountpoint) in &targets {
-        let mountpoint = prepare_mountpoint(mountpoint)?;
-        if mountpoints.contains(&mountpoint) {
+        validate(args, &source)?;
+        if targets.iter().any(|(_, _, m)| m == &mountpoint) {
             bail!("{} is given twice", mountpoint.display());
         }
-        mountpoints.push(mountpoint);
+        targets.push((text, source, mountpoint));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("berth-io")
-        .build()
-        .context("starting the I/O runtime")?;
-
-    // One memory budget and one block cache for every mount of this process.
-    let memory = MemoryLimiter::new(args.memory_limit);
-    let cache = open_cache_dir(&args.cache, false)?;
-    let mut served: Vec<Served> = Vec::with_capacity(targets.len());
-    for ((text, source, _), mountpoint) in targets.iter().zip(&mountpoints) {
-        let node = cache.as_ref().map(|c| NodeCache {
-            cache: c.clone(),
-            store_id: Arc::from(store_id(&args.store, source)),
-        });
-        match serve(&rt, &args, text, source, mountpoint, &memory, node) {
-            Ok(one) => served.push(one),
-            Err(e) => {
-                for one in &served {
-                    let _ = one.fuse.unmount(true);
-                }
-                return Err(e);
-            }
-        }
-    }
-    for one in &served {
-        println!(
-            "berth: mounted {} at {}",
-            one.source,
-            one.fuse.mountpoint().display()
-        );
-    }
-    let _ = std::io::stdout().flush();
-
-    // Done when every worker of every mount has stopped (each mount unmounted).
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let workers: Vec<_> = served
-        .iter_mut()
-        .flat_map(|s| s.workers.drain(..))
-        .collect();
-    std::thread::spawn(move || {
-        for w in workers {
-            let _ = w.join();
-        }
-        let _ = done_tx.send(());
-    });
-    let fuses: Vec<&FuseMount> = served.iter().map(|s| &s.fuse).collect();
-    rt.block_on(wait_for_end(&fuses, done_rx))?;
-    for one in &served {
-        one.finish();
-    }
-    if let Some(cache) = &cache {
-        tracing::info!(stats = ?cache.stats(), "block cache");
-    }
-    tracing::info!(peak_memory = memory.peak(), "unmounted; bye");
-    Ok(())
+    Ok(targets)
 }
 
-/// One mount being served.
-struct Served {
-    source: String,
-    fuse: FuseMount,
-    fs: Arc<BerthFs>,
-    ns: Arc<Namespace>,
-    workers: Vec<std::thread::JoinHandle<()>>,
-    journal: PathBuf,
-    status_file: PathBuf,
-    reporter: tokio::task::JoinHandle<()>,
-}
-
-impl Served {
-    /// After the unmount: commit what is still open, remove the state files.
-    fn finish(&self) {
-        self.reporter.abort();
-        self.fs.shutdown();
-        let _ = std::fs::remove_file(&self.journal);
-        let _ = std::fs::remove_file(&self.status_file);
-        tracing::info!(
-            mountpoint = %self.fuse.mountpoint().display(),
-            inodes = self.ns.inode_count(),
-            skipped_keys = self.ns.skipped_keys(),
-            "unmounted"
-        );
+/// How a source shows in /proc/mounts (`berth:` + this).
+pub fn describe(source: &Source) -> String {
+    match source {
+        Source::S3 { bucket, .. } => format!("s3://{bucket}"),
+        Source::Local(path) => path
+            .canonicalize()
+            .unwrap_or_else(|_| path.clone())
+            .display()
+            .to_string(),
     }
 }
 
-/// Connects to one source and mounts it, sharing the process's memory budget and cache.
-fn serve(
+/// The engine's view of one volume: namespace and filesystem.
+pub struct Volume {
+    pub fs: Arc<BerthFs>,
+    pub ns: Arc<Namespace>,
+    pub journal: PathBuf,
+}
+
+/// What [`build_volume`] needs besides the command line.
+pub struct VolumeSpec<'a> {
+    pub text: &'a str,
+    pub source: &'a Source,
+    pub mountpoint: &'a Path,
+    /// Check the store answers before serving (a fresh mount; a successor skips it, so a
+    /// store outage during a takeover stalls requests instead of failing the takeover).
+    pub check_store: bool,
+    /// Take over the inode journal of a predecessor instead of starting a new one.
+    pub recover: bool,
+    pub generation: u64,
+}
+
+/// Connects to the store and builds the namespace and filesystem of one volume.
+pub fn build_volume(
     rt: &tokio::runtime::Runtime,
     args: &MountArgs,
-    text: &str,
-    source: &Source,
-    mountpoint: &Path,
+    spec: &VolumeSpec<'_>,
     memory: &Arc<MemoryLimiter>,
     cache: Option<NodeCache>,
-) -> anyhow::Result<Served> {
-    let (store, prefix) = connect(rt, source, text, &args.store)?;
+) -> anyhow::Result<Volume> {
+    let (store, prefix) =
+        connect_checked(rt, spec.source, spec.text, &args.store, spec.check_store)?;
     let ttl = match args.metadata_ttl {
         Some(ttl) => ttl.0,
         None if args.read_only => None,
         None => Some(Duration::from_secs(1)),
     };
-    let journal = journal_path(&args.state_dir, mountpoint);
-    let ns = Arc::new(
-        Namespace::new(store.clone(), prefix, ttl, Some(&journal))
-            .with_context(|| format!("creating the inode journal {}", journal.display()))?,
-    );
-    let fetcher = Fetcher::new(
+    let journal = journal_path(&args.state_dir, spec.mountpoint);
+    let ns = Arc::new(open_namespace(
         store.clone(),
+        prefix,
+        ttl,
+        &journal,
+        spec.recover,
+    )?);
+    let fetcher = Fetcher::new(
+        store,
         memory.clone(),
         PrefetchConfig {
             block_size: args.cache.block_size,
@@ -192,9 +134,9 @@ fn serve(
             max_concurrent_gets: args.max_gets,
             ..PrefetchConfig::default()
         },
-        cache.clone(),
+        cache,
     );
-    let fs = Arc::new(BerthFs::new(
+    let fs = BerthFs::new(
         rt.handle().clone(),
         ns.clone(),
         fetcher,
@@ -210,90 +152,39 @@ fn serve(
                 dir_mode: args.dir_mode,
             },
         },
-    ));
-    let fuse = FuseMount::mount(
-        mountpoint,
-        &MountOptions {
-            fsname: format!("berth:{}", store.describe()),
-            read_only: args.read_only,
-            allow_other: true,
-        },
     )
-    .with_context(|| format!("mounting {}", mountpoint.display()))?;
-    let workers = match fuse.serve(fs.clone(), args.threads) {
-        Ok(w) => w,
-        Err(e) => {
-            let _ = fuse.unmount(true);
-            return Err(e).context("starting FUSE workers");
-        }
-    };
-    tune_readahead(&fuse);
-    tracing::info!(
-        source = %text,
-        mountpoint = %mountpoint.display(),
-        ttl = ?ttl,
-        memory_limit = args.memory_limit,
-        read_only = args.read_only,
-        "serving"
-    );
-    let status_file = status::status_path(&args.state_dir, mountpoint);
-    let reporter = publish_status(rt, &status_file, args, text, mountpoint, &ns, memory, cache);
-    Ok(Served {
-        source: text.to_string(),
-        fuse,
-        fs,
+    .with_generation(spec.generation);
+    Ok(Volume {
+        fs: Arc::new(fs),
         ns,
-        workers,
         journal,
-        status_file,
-        reporter,
     })
 }
 
-/// Writes the mount's status file now and every few seconds (see `berth status`).
-#[allow(clippy::too_many_arguments)]
-fn publish_status(
-    rt: &tokio::runtime::Runtime,
-    path: &Path,
-    args: &MountArgs,
-    text: &str,
-    mountpoint: &Path,
-    ns: &Arc<Namespace>,
-    memory: &Arc<MemoryLimiter>,
-    cache: Option<NodeCache>,
-) -> tokio::task::JoinHandle<()> {
-    let report = {
-        let (source, mountpoint) = (text.to_string(), mountpoint.display().to_string());
-        let (ns, memory) = (ns.clone(), memory.clone());
-        let started = status::now_unix();
-        let read_only = args.read_only;
-        move || status::MountStatus {
-            pid: std::process::id(),
-            source: source.clone(),
-            mountpoint: mountpoint.clone(),
-            started_unix: started,
-            updated_unix: status::now_unix(),
-            read_only,
-            inodes: ns.inode_count() as u64,
-            skipped_keys: ns.skipped_keys(),
-            memory_used: memory.used(),
-            memory_peak: memory.peak(),
-            memory_limit: memory.limit(),
-            cache: cache.as_ref().map(|c| c.cache.stats()),
-        }
-    };
-    if let Err(e) = status::write(path, &report()) {
-        tracing::warn!(path = %path.display(), error = %e, "could not write the status file; `berth status` will not see this mount");
-    }
-    let path = path.to_path_buf();
-    rt.spawn(async move {
-        loop {
-            tokio::time::sleep(status::REFRESH).await;
-            if let Err(e) = status::write(&path, &report()) {
-                tracing::debug!(error = %e, "could not write the status file");
+/// A successor takes over its predecessor's inode journal, so the node ids the kernel holds
+/// keep naming the same paths. Without a usable journal they get ESTALE.
+fn open_namespace(
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    ttl: Option<Duration>,
+    journal: &Path,
+    recover: bool,
+) -> anyhow::Result<Namespace> {
+    if recover {
+        match Namespace::recover(store.clone(), prefix.clone(), ttl, journal) {
+            Ok((ns, replayed)) => {
+                tracing::info!(replayed, journal = %journal.display(), "took over the inode table");
+                return Ok(ns);
             }
+            Err(e) => tracing::error!(
+                journal = %journal.display(),
+                error = %e,
+                "cannot take over the inode table; files the kernel knows get ESTALE"
+            ),
         }
-    })
+    }
+    Namespace::new(store, prefix, ttl, Some(journal))
+        .with_context(|| format!("creating the inode journal {}", journal.display()))
 }
 
 fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
@@ -353,6 +244,18 @@ fn store_id(store: &StoreArgs, source: &Source) -> String {
     }
 }
 
+/// The node cache as seen by one source (its blocks keyed by the store).
+pub fn node_cache(
+    cache: &Option<Arc<BlockCache>>,
+    store: &StoreArgs,
+    source: &Source,
+) -> Option<NodeCache> {
+    cache.as_ref().map(|cache| NodeCache {
+        cache: cache.clone(),
+        store_id: Arc::from(store_id(store, source)),
+    })
+}
+
 /// The block cache for one source (see [`open_cache_dir`]).
 pub fn open_cache(
     cache: &CacheArgs,
@@ -368,26 +271,6 @@ pub fn open_cache(
     )
 }
 
-fn prepare_mountpoint(path: &Path) -> anyhow::Result<PathBuf> {
-    if !path.exists() {
-        std::fs::create_dir_all(path)
-            .with_context(|| format!("creating mountpoint {}", path.display()))?;
-    }
-    let path = path
-        .canonicalize()
-        .with_context(|| format!("mountpoint {}", path.display()))?;
-    if !path.is_dir() {
-        bail!("mountpoint {} is not a directory", path.display());
-    }
-    if crate::fuse::is_mountpoint(&path) {
-        bail!(
-            "{} is already a mountpoint; unmount it first (stacking mounts hides the one below)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 /// Opens the store SOURCE names, checks it answers (bucket exists, credentials work) within
 /// the start-up deadline, and wraps it with retries under `--request-deadline`. Returns the
 /// store and the key prefix of the source.
@@ -396,6 +279,17 @@ pub fn connect(
     source: &Source,
     text: &str,
     args: &StoreArgs,
+) -> anyhow::Result<(Arc<dyn ObjectStore>, String)> {
+    connect_checked(rt, source, text, args, true)
+}
+
+/// [`connect`], with the start-up check optional.
+pub fn connect_checked(
+    rt: &tokio::runtime::Runtime,
+    source: &Source,
+    text: &str,
+    args: &StoreArgs,
+    check_store: bool,
 ) -> anyhow::Result<(Arc<dyn ObjectStore>, String)> {
     let (store, prefix): (Arc<dyn ObjectStore>, String) = match source {
         Source::Local(dir) => {
@@ -413,12 +307,14 @@ pub fn connect(
             (Arc::new(store), prefix.clone())
         }
     };
-    let check = RetryPolicy {
-        deadline: args.request_deadline.min(MAX_STARTUP_CHECK),
-        ..RetryPolicy::default()
-    };
-    rt.block_on(check.run("check", || store.check(&prefix)))
-        .map_err(|e| explain_check_failure(e, text, args.endpoint_url.as_deref()))?;
+    if check_store {
+        let check = RetryPolicy {
+            deadline: args.request_deadline.min(MAX_STARTUP_CHECK),
+            ..RetryPolicy::default()
+        };
+        rt.block_on(check.run("check", || store.check(&prefix)))
+            .map_err(|e| explain_check_failure(e, text, args.endpoint_url.as_deref()))?;
+    }
     let policy = RetryPolicy {
         deadline: args.request_deadline,
         ..RetryPolicy::default()
@@ -443,67 +339,6 @@ fn explain_check_failure(e: StoreError, source: &str, endpoint: Option<&str>) ->
 /// Where the inode journal of a mount lives: one directory per mountpoint under the state dir.
 fn journal_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
     status::mount_state_dir(state_dir, mountpoint).join("inodes")
-}
-
-/// The kernel reads ahead 128 KiB on FUSE by default; 1 MiB requests halve the round trips of
-/// a sequential reader. Best effort: the knob is per backing device in sysfs.
-fn tune_readahead(fuse: &FuseMount) {
-    let Ok(meta) = std::fs::metadata(fuse.mountpoint()) else {
-        return;
-    };
-    use std::os::unix::fs::MetadataExt;
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, "1024") {
-        tracing::debug!(path, error = %e, "could not raise readahead");
-    }
-}
-
-/// Waits for a signal (then unmounts everything) or for every mount's workers to stop
-/// (unmounted from outside).
-async fn wait_for_end(
-    mounts: &[&FuseMount],
-    mut done: tokio::sync::oneshot::Receiver<()>,
-) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut signals = 0;
-    tokio::select! {
-        _ = &mut done => return Ok(()),
-        _ = term.recv() => signals += 1,
-        _ = int.recv() => signals += 1,
-    }
-    tracing::info!("signal received; unmounting");
-    let mut left: Vec<&FuseMount> = mounts.to_vec();
-    loop {
-        let mut busy = Vec::new();
-        for fuse in left {
-            match fuse.unmount(signals > 1) {
-                Ok(()) if signals > 1 => {
-                    tracing::warn!(mountpoint = %fuse.mountpoint().display(), "forced unmount: open files on the mount now fail");
-                    fuse.abort_connection();
-                }
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => busy.push(fuse),
-                Err(e) => return Err(e).context("unmounting"),
-            }
-        }
-        if busy.is_empty() {
-            return Ok(());
-        }
-        tracing::warn!(
-            busy = busy.len(),
-            "mountpoint busy (open files or working directories); retrying every second; signal again to force"
-        );
-        left = busy;
-        tokio::select! {
-            _ = &mut done => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = term.recv() => signals += 1,
-            _ = int.recv() => signals += 1,
-        }
-    }
 }
 
 #[cfg(test)]

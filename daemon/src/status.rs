@@ -13,13 +13,20 @@ use indicatif::HumanBytes;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheStats;
+use crate::heal::HolderFacts;
 
 /// How often a mount refreshes its status file.
 pub const REFRESH: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MountStatus {
+    /// The holder: the process that owns the mount (`berth mount`).
     pub pid: u32,
+    /// The engine serving it now.
+    pub engine_pid: u32,
+    /// holder_pid, engine_generation, detector, recoveries, last_recovery_ms, ...
+    #[serde(flatten)]
+    pub heal: HolderFacts,
     pub source: String,
     pub mountpoint: String,
     pub started_unix: u64,
@@ -58,7 +65,10 @@ pub fn write(path: &Path, status: &MountStatus) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
+    // A temp name per write: two writers (the periodic one and a refresh) never share it.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
     std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
     std::fs::rename(tmp, path)
 }
@@ -112,6 +122,25 @@ fn human(s: &MountStatus) -> String {
         HumanBytes(s.memory_limit),
         HumanBytes(s.memory_peak),
     );
+    let h = &s.heal;
+    out.push_str(&format!(
+        "  engine pid {} (generation {}), detector {}, {} recoveries{}, {} upgrades{}\n",
+        s.engine_pid,
+        h.generation,
+        h.detector,
+        h.recoveries,
+        match (h.last_recovery_ms, &h.last_recovery_kind) {
+            (Some(ms), Some(kind)) => format!(" (last: {kind} in {ms} ms)"),
+            _ => String::new(),
+        },
+        h.upgrades,
+        h.last_upgrade_ms
+            .map(|ms| format!(" (last stalled {ms} ms)"))
+            .unwrap_or_default(),
+    ));
+    if h.lost_open_files {
+        out.push_str("  a remount happened: files open at the time were lost\n");
+    }
     match &s.cache {
         None => out.push_str("  cache: off\n"),
         Some(c) => out.push_str(&format!(
@@ -144,6 +173,16 @@ mod tests {
     fn sample(pid: u32) -> MountStatus {
         MountStatus {
             pid,
+            engine_pid: pid,
+            heal: HolderFacts {
+                holder_pid: pid,
+                generation: 2,
+                detector: "fallback".into(),
+                recoveries: 1,
+                last_recovery_ms: Some(42),
+                last_recovery_kind: Some("takeover".into()),
+                ..HolderFacts::default()
+            },
             source: "s3://b".into(),
             mountpoint: "/mnt/b".into(),
             started_unix: 100,
@@ -175,6 +214,21 @@ mod tests {
         let text = std::fs::read_to_string(status_path(&state, &mnt)).unwrap();
         assert_eq!(serde_json::from_str::<MountStatus>(&text).unwrap(), me);
         assert!(human(&me).contains("7 disk hits"));
+        assert!(human(&me).contains("takeover in 42 ms"), "{}", human(&me));
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for field in [
+            "holder_pid",
+            "engine_pid",
+            "engine_generation",
+            "detector",
+            "recoveries",
+            "last_recovery_ms",
+        ] {
+            assert!(
+                value.get(field).is_some(),
+                "status JSON lacks {field}: {text}"
+            );
+        }
 
         // A pid that cannot be alive.
         write(&status_path(&state, &mnt), &sample(i32::MAX as u32)).unwrap();

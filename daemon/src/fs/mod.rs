@@ -13,6 +13,8 @@ use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+mod handles;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -45,6 +47,16 @@ enum Handle {
     Dir(Mutex<DirStream>),
 }
 
+impl Handle {
+    fn kind(&self) -> handles::HandleKind {
+        match self {
+            Handle::Read(_) => handles::HandleKind::Read,
+            Handle::Write { .. } => handles::HandleKind::Write,
+            Handle::Dir(_) => handles::HandleKind::Dir,
+        }
+    }
+}
+
 pub struct BerthFs {
     rt: tokio::runtime::Handle,
     ns: Arc<Namespace>,
@@ -53,6 +65,10 @@ pub struct BerthFs {
     config: FsConfig,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_handle: AtomicU64,
+    /// The engine generation, written into every file handle (see `handles`).
+    generation: u64,
+    /// The capability flags the kernel offered at FUSE INIT (0 until then).
+    init_capable: AtomicU64,
 }
 
 fn errno(e: i32) -> io::Error {
@@ -86,7 +102,40 @@ impl BerthFs {
             config,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            generation: 1,
+            init_capable: AtomicU64::new(0),
         }
+    }
+
+    /// Serve as engine generation `generation` (a successor's handles never collide with the
+    /// ones its predecessors gave the kernel).
+    pub fn with_generation(mut self, generation: u64) -> BerthFs {
+        self.generation = generation;
+        self
+    }
+
+    /// What the kernel offered at FUSE INIT, once it has been answered.
+    pub fn init_capable(&self) -> Option<u64> {
+        Some(self.init_capable.load(Ordering::Acquire)).filter(|&c| c != 0)
+    }
+
+    /// A successor never sees FUSE INIT (the kernel sends it once per connection): it is
+    /// given the flags its predecessor saw and sets itself up as if it had answered.
+    pub fn resume_init(&self, capable: u64) -> io::Result<()> {
+        self.init(FsOptions::from_bits_truncate(capable))
+            .map(|_| ())
+    }
+
+    /// Files open for writing (their data lives only in this engine until committed).
+    pub fn open_writes(&self) -> usize {
+        self.handles()
+            .values()
+            .filter(|h| matches!(***h, Handle::Write { .. }))
+            .count()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.config.read_only
     }
 
     pub fn namespace(&self) -> &Arc<Namespace> {
@@ -102,16 +151,50 @@ impl BerthFs {
     }
 
     fn add_handle(&self, handle: Handle) -> u64 {
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let serial = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let fh = handles::encode(handle.kind(), self.generation, serial);
         self.handles().insert(fh, Arc::new(handle));
         fh
     }
 
-    fn handle(&self, fh: u64) -> io::Result<Arc<Handle>> {
-        self.handles()
-            .get(&fh)
-            .cloned()
-            .ok_or_else(|| errno(libc::EBADF))
+    /// The handle `fh` of node `ino`. A handle a predecessor engine gave the kernel is taken
+    /// over on first use: reads and directory listings go on where they were; a file that was
+    /// being written lost its unsaved data with that engine, which is reported as EIO.
+    fn handle(&self, ino: u64, fh: u64) -> io::Result<Arc<Handle>> {
+        if let Some(h) = self.handles().get(&fh).cloned() {
+            return Ok(h);
+        }
+        let Some((kind, generation)) = handles::decode(fh) else {
+            return Err(errno(libc::EBADF));
+        };
+        if generation == handles::generation_bits(self.generation) {
+            return Err(errno(libc::EBADF));
+        }
+        let adopted = match kind {
+            handles::HandleKind::Read => Handle::Read(self.reader_for(ino)?),
+            handles::HandleKind::Dir => Handle::Dir(Mutex::new(self.ns.open_dir(ino)?)),
+            handles::HandleKind::Write => {
+                tracing::error!(
+                    ino,
+                    "a file was being written when its engine died; its unsaved data is lost and the file was NOT saved (EIO)"
+                );
+                return Err(errno(libc::EIO));
+            }
+        };
+        tracing::debug!(ino, fh, ?kind, "took over a handle of an earlier engine");
+        let adopted = Arc::new(adopted);
+        Ok(self.handles().entry(fh).or_insert(adopted).clone())
+    }
+
+    fn reader_for(&self, ino: u64) -> io::Result<ObjectReader> {
+        let node = self.rt.block_on(self.ns.getattr(ino))?;
+        let key = self.ns.object_key(&node);
+        Ok(ObjectReader::new(
+            self.fetcher.clone(),
+            &key,
+            node.stat.etag.as_deref(),
+            node.stat.size,
+        ))
     }
 
     fn entry(&self, node: &Node) -> Entry {
@@ -186,11 +269,12 @@ impl BerthFs {
 
     fn readdir_with(
         &self,
+        ino: u64,
         fh: u64,
         offset: u64,
         mut emit: impl FnMut(&crate::namespace::DirItem, u64) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let handle = self.handle(fh)?;
+        let handle = self.handle(ino, fh)?;
         let Handle::Dir(stream) = &*handle else {
             return Err(errno(libc::EBADF));
         };
@@ -225,6 +309,7 @@ impl FileSystem for BerthFs {
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::AUTO_INVAL_DATA;
         tracing::debug!(?capable, "FUSE INIT");
+        self.init_capable.store(capable.bits(), Ordering::Release);
         Ok(capable & want)
     }
 
@@ -581,7 +666,7 @@ impl FileSystem for BerthFs {
     fn read(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         w: &mut dyn ZeroCopyWriter,
         size: u32,
@@ -589,7 +674,7 @@ impl FileSystem for BerthFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
-        let handle = self.handle(handle)?;
+        let handle = self.handle(inode, handle)?;
         let reader = match &*handle {
             Handle::Read(reader) => reader,
             Handle::Write { upload, .. } => {
@@ -617,7 +702,7 @@ impl FileSystem for BerthFs {
     fn write(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         r: &mut dyn ZeroCopyReader,
         size: u32,
@@ -627,7 +712,7 @@ impl FileSystem for BerthFs {
         _flags: u32,
         _fuse_flags: u32,
     ) -> io::Result<usize> {
-        let handle = self.handle(handle)?;
+        let handle = self.handle(inode, handle)?;
         let Handle::Write { ino, upload } = &*handle else {
             return Err(unsupported(
                 "write",
@@ -646,8 +731,8 @@ impl FileSystem for BerthFs {
         self.rt.block_on(upload.write(offset, &data))
     }
 
-    fn flush(&self, _ctx: &Context, _inode: u64, handle: u64, _lock_owner: u64) -> io::Result<()> {
-        let handle = self.handle(handle)?;
+    fn flush(&self, _ctx: &Context, inode: u64, handle: u64, _lock_owner: u64) -> io::Result<()> {
+        let handle = self.handle(inode, handle)?;
         if let Handle::Write { ino, upload } = &*handle {
             // Commit on close, so the object is in the store when close() returns. A flush
             // with nothing written may come before the writes (a shell closing the original
@@ -657,8 +742,8 @@ impl FileSystem for BerthFs {
         Ok(())
     }
 
-    fn fsync(&self, _ctx: &Context, _inode: u64, _datasync: bool, handle: u64) -> io::Result<()> {
-        let handle = self.handle(handle)?;
+    fn fsync(&self, _ctx: &Context, inode: u64, _datasync: bool, handle: u64) -> io::Result<()> {
+        let handle = self.handle(inode, handle)?;
         if let Handle::Write { ino, upload } = &*handle {
             return self.commit(*ino, upload);
         }
@@ -693,11 +778,22 @@ impl FileSystem for BerthFs {
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
         let removed = self.handles().remove(&handle);
-        if let Some(handle) = removed {
-            if let Handle::Write { ino, upload } = &*handle {
-                // Errors here reach no application (close has returned); commit logs them.
-                let _ = self.commit(*ino, upload);
+        match removed {
+            Some(handle) => {
+                if let Handle::Write { ino, upload } = &*handle {
+                    // Errors here reach no application (close has returned); commit logs them.
+                    let _ = self.commit(*ino, upload);
+                }
             }
+            None if handles::decode(handle)
+                .is_some_and(|(k, _)| k == handles::HandleKind::Write) =>
+            {
+                tracing::warn!(
+                    handle,
+                    "closed a file whose writer engine died before saving it"
+                );
+            }
+            None => {}
         }
         Ok(())
     }
@@ -722,13 +818,13 @@ impl FileSystem for BerthFs {
     fn readdir(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         _size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.readdir_with(handle, offset, |item, next| {
+        self.readdir_with(inode, handle, offset, |item, next| {
             add_entry(DirEntry {
                 ino: item.node.ino,
                 offset: next,
@@ -741,13 +837,13 @@ impl FileSystem for BerthFs {
     fn readdirplus(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         handle: u64,
         _size: u32,
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.readdir_with(handle, offset, |item, next| {
+        self.readdir_with(inode, handle, offset, |item, next| {
             add_entry(
                 DirEntry {
                     ino: item.node.ino,

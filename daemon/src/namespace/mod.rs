@@ -66,6 +66,28 @@ impl Namespace {
         })
     }
 
+    /// The namespace a previous engine journaled at `journal`: same inode numbers for the
+    /// same paths, so node ids the kernel holds stay valid. Returns the records replayed.
+    pub fn recover(
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+        ttl: Option<Duration>,
+        journal: &Path,
+    ) -> io::Result<(Namespace, usize)> {
+        let (table, replayed) = InodeTable::recover(journal, SystemTime::now())?;
+        Ok((
+            Namespace {
+                store,
+                prefix,
+                ttl,
+                table,
+                pending: Mutex::new(HashMap::new()),
+                skipped_keys: AtomicU64::new(0),
+            },
+            replayed,
+        ))
+    }
+
     pub fn ttl(&self) -> Option<Duration> {
         self.ttl
     }

@@ -79,6 +79,8 @@ pub struct MountOpts {
     /// Environment overrides.
     pub env: Vec<(String, String)>,
     pub watchdog: Duration,
+    /// Mount here instead of a fresh temp dir (it must exist).
+    pub at: Option<PathBuf>,
 }
 
 impl Default for MountOpts {
@@ -87,6 +89,7 @@ impl Default for MountOpts {
             extra: Vec::new(),
             env: Vec::new(),
             watchdog: DEFAULT_WATCHDOG,
+            at: None,
         }
     }
 }
@@ -147,9 +150,14 @@ impl Mount {
             .prefix("berth-e2e-mnt-")
             .tempdir()
             .context("creating mount temp dir")?;
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt)?;
-        let mnt = mnt.canonicalize()?;
+        let mnt = match &opts.at {
+            Some(at) => at.clone(),
+            None => {
+                let mnt = dir.path().join("mnt");
+                std::fs::create_dir(&mnt)?;
+                mnt.canonicalize()?
+            }
+        };
         let log_path = dir.path().join("berth.stderr.log");
         let stdout_path = dir.path().join("berth.stdout.log");
 
@@ -357,6 +365,17 @@ impl Mount {
         ensure!(status.code().is_none(), "berth survived SIGKILL: {status}");
         let _ = umount2(&self.mnt, libc::MNT_DETACH);
         self.finished = true;
+        Ok(())
+    }
+
+    /// Crash berth's holder with SIGKILL and reap it, leaving the dead mount in place (the
+    /// last-resort remount is what a test of it wants to see).
+    pub fn crash(mut self) -> Result<()> {
+        self.signal(libc::SIGKILL)?;
+        let status = self.wait_exit(EXIT_TIMEOUT)?;
+        ensure!(status.code().is_none(), "berth survived SIGKILL: {status}");
+        self.finished = true;
+        self.mnt = PathBuf::new(); // not ours to clean up any more
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 mod bench;
 mod cache;
 mod cli;
+mod heal;
 mod listing;
 mod local;
 mod namespace;
@@ -94,6 +95,18 @@ pub fn all() -> Vec<Case> {
             cli::unreachable_endpoint,
         ),
         case("cli::bad_flag", Needs::NOTHING, cli::bad_flag),
+        case("heal::kill9_under_load::fallback", s3, || {
+            heal::kill9_under_load(heal::Detector::Fallback)
+        }),
+        case("heal::hung_engine_replaced::fallback", s3, || {
+            heal::hung_engine_replaced(heal::Detector::Fallback)
+        }),
+        case("heal::upgrade_under_load", s3, heal::upgrade_under_load),
+        case(
+            "heal::holder_killed_remount_rebinds",
+            Needs::FUSE,
+            heal::holder_killed_remount_rebinds,
+        ),
     ];
     // The block cache suite, once per I/O engine.
     macro_rules! both {

@@ -1,0 +1,424 @@
+//! The engine: the process that serves FUSE requests for a holder, and may crash at any time.
+//!
+//! The holder starts it as `berth engine --handoff-fd N <the mount's arguments>` and sends a
+//! Hello with the queue fds of every connection. A successor (generation > 1) takes over the
+//! inode journal, resumes FUSE INIT from the flags its predecessor saw, asks the kernel to
+//! resend what the predecessor read but never answered, and only then starts reading.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use fuse_backend_rs::api::server::Server;
+
+use crate::cache::BlockCache;
+use crate::cli::{EngineArgs, MountArgs};
+use crate::fs::BerthFs;
+use crate::fuse::worker::{QueueControl, WorkerEnd};
+use crate::fuse::{protocol, worker};
+use crate::heal::handoff::{self, Hello, MountHandoff, ToEngine, ToHolder};
+use crate::heal::shared::SharedState;
+use crate::heal::{holder, HolderFacts};
+use crate::memory::MemoryLimiter;
+use crate::mount::{self, Source, VolumeSpec};
+use crate::namespace::Namespace;
+use crate::prefetch::NodeCache;
+use crate::status;
+
+/// How long an upgrade lets open writes finish before stopping anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A predecessor that just died may still hold the cache lock for a moment.
+const CACHE_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+enum EngineEvent {
+    FromHolder(ToEngine),
+    HolderGone,
+    WorkerEnded { mount: usize, end: WorkerEnd },
+}
+
+/// One connection being served.
+struct Served {
+    source: String,
+    mountpoint: PathBuf,
+    fs: Arc<BerthFs>,
+    ns: Arc<Namespace>,
+    control: Arc<QueueControl>,
+    workers: usize,
+    ended: usize,
+    status_file: PathBuf,
+    cache: Option<NodeCache>,
+}
+
+/// `berth engine` (started by a holder, never by hand).
+pub fn run(args: EngineArgs) -> anyhow::Result<()> {
+    // SAFETY: the holder passed this fd for us alone (see holder::spawn_engine).
+    let sock = UnixStream::from(unsafe { holder::adopt_fd(args.handoff_fd) });
+    let (message, fds) = handoff::recv::<ToEngine>(&sock).context("reading the holder's hello")?;
+    let ToEngine::Hello(hello) = message else {
+        bail!("the holder did not start with a hello");
+    };
+    let started = Instant::now();
+    let (events_tx, events) = mpsc::channel();
+    let reply = Arc::new(Mutex::new(sock.try_clone()?));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("berth-io")
+        .build()
+        .context("starting the I/O runtime")?;
+    let memory = MemoryLimiter::new(args.mount.memory_limit);
+    let served = match start(&rt, &args.mount, &hello, fds, &memory, &reply, &events_tx) {
+        Ok(s) => s,
+        Err(e) => {
+            let error = format!("{e:#}");
+            let _ = send(&reply, &ToHolder::Failed { error });
+            // The holder reports the error; exit without printing it twice.
+            std::process::exit(1);
+        }
+    };
+    let facts = Arc::new(Mutex::new(hello.facts.clone()));
+    let refresh_status = publish_status(&rt, &served, &memory, &facts);
+    send(
+        &reply,
+        &ToHolder::Ready {
+            pid: std::process::id(),
+        },
+    )?;
+    tracing::info!(
+        generation = hello.generation,
+        mounts = served.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "engine serving"
+    );
+    read_holder_messages(sock, events_tx)?;
+    serve_until_end(served, events, &reply, &facts, &refresh_status)
+}
+
+/// Writes every mount's status file now.
+type StatusRefresh = Arc<dyn Fn() + Send + Sync>;
+
+fn send(reply: &Mutex<UnixStream>, message: &ToHolder) -> anyhow::Result<()> {
+    let sock = reply.lock().unwrap_or_else(|e| e.into_inner());
+    handoff::send(&sock, message, &[]).context("writing to the holder")
+}
+
+/// Builds every volume, takes the connections over, and starts the queue workers.
+fn start(
+    rt: &tokio::runtime::Runtime,
+    args: &MountArgs,
+    hello: &Hello,
+    fds: Vec<File>,
+    memory: &Arc<MemoryLimiter>,
+    reply: &Arc<Mutex<UnixStream>>,
+    events: &Sender<EngineEvent>,
+) -> anyhow::Result<Vec<Served>> {
+    let expected: usize = hello.mounts.iter().map(|m| m.queues + 1).sum();
+    if fds.len() != expected {
+        bail!("the holder sent {} fds, expected {expected}", fds.len());
+    }
+    let cache = open_cache_waiting(args)?;
+    let mut fds = fds.into_iter();
+    let mut prepared = Vec::new();
+    for (index, m) in hello.mounts.iter().enumerate() {
+        let queues: Vec<File> = fds.by_ref().take(m.queues).collect();
+        let shared_file = fds.next().context("missing shared state fd")?;
+        let shared = Arc::new(SharedState::open(shared_file).context("mapping the shared state")?);
+        let volume = build(rt, args, hello.generation, m, memory, &cache)?;
+        if let Some(capable) = m.init_capable {
+            volume
+                .0
+                .fs
+                .resume_init(capable)
+                .context("resuming FUSE INIT")?;
+        }
+        prepared.push((index, m, queues, shared, volume));
+    }
+    // Everything is ready: only now bring back what a predecessor left unanswered, so that
+    // nothing is resent while this engine is already serving it.
+    for (_, m, queues, _, _) in &prepared {
+        if m.resend {
+            protocol::notify_resend(queues[0].as_raw_fd()).with_context(|| {
+                format!("asking the kernel to resend for {}", m.mountpoint.display())
+            })?;
+        }
+    }
+    let mut served = Vec::new();
+    for (index, m, queues, shared, (volume, node_cache)) in prepared {
+        let control = QueueControl::new(init_reporter(index, &volume.fs, reply))?;
+        let server = Arc::new(Server::new(volume.fs.clone()));
+        let workers = queues.len();
+        for (q, queue) in queues.into_iter().enumerate() {
+            worker::set_nonblocking(&queue)?;
+            let (server, shared, control, events) = (
+                server.clone(),
+                shared.clone(),
+                control.clone(),
+                events.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("fuse-{index}-{q}"))
+                .spawn(move || {
+                    let end = worker::serve_queue(queue, &server, &shared, &control);
+                    let _ = events.send(EngineEvent::WorkerEnded { mount: index, end });
+                })?;
+        }
+        if let Some(conn) = m.conn {
+            tune_readahead(conn);
+        }
+        served.push(Served {
+            source: m.source.clone(),
+            mountpoint: m.mountpoint.clone(),
+            fs: volume.fs,
+            ns: volume.ns,
+            control,
+            workers,
+            ended: 0,
+            status_file: status::status_path(&args.state_dir, &m.mountpoint),
+            cache: node_cache,
+        });
+    }
+    Ok(served)
+}
+
+type Built = (mount::Volume, Option<NodeCache>);
+
+fn build(
+    rt: &tokio::runtime::Runtime,
+    args: &MountArgs,
+    generation: u64,
+    m: &MountHandoff,
+    memory: &Arc<MemoryLimiter>,
+    cache: &Option<Arc<BlockCache>>,
+) -> anyhow::Result<Built> {
+    let source = Source::parse(&m.source)?;
+    let node_cache = mount::node_cache(cache, &args.store, &source);
+    let takeover = m.init_capable.is_some();
+    let volume = mount::build_volume(
+        rt,
+        args,
+        &VolumeSpec {
+            text: &m.source,
+            source: &source,
+            mountpoint: &m.mountpoint,
+            check_store: !takeover,
+            recover: takeover,
+            generation,
+        },
+        memory,
+        node_cache.clone(),
+    )?;
+    Ok((volume, node_cache))
+}
+
+/// Opens the node cache, waiting a little while a predecessor that just died releases it.
+fn open_cache_waiting(args: &MountArgs) -> anyhow::Result<Option<Arc<BlockCache>>> {
+    let deadline = Instant::now() + CACHE_LOCK_WAIT;
+    loop {
+        match mount::open_cache_dir(&args.cache, false) {
+            Err(e) if format!("{e:#}").contains("in use") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Tells the holder the INIT flags once the kernel's INIT is answered (a successor needs them).
+fn init_reporter(
+    index: usize,
+    fs: &Arc<BerthFs>,
+    reply: &Arc<Mutex<UnixStream>>,
+) -> Box<dyn Fn() + Send + Sync> {
+    let (fs, reply) = (Arc::downgrade(fs), reply.clone());
+    Box::new(move || {
+        let Some(capable) = fs.upgrade().and_then(|fs| fs.init_capable()) else {
+            return;
+        };
+        if let Err(e) = send(
+            &reply,
+            &ToHolder::Init {
+                mount: index,
+                capable,
+            },
+        ) {
+            tracing::error!(error = %e, "could not report FUSE INIT to the holder");
+        }
+    })
+}
+
+fn read_holder_messages(sock: UnixStream, events: Sender<EngineEvent>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("engine-control".into())
+        .spawn(move || loop {
+            match handoff::recv::<ToEngine>(&sock) {
+                Ok((message, _)) => {
+                    if events.send(EngineEvent::FromHolder(message)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = events.send(EngineEvent::HolderGone);
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn serve_until_end(
+    mut served: Vec<Served>,
+    events: Receiver<EngineEvent>,
+    reply: &Mutex<UnixStream>,
+    facts: &Mutex<HolderFacts>,
+    refresh_status: &StatusRefresh,
+) -> anyhow::Result<()> {
+    loop {
+        let Ok(event) = events.recv() else {
+            bail!("engine event channel closed");
+        };
+        match event {
+            EngineEvent::FromHolder(ToEngine::Stop) => return stop(&mut served, &events, reply),
+            EngineEvent::FromHolder(ToEngine::Facts(f)) => {
+                *facts.lock().unwrap_or_else(|e| e.into_inner()) = f;
+                refresh_status();
+            }
+            EngineEvent::FromHolder(ToEngine::Hello(_)) => {
+                tracing::warn!("unexpected second hello from the holder; ignored")
+            }
+            EngineEvent::HolderGone => {
+                // Without the holder nobody could hand this connection over; end now (the
+                // kernel's PDEATHSIG would do the same).
+                tracing::error!("holder is gone; engine exits");
+                std::process::exit(2);
+            }
+            EngineEvent::WorkerEnded { mount, end } => {
+                let s = &mut served[mount];
+                s.ended += 1;
+                if end == WorkerEnd::Failed {
+                    tracing::error!(mountpoint = %s.mountpoint.display(), "a FUSE worker failed");
+                }
+                if s.ended == s.workers {
+                    finish(s);
+                }
+                if served.iter().all(|s| s.ended == s.workers) {
+                    let _ = send(reply, &ToHolder::Unmounted);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// All workers of a mount ended (unmounted): commit what is still open.
+fn finish(s: &Served) {
+    s.fs.shutdown();
+    let _ = std::fs::remove_file(&s.status_file);
+    tracing::info!(
+        mountpoint = %s.mountpoint.display(),
+        inodes = s.ns.inode_count(),
+        skipped_keys = s.ns.skipped_keys(),
+        "unmounted"
+    );
+}
+
+/// Upgrade: stop taking new writes, let open ones close, stop at a request boundary.
+fn stop(
+    served: &mut [Served],
+    events: &Receiver<EngineEvent>,
+    reply: &Mutex<UnixStream>,
+) -> anyhow::Result<()> {
+    for s in served.iter() {
+        s.control.drain();
+    }
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let open = |served: &[Served]| served.iter().map(|s| s.fs.open_writes()).sum::<usize>();
+    while open(served) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dropped = open(served);
+    for s in served.iter() {
+        s.control.stop();
+    }
+    let mut running: usize = served.iter().map(|s| s.workers - s.ended).sum();
+    while running > 0 {
+        match events.recv_timeout(Duration::from_secs(30)) {
+            Ok(EngineEvent::WorkerEnded { .. }) => running -= 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    tracing::info!(open_writes_dropped = dropped, "stopped for an upgrade");
+    send(
+        reply,
+        &ToHolder::Stopped {
+            open_writes_dropped: dropped,
+        },
+    )
+}
+
+/// Writes each mount's status file now and every few seconds (see `berth status`).
+fn publish_status(
+    rt: &tokio::runtime::Runtime,
+    served: &[Served],
+    memory: &Arc<MemoryLimiter>,
+    facts: &Arc<Mutex<HolderFacts>>,
+) -> StatusRefresh {
+    let started = status::now_unix();
+    let mut writers: Vec<StatusRefresh> = Vec::new();
+    for s in served {
+        let (source, mountpoint) = (s.source.clone(), s.mountpoint.display().to_string());
+        let (ns, memory, facts, cache) =
+            (s.ns.clone(), memory.clone(), facts.clone(), s.cache.clone());
+        let read_only = s.fs.read_only();
+        let path = s.status_file.clone();
+        let report = Arc::new(move || {
+            let heal = facts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            status::MountStatus {
+                pid: heal.holder_pid,
+                engine_pid: std::process::id(),
+                heal,
+                source: source.clone(),
+                mountpoint: mountpoint.clone(),
+                started_unix: started,
+                updated_unix: status::now_unix(),
+                read_only,
+                inodes: ns.inode_count() as u64,
+                skipped_keys: ns.skipped_keys(),
+                memory_used: memory.used(),
+                memory_peak: memory.peak(),
+                memory_limit: memory.limit(),
+                cache: cache.as_ref().map(|c| c.cache.stats()),
+            }
+        });
+        if let Err(e) = status::write(&path, &report()) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the status file; `berth status` will not see this mount");
+        }
+        let write: StatusRefresh = Arc::new(move || {
+            if let Err(e) = status::write(&path, &report()) {
+                tracing::debug!(error = %e, "could not write the status file");
+            }
+        });
+        let periodic = write.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(status::REFRESH).await;
+                periodic();
+            }
+        });
+        writers.push(write);
+    }
+    Arc::new(move || writers.iter().for_each(|w| w()))
+}
+
+/// The kernel reads ahead 128 KiB on FUSE by default; 1 MiB requests halve the round trips of
+/// a sequential reader. Best effort: the knob is per backing device (0:conn) in sysfs.
+fn tune_readahead(conn: u32) {
+    let path = format!("/sys/class/bdi/0:{conn}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, "1024") {
+        tracing::debug!(path, error = %e, "could not raise readahead");
+    }
+}

@@ -1,0 +1,292 @@
+//! FUSE queue workers: read a request, serve it, reply; until the connection ends or the
+//! engine is told to stop for an upgrade.
+//!
+//! Each worker waits in poll(2) on its queue fd and on a stop eventfd, and reads its queue
+//! without blocking (all clones share the kernel's pending list, so a readable queue may be
+//! empty by the time we read). Requests that change the store reply through a pipe first, so
+//! the reply can be journaled in the shared region before the kernel sees it; a resent copy of
+//! such a request (after a takeover) is answered from the journal and not applied again.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
+
+use super::protocol::{self, InHeader};
+use crate::fs::BerthFs;
+use crate::heal::shared::SharedState;
+
+/// Largest request: 1 MiB of data (max_pages 256) plus headers.
+const REQUEST_BUFFER: usize = (1 << 20) + (64 << 10);
+
+const SERVING: u8 = 0;
+const DRAINING: u8 = 1;
+const STOPPED: u8 = 2;
+
+/// Why a worker returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerEnd {
+    /// The filesystem was unmounted or the connection aborted.
+    Disconnected,
+    /// Told to stop (upgrade); requests it read afterwards were left for the successor.
+    Stopped,
+    /// Reading the queue failed in an unexpected way.
+    Failed,
+}
+
+/// What every worker of an engine shares: the stop switch and the INIT hook.
+pub struct QueueControl {
+    phase: AtomicU8,
+    wake: OwnedFd,
+    on_init: Box<dyn Fn() + Send + Sync>,
+}
+
+impl QueueControl {
+    pub fn new(on_init: Box<dyn Fn() + Send + Sync>) -> io::Result<Arc<QueueControl>> {
+        // SAFETY: eventfd has no memory preconditions; the fd is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Arc::new(QueueControl {
+            phase: AtomicU8::new(SERVING),
+            // SAFETY: fd is a fresh eventfd nobody else owns.
+            wake: unsafe { OwnedFd::from_raw_fd(fd) },
+            on_init: Box::new(on_init),
+        }))
+    }
+
+    /// From now on, requests that open a file for writing are left unanswered (the successor
+    /// gets them through RESEND), so the open uploads can only go down.
+    pub fn drain(&self) {
+        let _ = self
+            .phase
+            .compare_exchange(SERVING, DRAINING, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Workers finish the request they are serving and return.
+    pub fn stop(&self) {
+        self.phase.store(STOPPED, Ordering::Release);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd; it stays readable.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn phase(&self) -> u8 {
+        self.phase.load(Ordering::Acquire)
+    }
+}
+
+/// Puts a queue fd in non-blocking mode (workers poll before they read).
+pub fn set_nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a valid fd.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Serves one queue until the connection ends or the engine stops.
+pub fn serve_queue(
+    queue: File,
+    server: &Server<Arc<BerthFs>>,
+    shared: &SharedState,
+    control: &QueueControl,
+) -> WorkerEnd {
+    let fd = queue.as_raw_fd();
+    let mut request = vec![0u8; REQUEST_BUFFER];
+    let mut reply = vec![0u8; REQUEST_BUFFER];
+    let capture = match Capture::new() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the reply capture pipe; worker stops");
+            return WorkerEnd::Failed;
+        }
+    };
+    loop {
+        if control.phase() == STOPPED {
+            return WorkerEnd::Stopped;
+        }
+        if let Err(end) = wait_readable(fd, control.wake.as_raw_fd()) {
+            return end;
+        }
+        if control.phase() == STOPPED {
+            return WorkerEnd::Stopped;
+        }
+        // SAFETY: reads into a buffer of REQUEST_BUFFER bytes we own.
+        let len = unsafe { libc::read(fd, request.as_mut_ptr().cast(), request.len()) };
+        if len < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Empty by now, interrupted, or a request the kernel withdrew.
+                Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                Some(libc::ENODEV) => return WorkerEnd::Disconnected,
+                _ => {
+                    tracing::error!(error = %e, "reading from /dev/fuse failed; worker stops");
+                    return WorkerEnd::Failed;
+                }
+            }
+        }
+        let bytes = &mut request[..len as usize];
+        let Some(header) = InHeader::parse(bytes) else {
+            tracing::error!(len, "short FUSE request ignored");
+            continue;
+        };
+        let phase = control.phase();
+        if phase == STOPPED || (phase == DRAINING && protocol::opens_for_write(&header, bytes)) {
+            // Unanswered on purpose: the successor's RESEND brings it back.
+            if phase == STOPPED {
+                return WorkerEnd::Stopped;
+            }
+            continue;
+        }
+        shared.request_started();
+        serve_one(fd, &header, bytes, &mut reply, server, shared, &capture);
+        shared.request_finished();
+        if header.opcode == protocol::FUSE_INIT {
+            (control.on_init)();
+        }
+    }
+}
+
+/// Waits until the queue has something or the stop eventfd fires.
+fn wait_readable(fd: RawFd, wake: RawFd) -> Result<(), WorkerEnd> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: polls two valid pollfd entries.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(WorkerEnd::Failed);
+        }
+        if fds[1].revents != 0 {
+            return Err(WorkerEnd::Stopped);
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0
+            && fds[0].revents & libc::POLLIN == 0
+        {
+            return Err(WorkerEnd::Disconnected);
+        }
+        return Ok(());
+    }
+}
+
+fn serve_one(
+    fd: RawFd,
+    header: &InHeader,
+    bytes: &mut [u8],
+    reply: &mut [u8],
+    server: &Server<Arc<BerthFs>>,
+    shared: &SharedState,
+    capture: &Capture,
+) {
+    let journaled = protocol::is_non_idempotent(header.opcode);
+    if journaled && header.is_resend() {
+        if let Some(mut old) = shared.journaled_reply(header.request_id()) {
+            tracing::info!(
+                opcode = header.opcode,
+                request = header.request_id(),
+                "resent request was already applied; replaying its journaled reply"
+            );
+            protocol::set_reply_unique(&mut old, header.unique);
+            write_reply(fd, &old);
+            return;
+        }
+    }
+    let out_fd = if journaled { capture.write_fd() } else { fd };
+    let reader = match Reader::from_fuse_buffer(FuseBuf::new(bytes)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "malformed FUSE request buffer");
+            return;
+        }
+    };
+    let writer = match FuseDevWriter::<()>::new(out_fd, reply) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build FUSE reply buffer");
+            return;
+        }
+    };
+    if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+        // ENOENT on reply: the request was interrupted and the kernel forgot it.
+        tracing::debug!(error = ?e, "FUSE request not answered cleanly");
+    }
+    if journaled {
+        let captured = capture.take();
+        if !captured.is_empty() {
+            shared.journal_reply(header.request_id(), &captured);
+            write_reply(fd, &captured);
+        }
+    }
+}
+
+fn write_reply(fd: RawFd, reply: &[u8]) {
+    // SAFETY: writes a buffer we own to the queue fd.
+    let n = unsafe { libc::write(fd, reply.as_ptr().cast(), reply.len()) };
+    if n < 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "journaled reply not delivered");
+    }
+}
+
+/// A pipe that catches a reply so it can be journaled before it is delivered.
+struct Capture {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Capture {
+    fn new() -> io::Result<Capture> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are fresh and owned only here.
+        Ok(unsafe {
+            Capture {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+
+    fn write_fd(&self) -> RawFd {
+        self.write.as_raw_fd()
+    }
+
+    fn take(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reads into a local buffer from our pipe.
+            let n =
+                unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+    }
+}

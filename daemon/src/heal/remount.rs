@@ -1,0 +1,71 @@
+//! The last resort, when a FUSE connection itself is gone (holder killed, connection
+//! aborted): the kernel then fails every access with ENOTCONN until someone unmounts. We
+//! detach the dead mount and every bind of it, mount afresh, and bind the new mount over each
+//! old bind target, so that pods whose volume is a bind target (HostToContainer propagation)
+//! see the volume again without a restart. Open files on the dead mount are lost.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::fuse::{self, mountinfo};
+
+/// A place the dead mount was bound to, to bind the new mount to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindTarget {
+    pub target: PathBuf,
+    /// The directory of the filesystem the bind showed (`/` for all of it).
+    pub root: PathBuf,
+}
+
+/// Whether `path` is a berth mount whose connection is dead.
+pub fn is_dead_berth_mount(path: &Path) -> bool {
+    let Some(entry) = mountinfo::mount_at(path) else {
+        return false;
+    };
+    if entry.fstype != fuse::FSTYPE {
+        return false;
+    }
+    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
+/// Detaches the berth mount at `mountpoint` and every bind of it in this mount namespace;
+/// returns the bind targets, to re-bind once a new mount is up.
+pub fn detach_with_binds(mountpoint: &Path) -> io::Result<Vec<BindTarget>> {
+    let entries = mountinfo::read();
+    let Some(entry) = entries.iter().rev().find(|m| m.target == mountpoint) else {
+        return Ok(Vec::new());
+    };
+    let targets: Vec<BindTarget> = mountinfo::bind_targets(&entries, entry.device, mountpoint)
+        .into_iter()
+        .map(|m| BindTarget {
+            target: m.target,
+            root: m.root,
+        })
+        .collect();
+    for t in &targets {
+        if let Err(e) = fuse::unmount(&t.target, true) {
+            tracing::warn!(target_path = %t.target.display(), error = %e, "could not detach a stale bind");
+        }
+    }
+    fuse::unmount(mountpoint, true)?;
+    Ok(targets)
+}
+
+/// Binds the (new) mount at `mountpoint` over every old target. Returns how many worked.
+pub fn rebind(mountpoint: &Path, targets: &[BindTarget]) -> usize {
+    let mut done = 0;
+    for t in targets {
+        let rel = t.root.strip_prefix("/").unwrap_or(&t.root);
+        let source = mountpoint.join(rel);
+        match fuse::bind(&source, &t.target) {
+            Ok(()) => {
+                done += 1;
+                tracing::info!(target_path = %t.target.display(), "re-bound the new mount over a stale bind target");
+            }
+            Err(e) => {
+                tracing::error!(target_path = %t.target.display(), error = %e, "could not re-bind; whoever uses this path must remount it")
+            }
+        }
+    }
+    done
+}

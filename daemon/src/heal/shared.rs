@@ -1,0 +1,254 @@
+//! Memory the holder and its engines share for one FUSE connection: progress counters (how
+//! the holder tells a hung engine from a busy one without eBPF) and the reply journal of
+//! non-idempotent requests (how a successor answers a resent `mkdir` without making it twice).
+//!
+//! It is a memfd the holder creates once per connection and hands to every engine with the
+//! queue fds, so it outlives any engine. Layout (all little-endian words, version 1):
+//! a header of counters, then `SLOTS` fixed-size reply slots.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"BERTHSHM");
+const VERSION: u64 = 1;
+/// Replies kept: far more than requests in flight across all queues at once.
+const SLOTS: usize = 256;
+const SLOT_SIZE: usize = 512;
+/// Reply bytes a slot holds (a create reply is 160 bytes).
+const SLOT_DATA: usize = SLOT_SIZE - 24;
+const HEADER_SIZE: usize = 64;
+const REGION_SIZE: usize = HEADER_SIZE + SLOTS * SLOT_SIZE;
+
+#[repr(C)]
+struct Header {
+    magic: AtomicU64,
+    version: AtomicU64,
+    /// Requests an engine has read.
+    started: AtomicU64,
+    /// Requests an engine has finished (answered, or needing no answer).
+    finished: AtomicU64,
+    /// Next reply slot to fill.
+    next_slot: AtomicU64,
+}
+
+#[repr(C)]
+struct Slot {
+    /// 0 while the slot is being written; otherwise the request id it holds.
+    request: AtomicU64,
+    len: AtomicU64,
+    crc: AtomicU64,
+    data: [u8; SLOT_DATA],
+}
+
+/// One connection's shared region, mapped.
+pub struct SharedState {
+    file: File,
+    base: NonNull<u8>,
+}
+
+// SAFETY: all access to the mapping goes through atomics or slot writes that a single writer
+// claims with `next_slot`; the mapping lives as long as the value.
+unsafe impl Send for SharedState {}
+unsafe impl Sync for SharedState {}
+
+impl SharedState {
+    /// A new zeroed region (holder side).
+    pub fn create() -> io::Result<SharedState> {
+        let name = c"berth-shared";
+        // SAFETY: a valid NUL-terminated name; the returned fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is not owned elsewhere.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(REGION_SIZE as u64)?;
+        let state = Self::map(file)?;
+        state.header().magic.store(MAGIC, Ordering::Relaxed);
+        state.header().version.store(VERSION, Ordering::Release);
+        Ok(state)
+    }
+
+    /// Maps a region received from the holder (engine side).
+    pub fn open(file: File) -> io::Result<SharedState> {
+        if file.metadata()?.len() < REGION_SIZE as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shared state region is too small",
+            ));
+        }
+        let state = Self::map(file)?;
+        let header = state.header();
+        if header.magic.load(Ordering::Acquire) != MAGIC
+            || header.version.load(Ordering::Acquire) != VERSION
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shared state region has an unknown format (holder and engine versions differ)",
+            ));
+        }
+        Ok(state)
+    }
+
+    fn map(file: File) -> io::Result<SharedState> {
+        // SAFETY: maps REGION_SIZE bytes of a file at least that long, shared, read-write.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                REGION_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        Ok(SharedState { file, base })
+    }
+
+    /// The memfd, to pass to an engine.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the region starts with a Header, is page-aligned and mapped for our lifetime.
+        unsafe { &*self.base.as_ptr().cast::<Header>() }
+    }
+
+    fn slot(&self, index: usize) -> *mut Slot {
+        // SAFETY: index < SLOTS keeps the pointer inside the mapping.
+        unsafe {
+            self.base
+                .as_ptr()
+                .add(HEADER_SIZE + (index % SLOTS) * SLOT_SIZE)
+                .cast::<Slot>()
+        }
+    }
+
+    pub fn request_started(&self) {
+        self.header().started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request_finished(&self) {
+        self.header().finished.fetch_add(1, Ordering::Release);
+    }
+
+    /// (started, finished) so far, over every engine of the connection.
+    pub fn progress(&self) -> (u64, u64) {
+        let h = self.header();
+        (
+            h.started.load(Ordering::Relaxed),
+            h.finished.load(Ordering::Acquire),
+        )
+    }
+
+    /// Records the reply to request `request` before it is written to the kernel. Replies
+    /// too big for a slot are not kept (no non-idempotent reply is).
+    pub fn journal_reply(&self, request: u64, reply: &[u8]) {
+        if reply.len() > SLOT_DATA || request == 0 {
+            return;
+        }
+        let index = self.header().next_slot.fetch_add(1, Ordering::Relaxed) as usize;
+        // SAFETY: the slot is ours until `next_slot` wraps SLOTS times, far more than requests
+        // in flight; fields are written through raw pointers into the mapping.
+        unsafe {
+            let slot = self.slot(index);
+            (*slot).request.store(0, Ordering::Release);
+            std::ptr::copy_nonoverlapping(reply.as_ptr(), (*slot).data.as_mut_ptr(), reply.len());
+            (*slot).len.store(reply.len() as u64, Ordering::Relaxed);
+            (*slot)
+                .crc
+                .store(checksum(request, reply) as u64, Ordering::Relaxed);
+            (*slot).request.store(request, Ordering::Release);
+        }
+    }
+
+    /// The journaled reply to `request`, if an engine recorded one completely.
+    pub fn journaled_reply(&self, request: u64) -> Option<Vec<u8>> {
+        (0..SLOTS).find_map(|i| {
+            // SAFETY: reads inside the mapping; a torn slot fails its checksum.
+            unsafe {
+                let slot = self.slot(i);
+                if (*slot).request.load(Ordering::Acquire) != request {
+                    return None;
+                }
+                let len = ((*slot).len.load(Ordering::Relaxed) as usize).min(SLOT_DATA);
+                let data = (&(*slot).data)[..len].to_vec();
+                let crc = (*slot).crc.load(Ordering::Relaxed) as u32;
+                (crc == checksum(request, &data)).then_some(data)
+            }
+        })
+    }
+}
+
+fn checksum(request: u64, reply: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&request.to_le_bytes());
+    h.update(reply);
+    h.finalize()
+}
+
+impl Drop for SharedState {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), REGION_SIZE) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_sees_what_the_holder_made_and_replies_survive_it() {
+        let holder = SharedState::create().unwrap();
+        let engine = SharedState::open(holder.file().try_clone().unwrap()).unwrap();
+        engine.request_started();
+        engine.request_finished();
+        assert_eq!(holder.progress(), (1, 1));
+
+        engine.journal_reply(77, b"reply-77");
+        drop(engine);
+        let successor = SharedState::open(holder.file().try_clone().unwrap()).unwrap();
+        assert_eq!(
+            successor.journaled_reply(77).as_deref(),
+            Some(&b"reply-77"[..])
+        );
+        assert_eq!(successor.journaled_reply(78), None);
+    }
+
+    #[test]
+    fn old_replies_are_overwritten_and_oversized_ones_skipped() {
+        let s = SharedState::create().unwrap();
+        for r in 1..=(SLOTS as u64 + 10) {
+            s.journal_reply(r, &r.to_le_bytes());
+        }
+        assert_eq!(s.journaled_reply(1), None, "slot reused");
+        assert!(s.journaled_reply(SLOTS as u64 + 10).is_some());
+        s.journal_reply(5000, &vec![1u8; SLOT_DATA + 1]);
+        assert_eq!(s.journaled_reply(5000), None);
+    }
+
+    #[test]
+    fn a_torn_slot_is_ignored() {
+        let s = SharedState::create().unwrap();
+        s.journal_reply(9, b"abc");
+        // SAFETY: test-only corruption of slot 0's data inside the mapping.
+        unsafe { (*s.slot(0)).data[0] ^= 0xff };
+        assert_eq!(s.journaled_reply(9), None);
+    }
+
+    #[test]
+    fn a_foreign_memfd_is_refused() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(REGION_SIZE as u64).unwrap();
+        assert!(SharedState::open(file).is_err());
+    }
+}
