@@ -31,8 +31,11 @@ struct Fio {
 
 pub fn run(args: &[String]) -> Result<()> {
     let (suite, size_mib) = parse(args)?;
+    if suite == "recovery" {
+        return crate::bench_recovery::run(args);
+    }
     if suite != "cache" {
-        bail!("unknown bench suite {suite:?}; available: cache");
+        bail!("unknown bench suite {suite:?}; available: cache, recovery");
     }
     ensure_fio()?;
     run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
@@ -83,6 +86,9 @@ fn parse(args: &[String]) -> Result<(String, u64)> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--kills" => {
+                it.next().context("--kills needs a number")?;
+            }
             "--size-mib" => {
                 size = it
                     .next()
@@ -113,7 +119,7 @@ fn ensure_fio() -> Result<()> {
 }
 
 /// A file of `size` bytes of cheap pseudo-random data (incompressible enough for a disk).
-fn write_data(path: &Path, size: u64) -> Result<()> {
+pub(crate) fn write_data(path: &Path, size: u64) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut chunk = vec![0u8; MIB as usize];
@@ -188,7 +194,7 @@ fn through_mount(work: &Path, engine: &str, size: u64) -> Result<Measured> {
     result
 }
 
-fn wait_ready(child: &mut Child) -> Result<()> {
+pub(crate) fn wait_ready(child: &mut Child) -> Result<()> {
     let stdout = child.stdout.take().context("berth stdout")?;
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
@@ -224,7 +230,18 @@ fn wait_cached(work: &Path, mnt: &Path, size: u64) -> Result<()> {
 }
 
 /// utime + stime of a process, in seconds.
+/// CPU time of `pid` and its live children (a berth mount is a holder plus an engine).
 fn cpu_seconds(pid: u32) -> Result<f64> {
+    let mut total = process_cpu_seconds(pid)?;
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        total += process_cpu_seconds(child).unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
+fn process_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after_comm = stat.rsplit_once(')').context("odd /proc stat")?.1;
     let fields: Vec<&str> = after_comm.split_whitespace().collect();

