@@ -472,61 +472,139 @@ fn wait_for_line(log: &Path, after_lines: usize, want: &str, timeout: Duration) 
 /// mountpoint detaches the dead mount, mounts afresh and re-binds every bind target; a reader
 /// in another mount namespace that uses paths works again without a restart.
 pub fn holder_killed_remount_rebinds() -> Result<()> {
+    with_shared_root(|data, root| {
+        let (mnt, target, log) = (
+            root.join("mnt"),
+            root.join("target"),
+            root.join("reader.log"),
+        );
+        let first = Mount::local(data, at(&mnt))?;
+        bind(&mnt, &target)?;
+        let mut reader = namespaced_reader(&target.join("f.txt"), &log)?;
+        let outcome = (|| -> Result<()> {
+            let seen = wait_for_line(&log, 0, "ok", Duration::from_secs(10))?;
+            first.crash()?;
+            let broken = wait_for_line(&log, seen, "err", Duration::from_secs(10))?;
+            let healing = Instant::now();
+            let second = Mount::local(data, at(&mnt))?;
+            wait_for_line(&log, broken, "ok", Duration::from_secs(10))?;
+            eprintln!(
+                "heal: holder killed; a reader in another mount namespace saw errors, then ok again {:?} after the new mount started",
+                healing.elapsed()
+            );
+            expect_remounted(&second, &target)?;
+            // The bind keeps the connection alive: remove it before unmounting.
+            sh(&format!("umount '{}'", target.display()))?;
+            second.finish()
+        })();
+        let _ = reader.kill();
+        let _ = reader.wait();
+        outcome
+    })
+}
+
+/// The connection is aborted (fusectl) while the holder lives: the holder itself remounts and
+/// re-binds; the namespaced reader recovers by path.
+pub fn aborted_connection_remounts() -> Result<()> {
+    with_shared_root(|data, root| {
+        let (mnt, target, log) = (
+            root.join("mnt"),
+            root.join("target"),
+            root.join("reader.log"),
+        );
+        let m = Mount::local(data, at(&mnt))?;
+        bind(&mnt, &target)?;
+        let mut reader = namespaced_reader(&target.join("f.txt"), &log)?;
+        let outcome = (|| -> Result<()> {
+            let seen = wait_for_line(&log, 0, "ok", Duration::from_secs(10))?;
+            let conn = connection_of(&mnt)?;
+            let aborted = Instant::now();
+            std::fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1")
+                .context("aborting through fusectl")?;
+            wait_for_line(&log, seen, "ok", Duration::from_secs(10))?;
+            let status = wait_for_kind(&m, "remount", Duration::from_secs(10))?;
+            eprintln!(
+                "heal: connection aborted; remounted and re-bound, reader ok again within {:?} (recoveries {})",
+                aborted.elapsed(),
+                status.recoveries
+            );
+            expect_remounted(&m, &target)?;
+            sh(&format!("umount '{}'", target.display()))?;
+            m.finish()
+        })();
+        let _ = reader.kill();
+        let _ = reader.wait();
+        outcome
+    })
+}
+
+fn at(mnt: &Path) -> MountOpts {
+    MountOpts {
+        at: Some(mnt.to_path_buf()),
+        ..MountOpts::flags(&["--no-ebpf"])
+    }
+}
+
+fn bind(from: &Path, to: &Path) -> Result<()> {
+    sh(&format!(
+        "mount --bind '{}' '{}'",
+        from.display(),
+        to.display()
+    ))
+}
+
+/// The fusectl id of the mount at `mnt` (minor of its device, from mountinfo).
+fn connection_of(mnt: &Path) -> Result<u32> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let line = info
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(&*mnt.to_string_lossy()))
+        .context("mount not in mountinfo")?;
+    let dev = line.split(' ').nth(2).context("odd mountinfo")?;
+    Ok(dev.split(':').nth(1).context("odd device")?.parse()?)
+}
+
+fn wait_for_kind(m: &Mount, kind: &str, timeout: Duration) -> Result<Heal> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = heal_status(m)?;
+        if status.last_recovery_kind.as_deref() == Some(kind) {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            bail!("status never said last_recovery_kind = {kind}: {status:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn expect_remounted(m: &Mount, target: &Path) -> Result<()> {
+    ensure!(
+        std::fs::read(target.join("f.txt"))? == b"still here",
+        "the bind target does not show the new mount"
+    );
+    let status = wait_for_kind(m, "remount", Duration::from_secs(5))?;
+    ensure!(status.recoveries >= 1, "{status:?}");
+    Ok(())
+}
+
+/// Runs `scenario(data dir, root)` where root is a shared mount (like the kubelet's pods
+/// directory) holding `mnt` and `target`; cleans up every mount under root afterwards.
+fn with_shared_root(scenario: impl FnOnce(&Path, &Path) -> Result<()>) -> Result<()> {
     let data = tempfile::tempdir()?;
     std::fs::write(data.path().join("f.txt"), b"still here")?;
     let root = tempfile::Builder::new()
         .prefix("berth-e2e-heal-")
         .tempdir()?;
     let root_path = root.path().canonicalize()?;
-    // A shared mount, like the kubelet's pods directory.
     sh(&format!(
         "mount --bind '{0}' '{0}' && mount --make-rshared '{0}'",
         root_path.display()
     ))?;
-    let result = remount_scenario(data.path(), &root_path);
+    std::fs::create_dir_all(root_path.join("mnt"))?;
+    std::fs::create_dir_all(root_path.join("target"))?;
+    let result = scenario(data.path(), &root_path);
     let _ = sh(&format!("umount -R -l '{}'", root_path.display()));
     result
-}
-
-fn remount_scenario(data: &Path, root: &Path) -> Result<()> {
-    let mnt = root.join("mnt");
-    let target = root.join("target");
-    std::fs::create_dir_all(&mnt)?;
-    std::fs::create_dir_all(&target)?;
-    let opts = || MountOpts {
-        at: Some(mnt.clone()),
-        ..MountOpts::flags(&["--no-ebpf"])
-    };
-    let first = Mount::local(data, opts())?;
-    sh(&format!(
-        "mount --bind '{}' '{}'",
-        mnt.display(),
-        target.display()
-    ))?;
-    let log = root.join("reader.log");
-    let mut reader = namespaced_reader(&target.join("f.txt"), &log)?;
-    let outcome = (|| -> Result<()> {
-        let seen = wait_for_line(&log, 0, "ok", Duration::from_secs(10))?;
-        first.crash()?;
-        let broken = wait_for_line(&log, seen, "err", Duration::from_secs(10))?;
-        let healed_at = Instant::now();
-        let second = Mount::local(data, opts())?;
-        let back = wait_for_line(&log, broken, "ok", Duration::from_secs(10))?;
-        eprintln!(
-            "heal: holder killed; reader in another mount namespace saw errors, then ok again {:?} after the new mount started (line {back})",
-            healed_at.elapsed()
-        );
-        ensure!(
-            std::fs::read(target.join("f.txt"))? == b"still here",
-            "the bind target does not show the new mount"
-        );
-        let status = heal_status(&second)?;
-        ensure!(status.last_recovery_kind.as_deref() == Some("remount"));
-        // The bind keeps the connection alive: remove it before unmounting.
-        sh(&format!("umount '{}'", target.display()))?;
-        second.finish()
-    })();
-    let _ = reader.kill();
-    let _ = reader.wait();
-    outcome
 }

@@ -107,6 +107,11 @@ pub fn all() -> Vec<Case> {
             Needs::FUSE,
             heal::holder_killed_remount_rebinds,
         ),
+        case(
+            "heal::aborted_connection_remounts",
+            Needs::FUSE,
+            heal::aborted_connection_remounts,
+        ),
     ];
     // The block cache suite, once per I/O engine.
     macro_rules! both {
