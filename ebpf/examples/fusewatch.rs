@@ -8,7 +8,17 @@ use std::time::Duration;
 
 use berth_ebpf::{connection_id, monotonic_now, opcode_name, Event, FuseWatch};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fusewatch: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut stall = Duration::from_secs(2);
     if let Some(i) = args.iter().position(|a| a == "--stall-ms") {

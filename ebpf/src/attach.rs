@@ -78,11 +78,7 @@ pub(crate) fn attach(
             Err(why) => {
                 unload(ebpf, &FENTRY);
                 if force == Some(AttachMode::Fentry) {
-                    return Err(Error::Attach {
-                        program: why.0,
-                        fentry: "fentry forced".to_string(),
-                        source: why.1,
-                    });
+                    return Err(Error::FentryRefused(describe(why.0, &why.1)));
                 }
                 tracing::debug!(program = why.0, error = %why.1, "fentry refused, using BTF tracepoints");
                 describe(why.0, &why.1)

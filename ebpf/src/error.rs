@@ -42,6 +42,9 @@ pub enum Error {
         source: aya::programs::ProgramError,
     },
 
+    #[error("fentry attach refused (fentry forced): {0}")]
+    FentryRefused(String),
+
     #[error("eBPF object has no {0} (program/loader mismatch)")]
     Missing(&'static str),
 

@@ -2,7 +2,7 @@
 //! buffer plus the in-flight map into [`Event`]s.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, MapData, MapError, RingBuf};
@@ -380,8 +380,37 @@ fn check_privileges() -> Result<(), Error> {
     }
 }
 
-/// True if `tgid` exists and is not a zombie.
+/// True if the thread group `tgid` exists and has not finished exiting.
+///
+/// Uses a pidfd, which becomes readable once the whole group has exited (a
+/// leader that called pthread_exit while other threads run is a zombie in
+/// /proc but its process is alive). Falls back to /proc on kernels without
+/// pidfd_open (< 5.3).
 fn process_alive(tgid: u32) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid as libc::pid_t, 0) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENOSYS) => proc_alive(tgid),
+            // ESRCH: no such process; EINVAL: a thread id, not a process.
+            _ => false,
+        };
+    }
+    // SAFETY: fd was just returned by pidfd_open and is owned by nobody else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: pfd is valid for the call; timeout 0 never blocks.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc == 0
+}
+
+/// /proc fallback of [`process_alive`]: exists and is not a zombie.
+fn proc_alive(tgid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{tgid}/stat")) else {
         return false;
     };

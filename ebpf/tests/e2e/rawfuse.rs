@@ -1,0 +1,189 @@
+//! A FUSE "server" written by hand for the tests: it mounts with mount(2),
+//! answers FUSE_INIT and then never reads /dev/fuse again, so every later
+//! request stays in flight: a hung engine.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+
+const FUSE_INIT: u32 = 26;
+/// sizeof(struct fuse_in_header)
+const IN_HEADER: usize = 40;
+/// sizeof(struct fuse_out_header)
+const OUT_HEADER: usize = 16;
+/// sizeof(struct fuse_init_out) for protocol 7.31+
+const INIT_OUT: usize = 64;
+pub const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// A mounted raw FUSE filesystem. Dropping it aborts the connection (so
+/// blocked callers return), unmounts and removes the directory.
+pub struct RawMount {
+    dev: File,
+    dir: tempfile::TempDir,
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl RawMount {
+    /// Mounts on a fresh temporary directory and answers FUSE_INIT.
+    pub fn mount() -> Result<RawMount> {
+        let dev = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .context("open /dev/fuse")?;
+        let dir = tempfile::Builder::new()
+            .prefix("berth-ebpf-")
+            .tempdir()
+            .context("temp dir")?;
+        // Spelled as mountinfo will show it (connection_id compares text).
+        let path = dir.path().canonicalize().context("canonicalize temp dir")?;
+        let opts = format!("fd={},rootmode=40000,user_id=0,group_id=0", dev.as_raw_fd());
+        mount(
+            "berth-ebpf-test",
+            &path,
+            "fuse",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&opts),
+        )?;
+        let mut m = RawMount {
+            dev,
+            dir,
+            path,
+            mounted: true,
+        };
+        m.answer_init()?;
+        Ok(m)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the FUSE_INIT the kernel queued at mount time and accepts it
+    /// with protocol 7.31 and no optional features.
+    fn answer_init(&mut self) -> Result<()> {
+        let mut buf = vec![0u8; 1 << 17];
+        let n = self.dev.read(&mut buf).context("read FUSE_INIT")?;
+        ensure!(n >= IN_HEADER + 8, "short FUSE_INIT request ({n} bytes)");
+        let opcode = u32::from_ne_bytes(buf[4..8].try_into()?);
+        ensure!(
+            opcode == FUSE_INIT,
+            "first request has opcode {opcode}, not INIT"
+        );
+        let unique = u64::from_ne_bytes(buf[8..16].try_into()?);
+        let kernel_major = u32::from_ne_bytes(buf[IN_HEADER..IN_HEADER + 4].try_into()?);
+        ensure!(kernel_major == 7, "kernel speaks FUSE {kernel_major}.x");
+
+        let mut reply = Vec::with_capacity(OUT_HEADER + INIT_OUT);
+        reply.extend_from_slice(&((OUT_HEADER + INIT_OUT) as u32).to_ne_bytes());
+        reply.extend_from_slice(&0i32.to_ne_bytes()); // error
+        reply.extend_from_slice(&unique.to_ne_bytes());
+        reply.extend_from_slice(&7u32.to_ne_bytes()); // major
+        reply.extend_from_slice(&31u32.to_ne_bytes()); // minor
+        reply.extend_from_slice(&(128u32 * 1024).to_ne_bytes()); // max_readahead
+        reply.extend_from_slice(&0u32.to_ne_bytes()); // flags
+        reply.extend_from_slice(&16u16.to_ne_bytes()); // max_background
+        reply.extend_from_slice(&12u16.to_ne_bytes()); // congestion_threshold
+        reply.extend_from_slice(&(128u32 * 1024).to_ne_bytes()); // max_write
+        reply.extend_from_slice(&1u32.to_ne_bytes()); // time_gran
+        reply.resize(OUT_HEADER + INIT_OUT, 0); // max_pages, map_alignment, flags2, unused
+        let written = self.dev.write(&reply).context("write FUSE_INIT reply")?;
+        ensure!(written == reply.len(), "short INIT reply write");
+        Ok(())
+    }
+
+    /// Writes `1` to `/sys/fs/fuse/connections/<conn>/abort`.
+    pub fn abort(&self, conn: u32) -> Result<()> {
+        let file = format!("{FUSECTL}/{conn}/abort");
+        std::fs::write(&file, b"1").with_context(|| format!("write {file}"))
+    }
+
+    /// Aborts (so nothing is left blocked), unmounts, closes the device and
+    /// removes the directory.
+    pub fn unmount(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        if !self.mounted {
+            return Ok(());
+        }
+        if let Ok(conn) = berth_ebpf::connection_id(&self.path) {
+            let _ = self.abort(conn);
+        }
+        let c = CString::new(self.path.as_os_str().as_bytes())?;
+        // SAFETY: c is a valid NUL-terminated path.
+        let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        if rc != 0 {
+            bail!(
+                "umount {}: {}",
+                self.path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        self.mounted = false;
+        Ok(())
+    }
+}
+
+impl Drop for RawMount {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("rawfuse: cleanup of {}: {e:#}", self.dir.path().display());
+        }
+    }
+}
+
+/// Mounts fusectl at its usual place if it is not there yet. It is left
+/// mounted: it is a standard system mount other processes may be using.
+pub fn ensure_fusectl() -> Result<()> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    if mountinfo
+        .lines()
+        .any(|l| l.contains(" - fusectl ") && l.split(' ').nth(4) == Some(FUSECTL))
+    {
+        return Ok(());
+    }
+    mount("fusectl", Path::new(FUSECTL), "fusectl", 0, None).context("mount fusectl")
+}
+
+fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<()> {
+    let source = CString::new(source)?;
+    let target_c = CString::new(target.as_os_str().as_bytes())?;
+    let fstype = CString::new(fstype)?;
+    let data = data.map(CString::new).transpose()?;
+    let data_ptr = data
+        .as_ref()
+        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
+    // SAFETY: all pointers are valid NUL-terminated strings (or null data).
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data_ptr,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mount {} on {}: {}",
+            source.to_string_lossy(),
+            target.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
