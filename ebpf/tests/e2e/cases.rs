@@ -440,14 +440,60 @@ fn hung_server_stalls_then_abort_is_reported() -> Result<()> {
         opcode_name(opcode)
     );
 
+    // Many blocked callers: each request is reported once, and a scan of the
+    // in-flight map (what in_flight() and the stall scan do) stays cheap.
+    const MORE: usize = 31;
+    let more: Vec<_> = (0..MORE).map(|_| stat_in_thread(&mount)).collect();
+    let give_up = Instant::now() + PATIENCE;
+    while watch.in_flight(conn)? < MORE + 1 {
+        ensure!(
+            Instant::now() < give_up,
+            "{MORE} more stats never got in flight"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let scan_started = Instant::now();
+    let n = watch.in_flight(conn)?;
+    let scan_took = scan_started.elapsed();
+    let mut uniques = std::collections::HashSet::from([unique]);
+    let give_up = Instant::now() + PATIENCE;
+    while uniques.len() < MORE + 1 {
+        ensure!(
+            Instant::now() < give_up,
+            "only {} stalls reported",
+            uniques.len()
+        );
+        for ev in watch.next_events(Duration::from_millis(100))? {
+            match ev {
+                Event::RequestStalled {
+                    conn: c, unique: u, ..
+                } if c == conn => ensure!(uniques.insert(u), "request {u} reported twice"),
+                other => bail!("unexpected event {other:?}"),
+            }
+        }
+    }
+    println!("{n} requests in flight: all reported once; one scan of the map took {scan_took:?}");
+
     let (in_kernel, delivered) = abort_and_expect(&mut watch, &mount, conn, epoch)?;
     let result = stat
         .recv_timeout(PATIENCE)
         .context("stat still blocked after the abort")?;
     let err = match result {
-        Ok(_) => bail!("stat succeeded on an aborted connection"),
-        Err(e) => e,
+        Err(e) if e.raw_os_error() == Some(ECONNABORTED) => e,
+        other => bail!("the blocked stat ended with {other:?}, want ECONNABORTED"),
     };
+    for rx in more {
+        let r = rx
+            .recv_timeout(PATIENCE)
+            .context("a stat still blocked after the abort")?;
+        match r {
+            Err(e) if e.raw_os_error() == Some(ECONNABORTED) => {}
+            other => bail!("a blocked stat ended with {other:?}, want ECONNABORTED"),
+        }
+    }
+    // All those requests ended aborted, but the abort is reported once.
+    let after = watch.next_events(Duration::from_millis(100))?;
+    ensure!(after.is_empty(), "events after the abort: {after:?}");
     ensure!(
         watch.in_flight(conn)? == 0,
         "requests still in flight after abort"
