@@ -50,6 +50,11 @@ pub fn all() -> Vec<Case> {
             run: hung_server_stalls_then_abort_is_reported,
         },
         Case {
+            name: "resent_request_keeps_its_age",
+            needs: Needs::EbpfFuse,
+            run: resent_request_keeps_its_age,
+        },
+        Case {
             name: "reused_connection_id_starts_clean",
             needs: Needs::EbpfFuse,
             run: reused_connection_id_starts_clean,
@@ -502,6 +507,48 @@ fn hung_server_stalls_then_abort_is_reported() -> Result<()> {
         "abort -> seen in kernel: {in_kernel:?}; -> ConnectionAborted returned: {delivered:?}; \
          stat failed with: {err}"
     );
+    watch.unwatch_connection(conn)?;
+    mount.unmount()
+}
+
+/// A request the engine read but never answered, then resent by
+/// FUSE_NOTIFY_RESEND (as a successor engine does): still the same in-flight
+/// request, with its first send time, reported as stalled once.
+fn resent_request_keeps_its_age() -> Result<()> {
+    rawfuse::ensure_fusectl()?;
+    let threshold = Duration::from_millis(300);
+    let mut watch = load(threshold)?;
+    let mut mount = RawMount::mount()?;
+    let conn = connection_id(mount.path())?;
+    let epoch = watch.watch_connection(conn)?;
+    let stat = stat_in_thread(&mount);
+    let (op_read, unique_read) = mount.read_request()?;
+    let (unique, _, _) = expect_stall(&mut watch, conn, epoch, threshold)?;
+    ensure!(
+        unique == unique_read,
+        "stall unique {unique}, server read {unique_read}"
+    );
+
+    mount.notify_resend()?;
+    let (op_again, unique_again) = mount.read_request()?;
+    ensure!(
+        op_again == op_read,
+        "resent opcode {op_again}, first {op_read}"
+    );
+    ensure!(
+        watch.in_flight(conn)? == 1,
+        "resend changed the in-flight count"
+    );
+    // Twice the threshold: a new send event would have been reported again by now.
+    let again = watch.next_events(2 * threshold)?;
+    ensure!(again.is_empty(), "events after the resend: {again:?}");
+    println!(
+        "resend: {} unique {unique_read} came back as {unique_again:#x}; no new send event, \
+         still one request in flight, not reported again",
+        opcode_name(op_read)
+    );
+    let _ = abort_and_expect(&mut watch, &mount, conn, epoch)?;
+    ensure!(stat.recv_timeout(PATIENCE)?.is_err(), "stat succeeded");
     watch.unwatch_connection(conn)?;
     mount.unmount()
 }

@@ -18,6 +18,8 @@ const IN_HEADER: usize = 40;
 const OUT_HEADER: usize = 16;
 /// sizeof(struct fuse_init_out) for protocol 7.31+
 const INIT_OUT: usize = 64;
+/// Read buffer: the kernel wants room for a WRITE of max_write (128 KiB) plus headers.
+const READ_BUF: usize = 256 * 1024;
 pub const FUSECTL: &str = "/sys/fs/fuse/connections";
 
 /// A mounted raw FUSE filesystem. Dropping it aborts the connection (so
@@ -68,7 +70,7 @@ impl RawMount {
     /// Reads the FUSE_INIT the kernel queued at mount time and accepts it
     /// with protocol 7.31 and no optional features.
     fn answer_init(&mut self) -> Result<()> {
-        let mut buf = vec![0u8; 1 << 17];
+        let mut buf = vec![0u8; READ_BUF];
         let n = self.dev.read(&mut buf).context("read FUSE_INIT")?;
         ensure!(n >= IN_HEADER + 8, "short FUSE_INIT request ({n} bytes)");
         let opcode = u32::from_ne_bytes(buf[4..8].try_into()?);
@@ -95,6 +97,30 @@ impl RawMount {
         reply.resize(OUT_HEADER + INIT_OUT, 0); // max_pages, map_alignment, flags2, unused
         let written = self.dev.write(&reply).context("write FUSE_INIT reply")?;
         ensure!(written == reply.len(), "short INIT reply write");
+        Ok(())
+    }
+
+    /// Reads the next request (blocking) and returns its opcode and unique,
+    /// without answering it: the request moves to the kernel's processing list.
+    pub fn read_request(&mut self) -> Result<(u32, u64)> {
+        let mut buf = vec![0u8; READ_BUF];
+        let n = self.dev.read(&mut buf).context("read request")?;
+        ensure!(n >= IN_HEADER, "short request ({n} bytes)");
+        let opcode = u32::from_ne_bytes(buf[4..8].try_into()?);
+        let unique = u64::from_ne_bytes(buf[8..16].try_into()?);
+        Ok((opcode, unique))
+    }
+
+    /// Sends FUSE_NOTIFY_RESEND: the kernel puts every request read but not
+    /// answered back on the pending list (what a successor engine does).
+    pub fn notify_resend(&mut self) -> Result<()> {
+        const FUSE_NOTIFY_RESEND: i32 = 7;
+        let mut msg = Vec::with_capacity(OUT_HEADER);
+        msg.extend_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
+        msg.extend_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+        msg.extend_from_slice(&0u64.to_ne_bytes());
+        let n = self.dev.write(&msg).context("write FUSE_NOTIFY_RESEND")?;
+        ensure!(n == msg.len(), "short notify write");
         Ok(())
     }
 
