@@ -34,6 +34,11 @@
 //! # }
 //! ```
 //!
+//! Instead of a watcher thread, a caller's own event loop can poll the
+//! watch's fd (`AsFd`, readable when the kernel queued events) with at most
+//! [`FuseWatch::poll_timeout`] as timeout, then call
+//! `next_events(Duration::ZERO)`.
+//!
 //! # Attach modes
 //! [`FuseWatch::load`] tries fentry on `taskstats_exit`, `fuse_dev_queue_req`
 //! and `fuse_request_end`; if the kernel refuses (this sandbox kernel answers

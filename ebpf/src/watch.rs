@@ -2,7 +2,7 @@
 //! buffer plus the in-flight map into [`Event`]s.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, MapData, MapError, RingBuf};
@@ -236,6 +236,16 @@ impl FuseWatch {
         Ok(n)
     }
 
+    /// How long an event loop that polls [`FuseWatch`]'s fd (see the `AsFd` impl)
+    /// may sleep before calling [`next_events`](Self::next_events) for the next
+    /// stall scan; `None` while no connection is watched (only the fd matters).
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if self.watched.is_empty() {
+            return None;
+        }
+        Some(self.next_scan.saturating_duration_since(Instant::now()))
+    }
+
     /// Waits up to `timeout` for events and returns them; an empty vector means
     /// nothing happened. Ring-buffer events arrive as soon as the kernel emits
     /// them; stalls are found by scanning the in-flight map every scan interval.
@@ -334,6 +344,15 @@ impl FuseWatch {
             ignore_missing(self.inflight.remove(&key)).map_err(Error::map("INFLIGHT"))?;
         }
         Ok(())
+    }
+}
+
+/// The ring buffer's fd: readable when the kernel has queued events. For a
+/// caller's own epoll loop: wait on it (and at most [`FuseWatch::poll_timeout`]),
+/// then call `next_events(Duration::ZERO)`.
+impl AsFd for FuseWatch {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ring.as_fd()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The cases. Each prints what it measured (latencies are printed, never asserted).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
@@ -205,13 +206,30 @@ fn engine_exit_status_and_unwatch() -> Result<()> {
     let tgid = child.id();
     watch.watch_process(tgid)?;
     child.stdin.take().context("stdin")?.write_all(b"go\n")?;
-    let mut others = Vec::new();
-    let (status, _) = wait_for(&mut watch, &mut others, |ev| match ev {
-        Event::EngineExited {
+    // This time as a caller with its own poll loop would: wait on the fd, then
+    // collect without blocking.
+    ensure!(
+        watch.poll_timeout().is_none(),
+        "a scan is due with no connection watched"
+    );
+    let mut pfd = libc::pollfd {
+        fd: watch.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: pfd is valid for the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, PATIENCE.as_millis() as i32) };
+    ensure!(
+        ready == 1,
+        "the watch fd never became readable (poll returned {ready})"
+    );
+    let events = watch.next_events(Duration::ZERO)?;
+    let status = match events.as_slice() {
+        [Event::EngineExited {
             tgid: t, status, ..
-        } if *t == tgid => Some(*status),
-        _ => None,
-    })?;
+        }] if *t == tgid => *status,
+        other => bail!("after the fd became readable: {other:?}"),
+    };
     child.wait()?;
     ensure!(status.code() == Some(3), "status {status}, want exit 3");
 
