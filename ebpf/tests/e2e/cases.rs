@@ -14,7 +14,7 @@ use berth_ebpf::{
 };
 
 use crate::rawfuse::{self, RawMount};
-use crate::{Case, Needs};
+use crate::{Case, Needs, Run};
 
 /// Generous bound for "the event never came" (a liveness bound, not a speed goal).
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -28,37 +28,42 @@ pub fn all() -> Vec<Case> {
         Case {
             name: "load_reports_attach_mode",
             needs: Needs::Ebpf,
-            run: load_reports_attach_mode,
+            run: Run::Test(load_reports_attach_mode),
         },
         Case {
             name: "engine_exit_by_sigkill_is_reported",
             needs: Needs::Ebpf,
-            run: engine_exit_by_sigkill_is_reported,
+            run: Run::Test(engine_exit_by_sigkill_is_reported),
         },
         Case {
             name: "engine_exit_status_and_unwatch",
             needs: Needs::Ebpf,
-            run: engine_exit_status_and_unwatch,
+            run: Run::Test(engine_exit_status_and_unwatch),
         },
         Case {
             name: "thread_exits_are_not_engine_exits",
             needs: Needs::Ebpf,
-            run: thread_exits_are_not_engine_exits,
+            run: Run::Test(thread_exits_are_not_engine_exits),
         },
         Case {
             name: "hung_server_stalls_then_abort_is_reported",
             needs: Needs::EbpfFuse,
-            run: hung_server_stalls_then_abort_is_reported,
+            run: Run::Test(hung_server_stalls_then_abort_is_reported),
         },
         Case {
             name: "resent_request_keeps_its_age",
             needs: Needs::EbpfFuse,
-            run: resent_request_keeps_its_age,
+            run: Run::Test(resent_request_keeps_its_age),
         },
         Case {
             name: "reused_connection_id_starts_clean",
             needs: Needs::EbpfFuse,
-            run: reused_connection_id_starts_clean,
+            run: Run::Test(reused_connection_id_starts_clean),
+        },
+        Case {
+            name: "bench_probe_overhead_per_request",
+            needs: Needs::EbpfFuse,
+            run: Run::Bench(bench_probe_overhead_per_request),
         },
     ]
 }
@@ -630,4 +635,73 @@ fn reused_connection_id_starts_clean() -> Result<()> {
         return b.unmount();
     }
     bail!("the kernel never gave the second mount the first one's id in {ATTEMPTS} attempts")
+}
+
+/// What the send/end probes cost a FUSE request: stat(2) round trips to a
+/// server that answers GETATTR at once, with no watch loaded, with the
+/// programs attached but this connection not watched, and with it watched.
+/// Rounds alternate the three setups; the median of each is printed.
+///
+/// Returns the watched round trip in ns in bench mode.
+fn bench_probe_overhead_per_request(test_mode: bool) -> Result<Option<u64>> {
+    let (stats, rounds) = if test_mode { (200, 1) } else { (20_000, 5) };
+    rawfuse::ensure_fusectl()?;
+    let mount = RawMount::mount()?;
+    let (server, served) = mount.serve_getattr()?;
+    let conn = connection_id(mount.path())?;
+    let run = |n: usize| -> Result<Duration> {
+        let before = served.load(std::sync::atomic::Ordering::Relaxed);
+        let start = Instant::now();
+        for _ in 0..n {
+            std::fs::metadata(mount.path()).context("stat through the test server")?;
+        }
+        let took = start.elapsed() / n as u32;
+        let answered = served.load(std::sync::atomic::Ordering::Relaxed) - before;
+        // Attributes are valid for 0 s: every stat must be a GETATTR round trip.
+        // (The server counts after its reply write returns, which may be after
+        // the last stat returned: one may be missing from the count.)
+        ensure!(
+            answered as usize + 1 >= n,
+            "{n} stats, only {answered} GETATTRs"
+        );
+        Ok(took)
+    };
+    // Warm up; the first stat's STATX gets ENOSYS, GETATTR from then on.
+    for _ in 0..1000 {
+        std::fs::metadata(mount.path()).context("warm-up stat")?;
+    }
+    let (mut none, mut loaded, mut watched) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        none.push(run(stats)?);
+        let mut watch = load(Duration::from_secs(5))?;
+        loaded.push(run(stats)?);
+        let epoch = watch.watch_connection(conn)?;
+        watched.push(run(stats)?);
+        ensure!(
+            watch.in_flight(conn)? == 0,
+            "answered requests left in flight"
+        );
+        let events = watch.next_events(Duration::ZERO)?;
+        ensure!(
+            events.is_empty(),
+            "events from a healthy server: {events:?} (epoch {epoch})"
+        );
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (none, loaded, watched) = (median(&mut none), median(&mut loaded), median(&mut watched));
+    let ratio = |d: Duration| d.as_secs_f64() / none.as_secs_f64();
+    println!(
+        "stat round trip ({stats} x {rounds} rounds): no watch {none:?}; programs attached, \
+         connection not watched {loaded:?} (x{:.3}); connection watched {watched:?} (x{:.3})",
+        ratio(loaded),
+        ratio(watched)
+    );
+    mount.unmount()?;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    Ok((!test_mode).then(|| watched.as_nanos() as u64))
 }

@@ -15,7 +15,7 @@ mod rawfuse;
 
 use std::process::ExitCode;
 
-use libtest_mimic::{Arguments, Completion, Failed, Trial};
+use libtest_mimic::{Arguments, Completion, Failed, Measurement, Trial};
 
 /// What a case needs from the machine.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -29,7 +29,14 @@ pub enum Needs {
 pub struct Case {
     pub name: &'static str,
     pub needs: Needs,
-    pub run: fn() -> anyhow::Result<()>,
+    pub run: Run,
+}
+
+pub enum Run {
+    Test(fn() -> anyhow::Result<()>),
+    /// A benchmark: prints its figures; quick (a correctness run) unless
+    /// `--bench`, where it returns the main figure in ns.
+    Bench(fn(bool) -> anyhow::Result<Option<u64>>),
 }
 
 fn main() -> ExitCode {
@@ -47,10 +54,16 @@ fn main() -> ExitCode {
 fn trial(case: Case, strict: bool) -> Trial {
     let missing = missing(case.needs);
     if missing.is_empty() {
-        let run = case.run;
-        return Trial::test(case.name, move || {
-            run().map_err(|e| Failed::from(format!("{e:#}")))
-        });
+        return match case.run {
+            Run::Test(run) => Trial::test(case.name, move || {
+                run().map_err(|e| Failed::from(format!("{e:#}")))
+            }),
+            Run::Bench(run) => Trial::bench(case.name, move |test_mode| {
+                run(test_mode)
+                    .map(|ns| ns.map(|avg| Measurement { avg, variance: 0 }))
+                    .map_err(|e| Failed::from(format!("{e:#}")))
+            }),
+        };
     }
     let why = missing.join("; ");
     if strict {

@@ -8,9 +8,12 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 
+const FUSE_GETATTR: u32 = 3;
 const FUSE_INIT: u32 = 26;
 /// sizeof(struct fuse_in_header)
 const IN_HEADER: usize = 40;
@@ -111,6 +114,46 @@ impl RawMount {
         Ok((opcode, unique))
     }
 
+    /// Starts a thread that answers on a dup of the device: ENOSYS to STATX
+    /// (the kernel then uses GETATTR) and to everything else, and GETATTR of
+    /// the root with attributes valid for 0 s, so every stat(2) is a request.
+    /// The thread ends when the connection goes away (abort, unmount).
+    /// Returns the thread and a counter of GETATTRs answered.
+    pub fn serve_getattr(&self) -> Result<(std::thread::JoinHandle<Result<()>>, Arc<AtomicU64>)> {
+        let mut dev = self.dev.try_clone().context("dup /dev/fuse")?;
+        let served = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&served);
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; READ_BUF];
+            loop {
+                let n = match dev.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e).context("serve: read"),
+                };
+                ensure!(n >= IN_HEADER, "serve: short request");
+                let opcode = u32::from_ne_bytes(buf[4..8].try_into()?);
+                let unique = u64::from_ne_bytes(buf[8..16].try_into()?);
+                let reply = match opcode {
+                    FUSE_GETATTR => getattr_reply(unique),
+                    _ => error_reply(unique, libc::ENOSYS),
+                };
+                match dev.write(&reply) {
+                    Ok(_) if opcode == FUSE_GETATTR => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    // The request was interrupted or the connection aborted meanwhile.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+                    Err(e) => return Err(e).context("serve: write"),
+                }
+            }
+        });
+        Ok((thread, served))
+    }
+
     /// Sends FUSE_NOTIFY_RESEND: the kernel puts every request read but not
     /// answered back on the pending list (what a successor engine does).
     pub fn notify_resend(&mut self) -> Result<()> {
@@ -164,6 +207,33 @@ impl Drop for RawMount {
             eprintln!("rawfuse: cleanup of {}: {e:#}", self.dir.path().display());
         }
     }
+}
+
+fn error_reply(unique: u64, errno: i32) -> Vec<u8> {
+    let mut r = Vec::with_capacity(OUT_HEADER);
+    r.extend_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
+    r.extend_from_slice(&(-errno).to_ne_bytes());
+    r.extend_from_slice(&unique.to_ne_bytes());
+    r
+}
+
+/// fuse_out_header + fuse_attr_out for the root directory (inode 1, 0755).
+fn getattr_reply(unique: u64) -> Vec<u8> {
+    const ATTR_OUT: usize = 16 + 88;
+    let mut r = Vec::with_capacity(OUT_HEADER + ATTR_OUT);
+    r.extend_from_slice(&((OUT_HEADER + ATTR_OUT) as u32).to_ne_bytes());
+    r.extend_from_slice(&0i32.to_ne_bytes());
+    r.extend_from_slice(&unique.to_ne_bytes());
+    r.extend_from_slice(&[0u8; 16]); // attr_valid (s, ns) = 0: ask again next time
+    r.extend_from_slice(&1u64.to_ne_bytes()); // ino
+    r.extend_from_slice(&[0u8; 5 * 8]); // size, blocks, atime, mtime, ctime
+    r.extend_from_slice(&[0u8; 3 * 4]); // atimensec, mtimensec, ctimensec
+    r.extend_from_slice(&0o040755u32.to_ne_bytes()); // mode
+    r.extend_from_slice(&2u32.to_ne_bytes()); // nlink
+    r.extend_from_slice(&[0u8; 3 * 4]); // uid, gid, rdev
+    r.extend_from_slice(&4096u32.to_ne_bytes()); // blksize
+    r.extend_from_slice(&0u32.to_ne_bytes()); // flags
+    r
 }
 
 /// Mounts fusectl at its usual place if it is not there yet. It is left
