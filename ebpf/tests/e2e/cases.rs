@@ -703,5 +703,5 @@ fn bench_probe_overhead_per_request(test_mode: bool) -> Result<Option<u64>> {
     server
         .join()
         .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
-    Ok((!test_mode).then(|| watched.as_nanos() as u64))
+    Ok((!test_mode).then_some(watched.as_nanos() as u64))
 }
