@@ -20,6 +20,14 @@ fn main() {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
+    if !have_clang {
+        // A path that never exists makes cargo rerun this script on every
+        // build while clang is missing, so installing it later (`cargo xtask
+        // setup`) is picked up without `cargo clean`. (Watching the clang
+        // binary would not do: dpkg keeps the package's old mtimes.)
+        let never = out_dir.join("rerun-until-clang-is-installed");
+        println!("cargo:rerun-if-changed={}", never.display());
+    }
     for name in PROGRAMS {
         let src = format!("src/bpf/{name}.bpf.c");
         let obj = out_dir.join(format!("{name}.bpf.o"));
@@ -29,7 +37,11 @@ fn main() {
                 "cargo:warning=berth-ebpf: `{clang}` not found; building without eBPF programs \
                  (install clang, e.g. `apt-get install clang`, to enable eBPF detection)"
             );
-            std::fs::write(&obj, b"").expect("write empty eBPF object");
+            // Leave an existing empty object alone so the crate is not
+            // recompiled on every build while clang is missing.
+            if std::fs::metadata(&obj).map_or(true, |m| m.len() != 0) {
+                std::fs::write(&obj, b"").expect("write empty eBPF object");
+            }
             continue;
         }
         // -g emits the BTF that CO-RE relocations and BTF-defined maps need.
