@@ -66,6 +66,14 @@ pub(crate) fn attach(
     btf: &Btf,
     force: Option<AttachMode>,
 ) -> Result<Attached, Error> {
+    // A program missing from the object is a build mismatch, not a refusal.
+    if let Some(hook) = FENTRY
+        .iter()
+        .chain(&TRACEPOINTS)
+        .find(|hook| ebpf.program(hook.program).is_none())
+    {
+        return Err(Error::Missing(hook.program));
+    }
     let fentry_refusal = match force {
         Some(AttachMode::BtfTracepoint) => "not tried (BtfTracepoint forced)".to_string(),
         _ => match attach_fentry(ebpf, btf) {
@@ -125,6 +133,7 @@ fn attach_tracepoints(ebpf: &mut Ebpf, btf: &Btf, fentry: &str) -> Result<(), Er
     Ok(())
 }
 
+/// A program of the object (checked present by [`attach`]).
 fn program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,

@@ -47,8 +47,9 @@ unsafe impl aya::Pod for ConnWatch {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Inflight {}
 
-/// Options for [`FuseWatch::load_with`].
+/// Options for [`FuseWatch::load_with`]: `Options::new(threshold)`, then set fields.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Options {
     /// A request in flight longer than this is reported as [`Event::RequestStalled`].
     pub stall_threshold: Duration,
@@ -58,6 +59,17 @@ pub struct Options {
     pub scan_interval: Option<Duration>,
     /// Attach only this way (tests; `None` = fentry, then BTF tracepoints).
     pub force_mode: Option<AttachMode>,
+}
+
+impl Options {
+    /// Defaults for everything but the stall threshold.
+    pub fn new(stall_threshold: Duration) -> Options {
+        Options {
+            stall_threshold,
+            scan_interval: None,
+            force_mode: None,
+        }
+    }
 }
 
 /// The loaded and attached FUSE health watch. See the crate docs.
@@ -85,11 +97,7 @@ pub struct FuseWatch {
 impl FuseWatch {
     /// Loads and attaches the programs (fentry if allowed, else BTF tracepoints).
     pub fn load(stall_threshold: Duration) -> Result<FuseWatch, Error> {
-        FuseWatch::load_with(Options {
-            stall_threshold,
-            scan_interval: None,
-            force_mode: None,
-        })
+        FuseWatch::load_with(Options::new(stall_threshold))
     }
 
     /// [`FuseWatch::load`] with all options.

@@ -114,11 +114,9 @@ fn load_reports_attach_mode() -> Result<()> {
 
     // Forcing each mode: tracepoints must work wherever the default fell back to them.
     let forced = |m| {
-        FuseWatch::load_with(Options {
-            stall_threshold: Duration::from_secs(1),
-            scan_interval: None,
-            force_mode: Some(m),
-        })
+        let mut opts = Options::new(Duration::from_secs(1));
+        opts.force_mode = Some(m);
+        FuseWatch::load_with(opts)
     };
     let tp = forced(AttachMode::BtfTracepoint).context("forced BtfTracepoint")?;
     ensure!(tp.attach_mode() == AttachMode::BtfTracepoint);
