@@ -91,6 +91,7 @@ struct Engine {
     generation: u64,
     child: Child,
     sock: UnixStream,
+    started: Instant,
 }
 
 pub struct Holder {
@@ -325,6 +326,7 @@ impl Holder {
             generation,
             child,
             sock: ours,
+            started: Instant::now(),
         });
         Ok(generation)
     }
@@ -458,6 +460,7 @@ impl Holder {
                 }
                 Some(Event::EngineGone { generation }) => {
                     if self.is_current(generation) {
+                        self.facts.last_detected_by = Some("socket".into());
                         self.on_engine_gone(Instant::now(), "the engine exited");
                     }
                 }
@@ -495,12 +498,17 @@ impl Holder {
                 self.on_connection_lost(i);
                 return;
             }
+            // With eBPF the probes report stalls first; this check stays as a safety net
+            // (a stall the probes reported while a successor was starting is not re-reported).
+            let timeout = if self.detector.name() == "ebpf" {
+                self.hang_timeout * 2
+            } else {
+                self.hang_timeout
+            };
             let m = &mut self.mounts[i];
             let waiting = m.conn.and_then(fuse::waiting_requests);
-            if let Some(waited) = m
-                .hang
-                .check(waiting, m.shared.progress().1, self.hang_timeout)
-            {
+            if let Some(waited) = m.hang.check(waiting, m.shared.progress().1, timeout) {
+                self.facts.last_detected_by = Some("fusectl".into());
                 let generation = self.generation;
                 self.on_hung(generation, i, waited);
                 return;
@@ -512,10 +520,21 @@ impl Holder {
         match event {
             DetectorEvent::EngineExited { pid } => {
                 if self.engine.as_ref().is_some_and(|e| e.child.id() == pid) {
+                    self.facts.last_detected_by = Some("ebpf".into());
                     self.on_engine_gone(Instant::now(), "eBPF saw the engine exit");
                 }
             }
             DetectorEvent::Stalled { conn, waited } => {
+                // Requests queued while a successor was starting look stalled too; only an
+                // engine that has served for the whole timeout can be hung.
+                if self
+                    .engine
+                    .as_ref()
+                    .is_none_or(|e| e.started.elapsed() < self.hang_timeout)
+                {
+                    return;
+                }
+                self.facts.last_detected_by = Some("ebpf".into());
                 if let Some(i) = self
                     .mounts
                     .iter()

@@ -53,6 +53,9 @@ pub struct HolderFacts {
     pub last_recovery_ms: Option<u64>,
     /// "takeover" (engine replaced, nothing lost) or "remount" (connection lost).
     pub last_recovery_kind: Option<String>,
+    /// What noticed the last death or hang: "ebpf", "socket" (the engine's socket closed),
+    /// "fusectl" (requests waiting, no progress).
+    pub last_detected_by: Option<String>,
     /// CLOCK_MONOTONIC when the last engine death or hang was noticed.
     pub last_detection_mono_ns: Option<u64>,
     /// A remount happened: files open at the time were lost.

@@ -17,6 +17,8 @@ impl Needs {
     pub const SHARED_SERVER: Needs = Needs(4 | 2);
     /// The usual S3 test: FUSE plus the shared server.
     pub const S3_MOUNT: Needs = Needs(1 | 4 | 2);
+    /// What berth's eBPF probes need: root, kernel BTF, and probes built into this berth.
+    pub const EBPF: Needs = Needs(8);
 
     pub const fn union(self, other: Needs) -> Needs {
         Needs(self.0 | other.0)
@@ -38,6 +40,7 @@ pub struct Missing {
 pub struct Requirements {
     fuse: Result<(), String>,
     weed: Result<PathBuf, String>,
+    ebpf: Result<(), String>,
 }
 
 impl Requirements {
@@ -45,6 +48,7 @@ impl Requirements {
         Requirements {
             fuse: detect_fuse(),
             weed: find_weed(),
+            ebpf: detect_ebpf(),
         }
     }
 
@@ -58,6 +62,14 @@ impl Requirements {
             if let Err(reason) = &self.fuse {
                 out.push(Missing {
                     kind: "FUSE",
+                    reason: reason.clone(),
+                });
+            }
+        }
+        if needs.contains(Needs::EBPF) {
+            if let Err(reason) = &self.ebpf {
+                out.push(Missing {
+                    kind: "eBPF",
                     reason: reason.clone(),
                 });
             }
@@ -86,6 +98,20 @@ fn detect_fuse() -> Result<(), String> {
         .open("/dev/fuse")
         .map(drop)
         .map_err(|e| format!("/dev/fuse cannot be opened: {e}"))
+}
+
+fn detect_ebpf() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not running as root".into());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err("the kernel has no BTF (/sys/kernel/btf/vmlinux)".into());
+    }
+    if !berth_ebpf::programs_built() {
+        return Err("berth was built without its eBPF programs (clang was missing)".into());
+    }
+    Ok(())
 }
 
 /// `BERTH_WEED_BIN`, else `<repo>/.tools/venv/bin/weed`, else `weed` on `PATH`.

@@ -23,7 +23,6 @@ type WriteLog = Vec<(String, Vec<u8>, Result<(), String>)>;
 
 /// Which detection layer a test runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(dead_code)] // Ebpf: cases are registered when the eBPF layer is wired in
 pub enum Detector {
     Ebpf,
     Fallback,
@@ -53,6 +52,7 @@ struct Heal {
     detector: String,
     recoveries: u64,
     last_recovery_kind: Option<String>,
+    last_detected_by: Option<String>,
 }
 
 fn status_file(m: &Mount) -> Result<PathBuf> {
@@ -87,6 +87,7 @@ fn heal_status(m: &Mount) -> Result<Heal> {
         detector: v["detector"].as_str().unwrap_or_default().to_string(),
         recoveries: v["recoveries"].as_u64().unwrap_or(0),
         last_recovery_kind: v["last_recovery_kind"].as_str().map(str::to_string),
+        last_detected_by: v["last_detected_by"].as_str().map(str::to_string),
     })
 }
 
@@ -376,6 +377,15 @@ pub fn hung_engine_replaced(detector: Detector) -> Result<()> {
         &errors[..errors.len().min(5)]
     );
     ensure!(after.recoveries >= 1);
+    let want = match detector {
+        Detector::Ebpf => "ebpf",
+        Detector::Fallback => "fusectl",
+    };
+    ensure!(
+        after.last_detected_by.as_deref() == Some(want),
+        "the hang was detected by {:?}, want {want}",
+        after.last_detected_by
+    );
     ensure!(
         max_stall >= Duration::from_millis(1500),
         "a stopped engine should have stalled someone for about the hang timeout; max stall was {max_stall:?}"

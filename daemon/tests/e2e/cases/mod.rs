@@ -101,6 +101,16 @@ pub fn all() -> Vec<Case> {
         case("heal::hung_engine_replaced::fallback", s3, || {
             heal::hung_engine_replaced(heal::Detector::Fallback)
         }),
+        case(
+            "heal::kill9_under_load::ebpf",
+            s3.union(Needs::EBPF),
+            || heal::kill9_under_load(heal::Detector::Ebpf),
+        ),
+        case(
+            "heal::hung_engine_replaced::ebpf",
+            s3.union(Needs::EBPF),
+            || heal::hung_engine_replaced(heal::Detector::Ebpf),
+        ),
         case("heal::upgrade_under_load", s3, heal::upgrade_under_load),
         case(
             "heal::holder_killed_remount_rebinds",
