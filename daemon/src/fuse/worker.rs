@@ -237,8 +237,25 @@ fn serve_one(
         let captured = capture.take();
         if !captured.is_empty() {
             shared.journal_reply(header.request_id(), &captured);
+            crash_if_injected(header.opcode);
             write_reply(fd, &captured);
         }
+    }
+}
+
+/// Fault injection for the takeover tests: `BERTH_FAULT_CRASH_BEFORE_REPLY=<opcode number>`
+/// makes the engine abort after applying and journaling such a request but before replying,
+/// the one window where a resent request would otherwise be applied twice.
+fn crash_if_injected(opcode: u32) {
+    static CRASH_ON: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let crash_on = CRASH_ON.get_or_init(|| {
+        std::env::var("BERTH_FAULT_CRASH_BEFORE_REPLY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if *crash_on == Some(opcode) {
+        tracing::warn!(opcode, "fault injection: engine aborts before replying");
+        std::process::abort();
     }
 }
 

@@ -299,6 +299,10 @@ impl Holder {
         let (ours, theirs) = UnixStream::pair().context("creating the handoff socket")?;
         let their_fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&self.binary);
+        if generation > 1 {
+            // Fault injection (tests) crashes the first engine only.
+            cmd.env_remove("BERTH_FAULT_CRASH_BEFORE_REPLY");
+        }
         cmd.arg("engine")
             .arg("--handoff-fd")
             .arg(their_fd.to_string())

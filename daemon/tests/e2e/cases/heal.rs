@@ -393,6 +393,44 @@ pub fn hung_engine_replaced(detector: Detector) -> Result<()> {
     m.finish()
 }
 
+/// The engine applies a mkdir, journals its reply and dies before replying: the successor
+/// gets the resent request and answers from the journal, so mkdir succeeds once instead of
+/// failing with EEXIST.
+pub fn resent_mkdir_is_not_applied_twice() -> Result<()> {
+    const FUSE_MKDIR: &str = "9";
+    let server = shared_server()?;
+    let bucket = server.bucket("heal-resend")?;
+    bucket.put("keep", b"x".to_vec())?;
+    let m = Mount::s3(
+        server,
+        &bucket.name,
+        None,
+        MountOpts {
+            env: vec![("BERTH_FAULT_CRASH_BEFORE_REPLY".into(), FUSE_MKDIR.into())],
+            ..MountOpts::flags(&["--no-ebpf"])
+        },
+    )?;
+    let result = std::fs::create_dir(m.path().join("made-once"));
+    let status = wait_for_kind(&m, "takeover", Duration::from_secs(10))?;
+    ensure!(
+        result.is_ok(),
+        "mkdir failed after the takeover: {result:?} (a resent mkdir was applied twice?)"
+    );
+    ensure!(
+        bucket.exists("made-once/")?,
+        "the directory marker is not in the store"
+    );
+    ensure!(
+        status.recoveries == 1,
+        "the engine should have died once: {status:?}"
+    );
+    ensure!(
+        m.log().contains("replaying its journaled reply"),
+        "no journal replay in the log"
+    );
+    m.finish()
+}
+
 /// `berth upgrade` under load: no error, and every write is committed.
 pub fn upgrade_under_load() -> Result<()> {
     let (bucket, big) = setup("heal-upgrade")?;

@@ -113,6 +113,11 @@ pub fn all() -> Vec<Case> {
         ),
         case("heal::upgrade_under_load", s3, heal::upgrade_under_load),
         case(
+            "heal::resent_mkdir_is_not_applied_twice",
+            s3,
+            heal::resent_mkdir_is_not_applied_twice,
+        ),
+        case(
             "heal::holder_killed_remount_rebinds",
             Needs::FUSE,
             heal::holder_killed_remount_rebinds,
