@@ -62,6 +62,7 @@ pub struct Ctx {
 /// A progress bar that also carries log lines without tearing the bar.
 pub struct Progress {
     bar: ProgressBar,
+    start: std::time::Instant,
 }
 
 impl Progress {
@@ -72,7 +73,10 @@ impl Progress {
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        Progress { bar }
+        Progress {
+            bar,
+            start: std::time::Instant::now(),
+        }
     }
 
     pub fn plan(&self, steps: u64) {
@@ -86,7 +90,7 @@ impl Progress {
         }
         self.bar.set_message(what.to_owned());
         if self.bar.is_hidden() {
-            eprintln!("bench: {what}");
+            eprintln!("bench: [{:>6.1}s] {what}", self.start.elapsed().as_secs_f64());
         }
     }
 
