@@ -391,25 +391,6 @@ impl Matrix<'_> {
         let s = &self.sizes;
         let limit = s.meta_timeout;
         let mut hung = false;
-        for (label, count) in &s.dirs {
-            let id = format!("readdir-{label}-cold");
-            if !self.filter.wants(&id) || hung {
-                continue;
-            }
-            self.progress.step(&format!("{}: {id}", peer.name()));
-            let dir = m.mp.join("dirs").join(label);
-            let want = *count;
-            let r = with_timeout(limit, move || {
-                let t = Instant::now();
-                let n = std::fs::read_dir(&dir)?.count() as u64;
-                if n != want {
-                    bail!("listed {n} entries, expected {want}");
-                }
-                Ok(t.elapsed().as_secs_f64())
-            });
-            hung |= r.as_ref().is_err_and(|e| e.contains("timed out"));
-            f.insert(id, r);
-        }
         if self.filter.wants("ttfb-small") && !hung {
             self.progress
                 .step(&format!("{}: ttfb-small-cold", peer.name()));
@@ -448,6 +429,25 @@ impl Matrix<'_> {
                 .and_then(|started| self.wait_durable(&name, s.write, started))
                 .map_err(show);
             f.insert("write-seq-new".into(), r);
+        }
+        for (label, count) in &s.dirs {
+            let id = format!("readdir-{label}-cold");
+            if !self.filter.wants(&id) || hung {
+                continue;
+            }
+            self.progress.step(&format!("{}: {id}", peer.name()));
+            let dir = m.mp.join("dirs").join(label);
+            let want = *count;
+            let r = with_timeout(limit, move || {
+                let t = Instant::now();
+                let n = std::fs::read_dir(&dir)?.count() as u64;
+                if n != want {
+                    bail!("listed {n} entries, expected {want}");
+                }
+                Ok(t.elapsed().as_secs_f64())
+            });
+            hung |= r.as_ref().is_err_and(|e| e.contains("timed out"));
+            f.insert(id, r);
         }
         if hung {
             m.kill();

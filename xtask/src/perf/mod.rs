@@ -90,7 +90,10 @@ impl Progress {
         }
         self.bar.set_message(what.to_owned());
         if self.bar.is_hidden() {
-            eprintln!("bench: [{:>6.1}s] {what}", self.start.elapsed().as_secs_f64());
+            eprintln!(
+                "bench: [{:>6.1}s] {what}",
+                self.start.elapsed().as_secs_f64()
+            );
         }
     }
 
