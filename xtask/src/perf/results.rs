@@ -231,7 +231,12 @@ pub fn markdown_notes(results: &Value) -> Result<String> {
     let mut seen: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for w in &workloads {
         for (system, note) in &w.notes {
-            seen.entry((system.clone(), note.clone()))
+            // One line per note in a table footnote: the first line, at most 200 characters.
+            let mut note: String = note.lines().next().unwrap_or_default().to_owned();
+            if note.chars().count() > 200 {
+                note = note.chars().take(200).collect::<String>() + "…";
+            }
+            seen.entry((system.clone(), note))
                 .or_default()
                 .push(w.id.clone());
         }
