@@ -177,7 +177,7 @@ async fn put_many(c: &Client, bucket: &str, prefix: &str, count: u64, size: u64)
     let mut set = JoinSet::new();
     for n in 0..count {
         if set.len() >= PUTS_IN_FLIGHT {
-            set.join_next().await.context("join")??;
+            set.join_next().await.context("join")???;
         }
         let req = c
             .put_object()
