@@ -78,6 +78,8 @@ impl Peer {
                     .args(["--metadata-ttl", &format!("{ttl}s")])
                     .arg("--state-dir")
                     .arg(state)
+                    // Tuning experiments: extra flags, recorded in the command line.
+                    .args(extra_berth_args())
                     .env("RUST_LOG", "berth=warn");
             }
             Kind::Mountpoint => {
@@ -189,6 +191,16 @@ impl Peer {
         m.wait_mounted()?;
         Ok(m)
     }
+}
+
+/// `BERTH_BENCH_BERTH_ARGS`, split on whitespace: extra `berth mount` flags for experiments
+/// (e.g. `--block-size 4MiB`). Empty for the committed results.
+fn extra_berth_args() -> Vec<String> {
+    std::env::var("BERTH_BENCH_BERTH_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A running mount; unmounted (and its process reaped or killed) on drop.
