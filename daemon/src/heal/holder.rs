@@ -594,11 +594,7 @@ impl Holder {
             self.on_connection_lost(i);
             return;
         }
-        if self.signals > 0 {
-            // Shutting down: an engine that exits now is not replaced; unmount takes over.
-            tracing::info!(%status, "engine exited during shutdown");
-            return;
-        }
+        // Even while shutting down: a mount still busy needs an engine until it is unmounted.
         tracing::warn!(%status, why, generation = self.generation, "engine gone; starting a successor on the held connections");
         self.facts.recoveries += 1;
         self.facts.last_recovery_kind = Some("takeover".into());
