@@ -223,18 +223,26 @@ fn wait_cached(work: &Path, mnt: &Path, size: u64) -> Result<()> {
     }
 }
 
-/// utime + stime of a process, in seconds.
-/// CPU time of `pid` and its live children (a berth mount is a holder plus an engine).
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let mut total = process_cpu_seconds(pid)?;
+/// `pid` and its live children: a berth mount is a holder process plus an engine child, and
+/// what it costs is the sum of both.
+pub(crate) fn process_and_children(pid: u32) -> Vec<u32> {
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-        total += process_cpu_seconds(child).unwrap_or(0.0);
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .collect()
+}
+
+/// CPU seconds (utime + stime) of `pid` and its live children.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let mut total = 0.0;
+    for p in process_and_children(pid) {
+        total += process_cpu_seconds(p)?;
     }
     Ok(total)
 }
 
+/// utime + stime of a process, in seconds.
 fn process_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after_comm = stat.rsplit_once(')').context("odd /proc stat")?.1;

@@ -243,9 +243,7 @@ impl Mounted {
     pub fn peak_rss(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
         let mut total = vm_hwm(pid)?;
-        let children =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        for child in crate::bench::process_and_children(pid).into_iter().skip(1) {
             total += vm_hwm(child).unwrap_or(0);
         }
         Some(total)
