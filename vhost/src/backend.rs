@@ -75,9 +75,11 @@ impl<F: FileSystem + Send + Sync + 'static> FsBackend<F> {
                 let Some(chain) = next else { break };
                 let head = chain.head_index();
                 let len = handle_chain(&self.server, &*mem, chain);
-                vring
-                    .add_used(head, len)
-                    .map_err(|e| format!("returning descriptor {head}: {e}"))?;
+                if let Err(e) = vring.add_used(head, len) {
+                    // A head index the guest made up: nothing to return, go on with the rest.
+                    tracing::warn!(head, error = %e, "cannot return a descriptor chain");
+                    continue;
+                }
                 if vring
                     .needs_notification()
                     .map_err(|e| format!("checking notification: {e}"))?

@@ -8,10 +8,12 @@
 //! VMM can attach without restarting berth.
 //!
 //! - [`request`]: one descriptor chain -> one FUSE request -> one reply (untrusted input);
-//! - [`backend`]: the vhost-user backend of one connection (queues, workers, events).
+//! - [`backend`]: the vhost-user backend of one connection (queues, workers, events);
+//! - [`testing`]: a virtqueue in plain memory for tests and fuzzing without a VMM.
 
 pub mod backend;
 pub mod request;
+pub mod testing;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

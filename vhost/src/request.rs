@@ -34,6 +34,24 @@ where
     reply_error(mem, chain, libc::EIO)
 }
 
+/// [`handle_chain`] without the panic guard, so that tests and fuzzing see panics.
+#[doc(hidden)]
+pub fn handle_chain_unguarded<F, M>(
+    server: &Server<F>,
+    mem: &M::Target,
+    chain: DescriptorChain<M>,
+) -> u32
+where
+    F: FileSystem + Sync,
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+{
+    match serve(server, mem, chain.clone()) {
+        Ok(written) => u32::try_from(written).unwrap_or(u32::MAX),
+        Err(_) => reply_error(mem, chain, libc::EIO),
+    }
+}
+
 fn serve<F, M>(
     server: &Server<F>,
     mem: &M::Target,
