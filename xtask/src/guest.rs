@@ -188,8 +188,9 @@ fn init_script(tag: &str, body: &str) -> String {
     )
 }
 
-/// Writes a cpio (newc) initramfs: busybox, the modules and /init.
-pub fn build_initramfs(path: &Path, tag: &str, body: &str) -> Result<()> {
+/// Writes a cpio (newc) initramfs: busybox, the modules, `files` (executables in /bin) and
+/// /init.
+pub fn build_initramfs(path: &Path, tag: &str, body: &str, files: &[GuestFile]) -> Result<()> {
     let mut cpio = Cpio::default();
     for dir in [
         "bin",
@@ -214,6 +215,9 @@ pub fn build_initramfs(path: &Path, tag: &str, body: &str) -> Result<()> {
             0o644,
             &std::fs::read(entry.path())?,
         );
+    }
+    for file in files {
+        cpio.file(&format!("bin/{}", file.name), 0o755, &file.data);
     }
     cpio.file("init", 0o755, init_script(tag, body).as_bytes());
     std::fs::write(path, cpio.finish()).with_context(|| format!("writing {}", path.display()))
@@ -292,24 +296,50 @@ impl Drop for Reaped {
     }
 }
 
+/// An extra executable for the guest's /bin.
+pub struct GuestFile {
+    pub name: String,
+    pub data: Vec<u8>,
+}
+
 /// How the guest is wired to the backend.
 pub struct Device<'a> {
     pub socket: &'a Path,
     pub tag: &'a str,
     /// Request queues (the backend must offer at least this many).
     pub queues: usize,
+    /// QEMU reconnects to the socket this many seconds after losing the backend (0: never).
+    pub reconnect: u32,
 }
 
 /// Boots the guest with a vhost-user-fs device, runs `body` in its init, echoes its console,
 /// and returns the console lines. Kills QEMU at `deadline`.
 pub fn boot(work: &Path, device: &Device, body: &str, deadline: Duration) -> Result<Vec<String>> {
+    boot_watching(work, device, body, &[], deadline, &mut |_| {})
+}
+
+/// [`boot`], calling `on_line` with every console line as it arrives.
+pub fn boot_watching(
+    work: &Path,
+    device: &Device,
+    body: &str,
+    files: &[GuestFile],
+    deadline: Duration,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<Vec<String>> {
     let Device {
         socket,
         tag,
         queues,
+        reconnect,
     } = *device;
+    let reconnect = if reconnect > 0 {
+        format!(",reconnect={reconnect}")
+    } else {
+        String::new()
+    };
     let initrd = work.join("initramfs.cpio");
-    build_initramfs(&initrd, tag, body)?;
+    build_initramfs(&initrd, tag, body, files)?;
     let mut cmd = Command::new(QEMU);
     cmd.args([
         "-machine",
@@ -334,7 +364,10 @@ pub fn boot(work: &Path, device: &Device, body: &str, deadline: Duration) -> Res
     ))
     .args(["-numa", "node,memdev=mem"])
     .arg("-chardev")
-    .arg(format!("socket,id=vfs,path={}", socket.display()))
+    .arg(format!(
+        "socket,id=vfs,path={}{reconnect}",
+        socket.display()
+    ))
     .arg("-device")
     .arg(format!(
         "vhost-user-fs-pci,chardev=vfs,tag={tag},queue-size=1024,num-request-queues={queues}"
@@ -372,12 +405,17 @@ pub fn boot(work: &Path, device: &Device, body: &str, deadline: Duration) -> Res
         let left = deadline.saturating_sub(started.elapsed());
         if left.is_zero() {
             drop(qemu);
-            bail!("the guest did not finish within {deadline:?}");
+            let errors = err_thread.join().unwrap_or_default();
+            bail!(
+                "the guest did not finish within {deadline:?}; QEMU stderr: {}",
+                errors.trim()
+            );
         }
         match rx.recv_timeout(left.min(Duration::from_millis(500))) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
                 println!("guest| {line}");
+                on_line(&line);
                 lines.push(line);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}

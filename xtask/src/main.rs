@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 mod bench;
 mod bench_recovery;
 mod perf;
+mod bench_virtiofs;
 mod guest;
 mod locals3;
 mod vm_test;
@@ -46,6 +47,8 @@ COMMANDS:
                                SeaweedFS bucket over virtio-fs and runs checks; prints
                                `vm-test: N passed, M failed`. Skips (fails with CI=true)
                                when QEMU, busybox-static or the guest kernel is missing.
+    vm-test --crash            Measure what the guest sees when berth is killed under a
+                               mounted share and started again (prints, does not check).
     bench [SUITE...] [--quick] [--out DIR] [--only IDS] [--peers NAMES]
                                Benchmarks (not tests; see perf/README.md). Suites:
                                  peers (default): berth vs rclone, s3fs and Mountpoint on
@@ -53,6 +56,11 @@ COMMANDS:
                                    perf/results/<date>-<id>/{results.json,results.md,*.svg}
                                  cache [--size-mib N]: warm reads through berth's block
                                    cache vs fio on the cache device, io_uring vs threads.
+                                 virtiofs [--size-mib N]: a QEMU guest reads one file
+                                   (default 256 MiB) through `berth share` (local dir and
+                                   S3) and through virtiofsd 1.14 (installed into
+                                   .tools/virtiofsd), O_DIRECT 1 MiB sequential and 4 KiB
+                                   random; prints the ratios.
                                Installs fio, rclone, s3fs, SeaweedFS as needed.
     bench report [RESULTS]     Rewrite results.md, the charts and the README table from a
                                results.json (default: newest full run in perf/results).
@@ -92,10 +100,11 @@ fn run(args: &[String]) -> Result<()> {
             no_extra_args("ci", rest)?;
             ci()
         }
-        "vm-test" => {
-            no_extra_args("vm-test", rest)?;
-            vm_test::run(strict_env())
-        }
+        "vm-test" => match rest {
+            [] => vm_test::run(strict_env(), false),
+            [flag] if flag == "--crash" => vm_test::run(strict_env(), true),
+            _ => bail!("`cargo xtask vm-test` takes only --crash; see `cargo xtask --help`"),
+        },
         "bench" => perf::run(rest),
         other => {
             eprint!("{USAGE}");
@@ -372,7 +381,7 @@ fn ci() -> Result<()> {
     ]))?;
     let strict = strict_env();
     test(false, &[], strict)?;
-    vm_test::run(strict)
+    vm_test::run(strict, false)
 }
 
 /// Under CI a missing requirement fails instead of skipping.

@@ -24,9 +24,10 @@ const LARGE_SIZE: usize = 32 << 20;
 const SMALL_TEXT: &str = "hello from s3";
 const GUEST_TEXT: &str = "written by the guest";
 const GUEST_DEADLINE: Duration = Duration::from_secs(300);
+const CRASH_DEADLINE: Duration = Duration::from_secs(90);
 const SHARE_READY: Duration = Duration::from_secs(60);
 
-pub fn run(strict: bool) -> Result<()> {
+pub fn run(strict: bool, crash: bool) -> Result<()> {
     let mut missing = guest::missing();
     if !weed_bin().is_file() {
         missing.push(format!("{} (`cargo xtask setup`)", weed_bin().display()));
@@ -48,6 +49,9 @@ pub fn run(strict: bool) -> Result<()> {
         "berth",
     ]))?;
     let work = tempdir("berth-vm-test")?;
+    if crash {
+        return crash_probe(&work.0);
+    }
     let result = run_in(&work.0);
     drop(work);
     let (passed, failed) = result?;
@@ -115,6 +119,7 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
         socket: &socket,
         tag: TAG,
         queues: 2,
+        reconnect: 0,
     };
     let lines = guest::boot(work, &device, &checks(&sha), GUEST_DEADLINE)?;
     let (mut passed, mut failed) = guest_totals(&lines);
@@ -151,6 +156,72 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
         Err(e) => host("second VMM on the same socket", false, format!("{e:#}")),
     }
     Ok((passed, failed))
+}
+
+/// `vm-test --crash`: what the guest sees when berth is killed (SIGKILL) under a mounted
+/// share, and after a new berth listens on the same socket. A measurement, not a check:
+/// it prints what happened (see docs/virtiofs.md).
+fn crash_probe(work: &Path) -> Result<()> {
+    let s3 = LocalS3::start(&weed_bin(), work)?;
+    s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
+    s3.put(BUCKET, "data/sub/inner.txt", b"inner")?;
+    let socket = work.join("vfs.sock");
+    let endpoint = s3.endpoint();
+    let socket_text = socket.to_string_lossy().into_owned();
+    let args = [
+        format!("s3://{BUCKET}"),
+        "--socket".into(),
+        socket_text,
+        "--endpoint-url".into(),
+        endpoint,
+        "--region".into(),
+        "us-east-1".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut share = Some(start_share(work, &args)?);
+    let body = r#"now() { cut -d " " -f 1 /proc/uptime; }
+mount -t virtiofs $TAG /mnt && cat /mnt/data/small.txt && echo
+echo "crash-probe: kill now"
+a=$(now); timeout -s KILL 15 cat /mnt/data/sub/inner.txt; rc=$?; b=$(now)
+echo "crash-probe: read after the kill: rc=$rc in $(awk "BEGIN { print $b - $a }") s"
+sleep 5
+a=$(now); timeout -s KILL 15 cat /mnt/data/small.txt; rc=$?; b=$(now)
+echo "crash-probe: read after the restart: rc=$rc in $(awk "BEGIN { print $b - $a }") s"
+a=$(now); timeout -s KILL 15 ls /mnt/data; rc=$?; b=$(now)
+echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a }") s""#;
+    let device = guest::Device {
+        socket: &socket,
+        tag: TAG,
+        queues: 1,
+        // QEMU 7.2 refuses `reconnect=` on a vhost-user-fs chardev at start-up ("Failed to
+        // set msg fds"), so the VMM keeps its first connection only.
+        reconnect: 0,
+    };
+    let mut restarted = None;
+    // The restart does not wait for the guest: with QEMU 7.2 the guest may make no progress
+    // at all while the backend is gone.
+    let mut on_line = |line: &str| {
+        if line.contains("crash-probe: kill now") {
+            println!("crash-probe: host: SIGKILL berth share");
+            share = None;
+            std::thread::sleep(Duration::from_secs(5));
+            println!("crash-probe: host: starting berth share again on the same socket");
+            match start_share(work, &args) {
+                Ok(s) => restarted = Some(s),
+                Err(e) => println!("crash-probe: host: restart failed: {e:#}"),
+            }
+        }
+    };
+    match guest::boot_watching(work, &device, body, &[], CRASH_DEADLINE, &mut on_line) {
+        Ok(lines) => {
+            for line in lines.iter().filter(|l| l.starts_with("crash-probe:")) {
+                println!("{line}");
+            }
+        }
+        Err(e) => println!("crash-probe: the guest stopped making progress: {e:#}"),
+    }
+    drop(restarted);
+    Ok(())
 }
 
 /// Starts `berth share` and waits for its ready line; killed when the guard drops.
