@@ -36,11 +36,19 @@ pub fn run(size_mib: u64) -> Result<()> {
         bail!("bench virtiofs needs: {}", missing.join("; "));
     }
     if !weed_bin().is_file() {
-        bail!("bench virtiofs needs {} (`cargo xtask setup`)", weed_bin().display());
+        bail!(
+            "bench virtiofs needs {} (`cargo xtask setup`)",
+            weed_bin().display()
+        );
     }
     let virtiofsd = ensure_virtiofsd()?;
     run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
-        "build", "--release", "-p", "berth", "--bin", "berth",
+        "build",
+        "--release",
+        "-p",
+        "berth",
+        "--bin",
+        "berth",
     ]))?;
     let work = tempdir("berth-bench-virtiofs")?;
     let tool = build_reader(&work.0)?;
@@ -74,7 +82,11 @@ pub fn run(size_mib: u64) -> Result<()> {
             ],
         )
     })?;
-    report(size_mib, reference, &[("berth (local dir)", local), ("berth (S3)", s3_row)]);
+    report(
+        size_mib,
+        reference,
+        &[("berth (local dir)", local), ("berth (S3)", s3_row)],
+    );
     Ok(())
 }
 
@@ -217,7 +229,13 @@ fn build_reader(work: &Path) -> Result<GuestFile> {
     let out = work.join("vfsread");
     run_cmd(
         Command::new("rustc")
-            .args(["--edition", "2021", "-O", "-C", "target-feature=+crt-static"])
+            .args([
+                "--edition",
+                "2021",
+                "-O",
+                "-C",
+                "target-feature=+crt-static",
+            ])
             .arg("-o")
             .arg(&out)
             .arg(&src),
