@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use crate::guest::{self, GuestFile, Reaped};
 use crate::locals3::LocalS3;
 use crate::vm_test::{pattern, start_share, tempdir};
-use crate::{cargo, repo_root, run_cmd, weed_bin};
+use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd, weed_bin};
 
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 const BUCKET: &str = "bench";
@@ -185,6 +185,20 @@ fn ensure_virtiofsd() -> Result<PathBuf> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(VIRTIOFSD_VERSION));
     if !ok {
+        // virtiofsd links against libseccomp and libcap-ng.
+        let libs = ["libseccomp-dev", "libcap-ng-dev"];
+        let missing: Vec<&str> = libs.into_iter().filter(|p| !dpkg_installed(p)).collect();
+        if !missing.is_empty() {
+            if !is_root() {
+                bail!("building virtiofsd needs {}", missing.join(" and "));
+            }
+            run_cmd(
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        }
         let root = repo_root().join(".tools").join("virtiofsd");
         run_cmd(
             Command::new(cargo())
