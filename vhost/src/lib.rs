@@ -26,8 +26,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use backend::FsBackend;
 
-/// Largest virtqueue the backend accepts (what virtiofsd offers too).
-pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// Pause after a failed connection, so that a persistent failure does not spin.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -83,7 +83,12 @@ impl<F: FileSystem + Send + Sync + 'static> Share<F> {
         })?;
         on_listen();
         for connection in 1u64.. {
-            self.serve_one(&mut listener, connection)?;
+            // A connection that fails to set up (a client that is not a VMM, an accept error)
+            // must not end the share: log it and wait for the next one.
+            if let Err(e) = self.serve_one(&mut listener, connection) {
+                tracing::error!(connection, error = %e, "vhost-user connection failed");
+                std::thread::sleep(RETRY_PAUSE);
+            }
             on_connection_end(connection);
         }
         Ok(())
