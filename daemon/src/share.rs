@@ -259,7 +259,6 @@ mod tests {
 mod hostile_guest {
     use super::*;
     use berth_vhost::testing::{check_reply, fuse_request, TestQueue};
-    use clap::Parser as _;
     use fuse_backend_rs::api::server::Server;
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
@@ -326,12 +325,18 @@ mod hostile_guest {
             .build()
             .unwrap();
         let memory = MemoryLimiter::new(args.memory_limit);
-        let engine = mount::build_engine(
+        let source = mount::Source::Local(store.clone());
+        let engine = mount::build_volume(
             &rt,
             &args,
-            &args.source,
-            &Source::Local(store.clone()),
-            &dir.path().join("fs.sock"),
+            &VolumeSpec {
+                text: &args.source,
+                source: &source,
+                mountpoint: &dir.path().join("fs.sock"),
+                check_store: true,
+                recover: false,
+                generation: 0,
+            },
             &memory,
             None,
         )
