@@ -51,6 +51,15 @@ pub enum Command {
     /// Serve connections handed over by a holder (started by `berth mount`, not by hand).
     #[command(hide = true)]
     Engine(EngineArgs),
+
+    /// Serve SOURCE to one virtual machine over vhost-user virtio-fs (runs in the foreground).
+    ///
+    /// Listens on --socket; a VMM (QEMU `vhost-user-fs-pci`, Cloud Hypervisor `--fs`, Kata)
+    /// connects and the guest mounts it with `mount -t virtiofs TAG DIR` (the tag is set on
+    /// the VMM side). Prints one line starting with "berth: sharing" when the socket is ready.
+    /// When the VMM goes away, berth listens again on the same path. Stops on SIGINT/SIGTERM.
+    /// See docs/virtiofs.md.
+    Share(ShareArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -75,6 +84,74 @@ pub struct EngineArgs {
 
     #[command(flatten)]
     pub mount: MountArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShareArgs {
+    /// `s3://BUCKET[/PREFIX]`, or a local directory used as an object store.
+    pub source: String,
+
+    /// The vhost-user socket to listen on (a stale file there is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// Request queues offered to the guest (QEMU: num-request-queues, at most this many).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub request_queues: usize,
+
+    /// Largest virtqueue size accepted (QEMU: queue-size).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub queue_size: u16,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+
+    /// Refuse every change (dataset mode; metadata cached for the life of the share).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// How long metadata is trusted (as for `berth mount`). [default: 1s; indefinite with --read-only]
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub metadata_ttl: Option<Ttl>,
+
+    /// Memory for prefetched data and write buffers, across all open files.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub memory_limit: u64,
+
+    /// Multipart upload part size (S3 needs >= 5MiB).
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub part_size: u64,
+
+    /// Largest readahead window of one sequential reader.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub max_prefetch: u64,
+
+    /// Ranged GETs in flight at once, across all open files.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub max_gets: usize,
+
+    /// Owner of every file and directory [default: the user running berth].
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+
+    /// Group of every file and directory [default: the group running berth].
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+
+    /// Permission bits of files.
+    #[arg(long, value_name = "MODE", default_value = "0644", value_parser = parse_mode)]
+    pub file_mode: u32,
+
+    /// Permission bits of directories.
+    #[arg(long, value_name = "MODE", default_value = "0755", value_parser = parse_mode)]
+    pub dir_mode: u32,
+
+    /// Where the engine keeps its state (inode journal, status file).
+    #[arg(long, value_name = "DIR", default_value = "/run/berth")]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -243,6 +320,7 @@ pub fn main() -> ExitCode {
         Command::Engine(args) => crate::engine::run(args),
         Command::Warm(args) => crate::warm::run(args),
         Command::Status(args) => crate::status::run(&args.mountpoint, &args.state_dir, args.json),
+        Command::Share(args) => crate::share::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -307,6 +385,18 @@ mod tests {
         };
         assert_eq!(args.also, ["s3://b/p", "/m/b", "dir", "/m/c"]);
         assert!(Cli::try_parse_from(["berth", "mount", "--also", "s3://b"]).is_err());
+    }
+
+    #[test]
+    fn share_needs_a_socket() {
+        let cli =
+            Cli::try_parse_from(["berth", "share", "s3://b", "--socket", "/run/b.sock"]).unwrap();
+        let Command::Share(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.socket, PathBuf::from("/run/b.sock"));
+        assert_eq!(args.request_queues, 1);
+        assert!(Cli::try_parse_from(["berth", "share", "s3://b"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`fuse`]: the /dev/fuse door (mount, queues, workers, unmount);
 //! - [`heal`]: the holder that keeps connections alive, and engine replacement;
 //! - [`engine`]: the replaceable process that serves requests;
+//! - [`share`]: the virtio-fs door (`berth share`, over the `berth-vhost` crate);
 //! - [`mount`], [`warm`] and [`cli`]: the `berth` command.
 
 pub mod cache;
@@ -21,6 +22,7 @@ pub mod memory;
 pub mod mount;
 pub mod namespace;
 pub mod prefetch;
+pub mod share;
 pub mod status;
 pub mod store;
 pub mod units;

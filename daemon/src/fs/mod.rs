@@ -81,9 +81,16 @@ fn unsupported(op: &str, what: &str, why: &str, code: i32) -> io::Error {
     errno(code)
 }
 
+/// A name from a request as one path component. Object keys are UTF-8, so a name that is
+/// not cannot exist in the store. The kernel never sends `.`, `..`, empty names or names with
+/// `/`, but a virtio-fs guest is untrusted and may: such a name would step outside its
+/// directory, so it is refused before it reaches the namespace.
 fn name_of(name: &CStr) -> io::Result<&str> {
-    // Object keys are UTF-8; a name that is not cannot exist in the store.
-    name.to_str().map_err(|_| errno(libc::EINVAL))
+    let name = name.to_str().map_err(|_| errno(libc::EINVAL))?;
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+        return Err(errno(libc::EINVAL));
+    }
+    Ok(name)
 }
 
 impl BerthFs {
@@ -859,5 +866,22 @@ impl FileSystem for BerthFs {
     fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
         self.handles().remove(&handle);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+
+    #[test]
+    fn names_are_single_components() {
+        let ok = |n: &[u8]| name_of(&CString::new(n).unwrap()).is_ok();
+        assert!(ok(b"file.txt"));
+        assert!(ok(b"..hidden"));
+        assert!(ok(b"a.b"));
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/", b"../x", b"\xff\xfe"] {
+            assert!(!ok(bad), "{:?} accepted", String::from_utf8_lossy(bad));
+        }
     }
 }

@@ -42,6 +42,11 @@ pub const SUITES: &[Suite] = &[
         run: cache_suite,
     },
     Suite {
+        name: "virtiofs",
+        about: "reads in a QEMU guest through berth share vs virtiofsd 1.14 (prints a table)",
+        run: virtiofs_suite,
+    },
+    Suite {
         name: "recovery",
         about: "kill -9 and upgrade of the engine under load: errors, stalls, detection latency (prints a table)",
         run: recovery_suite,
@@ -174,6 +179,10 @@ pub fn run(args: &[String]) -> Result<()> {
     // The recovery bench prints its own table and has its own flags (`--kills`).
     if args.first().map(String::as_str) == Some("recovery") {
         return crate::bench_recovery::run(&args[1..]);
+    }
+    // The virtio-fs bench prints its own table; `--size-mib` sets its file size.
+    if args.first().map(String::as_str) == Some("virtiofs") {
+        return crate::bench_virtiofs::run(virtiofs_size(&args[1..])?);
     }
     // The old cache bench keeps its own flags (`--size-mib`).
     if args.first().map(String::as_str) == Some("cache") && args.iter().any(|a| a == "--size-mib") {
@@ -356,6 +365,19 @@ fn ensure_apt(packages: &[&str]) -> Result<()> {
 fn recovery_suite(ctx: &mut Ctx) -> Result<()> {
     let kills = if ctx.quick { "5" } else { "20" };
     crate::bench_recovery::run(&["--kills".into(), kills.into()])
+}
+
+fn virtiofs_suite(ctx: &mut Ctx) -> Result<()> {
+    crate::bench_virtiofs::run(if ctx.quick { 64 } else { 256 })
+}
+
+/// `bench virtiofs [--size-mib N]`: the file size in MiB (a TCG guest reads slowly: 256).
+fn virtiofs_size(args: &[String]) -> Result<u64> {
+    match args {
+        [] => Ok(256),
+        [flag, n] if flag == "--size-mib" => n.parse().context("--size-mib needs a number"),
+        _ => bail!("`cargo xtask bench virtiofs` takes only --size-mib N"),
+    }
 }
 
 fn cache_suite(ctx: &mut Ctx) -> Result<()> {

@@ -1,0 +1,261 @@
+//! `cargo xtask bench virtiofs`: the same file read in a QEMU guest through berth's virtio-fs
+//! door and through virtiofsd 1.14 exporting a local copy, with the guest page cache out of
+//! the way (virtiofsd `--cache=never`, reads with O_DIRECT), 1 MiB sequential and 4 KiB
+//! random. Prints MiB/s, IOPS and the ratios berth / virtiofsd.
+//!
+//! berth runs twice: over a local directory store holding the same file (the door's own
+//! cost) and over SeaweedFS on loopback (the S3 path, first read of every block).
+//! The guest runs under TCG, so absolute numbers are low; the ratios are the result.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::guest::{self, GuestFile, Reaped};
+use crate::locals3::LocalS3;
+use crate::vm_test::{pattern, start_share, tempdir};
+use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd, weed_bin};
+
+const VIRTIOFSD_VERSION: &str = "1.14.0";
+const BUCKET: &str = "bench";
+const TAG: &str = "bench";
+const DEADLINE: Duration = Duration::from_secs(600);
+const RANDOM_OPS: u32 = 2000;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Result2 {
+    seq_mibps: f64,
+    rand_iops: f64,
+}
+
+pub fn run(size_mib: u64) -> Result<()> {
+    let missing = guest::missing();
+    if !missing.is_empty() {
+        bail!("bench virtiofs needs: {}", missing.join("; "));
+    }
+    if !weed_bin().is_file() {
+        bail!(
+            "bench virtiofs needs {} (`cargo xtask setup`)",
+            weed_bin().display()
+        );
+    }
+    let virtiofsd = ensure_virtiofsd()?;
+    run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "berth",
+        "--bin",
+        "berth",
+    ]))?;
+    let work = tempdir("berth-bench-virtiofs")?;
+    let tool = build_reader(&work.0)?;
+    let export = work.0.join("export");
+    std::fs::create_dir_all(&export)?;
+    let data = pattern((size_mib << 20) as usize);
+    std::fs::write(export.join("data.bin"), &data)?;
+    let s3 = LocalS3::start(&weed_bin(), &work.0)?;
+    s3.put(BUCKET, "data.bin", &data)?;
+    drop(data);
+
+    let reference = measure(&work.0, &tool, size_mib, || {
+        start_virtiofsd(&virtiofsd, &work.0, &export)
+    })?;
+    let export_text = export.to_string_lossy().into_owned();
+    let local = measure(&work.0, &tool, size_mib, || {
+        share(&work.0, &[&export_text, "--read-only"])
+    })?;
+    let endpoint = s3.endpoint();
+    let source = format!("s3://{BUCKET}");
+    let s3_row = measure(&work.0, &tool, size_mib, || {
+        share(
+            &work.0,
+            &[
+                &source,
+                "--read-only",
+                "--endpoint-url",
+                &endpoint,
+                "--region",
+                "us-east-1",
+            ],
+        )
+    })?;
+    report(
+        size_mib,
+        reference,
+        &[("berth (local dir)", local), ("berth (S3)", s3_row)],
+    );
+    Ok(())
+}
+
+fn share(work: &Path, args: &[&str]) -> Result<Reaped> {
+    let socket = work.join("vfs.sock");
+    let socket = socket.to_string_lossy().into_owned();
+    let mut all = args.to_vec();
+    all.extend(["--socket", &socket]);
+    start_share(work, &all)
+}
+
+/// Boots one guest against the backend `start` gives and parses the reader's lines.
+fn measure(
+    work: &Path,
+    tool: &GuestFile,
+    size_mib: u64,
+    start: impl FnOnce() -> Result<Reaped>,
+) -> Result<Result2> {
+    let backend = start()?;
+    let body = format!(
+        "mount -t virtiofs $TAG /mnt || echo 'bench: mount failed'\n\
+         echo 3 > /proc/sys/vm/drop_caches\n\
+         vfsread seq /mnt/data.bin 1048576 0\n\
+         echo 3 > /proc/sys/vm/drop_caches\n\
+         vfsread rand /mnt/data.bin 4096 {RANDOM_OPS}\n\
+         umount /mnt"
+    );
+    let device = guest::Device {
+        socket: &work.join("vfs.sock"),
+        tag: TAG,
+        queues: 1,
+        reconnect: 0,
+    };
+    let files = [GuestFile {
+        name: tool.name.clone(),
+        data: tool.data.clone(),
+    }];
+    let lines = guest::boot_watching(work, &device, &body, &files, DEADLINE, &mut |_| {})?;
+    drop(backend);
+    let field = |mode: &str, key: &str| -> Result<f64> {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("vfsread {mode} ")))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                    .and_then(|v| v.parse().ok())
+            })
+            .with_context(|| format!("no `vfsread {mode}` result from the guest ({size_mib} MiB)"))
+    };
+    Ok(Result2 {
+        seq_mibps: field("seq", "mibps")?,
+        rand_iops: field("rand", "iops")?,
+    })
+}
+
+fn report(size_mib: u64, reference: Result2, rows: &[(&str, Result2)]) {
+    println!();
+    println!(
+        "bench virtiofs: {size_mib} MiB file, guest under TCG, O_DIRECT reads, virtiofsd {VIRTIOFSD_VERSION} --cache=never"
+    );
+    println!(
+        "{:<22} {:>14} {:>16}",
+        "backend", "seq 1M MiB/s", "rand 4K IOPS"
+    );
+    println!(
+        "{:<22} {:>14.1} {:>16.0}",
+        "virtiofsd", reference.seq_mibps, reference.rand_iops
+    );
+    for (name, r) in rows {
+        println!("{:<22} {:>14.1} {:>16.0}", name, r.seq_mibps, r.rand_iops);
+    }
+    println!();
+    for (name, r) in rows {
+        println!(
+            "ratio {name} / virtiofsd: seq 1M {:.2}x, rand 4K {:.2}x",
+            r.seq_mibps / reference.seq_mibps.max(1e-9),
+            r.rand_iops / reference.rand_iops.max(1e-9)
+        );
+    }
+}
+
+fn virtiofsd_bin() -> PathBuf {
+    repo_root()
+        .join(".tools")
+        .join("virtiofsd")
+        .join("bin")
+        .join("virtiofsd")
+}
+
+/// virtiofsd from crates.io into .tools/virtiofsd (a few minutes the first time).
+fn ensure_virtiofsd() -> Result<PathBuf> {
+    let bin = virtiofsd_bin();
+    let ok = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(VIRTIOFSD_VERSION));
+    if !ok {
+        // virtiofsd links against libseccomp and libcap-ng.
+        let libs = ["libseccomp-dev", "libcap-ng-dev"];
+        let missing: Vec<&str> = libs.into_iter().filter(|p| !dpkg_installed(p)).collect();
+        if !missing.is_empty() {
+            if !is_root() {
+                bail!("building virtiofsd needs {}", missing.join(" and "));
+            }
+            run_cmd(
+                Command::new("apt-get")
+                    .args(["install", "-y", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        }
+        let root = repo_root().join(".tools").join("virtiofsd");
+        run_cmd(
+            Command::new(cargo())
+                .args(["install", "--locked", "--root"])
+                .arg(&root)
+                .arg(format!("virtiofsd@{VIRTIOFSD_VERSION}")),
+        )?;
+    }
+    Ok(bin)
+}
+
+fn start_virtiofsd(bin: &Path, work: &Path, export: &Path) -> Result<Reaped> {
+    let socket = work.join("vfs.sock");
+    let _ = std::fs::remove_file(&socket);
+    let log = std::fs::File::create(work.join("virtiofsd.log"))?;
+    let child = Command::new(bin)
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", export.display()))
+        .args(["--cache=never", "--sandbox=none"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let guard = Reaped(Some(child));
+    let started = Instant::now();
+    while !socket.exists() {
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("virtiofsd did not create {} within 10 s", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(guard)
+}
+
+/// Builds the guest reader as a static binary with the host's rustc (glibc, crt-static).
+fn build_reader(work: &Path) -> Result<GuestFile> {
+    let src = repo_root()
+        .join("xtask")
+        .join("guest-tools")
+        .join("vfsread.rs");
+    let out = work.join("vfsread");
+    run_cmd(
+        Command::new("rustc")
+            .args([
+                "--edition",
+                "2021",
+                "-O",
+                "-C",
+                "target-feature=+crt-static",
+            ])
+            .arg("-o")
+            .arg(&out)
+            .arg(&src),
+    )?;
+    Ok(GuestFile {
+        name: "vfsread".into(),
+        data: std::fs::read(&out)?,
+    })
+}

@@ -1,0 +1,345 @@
+//! `cargo xtask vm-test`: a real guest mounts a berth share over virtio-fs.
+//!
+//! SeaweedFS on loopback holds a bucket; `berth share` serves it on a vhost-user socket;
+//! QEMU (TCG) boots Debian's cloud kernel with a busybox initramfs whose init mounts the
+//! share and runs the checks. The host then checks that the file the guest wrote is in S3,
+//! and boots a second guest on the same socket (the share must serve the next VMM).
+//! Prints `vm-test: N passed, M failed`; fails if any check failed.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::guest::{self, Reaped};
+use crate::locals3::{LocalS3, NO_PROXY};
+use crate::{cargo, repo_root, run_cmd, weed_bin};
+
+const BUCKET: &str = "vmtest";
+const TAG: &str = "berth";
+const LARGE_SIZE: usize = 32 << 20;
+const SMALL_TEXT: &str = "hello from s3";
+const GUEST_TEXT: &str = "written by the guest";
+const GUEST_DEADLINE: Duration = Duration::from_secs(300);
+const CRASH_DEADLINE: Duration = Duration::from_secs(90);
+const SHARE_READY: Duration = Duration::from_secs(60);
+
+pub fn run(strict: bool, crash: bool) -> Result<()> {
+    let mut missing = guest::missing();
+    if !weed_bin().is_file() {
+        missing.push(format!("{} (`cargo xtask setup`)", weed_bin().display()));
+    }
+    if !missing.is_empty() {
+        let what = missing.join("; ");
+        if strict {
+            bail!("vm-test cannot run; missing: {what}");
+        }
+        println!("vm-test: SKIPPED; missing: {what}");
+        return Ok(());
+    }
+    run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "berth",
+        "--bin",
+        "berth",
+    ]))?;
+    let work = tempdir("berth-vm-test")?;
+    if crash {
+        return crash_probe(&work.0);
+    }
+    let result = run_in(&work.0);
+    drop(work);
+    let (passed, failed) = result?;
+    println!("vm-test: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} vm-test check(s) failed");
+    }
+    Ok(())
+}
+
+/// A temp dir removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir(prefix: &str) -> Result<TempDir> {
+    let base = std::env::temp_dir();
+    for n in 0..1000u32 {
+        let path = base.join(format!("{prefix}-{}-{n}", std::process::id()));
+        if std::fs::create_dir(&path).is_ok() {
+            return Ok(TempDir(path));
+        }
+    }
+    bail!("cannot create a temp dir in {}", base.display())
+}
+
+/// The berth binary `cargo build --release` made.
+pub fn berth_bin() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+        .join("release")
+        .join("berth")
+}
+
+fn run_in(work: &Path) -> Result<(u32, u32)> {
+    let s3 = LocalS3::start(&weed_bin(), work)?;
+    let large = pattern(LARGE_SIZE);
+    s3.put(BUCKET, "data/large.bin", &large)?;
+    s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
+    s3.put(BUCKET, "data/sub/inner.txt", b"inner")?;
+    let sha = sha256(&work.join("large.bin"), &large)?;
+
+    let socket = work.join("vfs.sock");
+    let _share = start_share(
+        work,
+        &[
+            &format!("s3://{BUCKET}"),
+            "--socket",
+            &socket.to_string_lossy(),
+            "--endpoint-url",
+            &s3.endpoint(),
+            "--region",
+            "us-east-1",
+            "--request-queues",
+            "2",
+        ],
+    )?;
+
+    let device = guest::Device {
+        socket: &socket,
+        tag: TAG,
+        queues: 2,
+        reconnect: 0,
+    };
+    let lines = guest::boot(work, &device, &checks(&sha), GUEST_DEADLINE)?;
+    let (mut passed, mut failed) = guest_totals(&lines);
+
+    let mut host = |name: &str, ok: bool, detail: String| {
+        if ok {
+            passed += 1;
+            println!("vm-test: ok {name}");
+        } else {
+            failed += 1;
+            println!("vm-test: FAILED {name}: {detail}");
+        }
+    };
+    match s3.get(BUCKET, "out/guest.txt") {
+        Ok(Some(body)) => host(
+            "guest write is in S3",
+            body == format!("{GUEST_TEXT}\n").as_bytes(),
+            format!("S3 holds {:?}", String::from_utf8_lossy(&body)),
+        ),
+        Ok(None) => host("guest write is in S3", false, "no such object".into()),
+        Err(e) => host("guest write is in S3", false, format!("{e:#}")),
+    }
+    // A second VMM on the same socket: the share listens again after the first left.
+    let again = format!(
+        "if mount -t virtiofs $TAG /mnt && [ \"$(cat /mnt/data/small.txt)\" = \"{SMALL_TEXT}\" ] \
+         && [ \"$(cat /mnt/out/guest.txt)\" = \"{GUEST_TEXT}\" ]; then echo reconnect-ok; fi; umount /mnt"
+    );
+    match guest::boot(work, &device, &again, GUEST_DEADLINE) {
+        Ok(lines) => host(
+            "second VMM on the same socket",
+            lines.iter().any(|l| l.trim() == "reconnect-ok"),
+            "the second guest could not read the share".into(),
+        ),
+        Err(e) => host("second VMM on the same socket", false, format!("{e:#}")),
+    }
+    Ok((passed, failed))
+}
+
+/// `vm-test --crash`: what the guest sees when berth is killed (SIGKILL) under a mounted
+/// share, and after a new berth listens on the same socket. A measurement, not a check:
+/// it prints what happened (see docs/virtiofs.md).
+fn crash_probe(work: &Path) -> Result<()> {
+    let s3 = LocalS3::start(&weed_bin(), work)?;
+    s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
+    s3.put(BUCKET, "data/sub/inner.txt", b"inner")?;
+    let socket = work.join("vfs.sock");
+    let endpoint = s3.endpoint();
+    let socket_text = socket.to_string_lossy().into_owned();
+    let args = [
+        format!("s3://{BUCKET}"),
+        "--socket".into(),
+        socket_text,
+        "--endpoint-url".into(),
+        endpoint,
+        "--region".into(),
+        "us-east-1".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut share = Some(start_share(work, &args)?);
+    let body = r#"now() { cut -d " " -f 1 /proc/uptime; }
+mount -t virtiofs $TAG /mnt && cat /mnt/data/small.txt && echo
+echo "crash-probe: kill now"
+a=$(now); timeout -s KILL 15 cat /mnt/data/sub/inner.txt; rc=$?; b=$(now)
+echo "crash-probe: read after the kill: rc=$rc in $(awk "BEGIN { print $b - $a }") s"
+sleep 5
+a=$(now); timeout -s KILL 15 cat /mnt/data/small.txt; rc=$?; b=$(now)
+echo "crash-probe: read after the restart: rc=$rc in $(awk "BEGIN { print $b - $a }") s"
+a=$(now); timeout -s KILL 15 ls /mnt/data; rc=$?; b=$(now)
+echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a }") s""#;
+    let device = guest::Device {
+        socket: &socket,
+        tag: TAG,
+        queues: 1,
+        // QEMU 7.2 refuses `reconnect=` on a vhost-user-fs chardev at start-up ("Failed to
+        // set msg fds"), so the VMM keeps its first connection only.
+        reconnect: 0,
+    };
+    let mut restarted = None;
+    // The restart does not wait for the guest: with QEMU 7.2 the guest may make no progress
+    // at all while the backend is gone.
+    let mut on_line = |line: &str| {
+        if line.contains("crash-probe: kill now") {
+            println!("crash-probe: host: SIGKILL berth share");
+            share = None;
+            std::thread::sleep(Duration::from_secs(5));
+            println!("crash-probe: host: starting berth share again on the same socket");
+            match start_share(work, &args) {
+                Ok(s) => restarted = Some(s),
+                Err(e) => println!("crash-probe: host: restart failed: {e:#}"),
+            }
+        }
+    };
+    match guest::boot_watching(work, &device, body, &[], CRASH_DEADLINE, &mut on_line) {
+        Ok(lines) => {
+            for line in lines.iter().filter(|l| l.starts_with("crash-probe:")) {
+                println!("{line}");
+            }
+        }
+        Err(e) => println!("crash-probe: the guest stopped making progress: {e:#}"),
+    }
+    drop(restarted);
+    Ok(())
+}
+
+/// Starts `berth share` and waits for its ready line; killed when the guard drops.
+pub fn start_share(work: &Path, args: &[&str]) -> Result<Reaped> {
+    let log = std::fs::File::create(work.join("berth.log"))?;
+    let mut child = Command::new(berth_bin())
+        .arg("share")
+        .args(args)
+        .arg("--state-dir")
+        .arg(work.join("state"))
+        .env("AWS_ACCESS_KEY_ID", "berth-vm-test")
+        .env("AWS_SECRET_ACCESS_KEY", "berth-vm-test")
+        .env("NO_PROXY", NO_PROXY)
+        .env("no_proxy", NO_PROXY)
+        .env("RUST_LOG", "berth=info,berth_vhost=info,warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", berth_bin().display()))?;
+    let stdout = child.stdout.take().context("berth stdout")?;
+    let guard = Reaped(Some(child));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("berth: sharing") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(SHARE_READY).is_err() {
+        let log = std::fs::read_to_string(work.join("berth.log")).unwrap_or_default();
+        bail!("berth share did not get ready within {SHARE_READY:?}; its log:\n{log}");
+    }
+    Ok(guard)
+}
+
+/// The guest's checks (busybox sh). Each prints `check ok: NAME` or `check FAILED: NAME`.
+fn checks(sha: &str) -> String {
+    format!(
+        r#"pass=0; fail=0
+check() {{
+  if eval "$2" > /tmp/out 2>&1; then pass=$((pass+1)); echo "check ok: $1"
+  else fail=$((fail+1)); echo "check FAILED: $1"; cat /tmp/out; fi
+}}
+check mount 'mount -t virtiofs $TAG /mnt'
+check ls '[ "$(ls /mnt/data | tr "\n" " ")" = "large.bin small.txt sub " ]'
+check stat '[ "$(stat -c %s /mnt/data/large.bin)" = {LARGE_SIZE} ] && [ -d /mnt/data/sub ] && [ -f /mnt/data/sub/inner.txt ]'
+check cat '[ "$(cat /mnt/data/small.txt)" = "{SMALL_TEXT}" ]'
+check sha256-large '[ "$(sha256sum /mnt/data/large.bin | cut -d " " -f 1)" = {sha} ]'
+check missing-name 'grep -q " /mnt virtiofs " /proc/mounts && ! stat /mnt/data/no-such-file'
+check write 'grep -q " /mnt virtiofs " /proc/mounts && mkdir -p /mnt/out && echo "{GUEST_TEXT}" > /mnt/out/guest.txt && [ "$(cat /mnt/out/guest.txt)" = "{GUEST_TEXT}" ]'
+check throughput 'grep -q " /mnt virtiofs " /proc/mounts && echo 3 > /proc/sys/vm/drop_caches; a=$(cut -d " " -f 1 /proc/uptime); dd if=/mnt/data/large.bin of=/dev/null bs=1M 2>/tmp/dd; b=$(cut -d " " -f 1 /proc/uptime); echo "guest read: $(awk "BEGIN {{ t = $b - $a; if (t < 0.01) t = 0.01; printf \"%.1f MiB/s\", {LARGE_SIZE} / 1048576 / t }}")" > /dev/console; grep -q "^32+0 records in" /tmp/dd'
+umount /mnt
+echo "vm-test-guest: $pass passed, $fail failed""#
+    )
+}
+
+/// Sums the guest's check lines; a guest that died early counts as one failure.
+fn guest_totals(lines: &[String]) -> (u32, u32) {
+    let passed = lines.iter().filter(|l| l.starts_with("check ok: ")).count() as u32;
+    let mut failed = lines
+        .iter()
+        .filter(|l| l.starts_with("check FAILED: "))
+        .count() as u32;
+    if !lines.iter().any(|l| l.starts_with("vm-test-guest: ")) {
+        println!("vm-test: FAILED the guest did not finish its checks");
+        failed += 1;
+    }
+    (passed, failed)
+}
+
+/// Deterministic bytes that do not compress (xorshift).
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// sha256 of `data` with the host's sha256sum (written to `scratch` first).
+fn sha256(scratch: &Path, data: &[u8]) -> Result<String> {
+    std::fs::write(scratch, data)?;
+    let out = Command::new("sha256sum").arg(scratch).output()?;
+    let _ = std::fs::remove_file(scratch);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sum = text.split_whitespace().next().unwrap_or("");
+    if !out.status.success() || sum.len() != 64 {
+        bail!("sha256sum failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(sum.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_totals_count_checks_and_a_missing_summary() {
+        let lines: Vec<String> = ["check ok: a", "check FAILED: b", "check ok: c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(guest_totals(&lines), (2, 2));
+        let mut done = lines.clone();
+        done.push("vm-test-guest: 2 passed, 1 failed".into());
+        assert_eq!(guest_totals(&done), (2, 1));
+    }
+
+    #[test]
+    fn pattern_is_deterministic() {
+        assert_eq!(pattern(100), pattern(100));
+        assert_eq!(pattern(13).len(), 13);
+    }
+}
