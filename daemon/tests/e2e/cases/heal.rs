@@ -542,11 +542,12 @@ pub fn holder_killed_remount_rebinds() -> Result<()> {
             );
             expect_remounted(&second, &target)?;
             // The bind keeps the connection alive: remove it before unmounting.
-            sh(&format!("umount '{}'", target.display()))?;
+            // A reader busy in the other namespace would make the propagated umount fail.
+            stop(&mut reader);
+            umount_retrying(&target)?;
             second.finish()
         })();
-        let _ = reader.kill();
-        let _ = reader.wait();
+        stop(&mut reader);
         outcome
     })
 }
@@ -577,13 +578,31 @@ pub fn aborted_connection_remounts() -> Result<()> {
                 status.recoveries
             );
             expect_remounted(&m, &target)?;
-            sh(&format!("umount '{}'", target.display()))?;
+            // A reader busy in the other namespace would make the propagated umount fail.
+            stop(&mut reader);
+            umount_retrying(&target)?;
             m.finish()
         })();
-        let _ = reader.kill();
-        let _ = reader.wait();
+        stop(&mut reader);
         outcome
     })
+}
+
+/// umount, retried while a process that is going away still holds the mount busy.
+fn umount_retrying(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sh(&format!("umount '{}'", path.display())) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn stop(reader: &mut Child) {
+    let _ = reader.kill();
+    let _ = reader.wait();
 }
 
 fn at(mnt: &Path) -> MountOpts {
