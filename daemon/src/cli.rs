@@ -41,6 +41,20 @@ pub enum Command {
 
     /// Show what a running `berth mount` reports: inodes, memory, cache hits and misses.
     Status(StatusArgs),
+
+    /// Run the node daemon: own every mount and share on the node and serve the gRPC API
+    /// (proto/berth/v1/daemon.proto) on a unix socket.
+    Daemon(crate::api::DaemonArgs),
+
+    /// List the volumes of a running `berth daemon` (as JSON lines), through its socket.
+    Volumes(VolumesArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VolumesArgs {
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/berth/daemon.sock")]
+    pub socket: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -202,6 +216,8 @@ pub fn main() -> ExitCode {
         Command::Mount(args) => crate::mount::run(args),
         Command::Warm(args) => crate::warm::run(args),
         Command::Status(args) => crate::status::run(&args.mountpoint, &args.state_dir, args.json),
+        Command::Daemon(args) => crate::api::run(args),
+        Command::Volumes(args) => crate::api::print_volumes(&args.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@
 //! - [`fuse`]: the /dev/fuse door (mount, queues, unmount);
 //! - [`mount`], [`warm`] and [`cli`]: the `berth` command.
 
+pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod fs;

@@ -1,0 +1,155 @@
+//! The controller's S3 calls: a prefix's marker object (created with the volume, carrying its
+//! capacity so that a repeated CreateVolume can be checked), and deleting a prefix.
+
+use std::collections::HashMap;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_sdk_s3::Client;
+use tonic::Status;
+
+use crate::volume_id::VolumeRef;
+
+const CAPACITY_META: &str = "berth-capacity";
+
+/// A client for the store of `vol`, with the credentials of the CSI request (or, without
+/// them, the standard AWS environment variables of the plugin).
+pub fn client(vol: &VolumeRef, secrets: &HashMap<String, String>) -> Result<Client, Status> {
+    let key = secrets
+        .get("accessKeyId")
+        .cloned()
+        .or_else(|| std::env::var("AWS_ACCESS_KEY_ID").ok());
+    let secret = secrets
+        .get("secretAccessKey")
+        .cloned()
+        .or_else(|| std::env::var("AWS_SECRET_ACCESS_KEY").ok());
+    let token = secrets
+        .get("sessionToken")
+        .cloned()
+        .or_else(|| std::env::var("AWS_SESSION_TOKEN").ok());
+    let (Some(key), Some(secret)) = (key, secret) else {
+        return Err(Status::invalid_argument(
+            "no S3 credentials: give the secrets accessKeyId and secretAccessKey",
+        ));
+    };
+    let region = vol
+        .region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .unwrap_or_else(|| "us-east-1".into());
+    let mut conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region))
+        .credentials_provider(Credentials::new(key, secret, token, None, "berth-csi"));
+    if let Some(endpoint) = &vol.endpoint {
+        conf = conf.endpoint_url(endpoint).force_path_style(true);
+    }
+    Ok(Client::from_conf(conf.build()))
+}
+
+fn store_error(what: &str, e: impl std::error::Error) -> Status {
+    // The SDK's Display is terse; the source chain says what went wrong.
+    let mut msg = format!("{what}: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    if msg.contains("NoSuchBucket") {
+        return Status::failed_precondition(msg);
+    }
+    if msg.contains("AccessDenied") || msg.contains("InvalidAccessKeyId") {
+        return Status::permission_denied(msg);
+    }
+    Status::unavailable(msg)
+}
+
+/// The capacity recorded on the marker, if the marker exists.
+pub async fn marker_capacity(client: &Client, vol: &VolumeRef) -> Result<Option<i64>, Status> {
+    let Some(marker) = vol.marker() else {
+        return Ok(Some(0));
+    };
+    match client
+        .head_object()
+        .bucket(&vol.bucket)
+        .key(&marker)
+        .send()
+        .await
+    {
+        Ok(head) => Ok(Some(
+            head.metadata()
+                .and_then(|m| m.get(CAPACITY_META))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+        Err(e) => Err(store_error("checking the volume's marker", e)),
+    }
+}
+
+pub async fn create_marker(client: &Client, vol: &VolumeRef, capacity: i64) -> Result<(), Status> {
+    let Some(marker) = vol.marker() else {
+        return Ok(());
+    };
+    client
+        .put_object()
+        .bucket(&vol.bucket)
+        .key(&marker)
+        .metadata(CAPACITY_META, capacity.to_string())
+        .body(Vec::new().into())
+        .send()
+        .await
+        .map_err(|e| store_error("creating the volume's prefix", e))?;
+    Ok(())
+}
+
+/// Deletes every object under the prefix (and its marker). Returns how many went.
+pub async fn delete_prefix(client: &Client, vol: &VolumeRef) -> Result<usize, Status> {
+    let Some(marker) = vol.marker() else {
+        return Err(Status::failed_precondition(
+            "refusing to delete a whole bucket: the volume has no prefix",
+        ));
+    };
+    let mut deleted = 0;
+    loop {
+        // Always list from the start: what was listed before is gone.
+        let page = client
+            .list_objects_v2()
+            .bucket(&vol.bucket)
+            .prefix(&marker)
+            .max_keys(1000)
+            .send()
+            .await
+            .map_err(|e| store_error("listing the volume's prefix", e))?;
+        let keys: Vec<ObjectIdentifier> = page
+            .contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .filter_map(|k| ObjectIdentifier::builder().key(k).build().ok())
+            .collect();
+        if keys.is_empty() {
+            return Ok(deleted);
+        }
+        let n = keys.len();
+        let delete = Delete::builder()
+            .set_objects(Some(keys))
+            .quiet(true)
+            .build()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let out = client
+            .delete_objects()
+            .bucket(&vol.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| store_error("deleting the volume's objects", e))?;
+        if let Some(err) = out.errors().first() {
+            return Err(Status::unavailable(format!(
+                "deleting {:?}: {}",
+                err.key().unwrap_or(""),
+                err.message().unwrap_or("failed")
+            )));
+        }
+        deleted += n;
+    }
+}
