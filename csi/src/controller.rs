@@ -153,7 +153,14 @@ impl pb::controller_server::Controller for ControllerService {
         if vol.delete_on_delete {
             let client = s3::client(&vol, &r.secrets)?;
             let n = s3::delete_prefix(&client, &vol).await?;
+            s3::delete_record(&client, &vol).await?;
             tracing::info!(volume = %id, objects = n, "volume deleted with its data");
+        } else if vol.endpoint.is_some() {
+            // The record goes (so the name can be created again with another size); the
+            // data stays.
+            let client = s3::client(&vol, &r.secrets)?;
+            s3::delete_record(&client, &vol).await?;
+            tracing::info!(volume = %id, "volume deleted; its data is retained");
         } else {
             tracing::info!(volume = %id, "volume deleted; its data is retained");
         }

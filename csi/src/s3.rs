@@ -10,8 +10,6 @@ use tonic::Status;
 
 use crate::volume_id::VolumeRef;
 
-const CAPACITY_META: &str = "berth-capacity";
-
 /// A client for the store of `vol`, with the credentials of the CSI request (or, without
 /// them, the standard AWS environment variables of the plugin).
 pub fn client(vol: &VolumeRef, secrets: &HashMap<String, String>) -> Result<Client, Status> {
@@ -64,42 +62,76 @@ fn store_error(what: &str, e: impl std::error::Error) -> Status {
     Status::unavailable(msg)
 }
 
-/// The capacity recorded on the marker, if the marker exists.
+/// The key of a volume's record: outside the volume's prefix (so no pod sees it), under
+/// `.berth-csi/` at the top of the bucket. It holds the capacity asked for, so a repeated
+/// CreateVolume can be told from a conflicting one. (Stores such as SeaweedFS keep no user
+/// metadata on `dir/` markers, so the marker itself cannot carry it.)
+fn record_key(vol: &VolumeRef) -> Option<String> {
+    (!vol.prefix.is_empty()).then(|| format!("{RECORD_DIR}{}", vol.prefix))
+}
+
+const RECORD_DIR: &str = ".berth-csi/volumes/";
+
+/// The capacity recorded for the volume, if it exists.
 pub async fn marker_capacity(client: &Client, vol: &VolumeRef) -> Result<Option<i64>, Status> {
-    let Some(marker) = vol.marker() else {
+    let Some(key) = record_key(vol) else {
         return Ok(Some(0));
     };
-    match client
-        .head_object()
-        .bucket(&vol.bucket)
-        .key(&marker)
-        .send()
-        .await
-    {
-        Ok(head) => Ok(Some(
-            head.metadata()
-                .and_then(|m| m.get(CAPACITY_META))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        )),
-        Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
-        Err(e) => Err(store_error("checking the volume's marker", e)),
+    match client.get_object().bucket(&vol.bucket).key(&key).send().await {
+        Ok(obj) => {
+            let body = obj
+                .body
+                .collect()
+                .await
+                .map_err(|e| Status::unavailable(format!("reading the volume record: {e}")))?;
+            Ok(Some(
+                String::from_utf8_lossy(&body.into_bytes())
+                    .trim()
+                    .parse()
+                    .unwrap_or(0),
+            ))
+        }
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+        Err(e) => Err(store_error("reading the volume record", e)),
     }
 }
 
+/// Creates the prefix's directory marker and the volume's record.
 pub async fn create_marker(client: &Client, vol: &VolumeRef, capacity: i64) -> Result<(), Status> {
-    let Some(marker) = vol.marker() else {
+    let (Some(marker), Some(record)) = (vol.marker(), record_key(vol)) else {
         return Ok(());
     };
     client
         .put_object()
         .bucket(&vol.bucket)
         .key(&marker)
-        .metadata(CAPACITY_META, capacity.to_string())
         .body(Vec::new().into())
         .send()
         .await
         .map_err(|e| store_error("creating the volume's prefix", e))?;
+    client
+        .put_object()
+        .bucket(&vol.bucket)
+        .key(&record)
+        .body(capacity.to_string().into_bytes().into())
+        .send()
+        .await
+        .map_err(|e| store_error("writing the volume record", e))?;
+    Ok(())
+}
+
+/// Removes the volume's record (the data stays).
+pub async fn delete_record(client: &Client, vol: &VolumeRef) -> Result<(), Status> {
+    let Some(record) = record_key(vol) else {
+        return Ok(());
+    };
+    client
+        .delete_object()
+        .bucket(&vol.bucket)
+        .key(&record)
+        .send()
+        .await
+        .map_err(|e| store_error("deleting the volume record", e))?;
     Ok(())
 }
 

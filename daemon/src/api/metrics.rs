@@ -16,9 +16,7 @@ pub async fn serve(listener: TcpListener, registry: Registry) {
         };
         let registry = registry.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = conn.read(&mut buf).await.unwrap_or(0);
-            let request = String::from_utf8_lossy(&buf[..n]);
+            let request = read_head(&mut conn).await;
             let (status, body) = if request.starts_with("GET /metrics") {
                 ("200 OK", render(&registry.list().await))
             } else {
@@ -32,6 +30,20 @@ pub async fn serve(listener: TcpListener, registry: Registry) {
             let _ = conn.write_all(body.as_bytes()).await;
         });
     }
+}
+
+/// Reads the request head (up to the blank line, at most 8 KiB), so that the client is done
+/// writing before the answer comes and the connection closes.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while buf.len() < 8192 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// Label values escaped per the text format.
