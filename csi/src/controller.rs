@@ -68,6 +68,7 @@ fn volume_ref(name: &str, params: &HashMap<String, String>) -> Result<VolumeRef,
         endpoint: params.get("endpoint").filter(|e| !e.is_empty()).cloned(),
         region: params.get("region").filter(|r| !r.is_empty()).cloned(),
         delete_on_delete,
+        dynamic: true,
     };
     // The id must parse back to the same volume (e.g. no `..` components).
     VolumeRef::parse(&vol.id()).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -116,7 +117,11 @@ impl pb::controller_server::Controller for ControllerService {
             return Err(Status::invalid_argument("bad capacity_range"));
         }
         // S3 has no size: the volume has the capacity asked for (the limit if only that).
-        let capacity = if required_bytes > 0 { required_bytes } else { limit };
+        let capacity = if required_bytes > 0 {
+            required_bytes
+        } else {
+            limit
+        };
         let vol = volume_ref(name, &r.parameters)?;
         let client = s3::client(&vol, &r.secrets)?;
         match s3::marker_capacity(&client, &vol).await? {
@@ -155,7 +160,7 @@ impl pb::controller_server::Controller for ControllerService {
             let n = s3::delete_prefix(&client, &vol).await?;
             s3::delete_record(&client, &vol).await?;
             tracing::info!(volume = %id, objects = n, "volume deleted with its data");
-        } else if vol.endpoint.is_some() {
+        } else if vol.dynamic {
             // The record goes (so the name can be created again with another size); the
             // data stays.
             let client = s3::client(&vol, &r.secrets)?;
@@ -176,11 +181,25 @@ impl pb::controller_server::Controller for ControllerService {
         if r.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume_capabilities is required"));
         }
-        let vol = VolumeRef::parse(id).map_err(|e| Status::not_found(e.to_string()))?;
-        // Dynamic volumes (with an endpoint in the id) can be checked in the store.
-        if vol.endpoint.is_some() {
+        let mut vol = VolumeRef::parse(id).map_err(|e| Status::not_found(e.to_string()))?;
+        if vol.dynamic {
+            // Made by CreateVolume: its record says it exists.
             let client = s3::client(&vol, &r.secrets)?;
             if s3::marker_capacity(&client, &vol).await?.is_none() {
+                return Err(Status::not_found(format!("volume {id} does not exist")));
+            }
+        } else {
+            // A static handle: the bucket (and prefix) must be there, at the endpoint the
+            // volume context names.
+            let Some(endpoint) = r.volume_context.get("endpoint") else {
+                return Err(Status::not_found(format!(
+                    "volume {id} is not one this driver created, and no endpoint in the volume context locates it"
+                )));
+            };
+            vol.endpoint = Some(endpoint.clone());
+            vol.region = r.volume_context.get("region").cloned();
+            let client = s3::client(&vol, &r.secrets)?;
+            if !s3::prefix_exists(&client, &vol).await? {
                 return Err(Status::not_found(format!("volume {id} does not exist")));
             }
         }

@@ -79,7 +79,10 @@ pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-pub async fn serve(args: Args, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let socket = socket_path(&args.endpoint)?;
     if args.mode.node() && args.node_id.is_empty() {
         anyhow::bail!("--node-id is required in node mode");
@@ -137,7 +140,9 @@ fn remove_stale(socket: &Path) -> anyhow::Result<()> {
 /// An empty string is a missing field (proto3 has no presence for strings).
 pub fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, tonic::Status> {
     if value.is_empty() {
-        Err(tonic::Status::invalid_argument(format!("{what} is required")))
+        Err(tonic::Status::invalid_argument(format!(
+            "{what} is required"
+        )))
     } else {
         Ok(value)
     }

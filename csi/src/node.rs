@@ -170,13 +170,17 @@ impl pb::node_server::Node for NodeService {
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         let read_only = check_capability(cap).map_err(Status::invalid_argument)? || r.readonly;
-        if !mounts::is_mountpoint(&staging).map_err(|e| io_status("reading mounts for", &staging, e))? {
+        if !mounts::is_mountpoint(&staging)
+            .map_err(|e| io_status("reading mounts for", &staging, e))?
+        {
             return Err(Status::failed_precondition(format!(
                 "volume {id} is not staged at {}",
                 staging.display()
             )));
         }
-        if let Some(m) = mounts::mount_at(&target).map_err(|e| io_status("reading mounts for", &target, e))? {
+        if let Some(m) =
+            mounts::mount_at(&target).map_err(|e| io_status("reading mounts for", &target, e))?
+        {
             // Already published: the same request is a success, another one is not.
             if m.read_only() == read_only {
                 self.remember(&target, &staging, read_only);
@@ -189,7 +193,8 @@ impl pb::node_server::Node for NodeService {
             )));
         }
         std::fs::create_dir_all(&target).map_err(|e| io_status("creating", &target, e))?;
-        mounts::bind(&staging, &target, read_only).map_err(|e| io_status("bind-mounting to", &target, e))?;
+        mounts::bind(&staging, &target, read_only)
+            .map_err(|e| io_status("bind-mounting to", &target, e))?;
         self.remember(&target, &staging, read_only);
         tracing::info!(volume = %id, target = %target.display(), read_only, "published");
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
@@ -203,7 +208,10 @@ impl pb::node_server::Node for NodeService {
         let id = required(&r.volume_id, "volume_id")?;
         let target = clean_path(&r.target_path, "target_path")?;
         mounts::unmount_all(&target).map_err(|e| {
-            Status::unavailable(format!("unmounting {}: {e} (retry later)", target.display()))
+            Status::unavailable(format!(
+                "unmounting {}: {e} (retry later)",
+                target.display()
+            ))
         })?;
         match std::fs::remove_dir(&target) {
             Ok(()) => {}
@@ -224,8 +232,11 @@ impl pb::node_server::Node for NodeService {
         use pb::volume_usage::Unit;
         let r = request.into_inner();
         required(&r.volume_id, "volume_id")?;
-        let path = clean_path(&r.volume_path, "volume_path")?;
-        if !mounts::is_mountpoint(&path).map_err(|e| io_status("reading mounts for", &path, e))? {
+        let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
+        if !path.is_absolute()
+            || !mounts::is_mountpoint(&path)
+                .map_err(|e| io_status("reading mounts for", &path, e))?
+        {
             return Err(Status::not_found(format!(
                 "no volume is mounted at {}",
                 path.display()

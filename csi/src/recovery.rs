@@ -42,9 +42,13 @@ pub async fn watch(
 pub fn rebind(published: &Published, staging: &std::path::Path, volume_id: &str) {
     for (target, t) in published.of_staging(staging) {
         let _ = mounts::unmount_all(&target);
-        match mounts::bind(&staging.to_path_buf(), &target, t.read_only) {
-            Ok(()) => tracing::warn!(volume = %volume_id, target = %target.display(), "re-bound after a remount"),
-            Err(e) => tracing::error!(volume = %volume_id, target = %target.display(), "re-binding after a remount: {e}"),
+        match mounts::bind(staging, &target, t.read_only) {
+            Ok(()) => {
+                tracing::warn!(volume = %volume_id, target = %target.display(), "re-bound after a remount")
+            }
+            Err(e) => {
+                tracing::error!(volume = %volume_id, target = %target.display(), "re-binding after a remount: {e}")
+            }
         }
     }
 }

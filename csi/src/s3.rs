@@ -77,7 +77,13 @@ pub async fn marker_capacity(client: &Client, vol: &VolumeRef) -> Result<Option<
     let Some(key) = record_key(vol) else {
         return Ok(Some(0));
     };
-    match client.get_object().bucket(&vol.bucket).key(&key).send().await {
+    match client
+        .get_object()
+        .bucket(&vol.bucket)
+        .key(&key)
+        .send()
+        .await
+    {
         Ok(obj) => {
             let body = obj
                 .body
@@ -133,6 +139,21 @@ pub async fn delete_record(client: &Client, vol: &VolumeRef) -> Result<(), Statu
         .await
         .map_err(|e| store_error("deleting the volume record", e))?;
     Ok(())
+}
+
+/// Whether the bucket exists and, for a prefix, holds at least one object under it.
+pub async fn prefix_exists(client: &Client, vol: &VolumeRef) -> Result<bool, Status> {
+    let mut list = client.list_objects_v2().bucket(&vol.bucket).max_keys(1);
+    if let Some(marker) = vol.marker() {
+        list = list.prefix(marker);
+    }
+    match list.send().await {
+        Ok(page) => Ok(vol.marker().is_none()
+            || page.key_count().unwrap_or(0) > 0
+            || !page.contents().is_empty()),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_bucket()) => Ok(false),
+        Err(e) => Err(store_error("listing the volume", e)),
+    }
 }
 
 /// Deletes every object under the prefix (and its marker). Returns how many went.

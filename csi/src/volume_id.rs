@@ -4,7 +4,8 @@
 //! - static PVs: `BUCKET/PREFIX` (or `BUCKET`); endpoint and region come from the PV's
 //!   volumeAttributes;
 //! - dynamic volumes: `BUCKET/PREFIX?e=ENDPOINT&r=REGION&d=1`, where the query part is
-//!   percent-encoded and `d=1` means "delete the prefix on DeleteVolume" (retain otherwise).
+//!   percent-encoded and `d=1` means "delete the prefix on DeleteVolume" (`d=0`: retain).
+//!   `d` is always there, so an id with a query is one CreateVolume made.
 
 use std::fmt::Write as _;
 
@@ -16,6 +17,8 @@ pub struct VolumeRef {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub delete_on_delete: bool,
+    /// Made by CreateVolume (it has a record in the bucket); false for static handles.
+    pub dynamic: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -49,6 +52,7 @@ impl VolumeRef {
             endpoint: None,
             region: None,
             delete_on_delete: false,
+            dynamic: !query.is_empty(),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -76,8 +80,8 @@ impl VolumeRef {
         if let Some(r) = &self.region {
             query.push(format!("r={}", encode(r)));
         }
-        if self.delete_on_delete {
-            query.push("d=1".into());
+        if self.dynamic {
+            query.push(format!("d={}", u8::from(self.delete_on_delete)));
         }
         if !query.is_empty() {
             id.push('?');
@@ -163,15 +167,34 @@ mod tests {
             endpoint: Some("http://127.0.0.1:8333/x?y&z=%".into()),
             region: Some("eu-west-1".into()),
             delete_on_delete: true,
+            dynamic: true,
         };
         let id = v.id();
         assert!(!id[id.find('?').unwrap() + 1..].contains('/'), "{id}");
         assert_eq!(VolumeRef::parse(&id).unwrap(), v);
+        let retained = VolumeRef {
+            endpoint: None,
+            region: None,
+            delete_on_delete: false,
+            ..v
+        };
+        assert_eq!(retained.id(), "b-1/pvs/pvc-123?d=0");
+        assert_eq!(VolumeRef::parse(&retained.id()).unwrap(), retained);
+        assert!(!VolumeRef::parse("b-1/p").unwrap().dynamic);
     }
 
     #[test]
     fn junk_is_refused() {
-        for id in ["", "x", "-bad-/p", "b k t/p", "bkt/a/../b", "bkt/a//b", "bkt/p?q=1", "bkt?e=%zz"] {
+        for id in [
+            "",
+            "x",
+            "-bad-/p",
+            "b k t/p",
+            "bkt/a/../b",
+            "bkt/a//b",
+            "bkt/p?q=1",
+            "bkt?e=%zz",
+        ] {
             assert!(VolumeRef::parse(id).is_err(), "{id}");
         }
     }

@@ -50,7 +50,9 @@ pub struct Node {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
@@ -102,7 +104,12 @@ impl Node {
         let dir = tmp.path().canonicalize()?;
         // A shared mount, as the kubelet directory is: mounts made below it propagate to
         // mount namespaces created from it with slave propagation (HostToContainer).
-        sh(&["mount", "--bind", &dir.display().to_string(), &dir.display().to_string()])?;
+        sh(&[
+            "mount",
+            "--bind",
+            &dir.display().to_string(),
+            &dir.display().to_string(),
+        ])?;
         sh(&["mount", "--make-rshared", &dir.display().to_string()])?;
         let daemon_socket = dir.join("daemon.sock");
         let csi_socket = dir.join("csi.sock");
@@ -167,16 +174,18 @@ impl Node {
     fn channel(&self) -> Result<Channel> {
         let socket = self.csi_socket.clone();
         let _guard = rt().enter();
-        Ok(tonic::transport::Endpoint::try_from("http://[::1]:1")?.connect_with_connector_lazy(
-            tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }),
-        ))
+        Ok(
+            tonic::transport::Endpoint::try_from("http://[::1]:1")?.connect_with_connector_lazy(
+                tower::service_fn(move |_| {
+                    let socket = socket.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(socket).await?,
+                        ))
+                    }
+                }),
+            ),
+        )
     }
 
     pub fn node(&self) -> Result<pb::node_client::NodeClient<Channel>> {
@@ -184,16 +193,16 @@ impl Node {
     }
 
     pub fn controller(&self) -> Result<pb::controller_client::ControllerClient<Channel>> {
-        Ok(pb::controller_client::ControllerClient::new(self.channel()?))
+        Ok(pb::controller_client::ControllerClient::new(
+            self.channel()?,
+        ))
     }
 
     pub fn identity(&self) -> Result<pb::identity_client::IdentityClient<Channel>> {
         Ok(pb::identity_client::IdentityClient::new(self.channel()?))
     }
 
-    pub fn daemon(
-        &self,
-    ) -> Result<berth::api::pb::daemon_client::DaemonClient<Channel>> {
+    pub fn daemon(&self) -> Result<berth::api::pb::daemon_client::DaemonClient<Channel>> {
         let _guard = rt().enter();
         berth::api::connect(&self.daemon_socket)
     }
@@ -258,7 +267,10 @@ pub fn mount_cap(mode: pb::volume_capability::access_mode::Mode) -> pb::VolumeCa
 }
 
 /// The gRPC code of a call that must fail.
-pub fn code<T: std::fmt::Debug>(what: &str, r: std::result::Result<T, tonic::Status>) -> Result<tonic::Code> {
+pub fn code<T: std::fmt::Debug>(
+    what: &str,
+    r: std::result::Result<T, tonic::Status>,
+) -> Result<tonic::Code> {
     match r {
         Ok(v) => bail!("{what}: succeeded ({v:?}) but must fail"),
         Err(s) => Ok(s.code()),
@@ -279,9 +291,19 @@ pub fn expect_code<T: std::fmt::Debug>(
 
 /// Reads a file from a new mount namespace made (with slave propagation) *before* `publish`
 /// runs, so the file is only visible if the mount propagated (HostToContainer).
-pub fn read_in_other_namespace(path: &Path, publish: impl FnOnce() -> Result<()>) -> Result<String> {
+pub fn read_in_other_namespace(
+    path: &Path,
+    publish: impl FnOnce() -> Result<()>,
+) -> Result<String> {
     let mut child = Command::new("unshare")
-        .args(["-m", "--propagation", "slave", "sh", "-c", "read go; cat \"$0\""])
+        .args([
+            "-m",
+            "--propagation",
+            "slave",
+            "sh",
+            "-c",
+            "read go; cat \"$0\"",
+        ])
         .arg(path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -64,10 +64,16 @@ fn main() -> ExitCode {
             continue;
         }
         let why = missing.join("; ");
-        eprintln!("csi-e2e: {} {}: {why}", if strict { "failing" } else { "skipping" }, case.name);
+        eprintln!(
+            "csi-e2e: {} {}: {why}",
+            if strict { "failing" } else { "skipping" },
+            case.name
+        );
         trials.push(if strict {
             Trial::test(case.name, move || {
-                Err(Failed::from(format!("requirement missing and BERTH_E2E_REQUIRE=1: {why}")))
+                Err(Failed::from(format!(
+                    "requirement missing and BERTH_E2E_REQUIRE=1: {why}"
+                )))
             })
         } else {
             Trial::ignorable_test(case.name, move || Ok(Completion::ignored_with(why)))

@@ -106,7 +106,9 @@ pub fn render(volumes: &[pb::VolumeInfo]) -> String {
         "Last-resort remounts (fresh FUSE mounts) of the volume.",
         per(&|v| v.remount_generation),
     );
-    let status = |v: &pb::VolumeInfo| serde_json::from_str::<crate::status::MountStatus>(&v.status_json).ok();
+    let status = |v: &pb::VolumeInfo| {
+        serde_json::from_str::<crate::status::MountStatus>(&v.status_json).ok()
+    };
     family(
         "berth_volume_memory_used_bytes",
         "gauge",
@@ -163,7 +165,10 @@ mod tests {
         };
         let text = render(&[v]);
         assert!(text.contains("berth_volumes 1\n"), "{text}");
-        assert!(text.contains("berth_volume_targets{volume=\"abc\",volume_id=\"b/\\\"p\\\"\"} 2"), "{text}");
+        assert!(
+            text.contains("berth_volume_targets{volume=\"abc\",volume_id=\"b/\\\"p\\\"\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("berth_volume_up{volume=\"abc\",volume_id=\"b/\\\"p\\\"\"} 1"));
         assert!(text.contains("# TYPE berth_volume_restarts_total counter"));
     }

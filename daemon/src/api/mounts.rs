@@ -135,9 +135,8 @@ pub fn bind(from: &Path, to: &Path, read_only: bool) -> io::Result<()> {
 /// many layers went. EBUSY (files open) is returned as an error: the caller retries later.
 pub fn unmount_all(path: &Path) -> io::Result<usize> {
     let c = cstr(path)?;
-    let mut layers = 0;
     // A bound on the loop: a path cannot hold more layers than this in practice.
-    for _ in 0..64 {
+    for layers in 0..64 {
         if !is_mountpoint(path)? {
             return Ok(layers);
         }
@@ -149,7 +148,6 @@ pub fn unmount_all(path: &Path) -> io::Result<usize> {
             }
             return Err(err);
         }
-        layers += 1;
     }
     Err(io::Error::other(format!(
         "{} still mounted after 64 unmounts",

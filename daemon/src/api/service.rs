@@ -281,7 +281,10 @@ fn spawn_share(
     share_id: &str,
 ) -> Result<Child, Status> {
     let mut cmd = Command::new(bin);
-    cmd.arg("share").arg(&spec.source).arg("--socket").arg(socket);
+    cmd.arg("share")
+        .arg(&spec.source)
+        .arg("--socket")
+        .arg(socket);
     for (k, v) in &spec.options {
         if v == "true" {
             cmd.arg(format!("--{k}"));

@@ -79,7 +79,11 @@ pub struct Secrets(BTreeMap<String, String>);
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Secrets({:?} redacted)", self.0.keys().collect::<Vec<_>>())
+        write!(
+            f,
+            "Secrets({:?} redacted)",
+            self.0.keys().collect::<Vec<_>>()
+        )
     }
 }
 
@@ -273,9 +277,8 @@ impl Registry {
                 target.display()
             )));
         }
-        std::fs::create_dir_all(&target).map_err(|e| {
-            VolumeError::Internal(format!("creating {}: {e}", target.display()))
-        })?;
+        std::fs::create_dir_all(&target)
+            .map_err(|e| VolumeError::Internal(format!("creating {}: {e}", target.display())))?;
         let shared = volumes.contains_key(&key);
         if !shared {
             let volume = self.start(spec, key.clone(), volume_id).await?;
@@ -318,9 +321,8 @@ impl Registry {
             .find(|(_, v)| v.targets.lock().is_ok_and(|t| t.contains_key(target)))
             .map(|(k, _)| k.clone());
         // Unmount whatever is there, known or not (a restarted daemon forgets its targets).
-        mounts::unmount_all(target).map_err(|e| {
-            VolumeError::Internal(format!("unmounting {}: {e}", target.display()))
-        })?;
+        mounts::unmount_all(target)
+            .map_err(|e| VolumeError::Internal(format!("unmounting {}: {e}", target.display())))?;
         let Some(key) = key else {
             return Ok(false);
         };
@@ -459,7 +461,9 @@ fn internal(e: std::io::Error) -> VolumeError {
 
 fn check_target(target: &Path) -> Result<(), VolumeError> {
     if target.as_os_str().is_empty() {
-        return Err(VolumeError::InvalidArgument("target_path is required".into()));
+        return Err(VolumeError::InvalidArgument(
+            "target_path is required".into(),
+        ));
     }
     if !target.is_absolute()
         || target
@@ -599,10 +603,7 @@ impl Supervisor {
             });
         }
         let mut child = cmd.spawn().map_err(|e| {
-            VolumeError::Internal(format!(
-                "starting {}: {e}",
-                self.node.berth_bin.display()
-            ))
+            VolumeError::Internal(format!("starting {}: {e}", self.node.berth_bin.display()))
         })?;
         let tail = Arc::new(std::sync::Mutex::new(Vec::new()));
         if let Some(stderr) = child.stderr.take() {
