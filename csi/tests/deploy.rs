@@ -30,7 +30,11 @@ fn kubectl() -> Result<PathBuf, String> {
     let venv = repo().join(".tools/venv/bin/kubectl");
     let candidates = std::iter::once(venv).chain(
         std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join("kubectl")).collect::<Vec<_>>())
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("kubectl"))
+                    .collect::<Vec<_>>()
+            })
             .unwrap_or_default(),
     );
     for c in candidates {
@@ -55,15 +59,22 @@ fn main() -> ExitCode {
         trials.push(match &kubectl {
             Ok(bin) => {
                 let bin = bin.clone();
-                Trial::test(name, move || check(&bin, dir).map_err(|e| Failed::from(format!("{e:#}"))))
+                Trial::test(name, move || {
+                    check(&bin, dir).map_err(|e| Failed::from(format!("{e:#}")))
+                })
             }
             Err(why) if strict => {
                 let why = why.clone();
-                Trial::test(name, move || Err(Failed::from(format!("requirement missing and BERTH_E2E_REQUIRE=1: {why}"))))
+                Trial::test(name, move || {
+                    Err(Failed::from(format!(
+                        "requirement missing and BERTH_E2E_REQUIRE=1: {why}"
+                    )))
+                })
             }
             Err(why) => {
                 let why = why.clone();
-                Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why))).with_ignored_flag(true)
+                Trial::ignorable_test(name, move || Ok(Completion::ignored_with(why)))
+                    .with_ignored_flag(true)
             }
         });
     }
@@ -77,7 +88,10 @@ fn check(kubectl: &Path, dir: &str) -> Result<()> {
         .output()
         .context("running kubectl kustomize")?;
     if !out.status.success() {
-        bail!("kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "kubectl kustomize {dir}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8(out.stdout)?;
     let mut n = 0;
@@ -156,4 +170,3 @@ fn validate(v: &Value) -> Result<()> {
         other => bail!("kind {other} is not known to the check (add it)"),
     }
 }
-
