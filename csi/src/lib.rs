@@ -3,10 +3,12 @@
 //! - [`identity`]: plugin name, capabilities, probe;
 //! - [`controller`]: CreateVolume/DeleteVolume as prefixes in a bucket (talks to S3 itself);
 //! - [`node`]: stage = ask the node daemon to mount, publish = bind-mount to the pod's target;
-//! - [`recovery`]: re-binds publish targets after the daemon reports a last-resort remount;
+//! - [`recovery`]: re-binds publish targets after the daemon reports a last-resort remount,
+//!   and [`events`] records it as a Kubernetes Event on the pods that use the volume;
 //! - [`volume_id`]: what a volume id carries.
 
 pub mod controller;
+pub mod events;
 pub mod identity;
 pub mod node;
 pub mod recovery;
@@ -65,6 +67,11 @@ pub struct Args {
     /// How often the node plugin asks the daemon for remounts to heal, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub recovery_interval_ms: u64,
+
+    /// Record a Kubernetes Event on pods whose volume was remounted (needs the in-cluster
+    /// API or a kubeconfig; off when neither is there).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub kube_events: bool,
 }
 
 /// Path of a `unix://` endpoint.
@@ -109,10 +116,16 @@ pub async fn serve(
             daemon: daemon.clone(),
             published: published.clone(),
         };
+        let recorder = if args.kube_events {
+            events::Recorder::from_env(args.node_id.clone()).await
+        } else {
+            None
+        };
         tokio::spawn(recovery::watch(
             daemon,
             published,
             std::time::Duration::from_millis(args.recovery_interval_ms),
+            recorder,
         ));
         router = router.add_service(pb::node_server::NodeServer::new(node));
     }

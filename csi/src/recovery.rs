@@ -12,12 +12,14 @@ use berth::api::mounts;
 use berth::api::pb as daemon;
 use tonic::transport::Channel;
 
+use crate::events::Recorder;
 use crate::node::Published;
 
 pub async fn watch(
     mut client: daemon::daemon_client::DaemonClient<Channel>,
     published: Arc<Published>,
     every: Duration,
+    recorder: Option<Recorder>,
 ) {
     // staging path -> generation last seen
     let mut seen: HashMap<PathBuf, u64> = HashMap::new();
@@ -30,7 +32,17 @@ pub async fn watch(
             for staging in v.targets.iter().map(PathBuf::from) {
                 let last = seen.insert(staging.clone(), v.remount_generation);
                 if matches!(last, Some(g) if g < v.remount_generation) {
-                    rebind(&published, &staging, &v.volume_id);
+                    let targets = rebind(&published, &staging, &v.volume_id);
+                    if let Some(rec) = &recorder {
+                        match rec.remounted(&v.volume_id, &targets).await {
+                            Ok(n) => {
+                                tracing::info!(volume = %v.volume_id, events = n, "remount recorded on pods")
+                            }
+                            Err(e) => {
+                                tracing::warn!(volume = %v.volume_id, "recording remount events: {e}")
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -38,11 +50,13 @@ pub async fn watch(
 }
 
 /// Binds the staging path again over each of its publish targets. The stale bind is removed
-/// first when nothing holds it; otherwise the new bind stacks on top of it.
-pub fn rebind(published: &Published, staging: &std::path::Path, volume_id: &str) {
-    for (target, t) in published.of_staging(staging) {
-        let _ = mounts::unmount_all(&target);
-        match mounts::bind(staging, &target, t.read_only) {
+/// first when nothing holds it; otherwise the new bind stacks on top of it. Returns the
+/// targets.
+pub fn rebind(published: &Published, staging: &std::path::Path, volume_id: &str) -> Vec<PathBuf> {
+    let targets = published.of_staging(staging);
+    for (target, t) in &targets {
+        let _ = mounts::unmount_all(target);
+        match mounts::bind(staging, target, t.read_only) {
             Ok(()) => {
                 tracing::warn!(volume = %volume_id, target = %target.display(), "re-bound after a remount")
             }
@@ -51,4 +65,5 @@ pub fn rebind(published: &Published, staging: &std::path::Path, volume_id: &str)
             }
         }
     }
+    targets.into_iter().map(|(t, _)| t).collect()
 }

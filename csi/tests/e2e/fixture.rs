@@ -152,7 +152,8 @@ impl Node {
                 .arg("--mode")
                 .arg("all")
                 .arg("--recovery-interval-ms")
-                .arg("200"),
+                .arg("200")
+                .args(["--kube-events", "false"]),
             &csi_log,
         )?;
         let ready = wait_socket(&csi_socket, &mut csi, &csi_log);
