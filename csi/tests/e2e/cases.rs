@@ -354,6 +354,23 @@ fn node_bad_requests() -> Result<()> {
         rt().block_on(n.node_stage_volume(wrong)).is_err(),
         "stage with a wrong secret succeeded"
     );
+    // Shares need `berth share`; a binary without it answers FAILED_PRECONDITION.
+    let has_share = std::process::Command::new(crate::fixture::berth_bin())
+        .args(["share", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_share {
+        let mut d = node.daemon()?;
+        expect_code(
+            "CreateShare without `berth share`",
+            rt().block_on(d.create_share(berth::api::pb::CreateShareRequest {
+                source: format!("s3://{}", bucket.name),
+                socket_path: node.path("share.sock").display().to_string(),
+                ..Default::default()
+            })),
+            Code::FailedPrecondition,
+        )?;
+    }
     let info = rt()
         .block_on(n.node_get_info(pb::NodeGetInfoRequest {}))?
         .into_inner();
