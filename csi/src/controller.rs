@@ -1,0 +1,241 @@
+//! The Controller service: a volume is a prefix in a bucket.
+//!
+//! StorageClass parameters: `bucket` (required), `endpoint`, `prefix` (parent of every volume's
+//! prefix), `region`, `onDelete` (`retain`, the default, or `delete`), and `berth mount`
+//! options (see [`crate::node::MOUNT_OPTIONS`]) that go to the volume context.
+
+use std::collections::HashMap;
+
+use tonic::{Request, Response, Status};
+
+use crate::node::MOUNT_OPTIONS;
+use crate::pb;
+use crate::s3;
+use crate::volume_id::{valid_bucket, VolumeRef};
+use crate::{check_capability, required};
+
+pub struct ControllerService;
+
+/// Parameters the controller itself uses.
+const OWN_PARAMS: &[&str] = &["bucket", "endpoint", "prefix", "region", "onDelete"];
+
+fn volume_ref(name: &str, params: &HashMap<String, String>) -> Result<VolumeRef, Status> {
+    let bucket = params
+        .get("bucket")
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| Status::invalid_argument("parameter `bucket` is required"))?;
+    if !valid_bucket(bucket) {
+        return Err(Status::invalid_argument(format!(
+            "parameter `bucket` {bucket:?} is not a bucket name"
+        )));
+    }
+    let parent = params
+        .get("prefix")
+        .map(|p| p.trim_matches('/'))
+        .unwrap_or("");
+    if parent.contains('?') || name.contains('?') || name.contains('/') {
+        return Err(Status::invalid_argument(
+            "`?` is not allowed in the prefix, nor `/` or `?` in the volume name",
+        ));
+    }
+    let prefix = if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    };
+    let delete_on_delete = match params.get("onDelete").map(String::as_str) {
+        None | Some("retain") | Some("") => false,
+        Some("delete") => true,
+        Some(other) => {
+            return Err(Status::invalid_argument(format!(
+                "parameter onDelete is retain or delete, not {other:?}"
+            )))
+        }
+    };
+    for key in params.keys() {
+        let known = OWN_PARAMS.contains(&key.as_str())
+            || MOUNT_OPTIONS.contains(&key.as_str())
+            || key.starts_with("csi.storage.k8s.io/");
+        if !known {
+            return Err(Status::invalid_argument(format!(
+                "unknown parameter {key:?}"
+            )));
+        }
+    }
+    let vol = VolumeRef {
+        bucket: bucket.clone(),
+        prefix,
+        endpoint: params.get("endpoint").filter(|e| !e.is_empty()).cloned(),
+        region: params.get("region").filter(|r| !r.is_empty()).cloned(),
+        delete_on_delete,
+        dynamic: true,
+    };
+    // The id must parse back to the same volume (e.g. no `..` components).
+    VolumeRef::parse(&vol.id()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(vol)
+}
+
+fn volume_context(vol: &VolumeRef, params: &HashMap<String, String>) -> HashMap<String, String> {
+    let mut ctx: HashMap<String, String> = params
+        .iter()
+        .filter(|(k, _)| MOUNT_OPTIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(e) = &vol.endpoint {
+        ctx.insert("endpoint".into(), e.clone());
+    }
+    if let Some(r) = &vol.region {
+        ctx.insert("region".into(), r.clone());
+    }
+    ctx
+}
+
+#[tonic::async_trait]
+impl pb::controller_server::Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let name = required(&r.name, "name")?;
+        if r.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        for cap in &r.volume_capabilities {
+            check_capability(cap).map_err(Status::invalid_argument)?;
+        }
+        if r.volume_content_source.is_some() {
+            return Err(Status::invalid_argument(
+                "volume content sources (snapshots, clones) are not supported",
+            ));
+        }
+        let (required_bytes, limit) = r
+            .capacity_range
+            .map(|c| (c.required_bytes, c.limit_bytes))
+            .unwrap_or((0, 0));
+        if required_bytes < 0 || limit < 0 || (limit > 0 && limit < required_bytes) {
+            return Err(Status::invalid_argument("bad capacity_range"));
+        }
+        // S3 has no size: the volume has the capacity asked for (the limit if only that).
+        let capacity = if required_bytes > 0 {
+            required_bytes
+        } else {
+            limit
+        };
+        let vol = volume_ref(name, &r.parameters)?;
+        let client = s3::client(&vol, &r.secrets)?;
+        match s3::marker_capacity(&client, &vol).await? {
+            Some(existing) if existing != capacity => {
+                return Err(Status::already_exists(format!(
+                    "volume {name} exists with capacity {existing}, not {capacity}"
+                )))
+            }
+            Some(_) => {}
+            None => s3::create_marker(&client, &vol, capacity).await?,
+        }
+        tracing::info!(volume = %vol.id(), "volume created");
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(pb::Volume {
+                capacity_bytes: capacity,
+                volume_id: vol.id(),
+                volume_context: volume_context(&vol, &r.parameters),
+                content_source: None,
+                accessible_topology: Vec::new(),
+            }),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required(&r.volume_id, "volume_id")?;
+        // An id we never made names no volume: deleting it succeeds (idempotent).
+        let Ok(vol) = VolumeRef::parse(id) else {
+            return Ok(Response::new(pb::DeleteVolumeResponse {}));
+        };
+        if vol.delete_on_delete {
+            let client = s3::client(&vol, &r.secrets)?;
+            let n = s3::delete_prefix(&client, &vol).await?;
+            s3::delete_record(&client, &vol).await?;
+            tracing::info!(volume = %id, objects = n, "volume deleted with its data");
+        } else if vol.dynamic {
+            // The record goes (so the name can be created again with another size); the
+            // data stays.
+            let client = s3::client(&vol, &r.secrets)?;
+            s3::delete_record(&client, &vol).await?;
+            tracing::info!(volume = %id, "volume deleted; its data is retained");
+        } else {
+            tracing::info!(volume = %id, "volume deleted; its data is retained");
+        }
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<pb::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
+        let r = request.into_inner();
+        let id = required(&r.volume_id, "volume_id")?;
+        if r.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        let mut vol = VolumeRef::parse(id).map_err(|e| Status::not_found(e.to_string()))?;
+        if vol.dynamic {
+            // Made by CreateVolume: its record says it exists.
+            let client = s3::client(&vol, &r.secrets)?;
+            if s3::marker_capacity(&client, &vol).await?.is_none() {
+                return Err(Status::not_found(format!("volume {id} does not exist")));
+            }
+        } else {
+            // A static handle: the bucket (and prefix) must be there, at the endpoint the
+            // volume context names.
+            let Some(endpoint) = r.volume_context.get("endpoint") else {
+                return Err(Status::not_found(format!(
+                    "volume {id} is not one this driver created, and no endpoint in the volume context locates it"
+                )));
+            };
+            vol.endpoint = Some(endpoint.clone());
+            vol.region = r.volume_context.get("region").cloned();
+            let client = s3::client(&vol, &r.secrets)?;
+            if !s3::prefix_exists(&client, &vol).await? {
+                return Err(Status::not_found(format!("volume {id} does not exist")));
+            }
+        }
+        let unsupported = r
+            .volume_capabilities
+            .iter()
+            .find_map(|c| check_capability(c).err());
+        let resp = match unsupported {
+            Some(why) => pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: why,
+            },
+            None => pb::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                    volume_context: r.volume_context,
+                    volume_capabilities: r.volume_capabilities,
+                    parameters: r.parameters,
+                    mutable_parameters: Default::default(),
+                }),
+                message: String::new(),
+            },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
+        use pb::controller_service_capability::{rpc::Type, Rpc, Type as Cap};
+        Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
+            capabilities: vec![pb::ControllerServiceCapability {
+                r#type: Some(Cap::Rpc(Rpc {
+                    r#type: Type::CreateDeleteVolume as i32,
+                })),
+            }],
+        }))
+    }
+}

@@ -1,0 +1,317 @@
+//! The Node service. NodeStageVolume asks the berth daemon to mount the volume at the
+//! staging path; NodePublishVolume bind-mounts the staging path to the pod's target
+//! (read-only honoured). Unpublish and unstage unmount in a loop, never lazily, and succeed
+//! when there is nothing left to do.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use berth::api::mounts;
+use berth::api::pb as daemon;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::pb;
+use crate::volume_id::VolumeRef;
+use crate::{check_capability, required};
+
+/// Volume-context keys passed to `berth mount` as options.
+pub const MOUNT_OPTIONS: &[&str] = &[
+    "metadata-ttl",
+    "memory-limit",
+    "part-size",
+    "max-prefetch",
+    "max-gets",
+    "threads",
+    "uid",
+    "gid",
+    "file-mode",
+    "dir-mode",
+    "cache-size",
+    "cache-memory",
+    "cache-io",
+    "block-size",
+    "read-only",
+    "virtual-hosted",
+    "request-deadline",
+];
+
+/// A publish target: where the volume is bound, from which staging path, read-only or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub staging: PathBuf,
+    pub read_only: bool,
+}
+
+/// Publish targets of this node plugin (kept for re-binding after a remount).
+#[derive(Default)]
+pub struct Published {
+    pub targets: Mutex<BTreeMap<PathBuf, Target>>,
+}
+
+impl Published {
+    pub fn of_staging(&self, staging: &Path) -> Vec<(PathBuf, Target)> {
+        self.targets
+            .lock()
+            .map(|t| {
+                t.iter()
+                    .filter(|(_, v)| v.staging == staging)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+pub struct NodeService {
+    pub node_id: String,
+    pub daemon: daemon::daemon_client::DaemonClient<Channel>,
+    pub published: std::sync::Arc<Published>,
+}
+
+fn io_status(what: &str, path: &Path, e: std::io::Error) -> Status {
+    Status::internal(format!("{what} {}: {e}", path.display()))
+}
+
+fn clean_path(p: &str, what: &str) -> Result<PathBuf, Status> {
+    let path = PathBuf::from(required(p, what)?);
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(Status::invalid_argument(format!(
+            "{what} must be absolute and free of `..`"
+        )));
+    }
+    Ok(path)
+}
+
+/// `berth mount` options of a volume from its context (static PV attributes or what
+/// CreateVolume returned), plus read-only when the access mode says so.
+fn mount_options(
+    vol: &VolumeRef,
+    ctx: &HashMap<String, String>,
+    read_only: bool,
+) -> HashMap<String, String> {
+    let mut opts: HashMap<String, String> = ctx
+        .iter()
+        .filter(|(k, _)| MOUNT_OPTIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(e) = ctx.get("endpoint").or(vol.endpoint.as_ref()) {
+        opts.insert("endpoint-url".into(), e.clone());
+    }
+    if let Some(r) = ctx.get("region").or(vol.region.as_ref()) {
+        opts.insert("region".into(), r.clone());
+    }
+    if read_only {
+        opts.insert("read-only".into(), "true".into());
+    }
+    opts
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<pb::NodeStageVolumeRequest>,
+    ) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required(&r.volume_id, "volume_id")?;
+        let staging = clean_path(&r.staging_target_path, "staging_target_path")?;
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        let read_only = check_capability(cap).map_err(Status::invalid_argument)?;
+        let vol = VolumeRef::parse(id).map_err(|e| Status::not_found(e.to_string()))?;
+        let req = daemon::MountVolumeRequest {
+            source: vol.source(),
+            target_path: staging.display().to_string(),
+            options: mount_options(&vol, &r.volume_context, read_only),
+            secrets: r.secrets,
+            volume_id: id.to_string(),
+            read_only: false,
+        };
+        self.daemon.clone().mount_volume(req).await?;
+        tracing::info!(volume = %id, staging = %staging.display(), "staged");
+        Ok(Response::new(pb::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<pb::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnstageVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required(&r.volume_id, "volume_id")?;
+        let staging = clean_path(&r.staging_target_path, "staging_target_path")?;
+        self.daemon
+            .clone()
+            .unmount_volume(daemon::UnmountVolumeRequest {
+                target_path: staging.display().to_string(),
+            })
+            .await?;
+        tracing::info!(volume = %id, staging = %staging.display(), "unstaged");
+        Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<pb::NodePublishVolumeRequest>,
+    ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required(&r.volume_id, "volume_id")?;
+        let staging = clean_path(&r.staging_target_path, "staging_target_path")?;
+        let target = clean_path(&r.target_path, "target_path")?;
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        let read_only = check_capability(cap).map_err(Status::invalid_argument)? || r.readonly;
+        if !mounts::is_mountpoint(&staging)
+            .map_err(|e| io_status("reading mounts for", &staging, e))?
+        {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is not staged at {}",
+                staging.display()
+            )));
+        }
+        if let Some(m) =
+            mounts::mount_at(&target).map_err(|e| io_status("reading mounts for", &target, e))?
+        {
+            // Already published: the same request is a success, another one is not.
+            if m.read_only() == read_only {
+                self.remember(&target, &staging, read_only);
+                return Ok(Response::new(pb::NodePublishVolumeResponse {}));
+            }
+            return Err(Status::already_exists(format!(
+                "{} is already published with read-only={}",
+                target.display(),
+                m.read_only()
+            )));
+        }
+        std::fs::create_dir_all(&target).map_err(|e| io_status("creating", &target, e))?;
+        mounts::bind(&staging, &target, read_only)
+            .map_err(|e| io_status("bind-mounting to", &target, e))?;
+        self.remember(&target, &staging, read_only);
+        tracing::info!(volume = %id, target = %target.display(), read_only, "published");
+        Ok(Response::new(pb::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<pb::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required(&r.volume_id, "volume_id")?;
+        let target = clean_path(&r.target_path, "target_path")?;
+        mounts::unmount_all(&target).map_err(|e| {
+            Status::unavailable(format!(
+                "unmounting {}: {e} (retry later)",
+                target.display()
+            ))
+        })?;
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_status("removing", &target, e)),
+        }
+        if let Ok(mut t) = self.published.targets.lock() {
+            t.remove(&target);
+        }
+        tracing::info!(volume = %id, target = %target.display(), "unpublished");
+        Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<pb::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
+        use pb::volume_usage::Unit;
+        let r = request.into_inner();
+        required(&r.volume_id, "volume_id")?;
+        let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
+        if !path.is_absolute()
+            || !mounts::is_mountpoint(&path)
+                .map_err(|e| io_status("reading mounts for", &path, e))?
+        {
+            return Err(Status::not_found(format!(
+                "no volume is mounted at {}",
+                path.display()
+            )));
+        }
+        let (usage, condition) = match mounts::usage(&path) {
+            Ok(u) => (
+                vec![
+                    pb::VolumeUsage {
+                        available: u.bytes_available as i64,
+                        total: u.bytes_total as i64,
+                        used: u.bytes_used as i64,
+                        unit: Unit::Bytes as i32,
+                    },
+                    pb::VolumeUsage {
+                        available: u.inodes_free as i64,
+                        total: u.inodes_total as i64,
+                        used: u.inodes_used as i64,
+                        unit: Unit::Inodes as i32,
+                    },
+                ],
+                pb::VolumeCondition {
+                    abnormal: false,
+                    message: "ok".into(),
+                },
+            ),
+            Err(e) => (
+                Vec::new(),
+                pb::VolumeCondition {
+                    abnormal: true,
+                    message: format!("statfs: {e}"),
+                },
+            ),
+        };
+        Ok(Response::new(pb::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(condition),
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<pb::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
+        use pb::node_service_capability::{rpc::Type, Rpc, Type as Cap};
+        let cap = |t: Type| pb::NodeServiceCapability {
+            r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })),
+        };
+        Ok(Response::new(pb::NodeGetCapabilitiesResponse {
+            capabilities: vec![cap(Type::StageUnstageVolume), cap(Type::GetVolumeStats)],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<pb::NodeGetInfoRequest>,
+    ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(pb::NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}
+
+impl NodeService {
+    fn remember(&self, target: &Path, staging: &Path, read_only: bool) {
+        if let Ok(mut t) = self.published.targets.lock() {
+            t.insert(
+                target.to_path_buf(),
+                Target {
+                    staging: staging.to_path_buf(),
+                    read_only,
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! A node under test: `berth daemon` + `berth-csi --mode all` on sockets in a temp dir whose
+//! root is a shared mount (like the kubelet directory), with their logs captured to files.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use berth_csi::pb;
+use tonic::transport::Channel;
+
+use crate::util::rt;
+
+/// The `berth` binary: BERTH_BIN, else next to this test in the target directory.
+pub fn berth_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BERTH_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/release/deps/csi_e2e-HASH -> target/release/berth
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("berth"))
+        .unwrap_or_default()
+}
+
+pub fn missing_binaries() -> Vec<String> {
+    let mut out = Vec::new();
+    if !berth_bin().is_file() {
+        out.push(format!(
+            "berth binary not found at {} (build it: cargo build --release -p berth, or set BERTH_BIN)",
+            berth_bin().display()
+        ));
+    }
+    if !Path::new("/usr/bin/unshare").exists() && !Path::new("/bin/unshare").exists() {
+        out.push("unshare (util-linux) not found".into());
+    }
+    out
+}
+
+pub struct Node {
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    daemon: Option<Child>,
+    csi: Option<Child>,
+    pub daemon_socket: PathBuf,
+    pub csi_socket: PathBuf,
+    pub metrics_port: u16,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let log = std::fs::File::create(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env("RUST_LOG", "debug,h2=info,hyper=info,tower=info,aws=info");
+    // SAFETY: prctl is async-signal-safe; children die with the test.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("spawning {cmd:?}"))
+}
+
+fn wait_socket(path: &Path, child: &mut Child, log: &Path) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{} did not appear", path.display())
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let st = Command::new(args[0]).args(&args[1..]).status()?;
+    if !st.success() {
+        bail!("{args:?} failed: {st}");
+    }
+    Ok(())
+}
+
+impl Node {
+    pub fn start(tag: &str) -> Result<Node> {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("berth-csi-{tag}-"))
+            .tempdir()?;
+        let dir = tmp.path().canonicalize()?;
+        // A shared mount, as the kubelet directory is: mounts made below it propagate to
+        // mount namespaces created from it with slave propagation (HostToContainer).
+        sh(&[
+            "mount",
+            "--bind",
+            &dir.display().to_string(),
+            &dir.display().to_string(),
+        ])?;
+        sh(&["mount", "--make-rshared", &dir.display().to_string()])?;
+        let daemon_socket = dir.join("daemon.sock");
+        let csi_socket = dir.join("csi.sock");
+        let metrics_port = free_port()?;
+        let mut node = Node {
+            _tmp: tmp,
+            daemon: None,
+            csi: None,
+            daemon_socket: daemon_socket.clone(),
+            csi_socket: csi_socket.clone(),
+            metrics_port,
+            dir: dir.clone(),
+        };
+        let daemon_log = dir.join("daemon.log");
+        let mut daemon = spawn(
+            Command::new(berth_bin())
+                .arg("daemon")
+                .arg("--socket")
+                .arg(&daemon_socket)
+                .arg("--state-dir")
+                .arg(dir.join("state"))
+                .arg("--cache-dir")
+                .arg(dir.join("cache"))
+                .arg("--metrics-addr")
+                .arg(format!("127.0.0.1:{metrics_port}")),
+            &daemon_log,
+        )?;
+        let ready = wait_socket(&daemon_socket, &mut daemon, &daemon_log);
+        node.daemon = Some(daemon);
+        ready.context("berth daemon")?;
+        let csi_log = dir.join("csi.log");
+        let mut csi = spawn(
+            Command::new(env!("CARGO_BIN_EXE_berth-csi"))
+                .arg("--endpoint")
+                .arg(format!("unix://{}", csi_socket.display()))
+                .arg("--node-id")
+                .arg("test-node")
+                .arg("--daemon-socket")
+                .arg(&daemon_socket)
+                .arg("--mode")
+                .arg("all")
+                .arg("--recovery-interval-ms")
+                .arg("200")
+                .args(["--kube-events", "false"]),
+            &csi_log,
+        )?;
+        let ready = wait_socket(&csi_socket, &mut csi, &csi_log);
+        node.csi = Some(csi);
+        ready.context("berth-csi")?;
+        Ok(node)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+        s.push_str(&std::fs::read_to_string(self.dir.join("csi.log")).unwrap_or_default());
+        s
+    }
+
+    fn channel(&self) -> Result<Channel> {
+        let socket = self.csi_socket.clone();
+        let _guard = rt().enter();
+        Ok(
+            tonic::transport::Endpoint::try_from("http://[::1]:1")?.connect_with_connector_lazy(
+                tower::service_fn(move |_| {
+                    let socket = socket.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(socket).await?,
+                        ))
+                    }
+                }),
+            ),
+        )
+    }
+
+    pub fn node(&self) -> Result<pb::node_client::NodeClient<Channel>> {
+        Ok(pb::node_client::NodeClient::new(self.channel()?))
+    }
+
+    pub fn controller(&self) -> Result<pb::controller_client::ControllerClient<Channel>> {
+        Ok(pb::controller_client::ControllerClient::new(
+            self.channel()?,
+        ))
+    }
+
+    pub fn identity(&self) -> Result<pb::identity_client::IdentityClient<Channel>> {
+        Ok(pb::identity_client::IdentityClient::new(self.channel()?))
+    }
+
+    pub fn daemon(&self) -> Result<berth::api::pb::daemon_client::DaemonClient<Channel>> {
+        let _guard = rt().enter();
+        berth::api::connect(&self.daemon_socket)
+    }
+
+    /// Stops berth-csi and the daemon (which unmounts what is left), then undoes the shared
+    /// mount. Returns the captured logs.
+    pub fn stop(&mut self) -> String {
+        for child in [self.csi.take(), self.daemon.take()].into_iter().flatten() {
+            let mut child = child;
+            // SAFETY: not reaped yet: the pid is our child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(40) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let logs = self.logs();
+        // Anything still mounted below the directory (a failed test), innermost first.
+        if let Ok(table) = berth::api::mounts::mount_table() {
+            let mut inner: Vec<PathBuf> = table
+                .into_iter()
+                .map(|m| m.mountpoint)
+                .filter(|m| m.starts_with(&self.dir) && *m != self.dir)
+                .collect();
+            inner.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+            for m in inner {
+                let _ = berth::api::mounts::unmount_all(&m);
+            }
+        }
+        let _ = berth::api::mounts::unmount_all(&self.dir);
+        logs
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Not stopped by the test: it failed; show what the daemon and plugin said.
+        let failed = self.daemon.is_some();
+        let logs = self.stop();
+        if failed {
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("--- logs of the failed node (last 60 lines) ---");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+pub fn mount_cap(mode: pb::volume_capability::access_mode::Mode) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Mount(
+            pb::volume_capability::MountVolume::default(),
+        )),
+        access_mode: Some(pb::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+/// The gRPC code of a call that must fail.
+pub fn code<T: std::fmt::Debug>(
+    what: &str,
+    r: std::result::Result<T, tonic::Status>,
+) -> Result<tonic::Code> {
+    match r {
+        Ok(v) => bail!("{what}: succeeded ({v:?}) but must fail"),
+        Err(s) => Ok(s.code()),
+    }
+}
+
+pub fn expect_code<T: std::fmt::Debug>(
+    what: &str,
+    r: std::result::Result<T, tonic::Status>,
+    want: tonic::Code,
+) -> Result<()> {
+    let got = code(what, r)?;
+    if got != want {
+        bail!("{what}: got {got:?}, want {want:?}");
+    }
+    Ok(())
+}
+
+/// Reads a file from a new mount namespace made (with slave propagation) *before* `publish`
+/// runs, so the file is only visible if the mount propagated (HostToContainer).
+pub fn read_in_other_namespace(
+    path: &Path,
+    publish: impl FnOnce() -> Result<()>,
+) -> Result<String> {
+    let mut child = Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "slave",
+            "sh",
+            "-c",
+            "read go; cat \"$0\"",
+        ])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("unshare")?;
+    // Let the namespace exist before the mount is made.
+    std::thread::sleep(Duration::from_millis(300));
+    let published = publish();
+    {
+        use std::io::Write;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"go\n");
+        }
+    }
+    let out = child.wait_with_output()?;
+    published?;
+    if !out.status.success() {
+        bail!(
+            "reading {} in another mount namespace: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,155 @@
+//! `berth daemon`: the node daemon. One per node, it owns every mount and share on the node
+//! and serves the gRPC API of `proto/berth/v1/daemon.proto` on a unix socket:
+//! - [`volumes`]: one supervised `berth mount` process per volume, bind-mounted to targets,
+//!   ref-counted, restarted with backoff (a restart is what triggers the last-resort heal);
+//! - [`service`]: the gRPC service (mount, unmount, list, warm, stats, upgrade, shares);
+//! - [`metrics`]: a Prometheus text endpoint, off unless `--metrics-addr` is given;
+//! - [`mounts`]: mount-table helpers (also used by the CSI node plugin).
+
+pub mod metrics;
+pub mod mounts;
+pub mod service;
+pub mod volumes;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+
+pub mod pb {
+    //! Generated from proto/berth/v1/daemon.proto.
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("berth.v1");
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Unix socket to serve the API on (its directory is created; a stale socket is replaced).
+    #[arg(long, value_name = "PATH", default_value = "/run/berth/daemon.sock")]
+    pub socket: PathBuf,
+
+    /// State of the daemon and its mounts (inode journals, status files, volume mountpoints).
+    #[arg(long, value_name = "DIR", default_value = "/run/berth")]
+    pub state_dir: PathBuf,
+
+    /// Node cache directory; each volume gets its own subdirectory (one process owns a cache
+    /// directory at a time).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `berth daemon`.
+pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let state_dir = args.state_dir.canonicalize()?;
+    let berth_bin = std::env::current_exe().context("finding the berth binary")?;
+    let node = volumes::Node {
+        berth_bin,
+        state_dir,
+        cache_dir: args.cache_dir.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(args, node))
+}
+
+async fn serve(args: DaemonArgs, node: volumes::Node) -> anyhow::Result<()> {
+    if let Some(dir) = args.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if args.socket.exists() {
+        std::fs::remove_file(&args.socket)
+            .with_context(|| format!("removing stale socket {}", args.socket.display()))?;
+    }
+    let listener = UnixListener::bind(&args.socket)
+        .with_context(|| format!("binding {}", args.socket.display()))?;
+    let registry = volumes::Registry::new(node);
+    let service = service::DaemonService::new(registry.clone());
+    if let Some(addr) = args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics address {addr}"))?;
+        tokio::spawn(metrics::serve(listener, registry.clone()));
+        tracing::info!(%addr, "metrics at /metrics");
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    println!("berth: daemon listening on {}", args.socket.display());
+    tracing::info!(socket = %args.socket.display(), "daemon ready");
+    tonic::transport::Server::builder()
+        .add_service(pb::daemon_server::DaemonServer::new(service.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .context("serving the API")?;
+    tracing::info!("stopping every volume and share");
+    service.stop_shares().await;
+    registry.shutdown().await;
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}
+
+/// A client of the daemon API over its unix socket. It connects on first use (and again after
+/// the daemon restarts), so a client may start before the daemon.
+pub fn connect(
+    socket: &Path,
+) -> anyhow::Result<pb::daemon_client::DaemonClient<tonic::transport::Channel>> {
+    let socket = socket.to_path_buf();
+    // The URI is required by the API but unused: every connection goes to the socket.
+    let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")?
+        .connect_with_connector_lazy(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    UnixStream::connect(socket).await?,
+                ))
+            }
+        }));
+    Ok(pb::daemon_client::DaemonClient::new(channel))
+}
+
+/// `berth volumes --socket PATH`: one JSON object per volume.
+pub fn print_volumes(socket: &Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let volumes = rt.block_on(async {
+        let mut client = connect(socket)?;
+        let resp = client
+            .list_volumes(pb::ListVolumesRequest {})
+            .await
+            .with_context(|| format!("asking the daemon at {}", socket.display()))?;
+        anyhow::Ok(resp.into_inner().volumes)
+    })?;
+    for v in volumes {
+        let status: serde_json::Value =
+            serde_json::from_str(&v.status_json).unwrap_or(serde_json::Value::Null);
+        let line = serde_json::json!({
+            "volume": v.volume, "volume_id": v.volume_id, "source": v.source,
+            "options": v.options, "targets": v.targets, "mountpoint": v.mountpoint,
+            "state": v.state, "pid": v.pid, "restarts": v.restarts,
+            "remount_generation": v.remount_generation, "last_error": v.last_error,
+            "status": status,
+        });
+        println!("{line}");
+    }
+    Ok(())
+}
