@@ -852,7 +852,7 @@ impl Holder {
         }
     }
 
-    /// A control socket per mount, `<state>/mounts/<mountpoint>/holder.sock`.
+    /// A control socket per mount (see [`control_socket`]).
     fn listen_for_control(&self) -> anyhow::Result<()> {
         for m in &self.mounts {
             let path = control_socket(&self.args.state_dir, m.fuse.mountpoint());
@@ -861,8 +861,12 @@ impl Holder {
                     .with_context(|| format!("creating state dir {}", dir.display()))?;
             }
             let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path)
-                .with_context(|| format!("listening on {}", path.display()))?;
+            let listener = UnixListener::bind(&path).with_context(|| {
+                format!(
+                    "listening on {} (a --state-dir path this long leaves no room for socket names)",
+                    path.display()
+                )
+            })?;
             let events = self.sender.clone();
             std::thread::Builder::new()
                 .name("holder-control".into())
@@ -881,16 +885,29 @@ impl Holder {
     fn cleanup_state(&self) {
         for m in &self.mounts {
             let dir = status::mount_state_dir(&self.args.state_dir, m.fuse.mountpoint());
-            for name in ["holder.sock", "status.json", "inodes", "init.json"] {
+            for name in ["status.json", "inodes"] {
                 let _ = std::fs::remove_file(dir.join(name));
             }
+            let _ = std::fs::remove_file(control_socket(&self.args.state_dir, m.fuse.mountpoint()));
             let _ = std::fs::remove_dir(dir);
         }
     }
 }
 
+/// The holder's control socket for `mountpoint`: `<state-dir>/holders/<hash>.sock`. A unix
+/// socket path must fit in 108 bytes, and mountpoints (kubelet's staging paths) are long, so
+/// the name is a hash of the mountpoint, not the mountpoint.
 pub fn control_socket(state_dir: &Path, mountpoint: &Path) -> PathBuf {
-    status::mount_state_dir(state_dir, mountpoint).join("holder.sock")
+    use std::os::unix::ffi::OsStrExt;
+    // FNV-1a: stable across builds and versions (an upgrade's new binary must find it).
+    let hash = mountpoint
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    state_dir.join("holders").join(format!("{hash:016x}.sock"))
 }
 
 fn serve_control(conn: UnixStream, events: &Sender<Event>) -> anyhow::Result<()> {
@@ -938,4 +955,22 @@ pub fn monotonic_ns() -> u64 {
 /// `fd` must be an open fd this process owns and nothing else will close.
 pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
     OwnedFd::from_raw_fd(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_sockets_are_short_and_one_per_mountpoint() {
+        let long = Path::new("/var/lib/kubelet/plugins/kubernetes.io/csi/csi.berth.dev/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/globalmount");
+        let a = control_socket(Path::new("/run/berth"), long);
+        assert!(a.as_os_str().len() < 60, "{}", a.display());
+        assert_eq!(a, control_socket(Path::new("/run/berth"), long), "stable");
+        assert_ne!(
+            a,
+            control_socket(Path::new("/run/berth"), Path::new("/mnt/other"))
+        );
+        assert!(a.starts_with("/run/berth/holders"));
+    }
 }
