@@ -173,6 +173,10 @@ impl Seaweed {
             .arg(format!("-admin.port={}", p.admin))
             .arg(format!("-admin.port.grpc={}", p.admin_grpc))
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            // Every bucket is a collection that grows several volumes; the default limit
+            // (free disk / 128 MB) ran out on a full suite and PUTs failed with a 500.
+            // Volumes are sparse files, so a high limit costs nothing.
+            .arg("-volume.max=2000")
             .arg(format!(
                 "-filer.localSocket={}",
                 root.join("filer.sock").display()
