@@ -6,8 +6,8 @@
 //! resend what the predecessor read but never answered, and only then starts reading.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -21,13 +21,14 @@ use crate::cli::{EngineArgs, MountArgs};
 use crate::fs::BerthFs;
 use crate::fuse::worker::{QueueControl, WorkerEnd};
 use crate::fuse::{protocol, worker};
-use crate::heal::handoff::{self, Hello, MountHandoff, ToEngine, ToHolder};
+use crate::heal::handoff::{self, Hello, MountHandoff, ShareHandoff, ToEngine, ToHolder};
 use crate::heal::shared::SharedState;
 use crate::heal::{holder, HolderFacts};
 use crate::memory::MemoryLimiter;
 use crate::mount::{self, Source, VolumeSpec};
 use crate::namespace::Namespace;
 use crate::prefetch::NodeCache;
+use crate::share::EngineShare;
 use crate::status;
 
 /// How long an upgrade lets open writes finish before stopping anyway.
@@ -36,9 +37,13 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const CACHE_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 enum EngineEvent {
-    FromHolder(ToEngine),
+    /// A message of the holder and the fds it carried.
+    FromHolder(ToEngine, Vec<File>),
     HolderGone,
-    WorkerEnded { mount: usize, end: WorkerEnd },
+    WorkerEnded {
+        mount: usize,
+        end: WorkerEnd,
+    },
 }
 
 /// One connection being served.
@@ -52,6 +57,8 @@ struct Served {
     ended: usize,
     status_file: PathBuf,
     cache: Option<NodeCache>,
+    /// virtio-fs shares of this volume served by this engine.
+    shares: Vec<EngineShare>,
 }
 
 /// `berth engine` (started by a holder, never by hand).
@@ -116,7 +123,11 @@ fn start(
     reply: &Arc<Mutex<UnixStream>>,
     events: &Sender<EngineEvent>,
 ) -> anyhow::Result<Vec<Served>> {
-    let expected: usize = hello.mounts.iter().map(|m| m.queues + 1).sum();
+    let expected: usize = hello
+        .mounts
+        .iter()
+        .map(|m| m.queues + 1 + m.shares.len())
+        .sum();
     if fds.len() != expected {
         bail!("the holder sent {} fds, expected {expected}", fds.len());
     }
@@ -127,6 +138,11 @@ fn start(
         let queues: Vec<File> = fds.by_ref().take(m.queues).collect();
         let shared_file = fds.next().context("missing shared state fd")?;
         let shared = Arc::new(SharedState::open(shared_file).context("mapping the shared state")?);
+        let listeners: Vec<UnixListener> = fds
+            .by_ref()
+            .take(m.shares.len())
+            .map(|f| UnixListener::from(OwnedFd::from(f)))
+            .collect();
         let volume = build(rt, args, hello.generation, m, memory, &cache)?;
         if let Some(capable) = m.init_capable {
             volume
@@ -135,11 +151,11 @@ fn start(
                 .resume_init(capable)
                 .context("resuming FUSE INIT")?;
         }
-        prepared.push((index, m, queues, shared, volume));
+        prepared.push((index, m, queues, shared, listeners, volume));
     }
     // Everything is ready: only now bring back what a predecessor left unanswered, so that
     // nothing is resent while this engine is already serving it.
-    for (_, m, queues, _, _) in &prepared {
+    for (_, m, queues, ..) in &prepared {
         if m.resend {
             protocol::notify_resend(queues[0].as_raw_fd()).with_context(|| {
                 format!("asking the kernel to resend for {}", m.mountpoint.display())
@@ -147,7 +163,7 @@ fn start(
         }
     }
     let mut served = Vec::new();
-    for (index, m, queues, shared, (volume, node_cache)) in prepared {
+    for (index, m, queues, shared, listeners, (volume, node_cache)) in prepared {
         let control = QueueControl::new(init_reporter(index, &volume.fs, reply))?;
         let server = Arc::new(Server::new(volume.fs.clone()));
         let workers = queues.len();
@@ -169,6 +185,12 @@ fn start(
         if let Some(conn) = m.conn {
             tune_readahead(conn);
         }
+        let shares = m
+            .shares
+            .iter()
+            .zip(listeners)
+            .map(|(spec, listener)| EngineShare::start(volume.fs.clone(), spec, listener))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         served.push(Served {
             source: m.source.clone(),
             mountpoint: m.mountpoint.clone(),
@@ -179,6 +201,7 @@ fn start(
             ended: 0,
             status_file: status::status_path(&args.state_dir, &m.mountpoint),
             cache: node_cache,
+            shares,
         });
     }
     Ok(served)
@@ -255,8 +278,8 @@ fn read_holder_messages(sock: UnixStream, events: Sender<EngineEvent>) -> anyhow
         .name("engine-control".into())
         .spawn(move || loop {
             match handoff::recv::<ToEngine>(&sock) {
-                Ok((message, _)) => {
-                    if events.send(EngineEvent::FromHolder(message)).is_err() {
+                Ok((message, fds)) => {
+                    if events.send(EngineEvent::FromHolder(message, fds)).is_err() {
                         return;
                     }
                 }
@@ -281,13 +304,29 @@ fn serve_until_end(
             bail!("engine event channel closed");
         };
         match event {
-            EngineEvent::FromHolder(ToEngine::Stop) => return stop(&mut served, &events, reply),
-            EngineEvent::FromHolder(ToEngine::Facts(f)) => {
+            EngineEvent::FromHolder(ToEngine::Stop, _) => return stop(&mut served, &events, reply),
+            EngineEvent::FromHolder(ToEngine::Facts(f), _) => {
                 *facts.lock().unwrap_or_else(|e| e.into_inner()) = f;
                 refresh_status();
             }
-            EngineEvent::FromHolder(ToEngine::Hello(_)) => {
+            EngineEvent::FromHolder(ToEngine::Hello(_), _) => {
                 tracing::warn!("unexpected second hello from the holder; ignored")
+            }
+            EngineEvent::FromHolder(ToEngine::AddShare { mount, share }, fds) => {
+                if let Err(e) = add_share(&mut served, mount, &share, fds) {
+                    tracing::error!(socket = %share.socket.display(), error = %format!("{e:#}"), "could not serve the share");
+                }
+            }
+            EngineEvent::FromHolder(ToEngine::RemoveShare { mount, socket }, _) => {
+                if let Some(s) = served.get_mut(mount) {
+                    s.shares.retain(|share| {
+                        let keep = share.socket != socket;
+                        if !keep {
+                            share.stop();
+                        }
+                        keep
+                    });
+                }
             }
             EngineEvent::HolderGone => {
                 // Without the holder nobody could hand this connection over; end now (the
@@ -311,6 +350,26 @@ fn serve_until_end(
             }
         }
     }
+}
+
+fn add_share(
+    served: &mut [Served],
+    mount: usize,
+    share: &ShareHandoff,
+    fds: Vec<File>,
+) -> anyhow::Result<()> {
+    let s = served.get_mut(mount).context("no such mount")?;
+    let listener = fds
+        .into_iter()
+        .next()
+        .context("the holder sent no socket")?;
+    let running = EngineShare::start(
+        s.fs.clone(),
+        share,
+        UnixListener::from(OwnedFd::from(listener)),
+    )?;
+    s.shares.push(running);
+    Ok(())
 }
 
 /// All workers of a mount ended (unmounted): commit what is still open.

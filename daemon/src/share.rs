@@ -1,11 +1,17 @@
-//! `berth share`: serve one source to one virtual machine over vhost-user virtio-fs.
+//! The virtio-fs door: FUSE requests arrive in virtqueues from a guest's virtio-fs driver
+//! (crate `berth-vhost`) instead of /dev/fuse.
 //!
-//! The engine is the one `berth mount` builds (store, namespace, prefetcher, block cache,
-//! [`BerthFs`](crate::fs::BerthFs)); only the door differs: instead of /dev/fuse, the FUSE
-//! requests arrive in virtqueues from the guest's virtio-fs driver (crate `berth-vhost`).
+//! Two ways to run it:
+//! - inside a mount's engine ([`EngineShare`]): the node daemon asks a volume's holder for a
+//!   share, and the engine that serves the FUSE mount serves the VMM too, with the same
+//!   [`BerthFs`](crate::fs::BerthFs), inode numbers and block cache;
+//! - `berth share SOURCE --socket PATH`: a process of its own, for a VMM without a node
+//!   daemon (and for the VM test).
 
 use std::io::Write as _;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -15,11 +21,65 @@ use clap::Parser as _;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::{Cli, Command, MountArgs, ShareArgs};
+use crate::fs::BerthFs;
+use crate::heal::handoff::ShareHandoff;
 use crate::heal::HolderFacts;
 use crate::memory::MemoryLimiter;
 use crate::mount::{self, Volume, VolumeSpec};
 use crate::prefetch::NodeCache;
 use crate::status;
+
+/// A share served by an engine on a socket its holder bound and keeps.
+pub struct EngineShare {
+    pub socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    /// A copy of the listener, to wake the serving thread's accept when stopping.
+    waker: UnixListener,
+}
+
+impl EngineShare {
+    /// Serves `fs` to VMMs connecting on `listener`, on a thread of its own.
+    pub fn start(
+        fs: Arc<BerthFs>,
+        spec: &ShareHandoff,
+        listener: UnixListener,
+    ) -> anyhow::Result<EngineShare> {
+        let waker = listener.try_clone().context("copying the share listener")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let share = Share::new(
+            fs,
+            ShareConfig {
+                socket: spec.socket.clone(),
+                request_queues: spec.request_queues,
+                queue_size: spec.queue_size,
+            },
+        );
+        let flag = stop.clone();
+        let socket = spec.socket.clone();
+        std::thread::Builder::new()
+            .name("vhost-listener".into())
+            .spawn(move || {
+                share.serve_listener(listener, &flag, |connection| {
+                    tracing::info!(connection, socket = %socket.display(), "VMM left; listening for the next one")
+                })
+            })
+            .context("starting the vhost-user listener")?;
+        tracing::info!(socket = %spec.socket.display(), request_queues = spec.request_queues, "serving a virtio-fs share");
+        Ok(EngineShare {
+            socket: spec.socket.clone(),
+            stop,
+            waker,
+        })
+    }
+
+    /// Stops accepting VMMs; one still attached is served until it leaves.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Err(e) = berth_vhost::wake_listener(&self.waker) {
+            tracing::warn!(socket = %self.socket.display(), error = %e, "could not wake the share's listener");
+        }
+    }
+}
 
 /// How long to wait for the socket to be bound before giving up.
 const LISTEN_DEADLINE: Duration = Duration::from_secs(10);

@@ -15,7 +15,10 @@ pub mod backend;
 pub mod request;
 pub mod testing;
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
@@ -74,24 +77,51 @@ impl<F: FileSystem + Send + Sync + 'static> Share<F> {
     pub fn serve(
         &self,
         on_listen: impl FnOnce(),
-        mut on_connection_end: impl FnMut(u64),
+        on_connection_end: impl FnMut(u64),
     ) -> Result<(), Error> {
         let path = &self.config.socket;
-        let mut listener = Listener::new(path, true).map_err(|source| Error::Listen {
+        let listener = Listener::new(path, true).map_err(|source| Error::Listen {
             path: path.clone(),
             source,
         })?;
         on_listen();
+        self.serve_on(listener, &AtomicBool::new(false), on_connection_end);
+        Ok(())
+    }
+
+    /// Serves VMMs on a socket someone else bound (a process that outlives this one keeps
+    /// the socket, so that a replacement can go on accepting on it), until `stop` is set.
+    /// The owner wakes a waiting accept by shutting the listener down (see [`wake_listener`]);
+    /// a VMM still attached when `stop` is set is served until it leaves.
+    pub fn serve_listener(
+        &self,
+        listener: UnixListener,
+        stop: &AtomicBool,
+        on_connection_end: impl FnMut(u64),
+    ) {
+        self.serve_on(Listener::from(listener), stop, on_connection_end)
+    }
+
+    fn serve_on(
+        &self,
+        mut listener: Listener,
+        stop: &AtomicBool,
+        mut on_connection_end: impl FnMut(u64),
+    ) {
         for connection in 1u64.. {
             // A connection that fails to set up (a client that is not a VMM, an accept error)
             // must not end the share: log it and wait for the next one.
-            if let Err(e) = self.serve_one(&mut listener, connection) {
+            let result = self.serve_one(&mut listener, connection);
+            if stop.load(Ordering::Acquire) {
+                tracing::info!(socket = %self.config.socket.display(), "share stopped");
+                return;
+            }
+            if let Err(e) = result {
                 tracing::error!(connection, error = %e, "vhost-user connection failed");
                 std::thread::sleep(RETRY_PAUSE);
             }
             on_connection_end(connection);
         }
-        Ok(())
     }
 
     /// Accepts one VMM and serves it until it disconnects. Every connection gets a fresh
@@ -119,5 +149,72 @@ impl<F: FileSystem + Send + Sync + 'static> Share<F> {
         // Dropping the daemon joins the queue workers (they saw the exit event).
         drop(daemon);
         Ok(())
+    }
+}
+
+/// Wakes a thread blocked accepting on `listener` (the accept fails with EINVAL): used to end
+/// [`Share::serve_listener`] after its `stop` flag is set. The listener accepts nothing after.
+pub fn wake_listener(listener: &impl AsRawFd) -> std::io::Result<()> {
+    // SAFETY: shutdown on a descriptor the caller owns; no memory is involved.
+    if unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A filesystem that answers nothing (every operation is the trait's ENOSYS default).
+    struct Empty;
+    impl FileSystem for Empty {
+        type Inode = u64;
+        type Handle = u64;
+    }
+
+    #[test]
+    fn a_stopped_share_leaves_its_accept_and_survives_bad_clients_before() {
+        let dir = std::env::temp_dir().join(format!("berth-vhost-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fs.sock");
+        let _ = std::fs::remove_file(&path);
+        let socket = UnixListener::bind(&path).unwrap();
+        let ours = socket.try_clone().unwrap();
+        let share = Share::new(
+            Empty,
+            ShareConfig {
+                socket: path.clone(),
+                request_queues: 1,
+                queue_size: 64,
+            },
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ended_tx, ended_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            share.serve_listener(socket, &flag, |c| {
+                let _ = ended_tx.send(c);
+            });
+            let _ = done_tx.send(());
+        });
+        // A client that is not a VMM: it connects and leaves; the share goes on listening.
+        drop(UnixStream::connect(&path).unwrap());
+        assert_eq!(ended_rx.recv_timeout(Duration::from_secs(10)), Ok(1));
+        assert!(
+            done_rx.try_recv().is_err(),
+            "the share ended on a bad client"
+        );
+        stop.store(true, Ordering::Release);
+        wake_listener(&ours).unwrap();
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the share did not stop"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -101,7 +101,6 @@ async fn serve(args: DaemonArgs, node: volumes::Node) -> anyhow::Result<()> {
         .await
         .context("serving the API")?;
     tracing::info!("stopping every volume and share");
-    service.stop_shares().await;
     registry.shutdown().await;
     let _ = std::fs::remove_file(&args.socket);
     Ok(())

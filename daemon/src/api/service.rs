@@ -1,17 +1,14 @@
 //! The gRPC service: maps requests to the volume registry and to `berth` subcommands.
 //! Requests are never logged whole: they carry credentials.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 
-use tokio::process::{Child, Command};
-use tokio::sync::Mutex;
+use tokio::process::Command;
 use tonic::{Request, Response, Status};
 
 use super::pb;
-use super::volumes::{Registry, Secrets, VolumeError, VolumeSpec};
+use super::volumes::{Registry, ShareSpec, VolumeError, VolumeSpec};
 
 impl From<VolumeError> for Status {
     fn from(e: VolumeError) -> Status {
@@ -25,23 +22,14 @@ impl From<VolumeError> for Status {
     }
 }
 
-/// A running `berth share`.
-struct Share {
-    child: Child,
-}
-
 #[derive(Clone)]
 pub struct DaemonService {
     pub registry: Registry,
-    shares: Arc<Mutex<BTreeMap<PathBuf, Share>>>,
 }
 
 impl DaemonService {
     pub fn new(registry: Registry) -> DaemonService {
-        DaemonService {
-            registry,
-            shares: Arc::default(),
-        }
+        DaemonService { registry }
     }
 
     /// Runs `berth ARGS...` to completion; Err(UNIMPLEMENTED) when the binary does not know
@@ -71,30 +59,10 @@ impl DaemonService {
         }
         Err(Status::internal(text.trim().to_string()))
     }
-
-    pub async fn stop_shares(&self) {
-        let mut shares = self.shares.lock().await;
-        for (_, mut s) in std::mem::take(&mut *shares) {
-            terminate(&mut s.child).await;
-        }
-    }
 }
 
 fn unknown_subcommand(text: &str) -> bool {
     text.contains("unrecognized subcommand")
-}
-
-async fn terminate(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        // SAFETY: not reaped yet, so the pid is still our child.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-    }
-    if tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
-    }
 }
 
 fn required<'a>(value: &'a str, what: &str) -> Result<&'a str, Status> {
@@ -182,7 +150,7 @@ impl pb::daemon_server::Daemon for DaemonService {
         let volumes = self.registry.list().await;
         let mut s = pb::StatsResponse {
             volumes: volumes.len() as u64,
-            shares: self.shares.lock().await.len() as u64,
+            shares: self.registry.share_count().await as u64,
             ..Default::default()
         };
         for v in &volumes {
@@ -240,22 +208,15 @@ impl pb::daemon_server::Daemon for DaemonService {
     ) -> Result<Response<pb::CreateShareResponse>, Status> {
         let r = request.into_inner();
         let socket = PathBuf::from(required(&r.socket_path, "socket_path")?);
-        let spec = VolumeSpec::new(r.source, r.options, r.secrets)?;
-        let mut shares = self.shares.lock().await;
-        if shares.contains_key(&socket) {
-            return Ok(Response::new(pb::CreateShareResponse {
-                socket_path: r.socket_path,
-            }));
-        }
-        // Does this binary serve virtio-fs at all?
-        if let Err(s) = self.berth(&["share".as_ref(), "--help".as_ref()]).await {
-            return Err(Status::failed_precondition(format!(
-                "virtio-fs shares are not available: {}",
-                s.message()
-            )));
-        }
-        let child = spawn_share(&self.registry.node().berth_bin, &spec, &socket, &r.share_id)?;
-        shares.insert(socket, Share { child });
+        let mut options = r.options;
+        let share = ShareSpec {
+            socket,
+            request_queues: take_number(&mut options, "request-queues", 1)?,
+            queue_size: take_number(&mut options, "queue-size", 1024)?,
+            share_id: r.share_id,
+        };
+        let spec = VolumeSpec::new(r.source, options, r.secrets)?;
+        self.registry.share(spec, share).await?;
         Ok(Response::new(pb::CreateShareResponse {
             socket_path: r.socket_path,
         }))
@@ -267,41 +228,22 @@ impl pb::daemon_server::Daemon for DaemonService {
     ) -> Result<Response<pb::RemoveShareResponse>, Status> {
         let r = request.into_inner();
         let socket = PathBuf::from(required(&r.socket_path, "socket_path")?);
-        if let Some(mut share) = self.shares.lock().await.remove(&socket) {
-            terminate(&mut share.child).await;
-        }
+        self.registry.unshare(&socket).await?;
         Ok(Response::new(pb::RemoveShareResponse {}))
     }
 }
 
-fn spawn_share(
-    bin: &Path,
-    spec: &VolumeSpec,
-    socket: &Path,
-    share_id: &str,
-) -> Result<Child, Status> {
-    let mut cmd = Command::new(bin);
-    cmd.arg("share")
-        .arg(&spec.source)
-        .arg("--socket")
-        .arg(socket);
-    for (k, v) in &spec.options {
-        if v == "true" {
-            cmd.arg(format!("--{k}"));
-        } else if v != "false" {
-            cmd.arg(format!("--{k}")).arg(v);
-        }
-    }
-    set_secret_env(&mut cmd, &spec.secrets);
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    tracing::info!(share = share_id, socket = %socket.display(), "starting virtio-fs share");
-    cmd.spawn()
-        .map_err(|e| Status::internal(format!("starting berth share: {e}")))
-}
-
-fn set_secret_env(cmd: &mut Command, secrets: &Secrets) {
-    for (var, value) in secrets.env_pairs() {
-        cmd.env(var, value);
+/// Removes option `key` from `options` and parses it (absent: `default`).
+fn take_number<T: std::str::FromStr>(
+    options: &mut std::collections::HashMap<String, String>,
+    key: &str,
+    default: T,
+) -> Result<T, Status> {
+    match options.remove(key) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| {
+            Status::invalid_argument(format!("option {key} takes a number, not {v:?}"))
+        }),
     }
 }
 

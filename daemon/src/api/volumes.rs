@@ -209,12 +209,24 @@ pub struct Health {
     pub last_error: String,
 }
 
+/// A virtio-fs share of a volume: its vhost-user socket and how it is offered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareSpec {
+    pub socket: PathBuf,
+    pub request_queues: usize,
+    pub queue_size: u16,
+    pub share_id: String,
+}
+
+type Shares = Arc<std::sync::Mutex<BTreeMap<PathBuf, ShareSpec>>>;
+
 struct Volume {
     spec: VolumeSpec,
     volume_id: String,
     mountpoint: PathBuf,
     /// target -> read-only
     targets: Arc<std::sync::Mutex<BTreeMap<PathBuf, bool>>>,
+    shares: Shares,
     health: Arc<std::sync::Mutex<Health>>,
     stop: Option<oneshot::Sender<()>>,
     done: watch::Receiver<bool>,
@@ -328,12 +340,11 @@ impl Registry {
         };
         let last = match volumes.get(&key) {
             Some(v) => {
-                let mut t = v
-                    .targets
+                v.targets
                     .lock()
-                    .map_err(|_| VolumeError::Internal("poisoned".into()))?;
-                t.remove(target);
-                t.is_empty()
+                    .map_err(|_| VolumeError::Internal("poisoned".into()))?
+                    .remove(target);
+                v.unused()
             }
             None => false,
         };
@@ -344,6 +355,92 @@ impl Registry {
             }
         }
         Ok(last)
+    }
+
+    /// Serves the volume of `spec` to VMMs on `share.socket`, from the engine of its mount
+    /// (started here if the volume is not mounted yet).
+    pub async fn share(&self, spec: VolumeSpec, share: ShareSpec) -> Result<(), VolumeError> {
+        check_target(&share.socket)?;
+        let key = spec.key();
+        let mut volumes = self.volumes.lock().await;
+        if let Some((other_key, _)) = volumes.iter().find(|(_, v)| v.has_share(&share.socket)) {
+            if *other_key == key {
+                return Ok(());
+            }
+            return Err(VolumeError::AlreadyExists(format!(
+                "{} already serves another volume",
+                share.socket.display()
+            )));
+        }
+        let started = !volumes.contains_key(&key);
+        if started {
+            let volume = self
+                .start(spec, key.clone(), share.share_id.clone())
+                .await?;
+            volumes.insert(key.clone(), volume);
+        }
+        let volume = volumes
+            .get(&key)
+            .ok_or_else(|| VolumeError::Internal("volume vanished".into()))?;
+        let asked = add_share(&self.node.state_dir, &volume.mountpoint, &share).await;
+        if let Err(e) = asked {
+            if started {
+                if let Some(v) = volumes.remove(&key) {
+                    stop(v).await;
+                }
+            }
+            return Err(e);
+        }
+        tracing::info!(volume = %key, socket = %share.socket.display(), share = %share.share_id, "virtio-fs share added");
+        volume
+            .shares
+            .lock()
+            .map_err(|_| VolumeError::Internal("poisoned".into()))?
+            .insert(share.socket.clone(), share);
+        Ok(())
+    }
+
+    /// Stops the share on `socket`; stops the volume when nothing else uses it. True when
+    /// the volume was stopped.
+    pub async fn unshare(&self, socket: &Path) -> Result<bool, VolumeError> {
+        check_target(socket)?;
+        let mut volumes = self.volumes.lock().await;
+        let Some(key) = volumes
+            .iter()
+            .find(|(_, v)| v.has_share(socket))
+            .map(|(k, _)| k.clone())
+        else {
+            return Ok(false);
+        };
+        let Some(volume) = volumes.get(&key) else {
+            return Ok(false);
+        };
+        let request = crate::heal::holder::ControlRequest::RemoveShare {
+            socket: socket.to_path_buf(),
+        };
+        if let Err(e) = ask_holder(&self.node.state_dir, &volume.mountpoint, request).await {
+            // The holder may be restarting; it forgets shares when it dies anyway.
+            tracing::warn!(volume = %key, socket = %socket.display(), "removing the share from the mount process: {e}");
+        }
+        if let Ok(mut shares) = volume.shares.lock() {
+            shares.remove(socket);
+        }
+        tracing::info!(volume = %key, socket = %socket.display(), "virtio-fs share removed");
+        let unused = volume.unused();
+        if unused {
+            if let Some(v) = volumes.remove(&key) {
+                stop(v).await;
+            }
+        }
+        Ok(unused)
+    }
+
+    pub async fn share_count(&self) -> usize {
+        let volumes = self.volumes.lock().await;
+        volumes
+            .values()
+            .map(|v| v.shares.lock().map(|s| s.len()).unwrap_or(0))
+            .sum()
     }
 
     pub async fn list(&self) -> Vec<pb::VolumeInfo> {
@@ -370,6 +467,11 @@ impl Registry {
                     remount_generation: health.remount_generation,
                     last_error: health.last_error,
                     status_json: std::fs::read_to_string(status_path).unwrap_or_default(),
+                    shares: v
+                        .shares
+                        .lock()
+                        .map(|s| s.keys().map(|p| p.display().to_string()).collect())
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -418,6 +520,7 @@ impl Registry {
             VolumeError::Internal(format!("creating {}: {e}", mountpoint.display()))
         })?;
         let targets = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let shares: Shares = Arc::default();
         let health = Arc::new(std::sync::Mutex::new(Health {
             state: "starting".into(),
             ..Health::default()
@@ -431,6 +534,7 @@ impl Registry {
             key: key.clone(),
             mountpoint: mountpoint.clone(),
             targets: targets.clone(),
+            shares: shares.clone(),
             health: health.clone(),
         };
         tokio::spawn(async move {
@@ -443,6 +547,7 @@ impl Registry {
                 volume_id,
                 mountpoint,
                 targets,
+                shares,
                 health,
                 stop: Some(stop_tx),
                 done: done_rx,
@@ -452,6 +557,52 @@ impl Registry {
                 "mount supervisor ended before the mount was ready".into(),
             )),
         }
+    }
+}
+
+impl Volume {
+    fn has_share(&self, socket: &Path) -> bool {
+        self.shares.lock().is_ok_and(|s| s.contains_key(socket))
+    }
+
+    /// No target and no share left: the volume can stop.
+    fn unused(&self) -> bool {
+        self.targets.lock().is_ok_and(|t| t.is_empty())
+            && self.shares.lock().is_ok_and(|s| s.is_empty())
+    }
+}
+
+/// Asks the holder of the volume mounted at `mountpoint` to serve a share.
+async fn add_share(
+    state_dir: &Path,
+    mountpoint: &Path,
+    share: &ShareSpec,
+) -> Result<(), VolumeError> {
+    let request = crate::heal::holder::ControlRequest::AddShare {
+        socket: share.socket.clone(),
+        request_queues: share.request_queues,
+        queue_size: share.queue_size,
+    };
+    ask_holder(state_dir, mountpoint, request).await
+}
+
+/// Sends a control request to a mount process (blocking socket I/O, off the runtime).
+async fn ask_holder(
+    state_dir: &Path,
+    mountpoint: &Path,
+    request: crate::heal::holder::ControlRequest,
+) -> Result<(), VolumeError> {
+    let (state_dir, mountpoint) = (state_dir.to_path_buf(), mountpoint.to_path_buf());
+    let reply = tokio::task::spawn_blocking(move || {
+        crate::heal::upgrade::ask(&state_dir, &mountpoint, &request)
+    })
+    .await
+    .map_err(|e| VolumeError::Internal(e.to_string()))?
+    .map_err(|e| VolumeError::Internal(format!("{e:#}")))?;
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(VolumeError::FailedPrecondition(reply.message))
     }
 }
 
@@ -496,6 +647,7 @@ struct Supervisor {
     key: String,
     mountpoint: PathBuf,
     targets: Arc<std::sync::Mutex<BTreeMap<PathBuf, bool>>>,
+    shares: Shares,
     health: Arc<std::sync::Mutex<Health>>,
 }
 
@@ -547,6 +699,7 @@ impl Supervisor {
                 let _ = tx.send(Ok(()));
             } else {
                 self.after_restart(before.as_ref());
+                self.reshare().await;
                 backoff = BACKOFF_MIN;
             }
             self.set(|h| {
@@ -708,6 +861,25 @@ impl Supervisor {
         }
         self.set(|h| h.remount_generation += 1);
         tracing::warn!(volume = %self.key, "volume was mounted afresh (last-resort remount); targets re-bound");
+    }
+
+    /// A new mount process knows no shares: give it every share of the volume again.
+    async fn reshare(&self) {
+        let shares: Vec<ShareSpec> = self
+            .shares
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        for share in shares {
+            match add_share(&self.node.state_dir, &self.mountpoint, &share).await {
+                Ok(()) => {
+                    tracing::info!(volume = %self.key, socket = %share.socket.display(), "share served again after a restart")
+                }
+                Err(e) => {
+                    tracing::error!(volume = %self.key, socket = %share.socket.display(), "could not serve the share again: {e}")
+                }
+            }
+        }
     }
 }
 

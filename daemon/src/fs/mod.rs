@@ -316,7 +316,15 @@ impl FileSystem for BerthFs {
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::AUTO_INVAL_DATA;
         tracing::debug!(?capable, "FUSE INIT");
-        self.init_capable.store(capable.bits(), Ordering::Release);
+        // The first INIT is the FUSE kernel's (or the predecessor's, via `resume_init`): a
+        // successor needs exactly those flags. A virtio-fs guest of the same volume (a share
+        // served by this engine) sends its own INIT later; it must not replace them.
+        let _ = self.init_capable.compare_exchange(
+            0,
+            capable.bits(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         Ok(capable & want)
     }
 

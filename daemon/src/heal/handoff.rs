@@ -36,6 +36,19 @@ pub struct MountHandoff {
     pub init_capable: Option<u64>,
     /// Requests of a predecessor may be read but unanswered: send FUSE_NOTIFY_RESEND.
     pub resend: bool,
+    /// virtio-fs shares of this volume; one listening socket fd each follows the shared
+    /// region, in order.
+    #[serde(default)]
+    pub shares: Vec<ShareHandoff>,
+}
+
+/// A vhost-user socket the holder bound (and keeps) for a share of a mount's volume: the
+/// engine serves VMMs on it with the same filesystem, caches and inode numbers as the mount.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShareHandoff {
+    pub socket: PathBuf,
+    pub request_queues: usize,
+    pub queue_size: u16,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -45,6 +58,16 @@ pub enum ToEngine {
     Stop,
     /// New facts for the status (after a recovery completed).
     Facts(HolderFacts),
+    /// Serve a share of mount `mount`; its listening socket fd is attached.
+    AddShare {
+        mount: usize,
+        share: ShareHandoff,
+    },
+    /// Stop accepting VMMs on a share (one still attached is served until it leaves).
+    RemoveShare {
+        mount: usize,
+        socket: PathBuf,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -218,6 +241,11 @@ mod tests {
                 queues: 1,
                 init_capable: Some(0xff),
                 resend: true,
+                shares: vec![ShareHandoff {
+                    socket: "/run/vm.sock".into(),
+                    request_queues: 2,
+                    queue_size: 512,
+                }],
             }],
         });
         send(&a, &hello, &[f.as_raw_fd()]).unwrap();

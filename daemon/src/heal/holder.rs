@@ -24,9 +24,10 @@ use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 
 use super::detect::{Detector, DetectorEvent, HangWatch};
-use super::handoff::{self, Hello, MountHandoff, ToEngine, ToHolder};
+use super::handoff::{self, Hello, MountHandoff, ShareHandoff, ToEngine, ToHolder};
 use super::remount::{self, BindTarget};
 use super::shared::SharedState;
+use super::shares::{self, HeldShare};
 use super::signals;
 use super::HolderFacts;
 use crate::cli::MountArgs;
@@ -56,13 +57,30 @@ pub enum Event {
         generation: u64,
     },
     Detector(DetectorEvent),
-    Control(ControlRequest, Sender<ControlReply>),
+    /// A request on the control socket of mount `mount`.
+    Control {
+        mount: usize,
+        request: ControlRequest,
+        reply: Sender<ControlReply>,
+    },
 }
 
-/// A request on a mount's control socket (`berth upgrade`).
+/// A request on a mount's control socket (`berth upgrade`, the node daemon's shares).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlRequest {
-    Upgrade { binary: Option<PathBuf> },
+    Upgrade {
+        binary: Option<PathBuf>,
+    },
+    /// Serve the mount's volume to VMMs on a vhost-user socket (idempotent).
+    AddShare {
+        socket: PathBuf,
+        request_queues: usize,
+        queue_size: u16,
+    },
+    /// Stop serving a share (idempotent).
+    RemoveShare {
+        socket: PathBuf,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -85,6 +103,8 @@ struct HeldMount {
     hang: HangWatch,
     /// Unmounted from outside: no longer served.
     gone: bool,
+    /// virtio-fs shares of this mount's volume (served by the same engine).
+    shares: Vec<HeldShare>,
 }
 
 struct Engine {
@@ -271,6 +291,7 @@ impl Holder {
             init_capable: None,
             hang: HangWatch::new(),
             gone: false,
+            shares: Vec::new(),
         })
     }
 
@@ -341,6 +362,7 @@ impl Holder {
         for m in self.mounts.iter().filter(|m| !m.gone) {
             fds.extend(m.queues.iter().map(|q| q.as_raw_fd()));
             fds.push(m.shared.file().as_raw_fd());
+            fds.extend(m.shares.iter().map(|s| s.listener.as_raw_fd()));
             mounts.push(MountHandoff {
                 source: m.source.clone(),
                 mountpoint: m.fuse.mountpoint().to_path_buf(),
@@ -349,6 +371,7 @@ impl Holder {
                 init_capable: m.init_capable,
                 // A fresh connection (first engine, or after a remount) has nothing to resend.
                 resend: resend && m.init_capable.is_some(),
+                shares: m.shares.iter().map(|s| s.spec.clone()).collect(),
             });
         }
         let hello = Hello {
@@ -469,8 +492,12 @@ impl Holder {
                     }
                 }
                 Some(Event::Detector(e)) => self.on_detector(e),
-                Some(Event::Control(request, reply)) => {
-                    let answer = self.on_control(request);
+                Some(Event::Control {
+                    mount,
+                    request,
+                    reply,
+                }) => {
+                    let answer = self.on_control(mount, request);
                     let _ = reply.send(answer);
                 }
             }
@@ -691,6 +718,8 @@ impl Holder {
             self.mounts[i].fsname.clone(),
             fuse,
         )?;
+        let mut held = held;
+        held.shares = std::mem::take(&mut self.mounts[i].shares);
         self.mounts[i] = held;
         Ok(targets)
     }
@@ -728,8 +757,37 @@ impl Holder {
         self.refresh_gone();
     }
 
-    fn on_control(&mut self, request: ControlRequest) -> ControlReply {
+    fn on_control(&mut self, mount: usize, request: ControlRequest) -> ControlReply {
+        let answer = |result: anyhow::Result<String>, generation| match result {
+            Ok(message) => ControlReply {
+                ok: true,
+                message,
+                generation,
+                stall_ms: 0,
+            },
+            Err(e) => ControlReply {
+                ok: false,
+                message: format!("{e:#}"),
+                generation,
+                stall_ms: 0,
+            },
+        };
         match request {
+            ControlRequest::AddShare {
+                socket,
+                request_queues,
+                queue_size,
+            } => {
+                let spec = ShareHandoff {
+                    socket,
+                    request_queues,
+                    queue_size,
+                };
+                answer(self.add_share(mount, spec), self.generation)
+            }
+            ControlRequest::RemoveShare { socket } => {
+                answer(self.remove_share(mount, &socket), self.generation)
+            }
             ControlRequest::Upgrade { binary } => match self.upgrade(binary) {
                 Ok(stall) => ControlReply {
                     ok: true,
@@ -745,6 +803,53 @@ impl Holder {
                 },
             },
         }
+    }
+
+    /// Binds a share's socket and has the engine serve it; later engines get it in their hello.
+    fn add_share(&mut self, mount: usize, spec: ShareHandoff) -> anyhow::Result<String> {
+        let m = self.mounts.get_mut(mount).context("no such mount")?;
+        if m.gone {
+            bail!("the mount is gone");
+        }
+        if shares::find(&m.shares, &spec.socket).is_some() {
+            return Ok(format!("{} is already shared", spec.socket.display()));
+        }
+        let share = HeldShare::bind(spec)?;
+        let socket = share.spec.socket.clone();
+        if let Some(engine) = &self.engine {
+            let message = ToEngine::AddShare {
+                mount,
+                share: share.spec.clone(),
+            };
+            // If the engine is dying, its successor gets the share in its hello.
+            if let Err(e) = handoff::send(&engine.sock, &message, &[share.listener.as_raw_fd()]) {
+                tracing::warn!(error = %e, "could not hand the share to the engine; its successor will serve it");
+            }
+        }
+        tracing::info!(socket = %socket.display(), mountpoint = %m.fuse.mountpoint().display(), "virtio-fs share added");
+        m.shares.push(share);
+        Ok(format!("sharing on {}", socket.display()))
+    }
+
+    /// Stops a share: the engine stops accepting on it, the socket file goes away.
+    fn remove_share(&mut self, mount: usize, socket: &Path) -> anyhow::Result<String> {
+        let m = self.mounts.get_mut(mount).context("no such mount")?;
+        let Some(index) = shares::find(&m.shares, socket) else {
+            return Ok(format!("{} is not shared", socket.display()));
+        };
+        let share = m.shares.remove(index);
+        if let Some(engine) = &self.engine {
+            let message = ToEngine::RemoveShare {
+                mount,
+                socket: socket.to_path_buf(),
+            };
+            if let Err(e) = handoff::send(&engine.sock, &message, &[]) {
+                tracing::warn!(error = %e, "could not tell the engine to stop the share");
+            }
+        }
+        share.unlink();
+        tracing::info!(socket = %socket.display(), "virtio-fs share removed");
+        Ok(format!("stopped sharing on {}", socket.display()))
     }
 
     /// Replaces the engine with `binary`: the old one stops at a request boundary (after its
@@ -854,7 +959,7 @@ impl Holder {
 
     /// A control socket per mount (see [`control_socket`]).
     fn listen_for_control(&self) -> anyhow::Result<()> {
-        for m in &self.mounts {
+        for (mount, m) in self.mounts.iter().enumerate() {
             let path = control_socket(&self.args.state_dir, m.fuse.mountpoint());
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
@@ -872,7 +977,7 @@ impl Holder {
                 .name("holder-control".into())
                 .spawn(move || {
                     for conn in listener.incoming().flatten() {
-                        if let Err(e) = serve_control(conn, &events) {
+                        if let Err(e) = serve_control(mount, conn, &events) {
                             tracing::warn!(error = %e, "control request failed");
                         }
                     }
@@ -890,6 +995,7 @@ impl Holder {
             }
             let _ = std::fs::remove_file(control_socket(&self.args.state_dir, m.fuse.mountpoint()));
             let _ = std::fs::remove_dir(dir);
+            m.shares.iter().for_each(HeldShare::unlink);
         }
     }
 }
@@ -910,7 +1016,7 @@ pub fn control_socket(state_dir: &Path, mountpoint: &Path) -> PathBuf {
     state_dir.join("holders").join(format!("{hash:016x}.sock"))
 }
 
-fn serve_control(conn: UnixStream, events: &Sender<Event>) -> anyhow::Result<()> {
+fn serve_control(mount: usize, conn: UnixStream, events: &Sender<Event>) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
@@ -918,7 +1024,11 @@ fn serve_control(conn: UnixStream, events: &Sender<Event>) -> anyhow::Result<()>
         serde_json::from_str(line.trim()).context("bad control request")?;
     let (tx, rx) = mpsc::channel();
     events
-        .send(Event::Control(request, tx))
+        .send(Event::Control {
+            mount,
+            request,
+            reply: tx,
+        })
         .map_err(|_| anyhow::anyhow!("holder is shutting down"))?;
     let reply = rx
         .recv_timeout(STOP_TIMEOUT + SUCCESSOR_START_TIMEOUT + Duration::from_secs(10))

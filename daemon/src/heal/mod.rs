@@ -6,6 +6,7 @@
 //! - [`shared`]: per-connection memory shared with engines (progress, reply journal);
 //! - [`detect`] and [`ebpf`]: how a dead or hung engine or a lost connection is noticed;
 //! - [`remount`]: the last resort when a connection itself is gone;
+//! - [`shares`]: vhost-user sockets of virtio-fs shares, kept like the FUSE fds;
 //! - [`upgrade`]: `berth upgrade`.
 
 pub mod detect;
@@ -14,6 +15,7 @@ pub mod handoff;
 pub mod holder;
 pub mod remount;
 pub mod shared;
+pub mod shares;
 pub mod signals;
 pub mod upgrade;
 

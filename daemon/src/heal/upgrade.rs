@@ -1,4 +1,5 @@
-//! `berth upgrade MOUNTPOINT [--binary PATH]`: asks the mount's holder to replace its engine.
+//! `berth upgrade MOUNTPOINT [--binary PATH]`: asks the mount's holder to replace its engine;
+//! [`ask`] is how any client talks to a holder's control socket.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -19,23 +20,7 @@ pub fn run(mountpoint: &Path, binary: Option<&Path>, state_dir: &Path) -> anyhow
         ),
         None => None,
     };
-    let path = control_socket(state_dir, &mountpoint);
-    let conn = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "no berth holder for {} (cannot connect to {}; is --state-dir the one the mount uses?)",
-            mountpoint.display(),
-            path.display()
-        )
-    })?;
-    let mut request = serde_json::to_vec(&ControlRequest::Upgrade { binary })?;
-    request.push(b'\n');
-    (&conn).write_all(&request)?;
-    let mut line = String::new();
-    BufReader::new(&conn)
-        .read_line(&mut line)
-        .context("waiting for the holder's answer")?;
-    let reply: ControlReply =
-        serde_json::from_str(line.trim()).context("the holder's answer is not understood")?;
+    let reply = ask(state_dir, &mountpoint, &ControlRequest::Upgrade { binary })?;
     if !reply.ok {
         bail!(
             "upgrade of {} failed: {}",
@@ -50,4 +35,28 @@ pub fn run(mountpoint: &Path, binary: Option<&Path>, state_dir: &Path) -> anyhow
         reply.stall_ms
     );
     Ok(())
+}
+
+/// Sends `request` to the holder of `mountpoint` and waits for its answer.
+pub fn ask(
+    state_dir: &Path,
+    mountpoint: &Path,
+    request: &ControlRequest,
+) -> anyhow::Result<ControlReply> {
+    let path = control_socket(state_dir, mountpoint);
+    let conn = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "no berth holder for {} (cannot connect to {}; is --state-dir the one the mount uses?)",
+            mountpoint.display(),
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    (&conn).write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut answer)
+        .context("waiting for the holder's answer")?;
+    serde_json::from_str(answer.trim()).context("the holder's answer is not understood")
 }

@@ -46,9 +46,9 @@ impl Detector {
 
 /// What the status file of a mount says about healing.
 #[derive(Debug)]
-struct Heal {
-    engine_pid: u32,
-    generation: u64,
+pub(super) struct Heal {
+    pub engine_pid: u32,
+    pub generation: u64,
     detector: String,
     recoveries: u64,
     last_recovery_kind: Option<String>,
@@ -64,7 +64,7 @@ fn status_file(m: &Mount) -> Result<PathBuf> {
     Ok(entry.path().join("status.json"))
 }
 
-fn heal_status(m: &Mount) -> Result<Heal> {
+pub(super) fn heal_status(m: &Mount) -> Result<Heal> {
     let path = status_file(m)?;
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -92,7 +92,7 @@ fn heal_status(m: &Mount) -> Result<Heal> {
 }
 
 /// Waits until the mount's status shows generation > `after` with a live engine.
-fn wait_generation(m: &Mount, after: u64, timeout: Duration) -> Result<Heal> {
+pub(super) fn wait_generation(m: &Mount, after: u64, timeout: Duration) -> Result<Heal> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(h) = heal_status(m) {

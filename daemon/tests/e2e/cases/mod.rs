@@ -11,6 +11,7 @@ mod namespace;
 mod oddkeys;
 mod read;
 mod readonly;
+mod shares;
 mod storedown;
 mod unmount;
 mod unsupported;
@@ -84,6 +85,16 @@ pub fn all() -> Vec<Case> {
             "local::local_directory_store",
             Needs::FUSE,
             local::local_directory_store,
+        ),
+        case(
+            "shares::served_by_the_mount_engine",
+            Needs::FUSE,
+            shares::served_by_the_mount_engine,
+        ),
+        case(
+            "shares::daemon_shares_use_the_volume_engine",
+            Needs::FUSE,
+            shares::daemon_shares_use_the_volume_engine,
         ),
         case("unmount::sigterm", s3, unmount::sigterm),
         case("unmount::umount_command", s3, unmount::umount_command),
