@@ -96,7 +96,18 @@ pub struct EngineArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ShareArgs {
     /// `s3://BUCKET[/PREFIX]`, or a local directory used as an object store.
-    pub source: String,
+    #[arg(required_unless_present = "mount")]
+    pub source: Option<String>,
+
+    /// Instead of starting an engine of its own, have the engine of the running `berth mount`
+    /// at MOUNTPOINT serve the VM: pods and the VM then share one inode table and one cache.
+    /// Returns once the socket is served; the share lives as long as that mount.
+    #[arg(long, value_name = "MOUNTPOINT", conflicts_with = "source")]
+    pub mount: Option<PathBuf>,
+
+    /// With --mount: stop the share on --socket instead of adding it.
+    #[arg(long, requires = "mount")]
+    pub remove: bool,
 
     /// The vhost-user socket to listen on (a stale file there is replaced).
     #[arg(long, value_name = "PATH")]
@@ -413,6 +424,18 @@ mod tests {
         assert_eq!(args.socket, PathBuf::from("/run/b.sock"));
         assert_eq!(args.request_queues, 1);
         assert!(Cli::try_parse_from(["berth", "share", "s3://b"]).is_err());
+        // A share of a running mount names the mount, not a source.
+        let cli = Cli::try_parse_from(["berth", "share", "--mount", "/m", "--socket", "/s"]);
+        assert!(cli.is_ok_and(|c| matches!(c.command, Command::Share(a) if a.source.is_none())));
+        assert!(Cli::try_parse_from(["berth", "share", "--socket", "/s"]).is_err());
+        assert!(Cli::try_parse_from([
+            "berth", "share", "s3://b", "--mount", "/m", "--socket", "/s"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["berth", "share", "s3://b", "--remove", "--socket", "/s"])
+                .is_err()
+        );
     }
 
     #[test]

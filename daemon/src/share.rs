@@ -23,6 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::cli::{Cli, Command, MountArgs, ShareArgs};
 use crate::fs::BerthFs;
 use crate::heal::handoff::ShareHandoff;
+use crate::heal::holder::ControlRequest;
 use crate::heal::HolderFacts;
 use crate::memory::MemoryLimiter;
 use crate::mount::{self, Volume, VolumeSpec};
@@ -85,7 +86,11 @@ impl EngineShare {
 const LISTEN_DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn run(args: ShareArgs) -> anyhow::Result<()> {
-    let engine_args = engine_args(&args)?;
+    if let Some(mountpoint) = &args.mount {
+        return attach(&args, mountpoint);
+    }
+    let text = args.source.clone().context("SOURCE is required")?;
+    let engine_args = engine_args(&args, &text)?;
     // The same checks as `berth mount` (source syntax, sizes).
     let source = mount::targets(&engine_args)?
         .into_iter()
@@ -110,7 +115,7 @@ pub fn run(args: ShareArgs) -> anyhow::Result<()> {
         &rt,
         &engine_args,
         &VolumeSpec {
-            text: &args.source,
+            text: &text,
             source: &source,
             mountpoint: &socket,
             check_store: true,
@@ -153,10 +158,10 @@ pub fn run(args: ShareArgs) -> anyhow::Result<()> {
     }
     let status_file = status::status_path(&args.state_dir, &socket);
     let reporter = publish_status(&rt, &status_file, &args, &socket, &volume, &memory, cache);
-    println!("berth: sharing {} on {}", args.source, socket.display());
+    println!("berth: sharing {text} on {}", socket.display());
     let _ = std::io::stdout().flush();
     tracing::info!(
-        source = %args.source,
+        source = %text,
         socket = %socket.display(),
         request_queues = args.request_queues,
         read_only = args.read_only,
@@ -179,11 +184,37 @@ pub fn run(args: ShareArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// `berth share --mount MOUNTPOINT --socket PATH [--remove]`: asks the holder of a running
+/// mount to serve (or stop serving) its volume on a vhost-user socket.
+fn attach(args: &ShareArgs, mountpoint: &Path) -> anyhow::Result<()> {
+    let mountpoint = mountpoint
+        .canonicalize()
+        .with_context(|| format!("{} does not exist", mountpoint.display()))?;
+    let socket = socket_path(&args.socket)?;
+    let request = if args.remove {
+        ControlRequest::RemoveShare {
+            socket: socket.clone(),
+        }
+    } else {
+        ControlRequest::AddShare {
+            socket: socket.clone(),
+            request_queues: args.request_queues,
+            queue_size: args.queue_size,
+        }
+    };
+    let reply = crate::heal::upgrade::ask(&args.state_dir, &mountpoint, &request)?;
+    if !reply.ok {
+        bail!("{}: {}", mountpoint.display(), reply.message);
+    }
+    println!("berth: {} ({})", reply.message, mountpoint.display());
+    Ok(())
+}
+
 /// The engine flags of a share in the form the engine builder takes: `berth mount`'s
 /// defaults (parsed, so that flags added there keep their defaults) with the share's values.
-fn engine_args(args: &ShareArgs) -> anyhow::Result<MountArgs> {
+fn engine_args(args: &ShareArgs, source: &str) -> anyhow::Result<MountArgs> {
     let socket = args.socket.to_string_lossy();
-    let cli = Cli::try_parse_from(["berth", "mount", args.source.as_str(), &socket])
+    let cli = Cli::try_parse_from(["berth", "mount", source, &socket])
         .context("building the engine settings")?;
     let Command::Mount(mut mount) = cli.command else {
         bail!("building the engine settings: not a mount command line");
@@ -214,7 +245,10 @@ fn publish_status(
     memory: &Arc<MemoryLimiter>,
     cache: Option<NodeCache>,
 ) -> tokio::task::JoinHandle<()> {
-    let (source, socket) = (args.source.clone(), socket.display().to_string());
+    let (source, socket) = (
+        args.source.clone().unwrap_or_default(),
+        socket.display().to_string(),
+    );
     let (ns, memory, read_only) = (volume.ns.clone(), memory.clone(), args.read_only);
     let started = status::now_unix();
     let report = move || status::MountStatus {

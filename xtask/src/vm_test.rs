@@ -155,7 +155,144 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
         ),
         Err(e) => host("second VMM on the same socket", false, format!("{e:#}")),
     }
+    if let Err(e) = pod_and_vm_on_one_engine(work, &s3, &sha, &large, &mut host) {
+        host("pod mount and VM on one engine", false, format!("{e:#}"));
+    }
     Ok((passed, failed))
+}
+
+/// A FUSE mount of the bucket (what a pod gets) and a VM share of that mount
+/// (`berth share --mount`): the VM's reads must go through the mount's engine and fill its
+/// cache, so that the pod's read of the same file afterwards comes from the cache.
+fn pod_and_vm_on_one_engine(
+    work: &Path,
+    s3: &LocalS3,
+    sha: &str,
+    large: &[u8],
+    host: &mut dyn FnMut(&str, bool, String),
+) -> Result<()> {
+    let mountpoint = work.join("pod");
+    std::fs::create_dir_all(&mountpoint)?;
+    let state = work.join("pod-state");
+    let endpoint = s3.endpoint();
+    let mount = start_berth(
+        work,
+        "mount",
+        &[
+            &format!("s3://{BUCKET}"),
+            &mountpoint.to_string_lossy(),
+            "--endpoint-url",
+            &endpoint,
+            "--region",
+            "us-east-1",
+            "--cache-dir",
+            &work.join("pod-cache").to_string_lossy(),
+            "--state-dir",
+            &state.to_string_lossy(),
+        ],
+        "berth: mounted",
+    )?;
+    let _unmount = Unmount(mountpoint.clone(), mount);
+    let socket = work.join("pod-vm.sock");
+    let share_of_mount = |extra: &[&str]| {
+        run_cmd(
+            Command::new(berth_bin())
+                .arg("share")
+                .arg("--mount")
+                .arg(&mountpoint)
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["--request-queues", "2"])
+                .args(extra),
+        )
+    };
+    share_of_mount(&[])?;
+    let before = store_bytes(&mountpoint, &state)?;
+    let device = guest::Device {
+        socket: &socket,
+        tag: TAG,
+        queues: 2,
+        reconnect: 0,
+    };
+    let body = format!(
+        "mount -t virtiofs $TAG /mnt && [ \"$(sha256sum /mnt/data/large.bin | cut -d ' ' -f 1)\" = {sha} ] \
+         && echo shared-read-ok; umount /mnt"
+    );
+    let lines = guest::boot(work, &device, &body, GUEST_DEADLINE)?;
+    host(
+        "VM reads through the pod mount's engine",
+        lines.iter().any(|l| l.trim() == "shared-read-ok"),
+        "the guest could not read the share of the mount".into(),
+    );
+    let after_vm = store_bytes(&mountpoint, &state)?;
+    host(
+        "the VM's reads fill the mount's cache",
+        after_vm >= before + LARGE_SIZE as u64,
+        format!(
+            "the mount fetched {} bytes from S3 while the VM read {LARGE_SIZE}",
+            after_vm - before
+        ),
+    );
+    let pod_read = std::fs::read(mountpoint.join("data/large.bin"))?;
+    let after_pod = store_bytes(&mountpoint, &state)?;
+    println!(
+        "vm-test: the mount fetched {} bytes from S3 for the VM's read of {LARGE_SIZE}, then {} for the pod's",
+        after_vm - before,
+        after_pod - after_vm
+    );
+    host(
+        "the pod's read of the same file is served from that cache",
+        pod_read == large && after_pod - after_vm < (LARGE_SIZE / 8) as u64,
+        format!(
+            "same bytes: {}; fetched from S3 again: {} bytes",
+            pod_read == large,
+            after_pod - after_vm
+        ),
+    );
+    share_of_mount(&["--remove"])?;
+    host(
+        "removing the share closes its socket",
+        !socket.exists(),
+        format!("{} is still there", socket.display()),
+    );
+    Ok(())
+}
+
+/// Bytes the mount at `mountpoint` fetched from the store, from its status file (written
+/// every 2 s: wait for a fresh one).
+fn store_bytes(mountpoint: &Path, state: &Path) -> Result<u64> {
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = Command::new(berth_bin())
+        .arg("status")
+        .arg(mountpoint)
+        .arg("--json")
+        .arg("--state-dir")
+        .arg(state)
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("berth status: {}", String::from_utf8_lossy(&out.stderr)))?;
+    status["cache"]["bytes_from_store"]
+        .as_u64()
+        .context("berth status shows no cache")
+}
+
+/// Unmounts a `berth mount` (its process then exits); killed if it does not.
+struct Unmount(PathBuf, Reaped);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        if let Some(child) = self.1 .0.as_mut() {
+            for _ in 0..100 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 /// `vm-test --crash`: what the guest sees when berth is killed (SIGKILL) under a mounted
@@ -226,12 +363,21 @@ echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a 
 
 /// Starts `berth share` and waits for its ready line; killed when the guard drops.
 pub fn start_share(work: &Path, args: &[&str]) -> Result<Reaped> {
-    let log = std::fs::File::create(work.join("berth.log"))?;
+    let state = work.join("state");
+    let mut all: Vec<&str> = args.to_vec();
+    let state = state.to_string_lossy();
+    all.extend(["--state-dir", &state]);
+    start_berth(work, "share", &all, "berth: sharing")
+}
+
+/// Starts `berth COMMAND ARGS` and waits for a stdout line starting with `ready`; killed
+/// when the guard drops.
+fn start_berth(work: &Path, command: &str, args: &[&str], ready: &'static str) -> Result<Reaped> {
+    let log_path = work.join(format!("berth-{command}.log"));
+    let log = std::fs::File::create(&log_path)?;
     let mut child = Command::new(berth_bin())
-        .arg("share")
+        .arg(command)
         .args(args)
-        .arg("--state-dir")
-        .arg(work.join("state"))
         .env("AWS_ACCESS_KEY_ID", "berth-vm-test")
         .env("AWS_SECRET_ACCESS_KEY", "berth-vm-test")
         .env("NO_PROXY", NO_PROXY)
@@ -247,14 +393,14 @@ pub fn start_share(work: &Path, args: &[&str]) -> Result<Reaped> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("berth: sharing") {
+            if line.starts_with(ready) {
                 let _ = tx.send(());
             }
         }
     });
     if rx.recv_timeout(SHARE_READY).is_err() {
-        let log = std::fs::read_to_string(work.join("berth.log")).unwrap_or_default();
-        bail!("berth share did not get ready within {SHARE_READY:?}; its log:\n{log}");
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        bail!("berth {command} did not get ready within {SHARE_READY:?}; its log:\n{log}");
     }
     Ok(guard)
 }

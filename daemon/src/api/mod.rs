@@ -3,12 +3,14 @@
 //! - [`volumes`]: one supervised `berth mount` process per volume, bind-mounted to targets,
 //!   ref-counted, restarted with backoff (a restart is what triggers the last-resort heal);
 //! - [`service`]: the gRPC service (mount, unmount, list, warm, stats, upgrade, shares);
+//! - [`table`]: the volume table on disk, from which a restarted daemon restores volumes;
 //! - [`metrics`]: a Prometheus text endpoint, off unless `--metrics-addr` is given;
 //! - [`mounts`]: mount-table helpers (also used by the CSI node plugin).
 
 pub mod metrics;
 pub mod mounts;
 pub mod service;
+pub mod table;
 pub mod volumes;
 
 use std::net::SocketAddr;
@@ -43,6 +45,21 @@ pub struct DaemonArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default), e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// What the daemon's exit does to its volumes. `unmount`: unbind every target and stop
+    /// every mount. `keep` (for a DaemonSet, where pods keep using their volumes across a
+    /// daemon restart): leave the volumes recorded in --state-dir and kill the mount
+    /// processes without unmounting; the next daemon restores every volume and re-binds the
+    /// targets (applications see errors only in between). Recorded volumes are restored at
+    /// start in either mode (after a crash, too).
+    #[arg(long, value_enum, value_name = "WHAT", default_value = "unmount")]
+    pub on_exit: OnExit,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    Unmount,
+    Keep,
 }
 
 /// `berth daemon`.
@@ -55,6 +72,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
         berth_bin,
         state_dir,
         cache_dir: args.cache_dir.clone(),
+        keep_on_exit: args.on_exit == OnExit::Keep,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,6 +92,7 @@ async fn serve(args: DaemonArgs, node: volumes::Node) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&args.socket)
         .with_context(|| format!("binding {}", args.socket.display()))?;
     let registry = volumes::Registry::new(node);
+    registry.restore().await;
     let service = service::DaemonService::new(registry.clone());
     if let Some(addr) = args.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)

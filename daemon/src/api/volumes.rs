@@ -20,6 +20,8 @@ use tokio::sync::{oneshot, watch, Mutex};
 
 use super::mounts;
 use super::pb;
+pub use super::table::ShareSpec;
+use super::table::{self, Record};
 
 /// How long a mount may take to print "berth: mounted".
 const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -97,6 +99,11 @@ impl Secrets {
             }
         }
         Ok(Secrets(map.into_iter().collect()))
+    }
+
+    /// For the daemon's own table (`secrets.json`, mode 0600).
+    fn as_map(&self) -> &BTreeMap<String, String> {
+        &self.0
     }
 
     pub fn env_pairs(&self) -> impl Iterator<Item = (&'static str, &str)> {
@@ -197,6 +204,18 @@ pub struct Node {
     pub state_dir: PathBuf,
     /// Node cache directory: each volume gets `<cache_dir>/<volume key>`.
     pub cache_dir: Option<PathBuf>,
+    /// `--on-exit keep`: the daemon's exit (or death) leaves volumes for its successor to
+    /// restore; mount processes are killed without unmounting (see [`Registry::shutdown`]).
+    pub keep_on_exit: bool,
+}
+
+/// How a volume's mount process is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopMode {
+    /// SIGTERM: the mount process unmounts and commits open files.
+    Unmount,
+    /// SIGKILL: the FUSE mount stays (dead) with its binds, for a restarted daemon to heal.
+    Abandon,
 }
 
 /// Observable state of one volume (what ListVolumes shows).
@@ -209,15 +228,6 @@ pub struct Health {
     pub last_error: String,
 }
 
-/// A virtio-fs share of a volume: its vhost-user socket and how it is offered.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShareSpec {
-    pub socket: PathBuf,
-    pub request_queues: usize,
-    pub queue_size: u16,
-    pub share_id: String,
-}
-
 type Shares = Arc<std::sync::Mutex<BTreeMap<PathBuf, ShareSpec>>>;
 
 struct Volume {
@@ -228,7 +238,7 @@ struct Volume {
     targets: Arc<std::sync::Mutex<BTreeMap<PathBuf, bool>>>,
     shares: Shares,
     health: Arc<std::sync::Mutex<Health>>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: Option<oneshot::Sender<StopMode>>,
     done: watch::Receiver<bool>,
 }
 
@@ -317,6 +327,7 @@ impl Registry {
             .lock()
             .map_err(|_| VolumeError::Internal("poisoned".into()))?
             .insert(target.clone(), read_only);
+        self.persist(&key, volume);
         tracing::info!(volume = %key, target = %target.display(), shared, "volume target added");
         Ok(pb::MountVolumeResponse {
             volume: key,
@@ -349,11 +360,7 @@ impl Registry {
             None => false,
         };
         tracing::info!(volume = %key, target = %target.display(), last, "volume target removed");
-        if last {
-            if let Some(v) = volumes.remove(&key) {
-                stop(v).await;
-            }
-        }
+        self.forget_or_persist(&mut volumes, &key).await;
         Ok(last)
     }
 
@@ -397,7 +404,24 @@ impl Registry {
             .lock()
             .map_err(|_| VolumeError::Internal("poisoned".into()))?
             .insert(share.socket.clone(), share);
+        self.persist(&key, volume);
         Ok(())
+    }
+
+    /// After a target or share went: stops and forgets the volume if nothing uses it any
+    /// more, else records what is left.
+    async fn forget_or_persist(&self, volumes: &mut BTreeMap<String, Volume>, key: &str) {
+        let Some(volume) = volumes.get(key) else {
+            return;
+        };
+        if !volume.unused() {
+            self.persist(key, volume);
+            return;
+        }
+        table::remove(&self.node.state_dir, key);
+        if let Some(v) = volumes.remove(key) {
+            stop(v).await;
+        }
     }
 
     /// Stops the share on `socket`; stops the volume when nothing else uses it. True when
@@ -427,11 +451,7 @@ impl Registry {
         }
         tracing::info!(volume = %key, socket = %socket.display(), "virtio-fs share removed");
         let unused = volume.unused();
-        if unused {
-            if let Some(v) = volumes.remove(&key) {
-                stop(v).await;
-            }
-        }
+        self.forget_or_persist(&mut volumes, &key).await;
         Ok(unused)
     }
 
@@ -491,10 +511,17 @@ impl Registry {
         volumes.values().map(|v| v.mountpoint.clone()).collect()
     }
 
-    /// Stops every volume (daemon shutdown): unbinds targets, stops the processes.
+    /// Daemon shutdown. By default every volume stops: targets unbound, processes stopped,
+    /// the table emptied. With `--on-exit keep`, mount processes are killed without
+    /// unmounting and the table stays: the next daemon restores every volume.
     pub async fn shutdown(&self) {
         let mut volumes = self.volumes.lock().await;
-        for (_, v) in std::mem::take(&mut *volumes) {
+        for (key, v) in std::mem::take(&mut *volumes) {
+            if self.node.keep_on_exit {
+                end(v, StopMode::Abandon).await;
+                continue;
+            }
+            table::remove(&self.node.state_dir, &key);
             let targets: Vec<PathBuf> = v
                 .targets
                 .lock()
@@ -506,6 +533,86 @@ impl Registry {
                 }
             }
             stop(v).await;
+        }
+    }
+
+    /// Brings back every volume a previous daemon recorded: its mount process is started at
+    /// the same mountpoint (healing a dead mount there and re-binding every bind of it, pod
+    /// targets included), targets that are not bound are bound again, shares served again.
+    pub async fn restore(&self) {
+        for (key, record, secrets) in table::load_all(&self.node.state_dir) {
+            if let Err(e) = self.restore_one(&key, record, secrets).await {
+                tracing::error!(volume = %key, "could not restore the volume (its record is kept for the next start): {e}");
+            }
+        }
+    }
+
+    async fn restore_one(
+        &self,
+        key: &str,
+        record: Record,
+        secrets: BTreeMap<String, String>,
+    ) -> Result<(), VolumeError> {
+        let spec = VolumeSpec::new(
+            record.source.clone(),
+            record.options.clone().into_iter().collect(),
+            secrets.into_iter().collect(),
+        )?;
+        if spec.key() != key {
+            return Err(VolumeError::Internal(
+                "the record does not match its key".into(),
+            ));
+        }
+        let mut volumes = self.volumes.lock().await;
+        let volume = self
+            .start(spec, key.to_string(), record.volume_id.clone())
+            .await?;
+        for (target, read_only) in &record.targets {
+            if let Err(e) = ensure_bound(&volume.mountpoint, target, *read_only) {
+                tracing::error!(volume = %key, target = %target.display(), "re-binding a restored target: {e}");
+            }
+        }
+        for share in &record.shares {
+            if let Err(e) = add_share(&self.node.state_dir, &volume.mountpoint, share).await {
+                tracing::error!(volume = %key, socket = %share.socket.display(), "serving a restored share: {e}");
+            }
+        }
+        if let Ok(mut t) = volume.targets.lock() {
+            *t = record.targets.clone();
+        }
+        if let Ok(mut s) = volume.shares.lock() {
+            *s = record
+                .shares
+                .iter()
+                .map(|s| (s.socket.clone(), s.clone()))
+                .collect();
+        }
+        if let Ok(mut h) = volume.health.lock() {
+            // Bind mounts made from targets before the restart are stale (see the proto).
+            h.remount_generation = record.remount_generation + 1;
+        }
+        tracing::warn!(volume = %key, targets = record.targets.len(), shares = record.shares.len(), "volume restored after a daemon restart");
+        self.persist(key, &volume);
+        volumes.insert(key.to_string(), volume);
+        Ok(())
+    }
+
+    /// Records volume `key` in the daemon's table (best effort: logged on failure).
+    fn persist(&self, key: &str, v: &Volume) {
+        let record = Record {
+            source: v.spec.source.clone(),
+            options: v.spec.options.clone(),
+            volume_id: v.volume_id.clone(),
+            targets: v.targets.lock().map(|t| t.clone()).unwrap_or_default(),
+            shares: v
+                .shares
+                .lock()
+                .map(|s| s.values().cloned().collect())
+                .unwrap_or_default(),
+            remount_generation: v.health.lock().map(|h| h.remount_generation).unwrap_or(0),
+        };
+        if let Err(e) = table::save(&self.node.state_dir, key, &record, v.spec.secrets.as_map()) {
+            tracing::error!(volume = %key, "could not record the volume; a restarted daemon will not restore it: {e}");
         }
     }
 
@@ -606,6 +713,19 @@ async fn ask_holder(
     }
 }
 
+/// Binds `mountpoint` at `target` unless `target` already shows that mount (same device).
+fn ensure_bound(mountpoint: &Path, target: &Path, read_only: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let live = std::fs::metadata(mountpoint)?.dev();
+    if std::fs::metadata(target).is_ok_and(|m| m.dev() == live) {
+        return Ok(());
+    }
+    // A stale bind (dead connection) goes if nothing holds it; else the new one stacks on it.
+    let _ = mounts::unmount_all(target);
+    std::fs::create_dir_all(target)?;
+    mounts::bind(mountpoint, target, read_only)
+}
+
 fn internal(e: std::io::Error) -> VolumeError {
     VolumeError::Internal(e.to_string())
 }
@@ -629,11 +749,18 @@ fn check_target(target: &Path) -> Result<(), VolumeError> {
     Ok(())
 }
 
-async fn stop(mut v: Volume) {
+async fn stop(v: Volume) {
+    end(v, StopMode::Unmount).await
+}
+
+async fn end(mut v: Volume, mode: StopMode) {
     if let Some(tx) = v.stop.take() {
-        let _ = tx.send(());
+        let _ = tx.send(mode);
     }
     let _ = v.done.wait_for(|done| *done).await;
+    if mode == StopMode::Abandon {
+        return;
+    }
     let _ = std::fs::remove_dir(&v.mountpoint);
     if let Some(dir) = v.mountpoint.parent() {
         let _ = std::fs::remove_dir(dir);
@@ -665,7 +792,7 @@ impl Supervisor {
 
     async fn run(
         self,
-        mut stop: oneshot::Receiver<()>,
+        mut stop: oneshot::Receiver<StopMode>,
         ready: oneshot::Sender<Result<(), VolumeError>>,
     ) {
         let mut ready = Some(ready);
@@ -748,10 +875,18 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe. If the daemon dies, its mounts end cleanly.
+        // If the daemon dies, its mounts end with it: cleanly (SIGTERM: unmount), or, when the
+        // next daemon is to restore them, at once (SIGKILL: the dead mount and its binds stay
+        // for the new mount process to heal and re-bind).
+        let on_death = if self.node.keep_on_exit {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        };
+        // SAFETY: prctl is async-signal-safe.
         unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, on_death);
                 Ok(())
             });
         }
@@ -807,13 +942,18 @@ impl Supervisor {
         Ok((child, tail))
     }
 
-    async fn serve(&self, child: &mut Child, stop: &mut oneshot::Receiver<()>) -> Exit {
+    async fn serve(&self, child: &mut Child, stop: &mut oneshot::Receiver<StopMode>) -> Exit {
         tokio::select! {
             status = child.wait() => {
                 Exit::Died(status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))
             }
-            _ = stop => {
+            mode = stop => {
                 self.set(|h| h.state = "stopping".into());
+                if mode == Ok(StopMode::Abandon) {
+                    let _ = child.kill().await;
+                    tracing::info!(volume = %self.key, "mount process killed; the volume is left for the next daemon");
+                    return Exit::Stopped;
+                }
                 if let Some(pid) = child.id() {
                     // SAFETY: the child is not reaped yet, so the pid is still ours.
                     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
@@ -884,7 +1024,7 @@ impl Supervisor {
 }
 
 /// Sleeps for the backoff (doubling it); true when a stop came instead.
-async fn sleep_or_stop(stop: &mut oneshot::Receiver<()>, backoff: &mut Duration) -> bool {
+async fn sleep_or_stop(stop: &mut oneshot::Receiver<StopMode>, backoff: &mut Duration) -> bool {
     let d = *backoff;
     *backoff = (*backoff * 2).min(BACKOFF_MAX);
     tokio::select! {

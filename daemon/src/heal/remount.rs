@@ -25,7 +25,38 @@ pub fn is_dead_berth_mount(path: &Path) -> bool {
     if entry.fstype != fuse::FSTYPE {
         return false;
     }
-    matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    let not_connected = |e: &io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    if std::fs::metadata(path).as_ref().is_err_and(not_connected) {
+        return true;
+    }
+    // stat may answer from attributes the kernel still caches (for the metadata TTL) without
+    // asking the dead connection; statfs always asks. A live but hung mount would not answer
+    // at all: give up on it after a while (it is not dead).
+    let path = path.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("statfs-probe".into())
+        .spawn(move || {
+            let _ = tx.send(statfs(&path));
+        });
+    spawned.is_ok()
+        && rx
+            .recv_timeout(STATFS_PROBE_TIMEOUT)
+            .is_ok_and(|r| r.as_ref().is_err_and(not_connected))
+}
+
+const STATFS_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn statfs(path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Detaches the berth mount at `mountpoint` and every bind of it in this mount namespace;

@@ -4,6 +4,7 @@
 mod bench;
 mod cache;
 mod cli;
+mod daemon;
 mod heal;
 mod listing;
 mod local;
@@ -90,6 +91,11 @@ pub fn all() -> Vec<Case> {
             "shares::served_by_the_mount_engine",
             Needs::FUSE,
             shares::served_by_the_mount_engine,
+        ),
+        case(
+            "daemon::restart_restores_volumes",
+            Needs::FUSE,
+            daemon::restart_restores_volumes,
         ),
         case(
             "shares::daemon_shares_use_the_volume_engine",

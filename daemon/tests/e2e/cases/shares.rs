@@ -12,11 +12,11 @@ use berth::heal::upgrade::ask;
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 
+use super::daemon::Daemon;
 use super::heal::{heal_status, wait_generation};
 use crate::mount::{Mount, MountOpts};
 use crate::util::{rt, with_time_limit};
 use berth::api::pb;
-use berth::api::pb::daemon_client::DaemonClient;
 
 /// VIRTIO_F_VERSION_1: every virtio-fs backend offers it.
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -55,7 +55,7 @@ fn ask_features(socket: &Path) -> Result<u64> {
     Ok(features)
 }
 
-fn is_socket(path: &Path) -> bool {
+pub(super) fn is_socket(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
@@ -125,78 +125,6 @@ pub fn served_by_the_mount_engine() -> Result<()> {
     m.finish()
 }
 
-/// A `berth daemon` of the test's own, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Daemon {
-    child: std::process::Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Result<Daemon> {
-        let socket = dir.join("daemon.sock");
-        let log = dir.join("daemon.log");
-        let child = std::process::Command::new(crate::mount::BERTH)
-            .arg("daemon")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--cache-dir")
-            .arg(dir.join("cache"))
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::options().append(true).open(&log)?)
-            .spawn()
-            .context("starting berth daemon")?;
-        let mut daemon = Daemon { child, socket, log };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !is_socket(&daemon.socket) {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                bail!("berth daemon exited ({status}): {}", daemon.logs());
-            }
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "berth daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(daemon)
-    }
-
-    fn client(&self) -> Result<DaemonClient<tonic::transport::Channel>> {
-        let _guard = rt().enter();
-        berth::api::connect(&self.socket)
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn volumes(&self) -> Result<Vec<pb::VolumeInfo>> {
-        let mut c = self.client()?;
-        Ok(rt()
-            .block_on(c.list_volumes(pb::ListVolumesRequest {}))?
-            .into_inner()
-            .volumes)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: not reaped yet, so the pid is still our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(40);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn share_req(source: &Path, socket: &Path) -> pb::CreateShareRequest {
     pb::CreateShareRequest {
         source: source.display().to_string(),
@@ -219,7 +147,7 @@ pub fn daemon_shares_use_the_volume_engine() -> Result<()> {
     std::fs::create_dir_all(&other)?;
     let target = dir_path.join("pod/target");
     let socket = dir_path.join("vm/fs.sock");
-    let daemon = Daemon::start(&dir_path)?;
+    let daemon = Daemon::start(&dir_path, &[])?;
     let result = (|| -> Result<()> {
         let mut c = daemon.client()?;
         rt().block_on(c.mount_volume(pb::MountVolumeRequest {
