@@ -17,7 +17,9 @@
 //! socket as a vhost-user-fs device. See docs/csi.md, "Serverless pods (Kata)".
 //!
 //! NodeUnpublishVolume removes the share and the mountInfo directory; both steps succeed
-//! when there is nothing to remove.
+//! when there is nothing to remove. It always asks the daemon to remove the target's share
+//! (which also clears a share whose process died), but only fails on that call when share
+//! files were there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -60,6 +62,9 @@ const SHARE_OPTIONS: &[&str] = &[
 
 /// How long NodePublishVolume waits for the share's socket to appear.
 const SOCKET_WAIT: Duration = Duration::from_secs(20);
+
+/// How long unpublish waits for the daemon's RemoveShare.
+const DAEMON_CALL: Duration = Duration::from_secs(10);
 
 /// Where shares and direct-volume files go.
 #[derive(Clone, Debug)]
@@ -207,14 +212,28 @@ pub async fn unpublish(
     let socket = paths.socket(volume_id, target);
     let dirs = paths.mount_info_dirs(target);
     let present = socket.exists() || dirs.iter().any(|d| d.exists());
+    let removed = tokio::time::timeout(
+        DAEMON_CALL,
+        client.remove_share(daemon::RemoveShareRequest {
+            socket_path: socket.display().to_string(),
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Status::deadline_exceeded(
+            "RemoveShare: the daemon did not answer",
+        ))
+    });
     if !present {
+        // Most targets never had a share; the call above only tidies a share whose process
+        // died and took its socket along. It must not make unpublishing an ordinary volume
+        // depend on the daemon being up.
+        if let Err(e) = removed {
+            tracing::debug!(target = %target.display(), error = %e, "RemoveShare (no share files)");
+        }
         return Ok(());
     }
-    client
-        .remove_share(daemon::RemoveShareRequest {
-            socket_path: socket.display().to_string(),
-        })
-        .await?;
+    removed?;
     remove_file(&socket)?;
     for dir in &dirs {
         remove_file(&dir.join(MOUNT_INFO_FILE))?;
