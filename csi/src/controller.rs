@@ -196,7 +196,17 @@ impl pb::controller_server::Controller for ControllerService {
         if vol.dynamic {
             // Made by CreateVolume: its record says it exists.
             let client = s3::client(&vol, &r.secrets)?;
-            if s3::marker_capacity(&client, &vol).await?.is_none() {
+            // A bucket that is gone holds no volume: NOT_FOUND, not FAILED_PRECONDITION.
+            let capacity = s3::marker_capacity(&client, &vol).await.or_else(|e| {
+                if e.code() == tonic::Code::FailedPrecondition
+                    && e.message().contains("NoSuchBucket")
+                {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            })?;
+            if capacity.is_none() {
                 return Err(Status::not_found(format!("volume {id} does not exist")));
             }
         } else {

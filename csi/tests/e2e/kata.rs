@@ -21,11 +21,18 @@ use crate::seaweed::{ACCESS_KEY, SECRET_KEY};
 use crate::util::rt;
 
 pub fn all() -> Vec<Case> {
-    vec![Case {
-        name: "kata_virtiofs_publish_makes_a_share_and_mount_info_and_unpublish_removes_them",
-        needs: Needs::S3_MOUNT,
-        run: virtiofs_publish,
-    }]
+    vec![
+        Case {
+            name: "kata_virtiofs_publish_makes_a_share_and_mount_info_and_unpublish_removes_them",
+            needs: Needs::S3_MOUNT,
+            run: virtiofs_publish,
+        },
+        Case {
+            name: "kata_virtiofs_publish_by_default_writes_no_kata_files",
+            needs: Needs::S3_MOUNT,
+            run: virtiofs_without_mount_info,
+        },
+    ]
 }
 
 const VHOST_USER_GET_FEATURES: u32 = 1;
@@ -192,6 +199,78 @@ fn virtiofs_publish() -> Result<()> {
     ensure!(
         !logs.contains(SECRET_KEY),
         "the secret key appears in the daemon or plugin logs"
+    );
+    Ok(())
+}
+
+/// The default (`--kata-mount-info=false`): the share is made, but no mountInfo.json (stock
+/// Kata would turn the mount into the socket path), and a read-only publish shares read-only.
+fn virtiofs_without_mount_info() -> Result<()> {
+    let bucket = crate::server()?.bucket("csi-kata-nomi")?;
+    bucket.put("v/a.txt", b"a".to_vec())?;
+    let id = format!("{}/v", bucket.name);
+    let mut node = Node::start_with("katanomi", |dir| {
+        vec![
+            ("BERTH_SHARE_DIR".to_string(), dir.join("shares")),
+            ("KATA_DIRECT_VOLUME_DIR".to_string(), dir.join("direct")),
+        ]
+    })?;
+    let mut n = node.node()?;
+    let staging = node.path("staging");
+    let ctx = HashMap::from([
+        ("endpoint".to_string(), crate::server()?.endpoint()),
+        ("mounter".to_string(), "virtiofs".to_string()),
+    ]);
+    rt().block_on(n.node_stage_volume(pb::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(mount_cap(Mode::MultiNodeReaderOnly)),
+        secrets: secrets(),
+        volume_context: ctx.clone(),
+        ..Default::default()
+    }))
+    .context("NodeStageVolume")?;
+    let target = node.path("pods/p2/mount");
+    rt().block_on(n.node_publish_volume(pb::NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_cap(Mode::MultiNodeReaderOnly)),
+        readonly: true,
+        volume_context: ctx,
+        // Publish secrets given: they are the share's credentials.
+        secrets: secrets(),
+        ..Default::default()
+    }))
+    .context("NodePublishVolume")?;
+    let sockets: Vec<PathBuf> = std::fs::read_dir(node.path("shares"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    ensure!(sockets.len() == 1, "share sockets: {sockets:?}");
+    vhost_user_features(&sockets[0])?;
+    ensure!(
+        !node.path("direct").exists(),
+        "Kata files were written without --kata-mount-info"
+    );
+    ensure!(
+        std::fs::read(target.join("a.txt"))? == b"a",
+        "target content"
+    );
+    rt().block_on(n.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: target.display().to_string(),
+    }))
+    .context("NodeUnpublishVolume")?;
+    ensure!(!sockets[0].exists(), "socket left after unpublish");
+    rt().block_on(n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: id,
+        staging_target_path: staging.display().to_string(),
+    }))
+    .context("NodeUnstageVolume")?;
+    let logs = node.stop();
+    ensure!(
+        !logs.contains(SECRET_KEY),
+        "the secret key appears in the logs"
     );
     Ok(())
 }

@@ -561,6 +561,27 @@ fn validate_volume() -> Result<()> {
         ),
         Code::NotFound,
     )?;
+    // Stricter than csi-sanity: an id in our dynamic form whose bucket does not exist.
+    let missing = format!(
+        "nobucket{}/pvc-1?e={}&d=0",
+        unique_suffix().to_lowercase().replace('-', ""),
+        crate::server()?
+            .endpoint()
+            .replace(':', "%3A")
+            .replace('/', "%2F")
+    );
+    expect_code(
+        "ValidateVolumeCapabilities of a volume whose bucket does not exist",
+        rt().block_on(
+            c.validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
+                volume_id: missing,
+                volume_capabilities: vec![cap()],
+                secrets: secrets(),
+                ..Default::default()
+            }),
+        ),
+        Code::NotFound,
+    )?;
     s.finish()
 }
 
