@@ -17,7 +17,14 @@ use crate::{check_capability, required};
 pub struct ControllerService;
 
 /// Parameters the controller itself uses.
-const OWN_PARAMS: &[&str] = &["bucket", "endpoint", "prefix", "region", "onDelete"];
+const OWN_PARAMS: &[&str] = &[
+    "bucket",
+    "endpoint",
+    "prefix",
+    "region",
+    "onDelete",
+    crate::kata::MOUNTER_KEY,
+];
 
 fn volume_ref(name: &str, params: &HashMap<String, String>) -> Result<VolumeRef, Status> {
     let bucket = params
@@ -87,6 +94,9 @@ fn volume_context(vol: &VolumeRef, params: &HashMap<String, String>) -> HashMap<
     if let Some(r) = &vol.region {
         ctx.insert("region".into(), r.clone());
     }
+    if let Some(m) = params.get(crate::kata::MOUNTER_KEY) {
+        ctx.insert(crate::kata::MOUNTER_KEY.into(), m.clone());
+    }
     ctx
 }
 
@@ -123,6 +133,7 @@ impl pb::controller_server::Controller for ControllerService {
             limit
         };
         let vol = volume_ref(name, &r.parameters)?;
+        crate::kata::wants_share(&r.parameters)?;
         let client = s3::client(&vol, &r.secrets)?;
         match s3::marker_capacity(&client, &vol).await? {
             Some(existing) if existing != capacity => {
@@ -185,7 +196,17 @@ impl pb::controller_server::Controller for ControllerService {
         if vol.dynamic {
             // Made by CreateVolume: its record says it exists.
             let client = s3::client(&vol, &r.secrets)?;
-            if s3::marker_capacity(&client, &vol).await?.is_none() {
+            // A bucket that is gone holds no volume: NOT_FOUND, not FAILED_PRECONDITION.
+            let capacity = s3::marker_capacity(&client, &vol).await.or_else(|e| {
+                if e.code() == tonic::Code::FailedPrecondition
+                    && e.message().contains("NoSuchBucket")
+                {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            })?;
+            if capacity.is_none() {
                 return Err(Status::not_found(format!("volume {id} does not exist")));
             }
         } else {

@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod events;
 pub mod identity;
+pub mod kata;
 pub mod node;
 pub mod recovery;
 pub mod s3;
@@ -68,6 +69,30 @@ pub struct Args {
     #[arg(long, default_value_t = 1000)]
     pub recovery_interval_ms: u64,
 
+    /// Where the daemon puts the vhost-user sockets of virtio-fs shares (`mounter: virtiofs`
+    /// volumes); the VMM on the host must reach them.
+    #[arg(
+        long,
+        env = "BERTH_SHARE_DIR",
+        value_name = "DIR",
+        default_value = "/run/berth/shares"
+    )]
+    pub share_dir: PathBuf,
+
+    /// Kata's direct-volume directory, where the node plugin writes mountInfo.json of shares.
+    #[arg(
+        long,
+        env = "KATA_DIRECT_VOLUME_DIR",
+        value_name = "DIR",
+        default_value = "/run/kata-containers/shared/direct-volumes"
+    )]
+    pub kata_direct_volume_dir: PathBuf,
+
+    /// Write Kata direct-volume mountInfo.json (volume-type `berth-virtiofs`) for virtio-fs
+    /// publishes. Only for runtimes that understand that type: stock Kata does not.
+    #[arg(long, env = "BERTH_KATA_MOUNT_INFO", default_value_t = false, action = clap::ArgAction::Set)]
+    pub kata_mount_info: bool,
+
     /// Record a Kubernetes Event on pods whose volume was remounted (needs the in-cluster
     /// API or a kubeconfig; off when neither is there).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -115,6 +140,12 @@ pub async fn serve(
             node_id: args.node_id.clone(),
             daemon: daemon.clone(),
             published: published.clone(),
+            shares: kata::Paths {
+                share_dir: args.share_dir.clone(),
+                direct_volume_dir: args.kata_direct_volume_dir.clone(),
+                write_mount_info: args.kata_mount_info,
+            },
+            stage_secrets: Default::default(),
         };
         let recorder = if args.kube_events {
             events::Recorder::from_env(args.node_id.clone()).await

@@ -12,6 +12,7 @@ use berth::api::pb as daemon;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::kata;
 use crate::pb;
 use crate::volume_id::VolumeRef;
 use crate::{check_capability, required};
@@ -68,6 +69,11 @@ pub struct NodeService {
     pub node_id: String,
     pub daemon: daemon::daemon_client::DaemonClient<Channel>,
     pub published: std::sync::Arc<Published>,
+    /// Where virtio-fs shares and Kata direct-volume files go (the `mounter: virtiofs` flow).
+    pub shares: kata::Paths,
+    /// The secrets each staging path was staged with: a share started at publish time needs
+    /// them when the publish request carries none (no nodePublishSecretRef). In memory only.
+    pub stage_secrets: Mutex<HashMap<PathBuf, HashMap<String, String>>>,
 }
 
 fn io_status(what: &str, path: &Path, e: std::io::Error) -> Status {
@@ -127,15 +133,19 @@ impl pb::node_server::Node for NodeService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         let read_only = check_capability(cap).map_err(Status::invalid_argument)?;
         let vol = VolumeRef::parse(id).map_err(|e| Status::not_found(e.to_string()))?;
+        kata::wants_share(&r.volume_context)?;
         let req = daemon::MountVolumeRequest {
             source: vol.source(),
             target_path: staging.display().to_string(),
             options: mount_options(&vol, &r.volume_context, read_only),
-            secrets: r.secrets,
+            secrets: r.secrets.clone(),
             volume_id: id.to_string(),
             read_only: false,
         };
         self.daemon.clone().mount_volume(req).await?;
+        if let Ok(mut m) = self.stage_secrets.lock() {
+            m.insert(staging.clone(), r.secrets);
+        }
         tracing::info!(volume = %id, staging = %staging.display(), "staged");
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
@@ -153,6 +163,9 @@ impl pb::node_server::Node for NodeService {
                 target_path: staging.display().to_string(),
             })
             .await?;
+        if let Ok(mut m) = self.stage_secrets.lock() {
+            m.remove(&staging);
+        }
         tracing::info!(volume = %id, staging = %staging.display(), "unstaged");
         Ok(Response::new(pb::NodeUnstageVolumeResponse {}))
     }
@@ -163,40 +176,50 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
         let r = request.into_inner();
         let id = required(&r.volume_id, "volume_id")?;
-        let staging = clean_path(&r.staging_target_path, "staging_target_path")?;
         let target = clean_path(&r.target_path, "target_path")?;
         let cap = r
             .volume_capability
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         let read_only = check_capability(cap).map_err(Status::invalid_argument)? || r.readonly;
-        if !mounts::is_mountpoint(&staging)
-            .map_err(|e| io_status("reading mounts for", &staging, e))?
-        {
+        // The spec: with STAGE_UNSTAGE_VOLUME, a missing staging path is FAILED_PRECONDITION.
+        if r.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition(
+                "staging_target_path is required: this plugin stages volumes",
+            ));
+        }
+        let staging = clean_path(&r.staging_target_path, "staging_target_path")?;
+        let share = kata::wants_share(&r.volume_context)?;
+        let Some(staged) =
+            mounts::mount_at(&staging).map_err(|e| io_status("reading mounts for", &staging, e))?
+        else {
             return Err(Status::failed_precondition(format!(
                 "volume {id} is not staged at {}",
                 staging.display()
             )));
-        }
-        if let Some(m) =
-            mounts::mount_at(&target).map_err(|e| io_status("reading mounts for", &target, e))?
-        {
+        };
+        match mounts::mount_at(&target).map_err(|e| io_status("reading mounts for", &target, e))? {
             // Already published: the same request is a success, another one is not.
-            if m.read_only() == read_only {
-                self.remember(&target, &staging, read_only);
-                return Ok(Response::new(pb::NodePublishVolumeResponse {}));
+            Some(m) if m.device == staged.device && m.read_only() == read_only => {}
+            Some(m) => {
+                return Err(Status::already_exists(format!(
+                    "{} is already published from another volume or with read-only={}",
+                    target.display(),
+                    m.read_only()
+                )))
             }
-            return Err(Status::already_exists(format!(
-                "{} is already published with read-only={}",
-                target.display(),
-                m.read_only()
-            )));
+            None => {
+                std::fs::create_dir_all(&target).map_err(|e| io_status("creating", &target, e))?;
+                mounts::bind(&staging, &target, read_only)
+                    .map_err(|e| io_status("bind-mounting to", &target, e))?;
+                tracing::info!(volume = %id, target = %target.display(), read_only, "published");
+            }
         }
-        std::fs::create_dir_all(&target).map_err(|e| io_status("creating", &target, e))?;
-        mounts::bind(&staging, &target, read_only)
-            .map_err(|e| io_status("bind-mounting to", &target, e))?;
         self.remember(&target, &staging, read_only);
-        tracing::info!(volume = %id, target = %target.display(), read_only, "published");
+        if share {
+            self.publish_share(id, &staging, &target, &r, read_only)
+                .await?;
+        }
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
     }
 
@@ -207,12 +230,15 @@ impl pb::node_server::Node for NodeService {
         let r = request.into_inner();
         let id = required(&r.volume_id, "volume_id")?;
         let target = clean_path(&r.target_path, "target_path")?;
+        // The share first: the runtime stops using the socket before the bind goes.
+        kata::unpublish(&mut self.daemon.clone(), &self.shares, id, &target).await?;
         mounts::unmount_all(&target).map_err(|e| {
             Status::unavailable(format!(
                 "unmounting {}: {e} (retry later)",
                 target.display()
             ))
         })?;
+        // The spec: the plugin removes the target it created.
         match std::fs::remove_dir(&target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -231,45 +257,56 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
         use pb::volume_usage::Unit;
         let r = request.into_inner();
-        required(&r.volume_id, "volume_id")?;
+        let id = required(&r.volume_id, "volume_id")?;
         let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
-        if !path.is_absolute()
-            || !mounts::is_mountpoint(&path)
-                .map_err(|e| io_status("reading mounts for", &path, e))?
-        {
-            return Err(Status::not_found(format!(
-                "no volume is mounted at {}",
-                path.display()
-            )));
+        let not_found =
+            || Status::not_found(format!("volume {id} is not mounted at {}", path.display()));
+        if !path.is_absolute() {
+            return Err(not_found());
         }
-        let (usage, condition) = match mounts::usage(&path) {
-            Ok(u) => (
-                vec![
-                    pb::VolumeUsage {
-                        available: u.bytes_available as i64,
-                        total: u.bytes_total as i64,
-                        used: u.bytes_used as i64,
-                        unit: Unit::Bytes as i32,
-                    },
-                    pb::VolumeUsage {
-                        available: u.inodes_free as i64,
-                        total: u.inodes_total as i64,
-                        used: u.inodes_used as i64,
-                        unit: Unit::Inodes as i32,
-                    },
-                ],
-                pb::VolumeCondition {
-                    abnormal: false,
-                    message: "ok".into(),
+        let Some(at_path) =
+            mounts::mount_at(&path).map_err(|e| io_status("reading mounts for", &path, e))?
+        else {
+            return Err(not_found());
+        };
+        // The mount at the path must be this volume's: the daemon's mount of it has the same
+        // device (a bind mount keeps the device of its source).
+        let volume = self
+            .daemon_volume(id, &at_path.device)
+            .await?
+            .ok_or_else(not_found)?;
+        let mut condition = match volume.state.as_str() {
+            "running" => pb::VolumeCondition {
+                abnormal: false,
+                message: "ok".into(),
+            },
+            state => pb::VolumeCondition {
+                abnormal: true,
+                message: format!("mount process {state}: {}", volume.last_error),
+            },
+        };
+        let usage = match mounts::usage(&path) {
+            Ok(u) => vec![
+                pb::VolumeUsage {
+                    available: u.bytes_available as i64,
+                    total: u.bytes_total as i64,
+                    used: u.bytes_used as i64,
+                    unit: Unit::Bytes as i32,
                 },
-            ),
-            Err(e) => (
-                Vec::new(),
-                pb::VolumeCondition {
+                pb::VolumeUsage {
+                    available: u.inodes_free as i64,
+                    total: u.inodes_total as i64,
+                    used: u.inodes_used as i64,
+                    unit: Unit::Inodes as i32,
+                },
+            ],
+            Err(e) => {
+                condition = pb::VolumeCondition {
                     abnormal: true,
                     message: format!("statfs: {e}"),
-                },
-            ),
+                };
+                Vec::new()
+            }
         };
         Ok(Response::new(pb::NodeGetVolumeStatsResponse {
             usage,
@@ -286,7 +323,11 @@ impl pb::node_server::Node for NodeService {
             r#type: Some(Cap::Rpc(Rpc { r#type: t as i32 })),
         };
         Ok(Response::new(pb::NodeGetCapabilitiesResponse {
-            capabilities: vec![cap(Type::StageUnstageVolume), cap(Type::GetVolumeStats)],
+            capabilities: vec![
+                cap(Type::StageUnstageVolume),
+                cap(Type::GetVolumeStats),
+                cap(Type::VolumeCondition),
+            ],
         }))
     }
 
@@ -303,6 +344,63 @@ impl pb::node_server::Node for NodeService {
 }
 
 impl NodeService {
+    /// The daemon's volume with this CSI id (or the same source) whose mount has `device`.
+    async fn daemon_volume(
+        &self,
+        id: &str,
+        device: &str,
+    ) -> Result<Option<daemon::VolumeInfo>, Status> {
+        let source = VolumeRef::parse(id).ok().map(|v| v.source());
+        let volumes = self
+            .daemon
+            .clone()
+            .list_volumes(daemon::ListVolumesRequest {})
+            .await?
+            .into_inner()
+            .volumes;
+        Ok(volumes.into_iter().find(|v| {
+            let same_volume = v.volume_id == id || source.as_deref() == Some(v.source.as_str());
+            same_volume
+                && mounts::mount_at(Path::new(&v.mountpoint))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| m.device == device)
+        }))
+    }
+
+    /// The `mounter: virtiofs` part of a publish: a share of the volume for the target.
+    async fn publish_share(
+        &self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        r: &pb::NodePublishVolumeRequest,
+        read_only: bool,
+    ) -> Result<(), Status> {
+        let vol = VolumeRef::parse(id).map_err(|e| Status::not_found(e.to_string()))?;
+        let secrets = if r.secrets.is_empty() {
+            self.stage_secrets
+                .lock()
+                .ok()
+                .and_then(|m| m.get(staging).cloned())
+                .unwrap_or_default()
+        } else {
+            r.secrets.clone()
+        };
+        kata::publish(
+            &mut self.daemon.clone(),
+            &self.shares,
+            id,
+            vol.source(),
+            target,
+            &mount_options(&vol, &r.volume_context, read_only),
+            secrets,
+            read_only,
+        )
+        .await
+        .map(|_| ())
+    }
+
     fn remember(&self, target: &Path, staging: &Path, read_only: bool) {
         if let Ok(mut t) = self.published.targets.lock() {
             t.insert(

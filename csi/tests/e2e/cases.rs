@@ -378,7 +378,7 @@ fn node_bad_requests() -> Result<()> {
     let caps = rt()
         .block_on(n.node_get_capabilities(pb::NodeGetCapabilitiesRequest {}))?
         .into_inner();
-    ensure!(caps.capabilities.len() == 2, "{caps:?}");
+    ensure!(caps.capabilities.len() == 3, "{caps:?}");
     let name = rt()
         .block_on(
             node.identity()?

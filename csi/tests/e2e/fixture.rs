@@ -98,6 +98,15 @@ fn sh(args: &[&str]) -> Result<()> {
 
 impl Node {
     pub fn start(tag: &str) -> Result<Node> {
+        Node::start_with(tag, |_| Vec::new())
+    }
+
+    /// Like [`Node::start`], with extra environment for berth-csi, made from the node's
+    /// directory.
+    pub fn start_with(
+        tag: &str,
+        csi_env: impl FnOnce(&Path) -> Vec<(String, PathBuf)>,
+    ) -> Result<Node> {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("berth-csi-{tag}-"))
             .tempdir()?;
@@ -153,7 +162,8 @@ impl Node {
                 .arg("all")
                 .arg("--recovery-interval-ms")
                 .arg("200")
-                .args(["--kube-events", "false"]),
+                .args(["--kube-events", "false"])
+                .envs(csi_env(&dir)),
             &csi_log,
         )?;
         let ready = wait_socket(&csi_socket, &mut csi, &csi_log);
@@ -172,7 +182,7 @@ impl Node {
         s
     }
 
-    fn channel(&self) -> Result<Channel> {
+    pub fn channel(&self) -> Result<Channel> {
         let socket = self.csi_socket.clone();
         let _guard = rt().enter();
         Ok(

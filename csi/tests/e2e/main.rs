@@ -21,6 +21,8 @@ mod util;
 
 mod cases;
 mod fixture;
+mod kata;
+mod sanity;
 
 use std::process::ExitCode;
 use std::sync::OnceLock;
@@ -48,7 +50,11 @@ fn main() -> ExitCode {
     let extra = fixture::missing_binaries();
     let mut trials = Vec::new();
     let mut wants_server = false;
-    for case in cases::all() {
+    for case in cases::all()
+        .into_iter()
+        .chain(sanity::all())
+        .chain(kata::all())
+    {
         let mut missing: Vec<String> = reqs
             .missing(case.needs)
             .into_iter()
