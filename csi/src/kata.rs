@@ -39,26 +39,6 @@ pub const VOLUME_TYPE: &str = "berth-virtiofs";
 pub const MOUNT_INFO_FILE: &str = "mountInfo.json";
 
 /// `berth share` flags a volume context may set (the `berth mount` options it shares).
-const SHARE_OPTIONS: &[&str] = &[
-    "endpoint-url",
-    "region",
-    "virtual-hosted",
-    "request-deadline",
-    "read-only",
-    "metadata-ttl",
-    "memory-limit",
-    "part-size",
-    "max-prefetch",
-    "max-gets",
-    "uid",
-    "gid",
-    "file-mode",
-    "dir-mode",
-    "cache-size",
-    "cache-memory",
-    "cache-io",
-    "block-size",
-];
 
 /// How long NodePublishVolume waits for the share's socket to appear.
 const SOCKET_WAIT: Duration = Duration::from_secs(20);
@@ -165,11 +145,10 @@ pub async fn publish(
     let socket = paths.socket(volume_id, target);
     std::fs::create_dir_all(&paths.share_dir)
         .map_err(|e| Status::internal(format!("creating {}: {e}", paths.share_dir.display())))?;
-    let mut share_opts: HashMap<String, String> = options
-        .iter()
-        .filter(|(k, _)| SHARE_OPTIONS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    // The staging mount's options and credentials name the same volume, so the daemon serves
+    // the share from the engine that serves the pods' mount (one inode table and cache). A
+    // read-only publish of a writable volume is another volume: a read-only engine of its own.
+    let mut share_opts = options.clone();
     if read_only {
         share_opts.insert("read-only".into(), "true".into());
     }

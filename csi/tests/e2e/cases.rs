@@ -354,23 +354,50 @@ fn node_bad_requests() -> Result<()> {
         rt().block_on(n.node_stage_volume(wrong)).is_err(),
         "stage with a wrong secret succeeded"
     );
-    // Shares need `berth share`; a binary without it answers FAILED_PRECONDITION.
-    let has_share = std::process::Command::new(crate::fixture::berth_bin())
-        .args(["share", "--help"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_share {
-        let mut d = node.daemon()?;
-        expect_code(
-            "CreateShare without `berth share`",
-            rt().block_on(d.create_share(berth::api::pb::CreateShareRequest {
-                source: format!("s3://{}", bucket.name),
-                socket_path: node.path("share.sock").display().to_string(),
-                ..Default::default()
-            })),
-            Code::FailedPrecondition,
-        )?;
-    }
+    // Bad share requests of the daemon API get the matching codes and change nothing.
+    let mut d = node.daemon()?;
+    let share = |socket: String, options: &[(&str, &str)]| berth::api::pb::CreateShareRequest {
+        source: format!("s3://{}", bucket.name),
+        socket_path: socket,
+        options: options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    expect_code(
+        "CreateShare on a relative socket path",
+        rt().block_on(d.create_share(share("rel/share.sock".into(), &[]))),
+        Code::InvalidArgument,
+    )?;
+    expect_code(
+        "CreateShare with a bad request-queues",
+        rt().block_on(d.create_share(share(
+            node.path("q.sock").display().to_string(),
+            &[("request-queues", "lots")],
+        ))),
+        Code::InvalidArgument,
+    )?;
+    let plain = node.path("plain-file");
+    std::fs::write(&plain, b"keep me")?;
+    let mut on_plain = share(plain.display().to_string(), &[]);
+    on_plain
+        .options
+        .insert("endpoint-url".into(), crate::server()?.endpoint());
+    on_plain.secrets = secrets();
+    expect_code(
+        "CreateShare over a file that is not a socket",
+        rt().block_on(d.create_share(on_plain)),
+        Code::FailedPrecondition,
+    )?;
+    ensure!(
+        std::fs::read(&plain)? == b"keep me",
+        "the file was replaced"
+    );
+    ensure!(
+        daemon_volumes(&node)?.iter().all(|v| v.shares.is_empty()),
+        "a refused share was recorded"
+    );
     let info = rt()
         .block_on(n.node_get_info(pb::NodeGetInfoRequest {}))?
         .into_inner();

@@ -145,6 +145,18 @@ fn virtiofs_publish() -> Result<()> {
         features & VIRTIO_F_VERSION_1 != 0,
         "features {features:#x} lack VIRTIO_F_VERSION_1"
     );
+    // The share is served by the staged volume's own mount process (one engine and cache).
+    let volumes = rt()
+        .block_on(
+            node.daemon()?
+                .list_volumes(berth::api::pb::ListVolumesRequest {}),
+        )?
+        .into_inner()
+        .volumes;
+    ensure!(
+        volumes.len() == 1 && volumes[0].shares == [socket.display().to_string()],
+        "the share is not served by the staged volume: {volumes:?}"
+    );
     // mountInfo.json, where the Go runtime looks (URL-safe base64 of the target path).
     let encoded = berth_csi::kata::base64(target.as_os_str().as_encoded_bytes(), true);
     let info_path = node.path("direct").join(&encoded).join("mountInfo.json");
