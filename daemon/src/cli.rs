@@ -509,7 +509,13 @@ mod tests {
     #[test]
     fn the_daemon_socket_goes_before_the_subcommand() {
         let cli = Cli::try_parse_from([
-            "berth", "--socket", "/run/d.sock", "share", "s3://b", "--socket", "/run/v.sock",
+            "berth",
+            "--socket",
+            "/run/d.sock",
+            "share",
+            "s3://b",
+            "--socket",
+            "/run/v.sock",
         ])
         .unwrap();
         assert_eq!(cli.daemon_socket, Some(PathBuf::from("/run/d.sock")));

@@ -219,6 +219,26 @@ fn code_name(code: tonic::Code) -> String {
     out
 }
 
+/// A daemon message on one line. A failed mount's message carries the mount's last log lines;
+/// its own `berth: error:` line says what went wrong, and the daemon's log keeps the rest.
+fn readable(message: &str) -> String {
+    let message = message.trim();
+    if !message.contains('\n') {
+        return message.to_string();
+    }
+    let error = message
+        .lines()
+        .rev()
+        .find_map(|l| l.trim_start().strip_prefix("berth: error:"));
+    match error {
+        Some(e) => format!(
+            "{} (the daemon's log has the mount's whole output)",
+            e.trim()
+        ),
+        None => message.replace('\n', "\n    "),
+    }
+}
+
 /// The daemon at one socket.
 struct Daemon {
     socket: PathBuf,
@@ -244,8 +264,7 @@ impl Daemon {
                 s.message()
             );
         }
-        // Messages may carry a mount's last log lines: keep them readable under the error.
-        let message = s.message().trim().replace('\n', "\n    ");
+        let message = readable(s.message());
         anyhow!(
             "the daemon at {} refused {call}: {} {message}",
             self.socket.display(),
@@ -260,12 +279,7 @@ impl Daemon {
         }
     }
 
-    async fn mount(
-        &mut self,
-        source: &str,
-        target: &Path,
-        sub: &ArgMatches,
-    ) -> anyhow::Result<()> {
+    async fn mount(&mut self, source: &str, target: &Path, sub: &ArgMatches) -> anyhow::Result<()> {
         let options = options_from_flags(sub, "mount", &["source", "mountpoint"])?;
         let target = absolute(target);
         let source = source_for_daemon(source);
@@ -484,13 +498,7 @@ impl Daemon {
 fn volume_text(v: &pb::VolumeInfo) -> String {
     let mut out = format!(
         "volume {} ({}): {}, pid {}, {} restarts, remount generation {}\n  source {}\n",
-        v.volume,
-        v.volume_id,
-        v.state,
-        v.pid,
-        v.restarts,
-        v.remount_generation,
-        v.source
+        v.volume, v.volume_id, v.state, v.pid, v.restarts, v.remount_generation, v.source
     );
     if !v.options.is_empty() {
         let mut opts: Vec<String> = v.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -571,7 +579,10 @@ mod tests {
             "2GiB",
         ])
         .unwrap();
-        assert_eq!(o.get("endpoint-url").map(String::as_str), Some("http://127.0.0.1:1"));
+        assert_eq!(
+            o.get("endpoint-url").map(String::as_str),
+            Some("http://127.0.0.1:1")
+        );
         assert_eq!(o.get("read-only").map(String::as_str), Some("true"));
         // As typed, not as parsed: the daemon's `berth mount` parses it again.
         assert_eq!(o.get("memory-limit").map(String::as_str), Some("2GiB"));
@@ -581,7 +592,11 @@ mod tests {
 
     #[test]
     fn flags_the_daemon_does_not_take_are_refused() {
-        for flag in [&["--cache-dir", "/x"][..], &["--state-dir", "/x"], &["--no-ebpf"]] {
+        for flag in [
+            &["--cache-dir", "/x"][..],
+            &["--state-dir", "/x"],
+            &["--no-ebpf"],
+        ] {
             let mut args = vec!["berth", "--socket", "/d", "mount", "s3://b", "/m"];
             args.extend_from_slice(flag);
             let err = mount_options(&args).unwrap_err().to_string();
@@ -589,7 +604,9 @@ mod tests {
         }
         let (_, m) = parse(&["berth", "--socket", "/d", "upgrade", "/m", "--binary", "/b"]);
         let (name, sub) = m.subcommand().unwrap();
-        let err = refuse_flags(sub, name, &["mountpoint"]).unwrap_err().to_string();
+        let err = refuse_flags(sub, name, &["mountpoint"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--binary"), "{err}");
         let (_, m) = parse(&["berth", "--socket", "/d", "status", "/m", "--json"]);
         let (name, sub) = m.subcommand().unwrap();
@@ -598,9 +615,26 @@ mod tests {
 
     #[test]
     fn codes_are_spelled_as_in_grpc() {
-        assert_eq!(code_name(tonic::Code::FailedPrecondition), "FAILED_PRECONDITION");
+        assert_eq!(
+            code_name(tonic::Code::FailedPrecondition),
+            "FAILED_PRECONDITION"
+        );
         assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
         assert_eq!(code_name(tonic::Code::Internal), "INTERNAL");
+    }
+
+    #[test]
+    fn a_mount_log_in_a_message_is_cut_to_its_error_line() {
+        let m = "berth mount of s3://x failed: 2026 DEBUG one\n  two\nberth: error: bucket \"x\" does not exist";
+        assert_eq!(
+            readable(m),
+            "bucket \"x\" does not exist (the daemon's log has the mount's whole output)"
+        );
+        assert_eq!(
+            readable("target_path is required"),
+            "target_path is required"
+        );
+        assert_eq!(readable("a\nb"), "a\n    b");
     }
 
     #[test]

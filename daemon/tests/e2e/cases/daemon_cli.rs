@@ -94,7 +94,9 @@ impl Daemon {
             .stderr(Stdio::piped())
             .output()
             .with_context(|| format!("running berth --socket ... {args:?}"))?;
-        Ok(Run::new(args, out))
+        let mut run = Run::new(args, out);
+        run.what = format!("berth --socket ... {}", run.what);
+        Ok(run)
     }
 
     /// Stops the daemon with SIGTERM (it unmounts every volume) and returns its log.
@@ -158,7 +160,7 @@ struct Run {
 impl Run {
     fn new(args: &[&str], out: Output) -> Run {
         Run {
-            what: format!("berth --socket ... {}", args.join(" ")),
+            what: args.join(" "),
             ok: out.status.success(),
             status: out.status,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -294,7 +296,9 @@ pub fn through_daemon() -> Result<()> {
     }
     outputs.push_str(&run.stdout);
     let json = status_json(&d, Some(t_s3.as_path()))?;
-    let volumes = json["volumes"].as_array().context("status --json: no volumes")?;
+    let volumes = json["volumes"]
+        .as_array()
+        .context("status --json: no volumes")?;
     ensure!(volumes.len() == 1, "status of one target: {json}");
     let v = &volumes[0];
     ensure!(v["state"] == "running", "volume not running: {v}");
@@ -302,6 +306,8 @@ pub fn through_daemon() -> Result<()> {
     ensure!(v["options"]["endpoint-url"] == endpoint.as_str(), "{v}");
     ensure!(v["options"]["read-only"] == "true", "{v}");
     ensure!(json["node"]["volumes"] == 2, "{json}");
+    let run = d.berth(&["volumes"])?.success()?;
+    ensure!(run.stdout.lines().count() == 2, "volumes: {}", run.stdout);
 
     // Warm the bucket's target; the daemon's output comes back.
     let run = d.berth(&["warm", &t_s3_text])?.success()?;
@@ -311,6 +317,23 @@ pub fn through_daemon() -> Result<()> {
         .berth(&["warm", &t_s3.join("dir").display().to_string()])?
         .success()?;
     ensure_contains("warm of a subdirectory", &run.stdout, "1 files")?;
+    // The blocks reached the volume's disk cache (3 MiB + 70 kB = 4 blocks of 1 MiB); the
+    // mount refreshes its status every 2 s.
+    let start = Instant::now();
+    loop {
+        let json = status_json(&d, Some(t_s3.as_path()))?;
+        let blocks = json["volumes"][0]["status"]["cache"]["disk_blocks"]
+            .as_u64()
+            .unwrap_or(0);
+        if blocks >= 4 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "after warm-up the cache holds {blocks} blocks, want 4: {json}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // Upgrade the engine of the bucket's volume; the target still reads.
     let run = d.berth(&["upgrade", &t_s3_text])?.success()?;
@@ -334,9 +357,25 @@ pub fn through_daemon() -> Result<()> {
         ])?
         .failure("FAILED_PRECONDITION")?;
     ensure_contains("bad source", &run.stderr, "MountVolume")?;
-    ensure!(!is_mounted(&t_bad), "a failed mount left {}", t_bad.display());
-    d.berth(&["mount", &local_src.display().to_string(), "/tmp/x", "--cache-dir", "/tmp"])?
-        .failure("--cache-dir cannot be sent to the daemon")?;
+    ensure_contains("bad source", &run.stderr, "does not exist")?;
+    ensure!(
+        run.stderr.trim().lines().count() == 1,
+        "bad source: want a one-line error:\n{}",
+        run.stderr
+    );
+    ensure!(
+        !is_mounted(&t_bad),
+        "a failed mount left {}",
+        t_bad.display()
+    );
+    d.berth(&[
+        "mount",
+        &local_src.display().to_string(),
+        "/tmp/x",
+        "--cache-dir",
+        "/tmp",
+    ])?
+    .failure("--cache-dir cannot be sent to the daemon")?;
     d.berth(&["warm", &d.path("elsewhere").display().to_string()])?
         .failure("is not inside a volume of the daemon")?;
     d.berth(&["status", &t_bad.display().to_string()])?
@@ -367,6 +406,58 @@ pub fn through_daemon() -> Result<()> {
     Ok(())
 }
 
+/// A virtio-fs share made and removed through the daemon (no VMM needed: the share listens).
+pub fn share_and_unshare() -> Result<()> {
+    let mut d = Daemon::start("share")?;
+    let src = d.path("share-src");
+    std::fs::create_dir_all(&src)?;
+    let vhost = d.path("vm.sock");
+    let vhost_text = vhost.display().to_string();
+    let run = d
+        .berth(&[
+            "share",
+            &src.display().to_string(),
+            "--socket",
+            &vhost_text,
+            "--read-only",
+        ])?
+        .success()?;
+    ensure_contains("share", &run.stdout, "berth: sharing")?;
+    let start = Instant::now();
+    while !vhost.exists() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} did not appear",
+            vhost.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let run = d.berth(&["status"])?.success()?;
+    ensure_contains("status with a share", &run.stdout, "1 shares")?;
+    d.berth(&[
+        "share",
+        "s3://b",
+        "--socket",
+        "/tmp/v.sock",
+        "--queue-size",
+        "8",
+    ])?
+    .failure("--queue-size cannot be sent to the daemon")?;
+    let run = d.berth(&["unshare", &vhost_text])?.success()?;
+    ensure_contains("unshare", &run.stdout, "removed")?;
+    let run = d.berth(&["status"])?.success()?;
+    ensure_contains("status after unshare", &run.stdout, "0 shares")?;
+    // Without a daemon there is nothing to unshare from: a clear error.
+    let out = berth_command(d.path("").as_path())
+        .arg("unshare")
+        .arg(&vhost)
+        .output()?;
+    Run::new(&["berth unshare (no daemon)", &vhost_text], out)
+        .failure("berth --socket PATH unshare")?;
+    d.stop();
+    Ok(())
+}
+
 /// A dead or missing socket says so in one clear line (flag and BERTH_SOCKET alike).
 pub fn dead_socket() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -376,19 +467,25 @@ pub fn dead_socket() -> Result<()> {
     drop(std::os::unix::net::UnixListener::bind(&refused)?);
     for socket in [&missing, &refused] {
         let want = format!("no berth daemon listening on {}", socket.display());
-        for args in [&["status"][..], &["unmount", "/tmp/x"], &["mount", "s3://b", "/tmp/x"]] {
+        for args in [
+            &["status"][..],
+            &["unmount", "/tmp/x"],
+            &["mount", "s3://b", "/tmp/x"],
+        ] {
             let out = berth_command(dir.path())
                 .arg("--socket")
                 .arg(socket)
                 .args(args)
                 .output()?;
-            Run::new(args, out).failure(&want)?;
+            let mut run = Run::new(args, out);
+            run.what = format!("berth --socket {} {}", socket.display(), run.what);
+            run.failure(&want)?;
         }
         let out = berth_command(dir.path())
             .env("BERTH_SOCKET", socket)
             .arg("status")
             .output()?;
-        Run::new(&["status (BERTH_SOCKET)"], out).failure(&want)?;
+        Run::new(&["berth status (with BERTH_SOCKET)"], out).failure(&want)?;
     }
     Ok(())
 }
@@ -404,13 +501,18 @@ pub fn plain_unmount() -> Result<()> {
             .arg("unmount")
             .arg(path)
             .output()?;
-        Ok(Run::new(&["(no socket) unmount", &path.display().to_string()], out))
+        let mut run = Run::new(&["unmount", &path.display().to_string()], out);
+        run.what = format!("berth {} (no daemon)", run.what);
+        Ok(run)
     };
 
     // Busy: a file is open; nothing changes.
     let open = std::fs::File::open(mount.join("f.txt"))?;
     unmount(mount.path())?.failure("busy")?;
-    ensure!(is_mounted(mount.path()), "a busy unmount took the mount away");
+    ensure!(
+        is_mounted(mount.path()),
+        "a busy unmount took the mount away"
+    );
     drop(open);
     // Not a berth mount: left alone.
     let other = tempfile::tempdir()?;
