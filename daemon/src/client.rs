@@ -69,7 +69,15 @@ pub fn run(socket: &Path, command: Command, matches: &ArgMatches) -> anyhow::Res
                 refuse_flags(sub, name, &["mountpoint"])?;
                 d.upgrade(args.mountpoint.as_deref()).await
             }
-            Command::Share(args) => d.share(&args.source, &args.socket, sub).await,
+            Command::Share(args) => {
+                let source = args.source.as_deref().ok_or_else(|| {
+                    anyhow!(
+                        "berth share --mount attaches a VM to a local `berth mount`; through a \
+                         daemon, give SOURCE (the daemon serves it from the volume's engine)"
+                    )
+                })?;
+                d.share(source, &args.socket, sub).await
+            }
             Command::Unshare(args) => d.unshare(&args.vhost_socket).await,
             Command::Volumes(_) | Command::Daemon(_) | Command::Engine(_) => {
                 bail!("berth {name} was handled above")
@@ -127,6 +135,10 @@ fn refuse_flags(sub: &ArgMatches, command: &str, allowed: &[&str]) -> anyhow::Re
     Ok(())
 }
 
+/// `berth share` flags CreateShare also takes (the daemon reads them in create_share,
+/// daemon/src/api/service.rs) besides the mount options.
+const SHARE_OPTIONS: &[&str] = &["request-queues", "queue-size"];
+
 /// The request options for the flags of `berth mount`/`berth share` given on the command line
 /// (or, for --endpoint-url and --region, in AWS_ENDPOINT_URL/AWS_REGION): the daemon's
 /// allowlist decides what may go; anything else is refused here.
@@ -153,11 +165,12 @@ fn options_from_flags(
             continue;
         }
         let Some(long) = arg.get_long() else { continue };
+        let share_option = command == "share" && SHARE_OPTIONS.contains(&long);
         if FLAG_OPTIONS.contains(&long) {
             if sub.get_flag(id) {
                 options.insert(long.to_string(), "true".to_string());
             }
-        } else if VALUE_OPTIONS.contains(&long) {
+        } else if VALUE_OPTIONS.contains(&long) || share_option {
             let value = sub
                 .get_raw(id)
                 .and_then(|mut v| v.next())
@@ -506,6 +519,9 @@ fn volume_text(v: &pb::VolumeInfo) -> String {
         out.push_str(&format!("  options {}\n", opts.join(" ")));
     }
     out.push_str(&format!("  targets {}\n", v.targets.join(", ")));
+    if !v.shares.is_empty() {
+        out.push_str(&format!("  virtio-fs shares {}\n", v.shares.join(", ")));
+    }
     if !v.last_error.is_empty() {
         out.push_str(&format!(
             "  last error: {}\n",

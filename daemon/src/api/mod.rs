@@ -173,6 +173,6 @@ pub fn volume_json(v: &pb::VolumeInfo) -> serde_json::Value {
         "options": v.options, "targets": v.targets, "mountpoint": v.mountpoint,
         "state": v.state, "pid": v.pid, "restarts": v.restarts,
         "remount_generation": v.remount_generation, "last_error": v.last_error,
-        "status": status,
+        "shares": v.shares, "status": status,
     })
 }

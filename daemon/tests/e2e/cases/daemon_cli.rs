@@ -420,6 +420,8 @@ pub fn share_and_unshare() -> Result<()> {
             "--socket",
             &vhost_text,
             "--read-only",
+            "--queue-size",
+            "512",
         ])?
         .success()?;
     ensure_contains("share", &run.stdout, "berth: sharing")?;
@@ -434,15 +436,16 @@ pub fn share_and_unshare() -> Result<()> {
     }
     let run = d.berth(&["status"])?.success()?;
     ensure_contains("status with a share", &run.stdout, "1 shares")?;
+    ensure_contains("status with a share", &run.stdout, &vhost_text)?;
     d.berth(&[
         "share",
         "s3://b",
         "--socket",
         "/tmp/v.sock",
-        "--queue-size",
-        "8",
+        "--state-dir",
+        "/tmp",
     ])?
-    .failure("--queue-size cannot be sent to the daemon")?;
+    .failure("--state-dir cannot be sent to the daemon")?;
     let run = d.berth(&["unshare", &vhost_text])?.success()?;
     ensure_contains("unshare", &run.stdout, "removed")?;
     let run = d.berth(&["status"])?.success()?;
