@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use crate::cache::EnginePreference;
 use crate::units::{parse_duration, parse_mode, parse_size, parse_ttl, Ttl};
@@ -15,9 +15,17 @@ use crate::units::{parse_duration, parse_mode, parse_size, parse_ttl, Ttl};
     version,
     about = "Object storage (S3 and S3-compatible, or a local directory) as a filesystem",
     long_about = "berth serves object storage as a filesystem on a Kubernetes node.\n\n\
+                  With --socket PATH before the subcommand, mount, unmount, status, warm,\n\
+                  upgrade, share and unshare act through a running `berth daemon` instead.\n\n\
                   Logging: set RUST_LOG (default: berth=info)."
 )]
 pub struct Cli {
+    /// Act through the running `berth daemon` listening on this API socket (mount, unmount,
+    /// status, warm, upgrade, share, unshare, volumes). Goes before the subcommand:
+    /// `berth share --socket` and `berth daemon --socket` name other sockets.
+    #[arg(long = "socket", env = "BERTH_SOCKET", value_name = "PATH")]
+    pub daemon_socket: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -67,12 +75,34 @@ pub enum Command {
 
     /// List the volumes of a running `berth daemon` (as JSON lines), through its socket.
     Volumes(VolumesArgs),
+
+    /// Unmount a berth mount safely: every layer at TARGET, never lazily; fails (and changes
+    /// nothing) while files are open. With --socket: the daemon unbinds TARGET, and stops the
+    /// volume's mount process when its last target goes.
+    Unmount(UnmountArgs),
+
+    /// Remove a virtio-fs share of a running `berth daemon` (needs --socket before the
+    /// subcommand); a foreground `berth share` stops with Ctrl-C or SIGTERM instead.
+    Unshare(UnshareArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UnmountArgs {
+    /// A berth mountpoint, or (with --socket) a target the daemon mounted.
+    pub target: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UnshareArgs {
+    /// The vhost-user socket of the share (as given to `berth --socket PATH share --socket`).
+    pub vhost_socket: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct UpgradeArgs {
-    /// The mountpoint of a running `berth mount`.
-    pub mountpoint: PathBuf,
+    /// The mountpoint of a running `berth mount`. With --socket: a target of the daemon
+    /// [default with --socket: every volume of the daemon].
+    pub mountpoint: Option<PathBuf>,
 
     /// The new berth binary [default: the binary the mount runs now].
     #[arg(long, value_name = "PATH")]
@@ -181,8 +211,9 @@ pub struct VolumesArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
-    /// The mountpoint of a running `berth mount`.
-    pub mountpoint: PathBuf,
+    /// The mountpoint of a running `berth mount`. With --socket: a target of the daemon
+    /// [default with --socket: every volume, and the node totals].
+    pub mountpoint: Option<PathBuf>,
 
     /// Print JSON instead of text.
     #[arg(long)]
@@ -335,19 +366,21 @@ pub struct WarmArgs {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // BERTH_SOCKET is for the command the user typed: the processes berth starts (the
+    // daemon's mounts, holders, engines) must not inherit it and turn into clients.
+    // Single-threaded here, so changing the environment is sound.
+    std::env::remove_var("BERTH_SOCKET");
     init_logging();
-    let result = match cli.command {
-        Command::Mount(args) => crate::heal::holder::run(args, engine_argv()),
-        Command::Upgrade(args) => {
-            crate::heal::upgrade::run(&args.mountpoint, args.binary.as_deref(), &args.state_dir)
-        }
-        Command::Engine(args) => crate::engine::run(args),
-        Command::Warm(args) => crate::warm::run(args),
-        Command::Status(args) => crate::status::run(&args.mountpoint, &args.state_dir, args.json),
-        Command::Share(args) => crate::share::run(args),
-        Command::Daemon(args) => crate::api::run(args),
-        Command::Volumes(args) => crate::api::print_volumes(&args.socket),
+    let daemon_socket = cli.daemon_socket.clone().filter(|_| {
+        // A daemon or an engine ignores a BERTH_SOCKET it finds in its environment.
+        matches.value_source("daemon_socket") == Some(clap::parser::ValueSource::CommandLine)
+            || !matches!(cli.command, Command::Daemon(_) | Command::Engine(_))
+    });
+    let result = match (daemon_socket, cli.command) {
+        (Some(socket), command) => crate::client::run(&socket, command, &matches),
+        (None, command) => run_local(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -357,6 +390,41 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A subcommand without --socket: berth does the work itself.
+fn run_local(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Mount(args) => crate::heal::holder::run(args, engine_argv()),
+        Command::Upgrade(args) => crate::heal::upgrade::run(
+            &needs_mountpoint(args.mountpoint, "upgrade")?,
+            args.binary.as_deref(),
+            &args.state_dir,
+        ),
+        Command::Engine(args) => crate::engine::run(args),
+        Command::Warm(args) => crate::warm::run(args),
+        Command::Status(args) => crate::status::run(
+            &needs_mountpoint(args.mountpoint, "status")?,
+            &args.state_dir,
+            args.json,
+        ),
+        Command::Share(args) => crate::share::run(args),
+        Command::Daemon(args) => crate::api::run(args),
+        Command::Volumes(args) => crate::api::print_volumes(&args.socket),
+        Command::Unmount(args) => crate::unmount::run(&args.target),
+        Command::Unshare(_) => anyhow::bail!(
+            "berth unshare removes a share of a daemon: give its API socket, \
+             `berth --socket PATH unshare VHOST_SOCKET` (a foreground `berth share` stops with Ctrl-C)"
+        ),
+    }
+}
+
+fn needs_mountpoint(mountpoint: Option<PathBuf>, command: &str) -> anyhow::Result<PathBuf> {
+    mountpoint.ok_or_else(|| {
+        anyhow::anyhow!(
+            "berth {command} needs a MOUNTPOINT (or `berth --socket PATH {command}` to ask a daemon)"
+        )
+    })
 }
 
 /// The arguments after `mount`, given to every engine the holder starts.
@@ -436,6 +504,32 @@ mod tests {
             Cli::try_parse_from(["berth", "share", "s3://b", "--remove", "--socket", "/s"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_daemon_socket_goes_before_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "berth",
+            "--socket",
+            "/run/d.sock",
+            "share",
+            "s3://b",
+            "--socket",
+            "/run/v.sock",
+        ])
+        .unwrap();
+        assert_eq!(cli.daemon_socket, Some(PathBuf::from("/run/d.sock")));
+        let Command::Share(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.socket, PathBuf::from("/run/v.sock"));
+        let cli = Cli::try_parse_from(["berth", "--socket", "/d", "status"]).unwrap();
+        let Command::Status(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert!(args.mountpoint.is_none());
+        let cli = Cli::try_parse_from(["berth", "unmount", "/mnt/x"]).unwrap();
+        assert!(matches!(cli.command, Command::Unmount(_)));
     }
 
     #[test]

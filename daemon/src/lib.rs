@@ -10,11 +10,13 @@
 //! - [`heal`]: the holder that keeps connections alive, and engine replacement;
 //! - [`engine`]: the replaceable process that serves requests;
 //! - [`share`]: the virtio-fs door (`berth share`, over the `berth-vhost` crate);
-//! - [`mount`], [`warm`] and [`cli`]: the `berth` command.
+//! - [`mount`], [`warm`] and [`cli`]: the `berth` command; [`client`]: the same commands through
+//!   a running `berth daemon` (`berth --socket PATH ...`); [`unmount`]: `berth unmount`.
 
 pub mod api;
 pub mod cache;
 pub mod cli;
+pub mod client;
 pub mod engine;
 pub mod fs;
 pub mod fuse;
@@ -27,5 +29,6 @@ pub mod share;
 pub mod status;
 pub mod store;
 pub mod units;
+pub mod unmount;
 pub mod upload;
 pub mod warm;

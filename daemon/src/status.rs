@@ -108,7 +108,8 @@ pub fn run(mountpoint: &Path, state_dir: &Path, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-fn human(s: &MountStatus) -> String {
+/// The text form of a status (also used for each volume in `berth --socket PATH status`).
+pub fn human(s: &MountStatus) -> String {
     let mut out = format!(
         "berth: {} at {} (pid {}, up {}s{})\n  inodes {}, skipped keys {}, memory {} used of {} (peak {})\n",
         s.source,

@@ -157,17 +157,22 @@ pub fn print_volumes(socket: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("asking the daemon at {}", socket.display()))?;
         anyhow::Ok(resp.into_inner().volumes)
     })?;
-    for v in volumes {
-        let status: serde_json::Value =
-            serde_json::from_str(&v.status_json).unwrap_or(serde_json::Value::Null);
-        let line = serde_json::json!({
-            "volume": v.volume, "volume_id": v.volume_id, "source": v.source,
-            "options": v.options, "targets": v.targets, "mountpoint": v.mountpoint,
-            "state": v.state, "pid": v.pid, "restarts": v.restarts,
-            "remount_generation": v.remount_generation, "last_error": v.last_error,
-            "status": status,
-        });
-        println!("{line}");
+    for v in &volumes {
+        println!("{}", volume_json(v));
     }
     Ok(())
+}
+
+/// A volume as JSON (`berth volumes`, `berth --socket PATH status --json`); its status.json is
+/// embedded as an object.
+pub fn volume_json(v: &pb::VolumeInfo) -> serde_json::Value {
+    let status: serde_json::Value =
+        serde_json::from_str(&v.status_json).unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
+        "volume": v.volume, "volume_id": v.volume_id, "source": v.source,
+        "options": v.options, "targets": v.targets, "mountpoint": v.mountpoint,
+        "state": v.state, "pid": v.pid, "restarts": v.restarts,
+        "remount_generation": v.remount_generation, "last_error": v.last_error,
+        "shares": v.shares, "status": status,
+    })
 }

@@ -32,8 +32,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Lines of a mount's stderr kept for `last_error`.
 const STDERR_TAIL: usize = 20;
 
-/// `berth mount` flags a client may set, taking a value.
-const VALUE_OPTIONS: &[&str] = &[
+/// `berth mount` flags a client may set, taking a value (the CLI's `--socket` mode sends the
+/// flags it is given from this list; see `crate::client`).
+pub const VALUE_OPTIONS: &[&str] = &[
     "endpoint-url",
     "region",
     "request-deadline",
@@ -53,9 +54,10 @@ const VALUE_OPTIONS: &[&str] = &[
     "block-size",
 ];
 /// `berth mount` switches a client may set ("true"/"false").
-const FLAG_OPTIONS: &[&str] = &["read-only", "virtual-hosted"];
-/// Secret keys and the environment variable each becomes in the mount process.
-const SECRET_ENV: &[(&str, &str)] = &[
+pub const FLAG_OPTIONS: &[&str] = &["read-only", "virtual-hosted"];
+/// Secret keys and the environment variable each becomes in the mount process (and, in the
+/// CLI's `--socket` mode, the variable each is read from).
+pub const SECRET_ENV: &[(&str, &str)] = &[
     ("accessKeyId", "AWS_ACCESS_KEY_ID"),
     ("secretAccessKey", "AWS_SECRET_ACCESS_KEY"),
     ("sessionToken", "AWS_SESSION_TOKEN"),

@@ -5,6 +5,7 @@ mod bench;
 mod cache;
 mod cli;
 mod daemon;
+mod daemon_cli;
 mod heal;
 mod listing;
 mod local;
@@ -112,6 +113,22 @@ pub fn all() -> Vec<Case> {
             cli::unreachable_endpoint,
         ),
         case("cli::bad_flag", Needs::NOTHING, cli::bad_flag),
+        case("daemon_cli::through_daemon", s3, daemon_cli::through_daemon),
+        case(
+            "daemon_cli::dead_socket",
+            Needs::NOTHING,
+            daemon_cli::dead_socket,
+        ),
+        case(
+            "daemon_cli::share_and_unshare",
+            Needs::NOTHING,
+            daemon_cli::share_and_unshare,
+        ),
+        case(
+            "daemon_cli::plain_unmount",
+            Needs::FUSE,
+            daemon_cli::plain_unmount,
+        ),
         case("heal::kill9_under_load::fallback", s3, || {
             heal::kill9_under_load(heal::Detector::Fallback)
         }),
