@@ -500,10 +500,17 @@ mod tests {
             "berth", "share", "s3://b", "--mount", "/m", "--socket", "/s"
         ])
         .is_err());
-        assert!(
-            Cli::try_parse_from(["berth", "share", "s3://b", "--remove", "--socket", "/s"])
-                .is_err()
-        );
+        // --remove without --mount: refused before anything is done.
+        let cli = Cli::try_parse_from(["berth", "share", "s3://b", "--remove", "--socket", "/s"]);
+        let Ok(Cli {
+            command: Command::Share(args),
+            ..
+        }) = cli
+        else {
+            panic!("parsed as another command");
+        };
+        let err = crate::share::run(args).unwrap_err();
+        assert!(format!("{err:#}").contains("--remove"), "{err:#}");
     }
 
     #[test]

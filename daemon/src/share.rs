@@ -89,6 +89,9 @@ pub fn run(args: ShareArgs) -> anyhow::Result<()> {
     if let Some(mountpoint) = &args.mount {
         return attach(&args, mountpoint);
     }
+    if args.remove {
+        bail!("--remove stops a share of a mount: it needs --mount MOUNTPOINT");
+    }
     let text = args.source.clone().context("SOURCE is required")?;
     let engine_args = engine_args(&args, &text)?;
     // The same checks as `berth mount` (source syntax, sizes).
