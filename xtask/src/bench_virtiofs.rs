@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::guest::{self, GuestFile, Reaped};
 use crate::locals3::LocalS3;
-use crate::vm_test::{pattern, start_share, tempdir};
+use crate::vm_test::{berth_bin, pattern, start_share, tempdir, BERTH_BIN_ENV};
 use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd, weed_bin};
 
 const VIRTIOFSD_VERSION: &str = "1.14.0";
@@ -42,14 +42,18 @@ pub fn run(size_mib: u64) -> Result<()> {
         );
     }
     let virtiofsd = ensure_virtiofsd()?;
-    run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "berth",
-        "--bin",
-        "berth",
-    ]))?;
+    if std::env::var_os(BERTH_BIN_ENV).is_none() {
+        run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
+            "build",
+            "--release",
+            "-p",
+            "berth",
+            "--bin",
+            "berth",
+        ]))?;
+    } else {
+        println!("bench virtiofs: berth is {}", berth_bin().display());
+    }
     let work = tempdir("berth-bench-virtiofs")?;
     let tool = build_reader(&work.0)?;
     let export = work.0.join("export");
