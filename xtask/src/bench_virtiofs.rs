@@ -3,8 +3,9 @@
 //! the way (virtiofsd `--cache=never`, reads with O_DIRECT), 1 MiB sequential and 4 KiB
 //! random. Prints MiB/s, IOPS and the ratios berth / virtiofsd.
 //!
-//! berth runs twice: over a local directory store holding the same file (the door's own
-//! cost) and over SeaweedFS on loopback (the S3 path, first read of every block).
+//! berth runs three times: over a local directory store holding the same file (the door's own
+//! cost), over SeaweedFS on loopback (the S3 path, first read of every block) and over
+//! SeaweedFS with a node block cache that earlier rounds filled (the S3 path once warm).
 //! The guest runs under TCG, so absolute numbers are low; the ratios are the result. Each
 //! backend is measured in several guest boots, alternating with the others, and its median
 //! round is reported. `BERTH_BIN=/path/to/berth` runs that binary instead of building one
@@ -82,36 +83,50 @@ pub fn run(size_mib: u64) -> Result<()> {
         "--region",
         "us-east-1",
     ];
-    let mut rounds: [Vec<Result2>; 3] = Default::default();
+    let cache_dir = work.0.join("cache").to_string_lossy().into_owned();
+    let mut s3_cached_args = s3_args.to_vec();
+    s3_cached_args.extend(["--cache-dir", &cache_dir]);
+    let names = [
+        "virtiofsd",
+        "berth (local dir)",
+        "berth (S3)",
+        "berth (S3, node cache)",
+    ];
+    let mut rounds: [Vec<Result2>; 4] = Default::default();
     for round in 1..=ROUNDS {
-        let virtiofsd_round = measure(&work.0, &tool, size_mib, || {
-            start_virtiofsd(&virtiofsd, &work.0, &export)
-        })?;
-        let local_round = measure(&work.0, &tool, size_mib, || {
-            share(&work.0, &[&export_text, "--read-only"])
-        })?;
-        let s3_round = measure(&work.0, &tool, size_mib, || share(&work.0, &s3_args))?;
-        for (all, r) in rounds
-            .iter_mut()
-            .zip([virtiofsd_round, local_round, s3_round])
-        {
+        let this = [
+            measure(&work.0, &tool, size_mib, || {
+                start_virtiofsd(&virtiofsd, &work.0, &export)
+            })?,
+            measure(&work.0, &tool, size_mib, || {
+                share(&work.0, &[&export_text, "--read-only"])
+            })?,
+            measure(&work.0, &tool, size_mib, || share(&work.0, &s3_args))?,
+            // The cache directory outlives each share: the first round fills it, later
+            // rounds read it (disk tier; the memory tier starts empty with each process).
+            measure(&work.0, &tool, size_mib, || share(&work.0, &s3_cached_args))?,
+        ];
+        for (all, r) in rounds.iter_mut().zip(this) {
             all.push(r);
         }
+        let row = |f: fn(&Result2) -> f64| {
+            this.iter()
+                .map(|r| format!("{:.0}", f(r)))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
         println!(
-            "bench virtiofs: round {round}/{ROUNDS}: seq MiB/s {:.1} / {:.1} / {:.1}, rand IOPS {:.0} / {:.0} / {:.0} (virtiofsd / berth local / berth S3)",
-            virtiofsd_round.seq_mibps,
-            local_round.seq_mibps,
-            s3_round.seq_mibps,
-            virtiofsd_round.rand_iops,
-            local_round.rand_iops,
-            s3_round.rand_iops,
+            "bench virtiofs: round {round}/{ROUNDS}: seq MiB/s {}, rand IOPS {} ({})",
+            row(|r| r.seq_mibps),
+            row(|r| r.rand_iops),
+            names.join(" / ")
         );
     }
-    let [reference, local, s3_row] = rounds.map(|all| median(&all));
+    let [reference, local, s3_row, s3_cached] = rounds.map(|all| median(&all));
     report(
         size_mib,
         reference,
-        &[("berth (local dir)", local), ("berth (S3)", s3_row)],
+        &[(names[1], local), (names[2], s3_row), (names[3], s3_cached)],
     );
     Ok(())
 }
@@ -188,15 +203,15 @@ fn report(size_mib: u64, reference: Result2, rows: &[(&str, Result2)]) {
         "bench virtiofs: {size_mib} MiB file, guest under TCG, O_DIRECT reads, virtiofsd {VIRTIOFSD_VERSION} --cache=never, median of {ROUNDS} rounds"
     );
     println!(
-        "{:<22} {:>14} {:>16}",
+        "{:<24} {:>14} {:>16}",
         "backend", "seq 1M MiB/s", "rand 4K IOPS"
     );
     println!(
-        "{:<22} {:>14.1} {:>16.0}",
+        "{:<24} {:>14.1} {:>16.0}",
         "virtiofsd", reference.seq_mibps, reference.rand_iops
     );
     for (name, r) in rows {
-        println!("{:<22} {:>14.1} {:>16.0}", name, r.seq_mibps, r.rand_iops);
+        println!("{:<24} {:>14.1} {:>16.0}", name, r.seq_mibps, r.rand_iops);
     }
     println!();
     for (name, r) in rows {
