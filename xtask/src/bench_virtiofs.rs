@@ -26,7 +26,7 @@ const VIRTIOFSD_VERSION: &str = "1.14.0";
 const BUCKET: &str = "bench";
 const TAG: &str = "bench";
 const DEADLINE: Duration = Duration::from_secs(600);
-const RANDOM_OPS: u32 = 2000;
+const RANDOM_OPS: u32 = 6000;
 /// Guest boots per backend. The rounds alternate between the backends, so that load from
 /// other processes on a shared host falls on all of them alike; each backend's result is
 /// its median round.
