@@ -83,7 +83,13 @@ pub fn tempdir(prefix: &str) -> Result<TempDir> {
 }
 
 /// The berth binary `cargo build --release` made.
+/// Runs this berth binary instead of building one (to compare two builds in `bench virtiofs`).
+pub const BERTH_BIN_ENV: &str = "BERTH_BIN";
+
 pub fn berth_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os(BERTH_BIN_ENV) {
+        return PathBuf::from(bin);
+    }
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"))

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 mod handles;
+#[cfg(test)]
+mod read_tests;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -85,6 +87,33 @@ fn unsupported(op: &str, what: &str, why: &str, code: i32) -> io::Error {
 /// not cannot exist in the store. The kernel never sends `.`, `..`, empty names or names with
 /// `/`, but a virtio-fs guest is untrusted and may: such a name would step outside its
 /// directory, so it is refused before it reaches the namespace.
+/// Reads up to `size` bytes at `offset` of a local file straight into the reply buffers
+/// (guest memory for virtio-fs), as a passthrough server does: one copy, by the kernel.
+/// Short only at the end of the file.
+fn read_local(
+    w: &mut dyn ZeroCopyWriter,
+    file: &std::fs::File,
+    size: u32,
+    offset: u64,
+) -> io::Result<usize> {
+    // `write_from` takes `&mut`; the reads are positional (preadv), so a second descriptor
+    // of the same open file is as good as the shared one.
+    let mut file = file.try_clone()?;
+    let want = (size as usize).min(w.available_bytes());
+    let mut total = 0;
+    while total < want {
+        match w.write_from(&mut file, want - total, offset + total as u64) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            // What the writer says when the file ended.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
 fn name_of(name: &CStr) -> io::Result<&str> {
     let name = name.to_str().map_err(|_| errno(libc::EINVAL))?;
     if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
@@ -702,6 +731,9 @@ impl FileSystem for BerthFs {
             }
             Handle::Dir(_) => return Err(errno(libc::EISDIR)),
         };
+        if let Some(file) = reader.local_file() {
+            return read_local(w, file, size, offset);
+        }
         let parts = self
             .rt
             .block_on(reader.read(offset, size as u64))

@@ -149,6 +149,9 @@ enum Plan {
     Blocks(Vec<(u64, BlockFuture)>),
     /// Try the node cache for just the requested bytes of one block first.
     CachedRange(ObjectId),
+    /// A random read with no node cache to fill: GET just the requested bytes. Fetching
+    /// whole blocks would read (and copy) up to 256x what a 4 KiB reader asked for.
+    ExactRange,
 }
 
 struct ReadState {
@@ -163,11 +166,27 @@ pub struct ObjectReader {
     etag: Option<Arc<str>>,
     size: u64,
     state: Mutex<ReadState>,
+    /// The object itself, when the store is a local directory and no node cache sits in
+    /// between: reads then go straight from the file to the caller (see [`Self::local_file`]).
+    local: Option<std::fs::File>,
 }
 
 impl ObjectReader {
     pub fn new(fetcher: Arc<Fetcher>, key: &str, etag: Option<&str>, size: u64) -> ObjectReader {
         let window = Window::new(fetcher.config.block_size, fetcher.config.max_window);
+        let local = if fetcher.cache.is_some() {
+            None // the node cache wants to see (and keep) the blocks
+        } else {
+            match fetcher.store.open_local(key, etag) {
+                Some(Ok(file)) => Some(file),
+                Some(Err(e)) => {
+                    // The block path reports the problem on the first read.
+                    tracing::debug!(key, error = %e, "no direct file access; reading by blocks");
+                    None
+                }
+                None => None,
+            }
+        };
         ObjectReader {
             fetcher,
             key: Arc::from(key),
@@ -177,7 +196,17 @@ impl ObjectReader {
                 window,
                 blocks: BTreeMap::new(),
             }),
+            local,
         }
+    }
+
+    /// The open object file when the store is a local directory and there is no node cache.
+    /// A caller that can read a file straight into its destination (virtio-fs: guest memory,
+    /// FUSE: the reply buffer) should use it instead of [`Self::read`]: one copy, no block
+    /// fetches, no readahead of our own (the kernel's page cache does that for local files).
+    /// The file stays the version that was opened, as with any open local file.
+    pub fn local_file(&self) -> Option<&std::fs::File> {
+        self.local.as_ref()
     }
 
     pub fn size(&self) -> u64 {
@@ -210,6 +239,16 @@ impl ObjectReader {
                     }
                 }
                 self.demand_blocks(first, last)
+            }
+            Plan::ExactRange => {
+                let bytes = self
+                    .fetcher
+                    .get(&self.key, offset..end, self.etag.as_deref())
+                    .await?;
+                if bytes.len() as u64 != end - offset {
+                    return Err(StoreError::Changed);
+                }
+                return Ok(vec![bytes]);
             }
         };
 
@@ -281,9 +320,14 @@ impl ObjectReader {
                 let margin = previous_ahead + 1;
                 let keep = first.saturating_sub(margin)..=last + margin;
                 state.blocks.retain(|i, _| keep.contains(i));
-                if first == last && !state.blocks.contains_key(&first) {
-                    if let Some(id) = self.cache_id() {
-                        return Plan::CachedRange(id);
+                let held = (first..=last).all(|i| state.blocks.contains_key(&i));
+                if !held {
+                    match self.cache_id() {
+                        Some(id) if first == last => return Plan::CachedRange(id),
+                        // The node cache keeps whole blocks: fetch them so they get cached.
+                        Some(_) => {}
+                        // Nothing could keep a whole block beyond this read.
+                        None => return Plan::ExactRange,
                     }
                 }
                 0
@@ -456,6 +500,135 @@ mod tests {
         }
         drop(reader);
         assert_eq!(memory.used(), 0, "closing the handle frees everything");
+    }
+
+    /// A remote-like store over a local directory: no `open_local`, and it counts the bytes
+    /// its GETs return.
+    struct Counting {
+        inner: Arc<dyn ObjectStore>,
+        bytes: std::sync::atomic::AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Counting {
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        async fn check(&self, prefix: &str) -> StoreResult<()> {
+            self.inner.check(prefix).await
+        }
+        async fn head(&self, key: &str) -> StoreResult<crate::store::ObjectInfo> {
+            self.inner.head(key).await
+        }
+        async fn get_range(
+            &self,
+            key: &str,
+            range: Range<u64>,
+            etag: Option<&str>,
+        ) -> StoreResult<Bytes> {
+            let got = self.inner.get_range(key, range, etag).await?;
+            self.bytes
+                .fetch_add(got.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(got)
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+            token: Option<&str>,
+            max_keys: usize,
+        ) -> StoreResult<crate::store::ListPage> {
+            self.inner.list(prefix, token, max_keys).await
+        }
+        async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+            self.inner.put(key, body).await
+        }
+        async fn create_upload(&self, key: &str) -> StoreResult<String> {
+            self.inner.create_upload(key).await
+        }
+        async fn upload_part(
+            &self,
+            key: &str,
+            upload_id: &str,
+            number: i32,
+            body: Bytes,
+        ) -> StoreResult<crate::store::UploadedPart> {
+            self.inner.upload_part(key, upload_id, number, body).await
+        }
+        async fn complete_upload(
+            &self,
+            key: &str,
+            upload_id: &str,
+            parts: &[crate::store::UploadedPart],
+        ) -> StoreResult<Option<String>> {
+            self.inner.complete_upload(key, upload_id, parts).await
+        }
+        async fn abort_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+            self.inner.abort_upload(key, upload_id).await
+        }
+        async fn delete(&self, key: &str) -> StoreResult<()> {
+            self.inner.delete(key).await
+        }
+        async fn copy(&self, from: &str, to: &str) -> StoreResult<()> {
+            self.inner.copy(from, to).await
+        }
+    }
+
+    #[tokio::test]
+    async fn random_reads_without_a_node_cache_fetch_only_what_they_ask_for() {
+        let data = pattern(1_000_000);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("obj"), &data).unwrap();
+        let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let store = Arc::new(Counting {
+            inner: local,
+            bytes: Default::default(),
+        });
+        let info = store.head("obj").await.unwrap();
+        let config = PrefetchConfig {
+            block_size: 64 << 10,
+            ..PrefetchConfig::default()
+        };
+        let fetcher = Fetcher::new(store.clone(), MemoryLimiter::new(1 << 30), config, None);
+        let reader = ObjectReader::new(fetcher, "obj", info.etag.as_deref(), info.size);
+        assert!(
+            reader.local_file().is_none(),
+            "a remote store has no local file"
+        );
+        // Far apart, so that none of them looks sequential; one crosses a block boundary.
+        let reads = [
+            (700_000u64, 4096u64),
+            (100_000, 4096),
+            (900_000, 5000),
+            (300_000, 4096),
+            ((10 << 16) - 100, 4096),
+            (999_000, 4096), // short: the end of the object
+        ];
+        let mut asked = 0;
+        for (offset, len) in reads {
+            let got = concat(reader.read(offset, len).await.unwrap());
+            let end = ((offset + len) as usize).min(data.len());
+            assert_eq!(
+                got,
+                &data[offset as usize..end],
+                "offset {offset} len {len}"
+            );
+            asked += (end - offset as usize) as u64;
+        }
+        let fetched = store.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        // The first read of a handle at a nonzero offset is random too: exact bytes only.
+        assert_eq!(fetched, asked, "random reads fetched whole blocks");
+    }
+
+    #[tokio::test]
+    async fn a_local_store_hands_readers_the_file_itself() {
+        let data = pattern(100_000);
+        let (reader, _m, _d) = reader_over(&data, 1 << 30).await;
+        let file = reader
+            .local_file()
+            .expect("a local store without a node cache");
+        let mut got = vec![0u8; 1000];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut got, 5000).unwrap();
+        assert_eq!(got, &data[5000..6000]);
     }
 
     #[tokio::test]

@@ -162,6 +162,21 @@ impl ObjectStore for LocalStore {
         .await
     }
 
+    fn open_local(&self, key: &str, etag: Option<&str>) -> Option<StoreResult<fs::File>> {
+        let open = || {
+            let file = fs::File::open(self.path_of(key)?).map_err(|e| io_err("open", e))?;
+            let meta = file.metadata().map_err(|e| io_err("stat", e))?;
+            if meta.is_dir() {
+                return Err(StoreError::NotFound);
+            }
+            if etag.is_some_and(|want| want != etag_of(&meta)) {
+                return Err(StoreError::Changed);
+            }
+            Ok(file)
+        };
+        Some(open())
+    }
+
     async fn list(
         &self,
         prefix: &str,

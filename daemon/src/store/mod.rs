@@ -108,6 +108,14 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> StoreResult<Bytes>;
 
     /// Lists `prefix` (empty or ending in `/`) with delimiter `/`.
+    /// The object as a local file opened for reading, for stores that are a local directory;
+    /// `None` for remote stores. Readers use it to read straight into the caller's buffers
+    /// (for virtio-fs: guest memory), without an intermediate copy. With `etag`, fails with
+    /// [`StoreError::Changed`] if the object no longer carries that tag.
+    fn open_local(&self, _key: &str, _etag: Option<&str>) -> Option<StoreResult<std::fs::File>> {
+        None
+    }
+
     async fn list(
         &self,
         prefix: &str,

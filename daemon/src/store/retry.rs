@@ -87,6 +87,11 @@ impl ObjectStore for RetryingStore {
         self.inner.describe()
     }
 
+    /// Local files need no retries: opening one either works or fails for good.
+    fn open_local(&self, key: &str, etag: Option<&str>) -> Option<StoreResult<std::fs::File>> {
+        self.inner.open_local(key, etag)
+    }
+
     async fn check(&self, prefix: &str) -> StoreResult<()> {
         self.policy.run("check", || self.inner.check(prefix)).await
     }
