@@ -38,8 +38,6 @@ pub const MOUNTER_FUSE: &str = "fuse";
 pub const VOLUME_TYPE: &str = "berth-virtiofs";
 pub const MOUNT_INFO_FILE: &str = "mountInfo.json";
 
-/// `berth share` flags a volume context may set (the `berth mount` options it shares).
-
 /// How long NodePublishVolume waits for the share's socket to appear.
 const SOCKET_WAIT: Duration = Duration::from_secs(20);
 
