@@ -161,41 +161,8 @@ pub struct ShareArgs {
     #[arg(long)]
     pub read_only: bool,
 
-    /// How long metadata is trusted (as for `berth mount`). [default: 1s; indefinite with --read-only]
-    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
-    pub metadata_ttl: Option<Ttl>,
-
-    /// Memory for prefetched data and write buffers, across all open files.
-    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
-    pub memory_limit: u64,
-
-    /// Multipart upload part size (S3 needs >= 5MiB).
-    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
-    pub part_size: u64,
-
-    /// Largest readahead window of one sequential reader.
-    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
-    pub max_prefetch: u64,
-
-    /// Ranged GETs in flight at once, across all open files.
-    #[arg(long, value_name = "N", default_value_t = 32)]
-    pub max_gets: usize,
-
-    /// Owner of every file and directory [default: the user running berth].
-    #[arg(long, value_name = "UID")]
-    pub uid: Option<u32>,
-
-    /// Group of every file and directory [default: the group running berth].
-    #[arg(long, value_name = "GID")]
-    pub gid: Option<u32>,
-
-    /// Permission bits of files.
-    #[arg(long, value_name = "MODE", default_value = "0644", value_parser = parse_mode)]
-    pub file_mode: u32,
-
-    /// Permission bits of directories.
-    #[arg(long, value_name = "MODE", default_value = "0755", value_parser = parse_mode)]
-    pub dir_mode: u32,
+    #[command(flatten)]
+    pub engine: EngineFlags,
 
     /// Where the engine keeps its state (inode journal, status file).
     #[arg(long, value_name = "DIR", default_value = "/run/berth")]
@@ -222,6 +189,48 @@ pub struct StatusArgs {
     /// The --state-dir the mount uses.
     #[arg(long, value_name = "DIR", default_value = "/run/berth")]
     pub state_dir: PathBuf,
+}
+
+/// How an engine serves a volume: metadata trust, memory, readahead, ownership. Shared by
+/// `berth mount` and `berth share` (and the engine a holder starts).
+#[derive(Args, Debug, Clone)]
+pub struct EngineFlags {
+    /// How long metadata (stat, lookups, negative lookups) is trusted before asking the store
+    /// again: e.g. 500ms, 1s, 5m, or `indefinite`. [default: 1s; indefinite with --read-only]
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub metadata_ttl: Option<Ttl>,
+
+    /// Memory for prefetched data and write buffers, across all open files.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub memory_limit: u64,
+
+    /// Multipart upload part size (S3 needs >= 5MiB; at most 10,000 parts per object).
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub part_size: u64,
+
+    /// Largest readahead window of one sequential reader.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub max_prefetch: u64,
+
+    /// Ranged GETs in flight at once, across all open files.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub max_gets: usize,
+
+    /// Owner of every file and directory [default: the user running berth].
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+
+    /// Group of every file and directory [default: the group running berth].
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+
+    /// Permission bits of files.
+    #[arg(long, value_name = "MODE", default_value = "0644", value_parser = parse_mode)]
+    pub file_mode: u32,
+
+    /// Permission bits of directories.
+    #[arg(long, value_name = "MODE", default_value = "0755", value_parser = parse_mode)]
+    pub dir_mode: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -254,46 +263,12 @@ pub struct MountArgs {
     #[arg(long)]
     pub read_only: bool,
 
-    /// How long metadata (stat, lookups, negative lookups) is trusted before asking the store
-    /// again: e.g. 500ms, 1s, 5m, or `indefinite`. [default: 1s; indefinite with --read-only]
-    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
-    pub metadata_ttl: Option<Ttl>,
-
-    /// Memory for prefetched data and write buffers, across all open files.
-    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
-    pub memory_limit: u64,
-
-    /// Multipart upload part size (S3 needs >= 5MiB; at most 10,000 parts per object).
-    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
-    pub part_size: u64,
-
-    /// Largest readahead window of one sequential reader.
-    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
-    pub max_prefetch: u64,
-
-    /// Ranged GETs in flight at once, across all open files.
-    #[arg(long, value_name = "N", default_value_t = 32)]
-    pub max_gets: usize,
+    #[command(flatten)]
+    pub engine: EngineFlags,
 
     /// FUSE worker threads, each on its own cloned /dev/fuse queue.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub threads: usize,
-
-    /// Owner of every file and directory [default: the user running berth].
-    #[arg(long, value_name = "UID")]
-    pub uid: Option<u32>,
-
-    /// Group of every file and directory [default: the group running berth].
-    #[arg(long, value_name = "GID")]
-    pub gid: Option<u32>,
-
-    /// Permission bits of files.
-    #[arg(long, value_name = "MODE", default_value = "0644", value_parser = parse_mode)]
-    pub file_mode: u32,
-
-    /// Permission bits of directories.
-    #[arg(long, value_name = "MODE", default_value = "0755", value_parser = parse_mode)]
-    pub dir_mode: u32,
 
     /// Where the engine keeps state a successor can take over (inode journal).
     #[arg(long, value_name = "DIR", default_value = "/run/berth")]
@@ -462,10 +437,10 @@ mod tests {
         };
         assert_eq!(args.source, "berth-data");
         assert_eq!(args.mountpoint, PathBuf::from("berth-mnt"));
-        assert_eq!(args.part_size, 8 << 20);
+        assert_eq!(args.engine.part_size, 8 << 20);
         assert_eq!(args.cache.block_size, 1 << 20);
         assert!(args.cache.cache_dir.is_none());
-        assert!(args.metadata_ttl.is_none());
+        assert!(args.engine.metadata_ttl.is_none());
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
         .thread_name("berth-io")
         .build()
         .context("starting the I/O runtime")?;
-    let memory = MemoryLimiter::new(args.mount.memory_limit);
+    let memory = MemoryLimiter::new(args.mount.engine.memory_limit);
     let served = match start(&rt, &args.mount, &hello, fds, &memory, &reply, &events_tx) {
         Ok(s) => s,
         Err(e) => {

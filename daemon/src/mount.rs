@@ -112,7 +112,7 @@ pub fn build_volume(
 ) -> anyhow::Result<Volume> {
     let (store, prefix) =
         connect_checked(rt, spec.source, spec.text, &args.store, spec.check_store)?;
-    let ttl = match args.metadata_ttl {
+    let ttl = match args.engine.metadata_ttl {
         Some(ttl) => ttl.0,
         None if args.read_only => None,
         None => Some(Duration::from_secs(1)),
@@ -130,8 +130,8 @@ pub fn build_volume(
         memory.clone(),
         PrefetchConfig {
             block_size: args.cache.block_size,
-            max_window: args.max_prefetch,
-            max_concurrent_gets: args.max_gets,
+            max_window: args.engine.max_prefetch,
+            max_concurrent_gets: args.engine.max_gets,
             ..PrefetchConfig::default()
         },
         cache,
@@ -143,13 +143,13 @@ pub fn build_volume(
         memory.clone(),
         FsConfig {
             read_only: args.read_only,
-            part_size: args.part_size as usize,
+            part_size: args.engine.part_size as usize,
             attr: AttrConfig {
                 // SAFETY: getuid/getgid have no preconditions.
-                uid: args.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
-                gid: args.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
-                file_mode: args.file_mode,
-                dir_mode: args.dir_mode,
+                uid: args.engine.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
+                gid: args.engine.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
+                file_mode: args.engine.file_mode,
+                dir_mode: args.engine.dir_mode,
             },
         },
     )
@@ -188,19 +188,19 @@ fn open_namespace(
 }
 
 fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
-    if matches!(source, Source::S3 { .. }) && args.part_size < MIN_S3_PART {
+    if matches!(source, Source::S3 { .. }) && args.engine.part_size < MIN_S3_PART {
         bail!(
             "--part-size must be at least 5MiB for S3 (got {} bytes)",
-            args.part_size
+            args.engine.part_size
         );
     }
     if args.cache.block_size < 4096 || args.cache.block_size > (64 << 20) {
         bail!("--block-size must be between 4KiB and 64MiB");
     }
-    if args.memory_limit < 2 * args.part_size.max(args.cache.block_size) {
+    if args.engine.memory_limit < 2 * args.engine.part_size.max(args.cache.block_size) {
         bail!("--memory-limit must be at least twice --part-size and --block-size");
     }
-    if args.threads == 0 || args.max_gets == 0 {
+    if args.threads == 0 || args.engine.max_gets == 0 {
         bail!("--threads and --max-gets must be at least 1");
     }
     Ok(())

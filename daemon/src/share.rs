@@ -112,7 +112,7 @@ pub fn run(args: ShareArgs) -> anyhow::Result<()> {
         .thread_name("berth-io")
         .build()
         .context("starting the I/O runtime")?;
-    let memory = MemoryLimiter::new(args.memory_limit);
+    let memory = MemoryLimiter::new(args.engine.memory_limit);
     let cache = mount::open_cache(&args.cache, &args.store, &source, false)?;
     let volume = mount::build_volume(
         &rt,
@@ -225,15 +225,7 @@ fn engine_args(args: &ShareArgs, source: &str) -> anyhow::Result<MountArgs> {
     mount.store = args.store.clone();
     mount.cache = args.cache.clone();
     mount.read_only = args.read_only;
-    mount.metadata_ttl = args.metadata_ttl;
-    mount.memory_limit = args.memory_limit;
-    mount.part_size = args.part_size;
-    mount.max_prefetch = args.max_prefetch;
-    mount.max_gets = args.max_gets;
-    mount.uid = args.uid;
-    mount.gid = args.gid;
-    mount.file_mode = args.file_mode;
-    mount.dir_mode = args.dir_mode;
+    mount.engine = args.engine.clone();
     mount.state_dir = args.state_dir.clone();
     Ok(mount)
 }
@@ -421,7 +413,7 @@ mod hostile_guest {
             .enable_all()
             .build()
             .unwrap();
-        let memory = MemoryLimiter::new(args.memory_limit);
+        let memory = MemoryLimiter::new(args.engine.memory_limit);
         let source = mount::Source::Local(store.clone());
         let engine = mount::build_volume(
             &rt,
