@@ -103,8 +103,17 @@ pub fn restart_restores_volumes() -> Result<()> {
     let target = dir.join("staging/vol");
     let publish = dir.join("pod/vol");
     let result = restart_flow(&dir, &src, &target, &publish);
-    for path in [&publish, &target] {
-        let _ = berth::api::mounts::unmount_all(path);
+    // A failed run may leave mounts anywhere below the directory (the daemon's own
+    // mountpoint of the volume too): innermost first.
+    let mut left: Vec<PathBuf> = berth::api::mounts::mount_table()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mountpoint)
+        .filter(|m| m.starts_with(&dir))
+        .collect();
+    left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for path in left {
+        let _ = berth::api::mounts::unmount_all(&path);
     }
     result
 }
