@@ -43,7 +43,8 @@ pub enum Command {
     ///
     /// For paths inside a berth mount, every file below them is read through the mount (its
     /// process owns the cache). For s3:// sources, objects are read straight into --cache-dir,
-    /// which must not be in use by a running mount. The cache quota is respected: if the data
+    /// which must not be in use by a running mount, or into a daemon's node cache with
+    /// --cache-socket. The cache quota is respected: if the data
     /// is larger than the cache, the oldest blocks are evicted and a warning says so.
     Warm(WarmArgs),
 
@@ -304,6 +305,12 @@ pub struct CacheArgs {
     /// memory) and survive restarts. Without it, every read goes to the store.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+
+    /// Use the node cache of a running `berth daemon --cache-dir` (its socket is
+    /// `<daemon state dir>/cache.sock`): one disk quota and one index for every mount of the
+    /// node. --cache-size is then the daemon's; --block-size must match the daemon's.
+    #[arg(long, value_name = "PATH", conflicts_with = "cache_dir")]
+    pub cache_socket: Option<PathBuf>,
 
     /// Disk quota of the block cache (never exceeded).
     #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]

@@ -540,7 +540,7 @@ fn volume_text(v: &pb::VolumeInfo) -> String {
 }
 
 fn stats_text(s: &pb::StatsResponse) -> String {
-    format!(
+    let mut text = format!(
         "node: {} volumes, {} targets, {} shares, {} restarts; memory {} used; cache {} memory hits, {} disk hits, {} misses; {} from the store",
         s.volumes,
         s.targets,
@@ -551,7 +551,16 @@ fn stats_text(s: &pb::StatsResponse) -> String {
         s.cache_disk_hits,
         s.cache_misses,
         HumanBytes(s.bytes_from_store)
-    )
+    );
+    if s.cache_capacity_bytes > 0 {
+        text.push_str(&format!(
+            "; node cache {} blocks in {}, {} evictions",
+            s.cache_blocks,
+            HumanBytes(s.cache_capacity_bytes),
+            s.cache_evictions
+        ));
+    }
+    text
 }
 
 fn stats_json(s: &pb::StatsResponse) -> serde_json::Value {
@@ -560,6 +569,8 @@ fn stats_json(s: &pb::StatsResponse) -> serde_json::Value {
         "restarts": s.restarts, "memory_used": s.memory_used,
         "cache_memory_hits": s.cache_memory_hits, "cache_disk_hits": s.cache_disk_hits,
         "cache_misses": s.cache_misses, "bytes_from_store": s.bytes_from_store,
+        "cache_blocks": s.cache_blocks, "cache_capacity_bytes": s.cache_capacity_bytes,
+        "cache_evictions": s.cache_evictions,
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
-use crate::cache::{BlockCache, CacheConfig};
+use crate::cache::{BlockCache, CacheConfig, DiskTier};
 use crate::cli::{CacheArgs, MountArgs, StoreArgs};
 use crate::fs::{AttrConfig, BerthFs, FsConfig};
 use crate::memory::MemoryLimiter;
@@ -206,18 +206,30 @@ fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the block cache if `--cache-dir` is given. A cache that cannot be opened is an
-/// error: running silently without it would turn every read into a GET.
+/// Opens the block cache if `--cache-dir` or `--cache-socket` is given. A cache that cannot be
+/// opened is an error: running silently without it would turn every read into a GET.
 pub fn open_cache_dir(
     cache: &CacheArgs,
     wait_for_disk: bool,
 ) -> anyhow::Result<Option<Arc<BlockCache>>> {
-    let Some(dir) = &cache.cache_dir else {
-        return Ok(None);
+    let (disk, place) = match (&cache.cache_dir, &cache.cache_socket) {
+        (Some(dir), _) => (
+            DiskTier::Dir {
+                dir: dir.clone(),
+                size: cache.cache_size,
+            },
+            dir,
+        ),
+        (None, Some(socket)) => (
+            DiskTier::Node {
+                socket: socket.clone(),
+            },
+            socket,
+        ),
+        (None, None) => return Ok(None),
     };
     let config = CacheConfig {
-        dir: dir.clone(),
-        size: cache.cache_size,
+        disk,
         block_size: cache.block_size,
         memory: cache.cache_memory,
         engine: cache.cache_io,
@@ -225,7 +237,7 @@ pub fn open_cache_dir(
     };
     BlockCache::open(&config)
         .map(Some)
-        .with_context(|| format!("opening the block cache in {}", dir.display()))
+        .with_context(|| format!("opening the block cache at {}", place.display()))
 }
 
 /// How a store is named in cache keys: two mounts of the same bucket share blocks.

@@ -3,7 +3,8 @@
 //! Two ways in. A path inside a berth mount is warmed by reading its files through the mount:
 //! the mount's process owns the cache, so this fills it however that mount is configured. An
 //! `s3://` source is read straight into `--cache-dir` by this process (the cache dir is locked,
-//! so that only works while no mount uses it). Either way concurrency is bounded, progress is
+//! so that only works while no mount uses it), or into a node daemon's cache (`--cache-socket`),
+//! which every mount of the node then reads. Either way concurrency is bounded, progress is
 //! shown (a bar on a terminal, a line every few seconds otherwise), and a summary ends the run.
 
 use std::io::{IsTerminal, Read};
@@ -156,8 +157,8 @@ async fn list_all(store: &dyn ObjectStore, prefix: &str) -> anyhow::Result<(Vec<
 /// Reads every object of an s3:// source into the cache; returns the number of failures.
 fn warm_store(rt: &tokio::runtime::Runtime, text: &str, args: &WarmArgs) -> anyhow::Result<usize> {
     let source = Source::parse(text)?;
-    if args.cache.cache_dir.is_none() {
-        bail!("warming {text} needs --cache-dir (the cache to fill)");
+    if args.cache.cache_dir.is_none() && args.cache.cache_socket.is_none() {
+        bail!("warming {text} needs --cache-dir or --cache-socket (the cache to fill)");
     }
     let (store, prefix) = connect(rt, &source, text, &args.store)?;
     let node =
@@ -167,10 +168,11 @@ fn warm_store(rt: &tokio::runtime::Runtime, text: &str, args: &WarmArgs) -> anyh
         tracing::warn!(skipped, "skipped keys that cannot be paths");
     }
     let total: u64 = objects.iter().map(|o| o.size).sum();
-    if total > args.cache.cache_size {
+    let capacity = node.cache.stats().disk_slots * node.cache.block_size();
+    if total > capacity {
         tracing::warn!(
             data = %HumanBytes(total),
-            cache = %HumanBytes(args.cache.cache_size),
+            cache = %HumanBytes(capacity),
             "the data is larger than the cache: only the part read last stays cached"
         );
     }

@@ -236,19 +236,8 @@ impl Node {
             let _ = child.wait();
         }
         let logs = self.logs();
-        // Anything still mounted below the directory (a failed test), innermost first.
-        if let Ok(table) = berth::api::mounts::mount_table() {
-            let mut inner: Vec<PathBuf> = table
-                .into_iter()
-                .map(|m| m.mountpoint)
-                .filter(|m| m.starts_with(&self.dir) && *m != self.dir)
-                .collect();
-            inner.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-            for m in inner {
-                let _ = berth::api::mounts::unmount_all(&m);
-            }
-        }
-        let _ = berth::api::mounts::unmount_all(&self.dir);
+        // Anything still mounted below the directory (a failed test).
+        berth::api::mounts::unmount_below(&self.dir);
         logs
     }
 }

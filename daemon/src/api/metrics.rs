@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 use super::pb;
 use super::volumes::Registry;
+use crate::cache::shared::ServerStats;
 
 pub async fn serve(listener: TcpListener, registry: Registry) {
     loop {
@@ -18,7 +19,10 @@ pub async fn serve(listener: TcpListener, registry: Registry) {
         tokio::spawn(async move {
             let request = read_head(&mut conn).await;
             let (status, body) = if request.starts_with("GET /metrics") {
-                ("200 OK", render(&registry.list().await))
+                (
+                    "200 OK",
+                    render(&registry.list().await, registry.node_cache_stats()),
+                )
             } else {
                 ("404 Not Found", "only /metrics is served\n".to_string())
             };
@@ -53,7 +57,7 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(volumes: &[pb::VolumeInfo]) -> String {
+pub fn render(volumes: &[pb::VolumeInfo], node_cache: Option<ServerStats>) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -177,6 +181,33 @@ pub fn render(volumes: &[pb::VolumeInfo]) -> String {
         "Bytes read from the object store through the cache.",
         per(&|v| cache(v).bytes_from_store),
     );
+    if let Some(node) = node_cache {
+        let one = |value: u64| vec![(String::new(), value)];
+        family(
+            "berth_node_cache_blocks",
+            "gauge",
+            "Blocks on the node cache disk (all volumes).",
+            one(node.disk.blocks),
+        );
+        family(
+            "berth_node_cache_capacity_bytes",
+            "gauge",
+            "Disk quota of the node cache.",
+            one(node.disk.slots * node.block_size),
+        );
+        family(
+            "berth_node_cache_evictions_total",
+            "counter",
+            "Blocks evicted from the node cache disk to make room.",
+            one(node.disk.evictions),
+        );
+        family(
+            "berth_node_cache_connections",
+            "gauge",
+            "Connections of mount processes to the node cache.",
+            one(node.connections),
+        );
+    }
     out
 }
 
@@ -194,7 +225,7 @@ mod tests {
             targets: vec!["/t1".into(), "/t2".into()],
             ..Default::default()
         };
-        let text = render(&[v]);
+        let text = render(&[v], None);
         assert!(text.contains("berth_volumes 1\n"), "{text}");
         assert!(
             text.contains("berth_volume_targets{volume=\"abc\",volume_id=\"b/\\\"p\\\"\"} 2"),
@@ -222,7 +253,7 @@ mod tests {
             status_json: status.to_string(),
             ..Default::default()
         };
-        let text = render(&[v]);
+        let text = render(&[v], None);
         let labels = "{volume=\"v\",volume_id=\"b/\"}";
         for line in [
             format!("berth_engine_generation{labels} 4"),

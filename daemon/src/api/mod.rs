@@ -21,6 +21,9 @@ use clap::Args;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::cache::shared::CacheServer;
+use crate::units::parse_size;
+
 pub mod pb {
     //! Generated from proto/berth/v1/daemon.proto.
     #![allow(clippy::all, missing_docs)]
@@ -37,10 +40,21 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "DIR", default_value = "/run/berth")]
     pub state_dir: PathBuf,
 
-    /// Node cache directory; each volume gets its own subdirectory (one process owns a cache
-    /// directory at a time).
+    /// Node cache directory: one disk tier (data file, index, quota) for every volume of the
+    /// node. The daemon owns it and serves its index to the mount processes on
+    /// `<state-dir>/cache.sock`; they read and write the data file themselves. Without it,
+    /// volumes have no block cache.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+
+    /// Disk quota of the node cache, for all volumes together (never exceeded).
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// Block size of the node cache: the ranged GET size of every volume (a volume's
+    /// `block-size` option must equal it).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub block_size: u64,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default), e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
@@ -68,10 +82,14 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let state_dir = args.state_dir.canonicalize()?;
     let berth_bin = std::env::current_exe().context("finding the berth binary")?;
+    let cache = match &args.cache_dir {
+        Some(dir) => Some(open_node_cache(dir, &args, &state_dir)?),
+        None => None,
+    };
     let node = volumes::Node {
         berth_bin,
         state_dir,
-        cache_dir: args.cache_dir.clone(),
+        cache,
         keep_on_exit: args.on_exit == OnExit::Keep,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -79,6 +97,37 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(serve(args, node))
+}
+
+/// Opens the node cache in `dir`; it is served once the runtime runs (see [`serve`]).
+fn open_node_cache(
+    dir: &Path,
+    args: &DaemonArgs,
+    state_dir: &Path,
+) -> anyhow::Result<volumes::SharedCache> {
+    if !(4096..=64 << 20).contains(&args.block_size) {
+        anyhow::bail!("--block-size must be between 4KiB and 64MiB");
+    }
+    let server = CacheServer::open(dir, args.cache_size, args.block_size)
+        .with_context(|| format!("opening the node cache in {}", dir.display()))?;
+    Ok(volumes::SharedCache {
+        socket: state_dir.join("cache.sock"),
+        server,
+    })
+}
+
+/// Serves the node cache's index to mount processes on its socket.
+fn serve_node_cache(cache: &volumes::SharedCache) -> anyhow::Result<()> {
+    let socket = &cache.socket;
+    if socket.exists() {
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {}", socket.display()))?;
+    }
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    tokio::spawn(cache.server.clone().serve(listener));
+    tracing::info!(socket = %socket.display(), "node cache served");
+    Ok(())
 }
 
 async fn serve(args: DaemonArgs, node: volumes::Node) -> anyhow::Result<()> {
@@ -91,6 +140,10 @@ async fn serve(args: DaemonArgs, node: volumes::Node) -> anyhow::Result<()> {
     }
     let listener = UnixListener::bind(&args.socket)
         .with_context(|| format!("binding {}", args.socket.display()))?;
+    if let Some(cache) = &node.cache {
+        serve_node_cache(cache)?;
+    }
+    let cache_socket = node.cache.as_ref().map(|c| c.socket.clone());
     let registry = volumes::Registry::new(node);
     registry.restore().await;
     let service = service::DaemonService::new(registry.clone());
@@ -122,6 +175,9 @@ async fn serve(args: DaemonArgs, node: volumes::Node) -> anyhow::Result<()> {
     tracing::info!("stopping every volume and share");
     registry.shutdown().await;
     let _ = std::fs::remove_file(&args.socket);
+    if let Some(socket) = cache_socket {
+        let _ = std::fs::remove_file(socket);
+    }
     Ok(())
 }
 

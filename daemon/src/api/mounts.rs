@@ -155,6 +155,21 @@ pub fn unmount_all(path: &Path) -> io::Result<usize> {
     )))
 }
 
+/// Unmounts every mount at or below `dir`, innermost first (a failed test's, or what a crash
+/// left): each with [`unmount_all`], never lazily. Returns the paths that would not go.
+pub fn unmount_below(dir: &Path) -> Vec<PathBuf> {
+    let mut inner: Vec<PathBuf> = mount_table()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mountpoint)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    inner.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    inner.dedup();
+    inner.retain(|m| unmount_all(m).is_err());
+    inner
+}
+
 /// statvfs of a path: (total, free, used) bytes and inodes.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Usage {

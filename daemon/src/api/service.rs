@@ -153,6 +153,11 @@ impl pb::daemon_server::Daemon for DaemonService {
             shares: self.registry.share_count().await as u64,
             ..Default::default()
         };
+        if let Some(node) = self.registry.node_cache_stats() {
+            s.cache_blocks = node.disk.blocks;
+            s.cache_capacity_bytes = node.disk.slots * node.block_size;
+            s.cache_evictions = node.disk.evictions;
+        }
         for v in &volumes {
             s.targets += v.targets.len() as u64;
             s.restarts += v.restarts;

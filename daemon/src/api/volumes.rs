@@ -204,11 +204,54 @@ impl VolumeSpec {
 pub struct Node {
     pub berth_bin: PathBuf,
     pub state_dir: PathBuf,
-    /// Node cache directory: each volume gets `<cache_dir>/<volume key>`.
-    pub cache_dir: Option<PathBuf>,
+    /// The node cache every mount process uses (`--cache-socket`), if the daemon has one.
+    pub cache: Option<SharedCache>,
     /// `--on-exit keep`: the daemon's exit (or death) leaves volumes for its successor to
     /// restore; mount processes are killed without unmounting (see [`Registry::shutdown`]).
     pub keep_on_exit: bool,
+}
+
+/// The daemon's node cache, as its mount processes reach it.
+#[derive(Clone)]
+pub struct SharedCache {
+    pub socket: PathBuf,
+    pub server: Arc<crate::cache::shared::CacheServer>,
+}
+
+impl std::fmt::Debug for SharedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCache")
+            .field("socket", &self.socket)
+            .field("block_size", &self.server.block_size())
+            .finish()
+    }
+}
+
+impl Node {
+    /// With a node cache, its size and block size are the node's: a volume cannot bring its
+    /// own (it would silently not apply, or could not share the cache's blocks).
+    fn check_cache_options(&self, spec: &VolumeSpec) -> Result<(), VolumeError> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        if spec.options.contains_key("cache-size") {
+            return Err(VolumeError::InvalidArgument(
+                "option cache-size: the node cache's size is set by `berth daemon --cache-size`; \
+                 a volume cannot have its own"
+                    .into(),
+            ));
+        }
+        if let Some(text) = spec.options.get("block-size") {
+            let node = cache.server.block_size();
+            if crate::units::parse_size(text).ok() != Some(node) {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "option block-size {text} differs from the node cache's block size {node} \
+                     (`berth daemon --block-size`); every volume of a node cache uses its block size"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a volume's mount process is stopped.
@@ -261,6 +304,11 @@ impl Registry {
 
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// The node cache as a whole, if the daemon has one.
+    pub fn node_cache_stats(&self) -> Option<crate::cache::shared::ServerStats> {
+        self.node.cache.as_ref().map(|c| c.server.stats())
     }
 
     /// Mounts (or shares) a volume at `target`.
@@ -624,6 +672,7 @@ impl Registry {
         key: String,
         volume_id: String,
     ) -> Result<Volume, VolumeError> {
+        self.node.check_cache_options(&spec)?;
         let mountpoint = self.node.state_dir.join("volumes").join(&key).join("mnt");
         std::fs::create_dir_all(&mountpoint).map_err(|e| {
             VolumeError::Internal(format!("creating {}: {e}", mountpoint.display()))
@@ -867,8 +916,12 @@ impl Supervisor {
             .arg("--state-dir")
             .arg(&self.node.state_dir)
             .args(self.spec.args());
-        if let Some(cache) = &self.node.cache_dir {
-            cmd.arg("--cache-dir").arg(cache.join(&self.key));
+        if let Some(cache) = &self.node.cache {
+            cmd.arg("--cache-socket").arg(&cache.socket);
+            if !self.spec.options.contains_key("block-size") {
+                cmd.arg("--block-size")
+                    .arg(cache.server.block_size().to_string());
+            }
         }
         for (var, value) in self.spec.secrets.env_pairs() {
             cmd.env(var, value);

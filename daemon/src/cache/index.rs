@@ -255,11 +255,21 @@ impl Index {
         }
     }
 
-    /// Drops a block whose bytes failed their checksum.
-    pub fn remove(&mut self, key: &str) {
-        if let Some(entry) = self.map.remove(key) {
-            self.owners[entry.slot as usize] = None;
-            self.free.push(entry.slot);
+    /// A slot for a new block of `key`; `None` if `key` is cached already or nothing is free.
+    pub fn reserve(&mut self, key: &str) -> Option<u32> {
+        if self.lookup(key).is_some() {
+            return None;
+        }
+        self.allocate()
+    }
+
+    /// Drops a block whose bytes in `slot` failed their checksum. A key that has moved to
+    /// another slot since (another process cached it again) is left alone.
+    pub fn remove(&mut self, key: &str, slot: u32) {
+        if self.map.get(key).is_some_and(|e| e.slot == slot) {
+            self.map.remove(key);
+            self.owners[slot as usize] = None;
+            self.free.push(slot);
         }
     }
 }

@@ -8,10 +8,15 @@
 //! disk; a mismatch drops the block and fetches it again. Concurrent misses of one block wait
 //! for a single fetch. If the cache disk fails or fills up, blocks are served from the store
 //! and not cached: reads never fail because of the cache.
+//!
+//! The disk tier's index lives in this process ([`DiskTier::Dir`]), or in the node daemon,
+//! which serves one index and one quota to every mount process of the node ([`shared`],
+//! [`DiskTier::Node`]).
 
 mod hot;
 mod index;
 pub mod io;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -32,11 +37,19 @@ pub use io::{EngineKind, EnginePreference};
 /// down by a slow cache disk).
 const MAX_PENDING_WRITES: usize = 64;
 
+/// Where the disk tier is.
+#[derive(Clone, Debug)]
+pub enum DiskTier {
+    /// A directory this process owns (locked), with a quota in bytes.
+    Dir { dir: PathBuf, size: u64 },
+    /// The node daemon's cache, reached over its unix socket (see [`shared`]).
+    Node { socket: PathBuf },
+}
+
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
-    pub dir: PathBuf,
-    /// Disk quota in bytes.
-    pub size: u64,
+    pub disk: DiskTier,
+    /// Must match the node cache's block size for [`DiskTier::Node`].
     pub block_size: u64,
     /// Memory tier size in bytes.
     pub memory: u64,
@@ -79,6 +92,109 @@ pub struct CacheStats {
     pub disk_blocks: u64,
     pub disk_slots: u64,
     pub memory_bytes: u64,
+}
+
+/// Blocks, slots and evictions of a disk tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub blocks: u64,
+    pub slots: u64,
+    pub evictions: u64,
+}
+
+impl Summary {
+    fn of(index: &Index) -> Summary {
+        Summary {
+            blocks: index.len() as u64,
+            slots: index.slots() as u64,
+            evictions: index.evictions,
+        }
+    }
+}
+
+/// A disk tier opened in a directory: its lock, its data file and its index.
+struct Disk {
+    lock: std::fs::File,
+    data: PathBuf,
+    data_len: u64,
+    index: Index,
+    replayed: usize,
+}
+
+impl Disk {
+    fn open(dir: &Path, size: u64, block_size: u64) -> std::io::Result<Disk> {
+        std::fs::create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
+        let slots = (size / block_size).min(u32::MAX as u64) as u32;
+        if slots == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "cache size is smaller than one block",
+            ));
+        }
+        let (index, replayed) = Index::open(&dir.join("index"), block_size, slots)?;
+        Ok(Disk {
+            lock,
+            data: dir.join("data"),
+            data_len: slots as u64 * block_size,
+            index,
+            replayed,
+        })
+    }
+}
+
+/// The disk tier's index: in this process, or the node daemon's.
+enum Slots {
+    Local(Mutex<Index>),
+    Node(shared::CacheClient),
+}
+
+impl Slots {
+    async fn lookup(&self, keys: &[&BlockKey]) -> Vec<Option<SlotEntry>> {
+        match self {
+            Slots::Local(index) => {
+                let mut index = lock(index);
+                keys.iter().map(|k| index.lookup(k)).collect()
+            }
+            Slots::Node(client) => client.lookup(keys).await,
+        }
+    }
+
+    /// A slot (and its reservation token) for a new block of `key`.
+    async fn reserve(&self, key: &BlockKey) -> Option<(u32, u64)> {
+        match self {
+            Slots::Local(index) => lock(index).reserve(key).map(|slot| (slot, 0)),
+            Slots::Node(client) => client.reserve(key).await,
+        }
+    }
+
+    async fn commit(&self, key: BlockKey, entry: SlotEntry, token: u64) -> std::io::Result<()> {
+        match self {
+            Slots::Local(index) => lock(index).commit(key, entry),
+            Slots::Node(client) => client.commit(&key, entry, token).await,
+        }
+    }
+
+    async fn abandon(&self, slot: u32, token: u64) {
+        match self {
+            Slots::Local(index) => lock(index).abandon(slot),
+            Slots::Node(client) => client.abandon(slot, token).await,
+        }
+    }
+
+    async fn remove(&self, key: &BlockKey, slot: u32) {
+        match self {
+            Slots::Local(index) => lock(index).remove(key, slot),
+            Slots::Node(client) => client.remove(key, slot).await,
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        match self {
+            Slots::Local(index) => Summary::of(&lock(index)),
+            Slots::Node(client) => client.summary(),
+        }
+    }
 }
 
 /// Identifies an object version for caching.
@@ -127,13 +243,14 @@ pub struct BlockCache {
     block_size: u64,
     align: usize,
     io: Arc<dyn io::BlockIo>,
-    index: Mutex<Index>,
+    slots: Slots,
     hot: Mutex<HotTier>,
     inflight: Mutex<HashMap<BlockKey, Waiter>>,
     writes: Arc<Semaphore>,
     wait_for_disk: bool,
     counters: Counters,
-    _lock: std::fs::File,
+    /// The cache dir's lock, held while this process owns the directory.
+    _lock: Option<std::fs::File>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -150,7 +267,8 @@ fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
         return Err(std::io::Error::new(
             e.kind(),
             format!(
-                "cache dir {} is in use by another berth process ({e})",
+                "cache dir {} is in use by another berth process ({e}); to share the cache of \
+                 a berth daemon, use --cache-socket",
                 dir.display()
             ),
         ));
@@ -158,35 +276,72 @@ fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Opens the node cache's data file with our own I/O engine, after checking that it is the
+/// file the daemon indexes, with our block size.
+fn open_node_data(
+    client: &shared::CacheClient,
+    config: &CacheConfig,
+) -> std::io::Result<Arc<dyn io::BlockIo>> {
+    use std::os::unix::fs::MetadataExt;
+    let hello = client.hello();
+    if hello.block_size != config.block_size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "--block-size {} differs from the node cache's block size {}",
+                config.block_size, hello.block_size
+            ),
+        ));
+    }
+    let io = io::open_engine(&hello.data, hello.data_len, config.engine)?;
+    let meta = std::fs::metadata(&hello.data)?;
+    if (meta.dev(), meta.ino()) != (hello.dev, hello.ino) {
+        return Err(std::io::Error::other(format!(
+            "{} is not the node cache's data file (another filesystem or a replaced file)",
+            hello.data.display()
+        )));
+    }
+    Ok(io)
+}
+
+/// How long a mount process waits for the node daemon's cache socket at start.
+const NODE_CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl BlockCache {
     pub fn open(config: &CacheConfig) -> std::io::Result<Arc<BlockCache>> {
-        let dir = &config.dir;
-        std::fs::create_dir_all(dir)?;
-        let lock = lock_dir(dir)?;
-        let slots = (config.size / config.block_size).min(u32::MAX as u64) as u32;
-        if slots == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "cache size is smaller than one block",
-            ));
-        }
-        let data_len = slots as u64 * config.block_size;
-        let io = io::open_engine(&dir.join("data"), data_len, config.engine)?;
-        let (index, replayed) = Index::open(&dir.join("index"), config.block_size, slots)?;
-        tracing::info!(
-            dir = %dir.display(),
-            slots,
-            block_size = config.block_size,
-            blocks = index.len(),
-            replayed,
-            engine = ?io.kind(),
-            "block cache ready"
-        );
+        let (io, slots, lock) = match &config.disk {
+            DiskTier::Dir { dir, size } => {
+                let disk = Disk::open(dir, *size, config.block_size)?;
+                let io = io::open_engine(&disk.data, disk.data_len, config.engine)?;
+                tracing::info!(
+                    dir = %dir.display(),
+                    slots = disk.index.slots(),
+                    block_size = config.block_size,
+                    blocks = disk.index.len(),
+                    replayed = disk.replayed,
+                    engine = ?io.kind(),
+                    "block cache ready"
+                );
+                (io, Slots::Local(Mutex::new(disk.index)), Some(disk.lock))
+            }
+            DiskTier::Node { socket } => {
+                let client = shared::CacheClient::connect(socket, NODE_CACHE_WAIT)?;
+                let io = open_node_data(&client, config)?;
+                tracing::info!(
+                    socket = %socket.display(),
+                    data = %client.hello().data.display(),
+                    block_size = config.block_size,
+                    engine = ?io.kind(),
+                    "using the node cache"
+                );
+                (io, Slots::Node(client), None)
+            }
+        };
         Ok(Arc::new(BlockCache {
             block_size: config.block_size,
             align: io.alignment(),
             io,
-            index: Mutex::new(index),
+            slots,
             hot: Mutex::new(HotTier::new(config.memory)),
             inflight: Mutex::new(HashMap::new()),
             writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
@@ -203,7 +358,7 @@ impl BlockCache {
     pub fn stats(&self) -> CacheStats {
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let index = lock(&self.index);
+        let disk = self.slots.summary();
         CacheStats {
             engine: format!("{:?}", self.io.kind()),
             memory_hits: get(&c.memory_hits),
@@ -216,9 +371,9 @@ impl BlockCache {
             write_errors: get(&c.write_errors),
             writes_skipped: get(&c.writes_skipped),
             coalesced: get(&c.coalesced),
-            evictions: index.evictions,
-            disk_blocks: index.len() as u64,
-            disk_slots: index.slots() as u64,
+            evictions: disk.evictions,
+            disk_blocks: disk.blocks,
+            disk_slots: disk.slots,
             memory_bytes: lock(&self.hot).bytes(),
         }
     }
@@ -299,14 +454,16 @@ impl BlockCache {
     }
 
     async fn fill_from_disk(&self, keys: &[BlockKey], out: &mut [Option<Bytes>]) {
-        let wanted: Vec<(usize, SlotEntry)> = {
-            let mut index = lock(&self.index);
-            keys.iter()
-                .enumerate()
-                .filter(|(i, _)| out[*i].is_none())
-                .filter_map(|(i, k)| index.lookup(k).map(|e| (i, e)))
-                .collect()
-        };
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+        if missing.is_empty() {
+            return;
+        }
+        let asked: Vec<&BlockKey> = missing.iter().map(|&i| &keys[i]).collect();
+        let found = self.slots.lookup(&asked).await;
+        let wanted = missing
+            .into_iter()
+            .zip(found)
+            .filter_map(|(i, entry)| entry.map(|e| (i, e)));
         let reads = wanted
             .into_iter()
             .map(|(i, entry)| async move { (i, self.read_slot(&keys[i], entry).await) });
@@ -365,7 +522,7 @@ impl BlockCache {
                 tracing::warn!(slot = entry.slot, error = %e, "reading the cache disk failed; fetching from the store");
             }
         }
-        lock(&self.index).remove(key);
+        self.slots.remove(key, entry.slot).await;
         None
     }
 
@@ -388,7 +545,7 @@ impl BlockCache {
                 return Some(block.slice(range.start..to));
             }
         }
-        let entry = lock(&self.index).lookup(&key)?;
+        let entry = self.slots.lookup(&[&key]).await.pop().flatten()?;
         if range.start >= entry.len as usize {
             return None;
         }
@@ -476,10 +633,7 @@ impl BlockCache {
     }
 
     async fn write_block(&self, key: BlockKey, bytes: Bytes) {
-        if lock(&self.index).lookup(&key).is_some() {
-            return;
-        }
-        let Some(slot) = lock(&self.index).allocate() else {
+        let Some((slot, token)) = self.slots.reserve(&key).await else {
             return;
         };
         let entry = SlotEntry::new(slot, &bytes);
@@ -488,9 +642,12 @@ impl BlockCache {
             Ok(buf) => self.io.write_at(buf, offset).await,
             Err(e) => Err(e),
         };
-        let result = written.and_then(|_| lock(&self.index).commit(key, entry));
+        let result = match written {
+            Ok(_) => self.slots.commit(key, entry, token).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
-            lock(&self.index).abandon(slot);
+            self.slots.abandon(slot, token).await;
             let n = self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
             if n % 1000 == 0 {
                 tracing::warn!(error = %e, errors = n + 1, "cache disk write failed; serving from the store without caching");
@@ -507,8 +664,10 @@ mod tests {
 
     fn open(dir: &Path, engine: EnginePreference) -> Arc<BlockCache> {
         BlockCache::open(&CacheConfig {
-            dir: dir.to_path_buf(),
-            size: 64 * 4096,
+            disk: DiskTier::Dir {
+                dir: dir.to_path_buf(),
+                size: 64 * 4096,
+            },
             block_size: 4096,
             memory: 8 * 4096,
             engine,
@@ -628,8 +787,10 @@ mod tests {
         let _guard = rt.enter();
         let _first = open(dir.path(), EnginePreference::ThreadPool);
         let second = BlockCache::open(&CacheConfig {
-            dir: dir.path().to_path_buf(),
-            size: 64 * 4096,
+            disk: DiskTier::Dir {
+                dir: dir.path().to_path_buf(),
+                size: 64 * 4096,
+            },
             block_size: 4096,
             memory: 0,
             engine: EnginePreference::ThreadPool,

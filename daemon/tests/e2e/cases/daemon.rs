@@ -104,17 +104,8 @@ pub fn restart_restores_volumes() -> Result<()> {
     let publish = dir.join("pod/vol");
     let result = restart_flow(&dir, &src, &target, &publish);
     // A failed run may leave mounts anywhere below the directory (the daemon's own
-    // mountpoint of the volume too): innermost first.
-    let mut left: Vec<PathBuf> = berth::api::mounts::mount_table()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|m| m.mountpoint)
-        .filter(|m| m.starts_with(&dir))
-        .collect();
-    left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for path in left {
-        let _ = berth::api::mounts::unmount_all(&path);
-    }
+    // mountpoint of the volume too).
+    berth::api::mounts::unmount_below(&dir);
     result
 }
 
@@ -199,6 +190,132 @@ fn restart_flow(dir: &Path, src: &Path, target: &Path, publish: &Path) -> Result
     ensure!(
         !second.logs().contains(SECRET),
         "a secret reached the daemon log"
+    );
+    Ok(())
+}
+
+/// A volume's cache counters, as its mount process last reported them.
+fn cache_of(v: &pb::VolumeInfo) -> Option<berth::cache::CacheStats> {
+    serde_json::from_str::<berth::status::MountStatus>(&v.status_json)
+        .ok()?
+        .cache
+}
+
+fn mount_req(src: &Path, target: &Path, options: &[(&str, &str)]) -> pb::MountVolumeRequest {
+    pb::MountVolumeRequest {
+        source: src.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_id: target.display().to_string(),
+        options: options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Two volumes of one bucket (two mount processes: other options) use the daemon's one node
+/// cache: what the first read is served to the second from the cache disk with no store read,
+/// both count against one quota, and a volume cannot bring a cache size of its own.
+pub fn volumes_share_the_node_cache() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().canonicalize()?;
+    let result = node_cache_flow(&dir);
+    berth::api::mounts::unmount_below(&dir);
+    result
+}
+
+fn node_cache_flow(dir: &Path) -> Result<()> {
+    let src = dir.join("store");
+    std::fs::create_dir_all(&src)?;
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(src.join("big.bin"), &data)?;
+    let daemon = Daemon::start(dir, &["--cache-size", "64MiB"])?;
+    let mut c = daemon.client()?;
+    let (a, b) = (dir.join("pods/a"), dir.join("pods/b"));
+    rt().block_on(c.mount_volume(mount_req(&src, &a, &[])))?;
+    rt().block_on(c.mount_volume(mount_req(&src, &b, &[("read-only", "true")])))?;
+    let volumes = daemon.volumes()?;
+    ensure!(
+        volumes.len() == 2 && volumes[0].pid != volumes[1].pid,
+        "two volumes, two mount processes: {volumes:?}"
+    );
+
+    ensure!(
+        std::fs::read(a.join("big.bin"))? == data,
+        "a read wrong bytes"
+    );
+    let stats = || -> Result<pb::StatsResponse> {
+        Ok(rt()
+            .block_on(c.clone().stats(pb::StatsRequest {}))?
+            .into_inner())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats()?.cache_blocks < 4 {
+        ensure!(
+            Instant::now() < deadline,
+            "a's blocks never reached the node cache: {:?}",
+            stats()?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        std::fs::read(b.join("big.bin"))? == data,
+        "b read wrong bytes"
+    );
+    let b_volume = |daemon: &Daemon| -> Result<pb::VolumeInfo> {
+        daemon
+            .volumes()?
+            .into_iter()
+            .find(|v| v.targets == [b.display().to_string()])
+            .context("volume b is gone")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let b_cache = loop {
+        let cache = cache_of(&b_volume(&daemon)?);
+        if cache.as_ref().is_some_and(|c| c.disk_hits >= 4) || Instant::now() > deadline {
+            break cache;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let b_cache = b_cache.context("volume b reports no cache")?;
+    ensure!(
+        b_cache.bytes_from_store == 0 && b_cache.disk_hits >= 4,
+        "b should read a's blocks from the node cache: {b_cache:?}"
+    );
+    let node = stats()?;
+    ensure!(
+        node.cache_capacity_bytes == 64 << 20 && node.cache_blocks >= 4,
+        "{node:?}"
+    );
+    let entries: Vec<String> = std::fs::read_dir(dir.join("cache"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    ensure!(
+        entries
+            .iter()
+            .all(|e| ["data", "index", "lock"].contains(&e.as_str())),
+        "one cache for the node, not one per volume: {entries:?}"
+    );
+
+    let own_size = rt().block_on(c.mount_volume(mount_req(
+        &src,
+        &dir.join("pods/c"),
+        &[("cache-size", "1GiB")],
+    )));
+    ensure!(
+        own_size.as_ref().map_err(|s| s.code()).err() == Some(tonic::Code::InvalidArgument),
+        "a volume with its own cache-size: {own_size:?}"
+    );
+    for target in [&a, &b] {
+        rt().block_on(c.unmount_volume(pb::UnmountVolumeRequest {
+            target_path: target.display().to_string(),
+        }))?;
+    }
+    ensure!(
+        daemon.volumes()?.is_empty(),
+        "volumes left: {:?}",
+        daemon.volumes()?
     );
     Ok(())
 }

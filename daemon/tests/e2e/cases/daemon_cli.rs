@@ -114,19 +114,8 @@ impl Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Whatever a failed test left mounted below the dir, innermost first.
-        let root = self.path("");
-        if let Ok(table) = berth::api::mounts::mount_table() {
-            let mut inner: Vec<PathBuf> = table
-                .into_iter()
-                .map(|m| m.mountpoint)
-                .filter(|m| m.starts_with(&root))
-                .collect();
-            inner.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-            for m in inner {
-                let _ = berth::api::mounts::unmount_all(&m);
-            }
-        }
+        // Whatever a failed test left mounted below the dir.
+        berth::api::mounts::unmount_below(&self.path(""));
         self.logs()
     }
 }

@@ -99,6 +99,11 @@ pub fn all() -> Vec<Case> {
             daemon::restart_restores_volumes,
         ),
         case(
+            "daemon::volumes_share_the_node_cache",
+            Needs::FUSE,
+            daemon::volumes_share_the_node_cache,
+        ),
+        case(
             "shares::daemon_shares_use_the_volume_engine",
             Needs::FUSE,
             shares::daemon_shares_use_the_volume_engine,
