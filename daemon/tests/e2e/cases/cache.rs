@@ -599,3 +599,68 @@ pub fn two_mounts_share_blocks() -> Result<()> {
     )?;
     m.finish()
 }
+
+/// `berth warm s3://... --cache-socket` fills a daemon's node cache: a volume the daemon mounts
+/// afterwards reads the warmed objects without one object GET.
+pub fn warm_into_the_node_cache() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("warm-node")?;
+    let files = nested_objects(&bucket)?;
+    let proxy = CountingProxy::start(&server.endpoint())?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().canonicalize()?;
+    let result = warm_node_flow(&dir, &bucket.name, &proxy, &files);
+    berth::api::mounts::unmount_below(&dir);
+    result
+}
+
+fn warm_node_flow(
+    dir: &Path,
+    bucket: &str,
+    proxy: &CountingProxy,
+    files: &[(String, Vec<u8>)],
+) -> Result<()> {
+    use berth::api::pb;
+    let daemon = super::daemon::Daemon::start(dir, &["--cache-size", &format!("{CACHE_MIB}MiB")])?;
+    let log = berth_warm(&[
+        format!("s3://{bucket}/ds"),
+        "--endpoint-url".into(),
+        proxy.endpoint(),
+        "--cache-socket".into(),
+        dir.join("state/cache.sock").display().to_string(),
+    ])?;
+    ensure!(
+        log.contains("3 objects") && log.contains("0 failed"),
+        "warm: {log}"
+    );
+    let warmed = proxy.gets();
+    ensure!(warmed > 0, "warm made no GETs");
+
+    let target = dir.join("pods/a");
+    let mut c = daemon.client()?;
+    let secrets = [
+        ("accessKeyId", crate::seaweed::ACCESS_KEY),
+        ("secretAccessKey", crate::seaweed::SECRET_KEY),
+    ];
+    crate::util::rt().block_on(
+        c.mount_volume(pb::MountVolumeRequest {
+            source: format!("s3://{bucket}"),
+            target_path: target.display().to_string(),
+            volume_id: bucket.to_string(),
+            options: [("endpoint-url".to_string(), proxy.endpoint())].into(),
+            secrets: secrets
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+    )?;
+    for (k, d) in files {
+        ensure_same_bytes(k, &read_file(target.join(k))?, d)?;
+    }
+    no_new_gets(proxy, warmed, "reads after warming the node cache")?;
+    crate::util::rt().block_on(c.unmount_volume(pb::UnmountVolumeRequest {
+        target_path: target.display().to_string(),
+    }))?;
+    Ok(())
+}

@@ -22,7 +22,8 @@ impl Daemon {
     pub(super) fn start(dir: &Path, flags: &[&str]) -> Result<Daemon> {
         let socket = dir.join("daemon.sock");
         let log = dir.join("daemon.log");
-        let child = std::process::Command::new(crate::mount::BERTH)
+        // The e2e environment (store credentials, no proxies) for the mounts it starts.
+        let child = crate::mount::berth_command(dir)
             .arg("daemon")
             .arg("--socket")
             .arg(&socket)

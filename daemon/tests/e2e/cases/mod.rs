@@ -56,6 +56,11 @@ pub fn all() -> Vec<Case> {
         case("cache::warm_s3_source", s3, cache::warm_s3_source),
         case("cache::warm_through_mount", s3, cache::warm_through_mount),
         case(
+            "cache::warm_into_the_node_cache",
+            s3,
+            cache::warm_into_the_node_cache,
+        ),
+        case(
             "cache::status_reports_the_cache",
             s3,
             cache::status_reports_the_cache,
