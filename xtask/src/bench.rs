@@ -4,7 +4,9 @@
 //! - warm sequential 1 MiB and random 4 KiB reads (fio, O_DIRECT, psync) through the FUSE mount
 //!   whose block cache holds the file, against the same fio jobs on a file of the same size on
 //!   the filesystem of the cache directory (the device ceiling);
-//! - CPU seconds the berth process spends per GiB served, io_uring engine against thread pool.
+//! - CPU seconds the berth process spends per GiB served, io_uring engine against thread pool;
+//! - the same mount using a `berth daemon`'s node cache (`--cache-socket`) against a cache of
+//!   its own: the cost of asking the daemon where blocks are.
 //!
 //! The source is a local directory store, so the store plays no part once the cache is warm;
 //! the memory tier is off (`--cache-memory 0`) so that hits come from the disk tier.
@@ -50,8 +52,17 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let mut rows = Vec::new();
     for engine in ENGINES {
-        rows.push((engine, through_mount(&work, engine, size)?));
+        let cache = [
+            "--cache-io".into(),
+            engine.into(),
+            "--cache-size".into(),
+            format!("{}MiB", 2 * size / MIB),
+            "--cache-dir".into(),
+            work.join(format!("cache-{engine}")).display().to_string(),
+        ];
+        rows.push((engine, through_mount(&work, engine, &cache, size, None)?));
     }
+    rows.push((NODE_ROW, through_node_cache(&work, size)?));
     eprintln!("bench: measuring the device ceiling with fio");
     let ceiling_file = work.join("ceiling.bin");
     write_data(&ceiling_file, size)?;
@@ -137,8 +148,59 @@ struct Measured {
     cpu_per_gib: f64,
 }
 
-/// Mounts the source with a cache on `engine`, warms it, and measures warm reads.
-fn through_mount(work: &Path, engine: &str, size: u64) -> Result<Measured> {
+/// The row of a mount that uses a `berth daemon`'s node cache (io_uring) instead of its own.
+const NODE_ROW: &str = "node cache, io-uring";
+
+/// Starts `berth daemon --cache-dir` and measures a mount that uses its node cache: what the
+/// cache index round trips to the daemon cost against a cache of the mount's own.
+fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
+    let state = work.join("node-state");
+    let berth = repo_root().join("target").join("release").join("berth");
+    let mut daemon = Command::new(&berth)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(work.join("node.sock"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--cache-dir")
+        .arg(work.join("cache-node"))
+        .arg("--cache-size")
+        .arg(format!("{}MiB", 2 * size / MIB))
+        .env("RUST_LOG", "berth=warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting berth daemon")?;
+    let socket = state.join("cache.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() && Instant::now() < deadline && daemon.try_wait()?.is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cache = [
+        "--cache-io".into(),
+        "io-uring".into(),
+        "--cache-socket".into(),
+        socket.display().to_string(),
+    ];
+    let result = if socket.exists() {
+        through_mount(work, "node", &cache, size, Some(daemon.id()))
+    } else {
+        Err(anyhow::anyhow!("berth daemon did not serve its node cache"))
+    };
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    result
+}
+
+/// Mounts the source with the cache `flags`, warms it, and measures warm reads. The CPU of
+/// `server` (the daemon of a node cache) counts as the mount's.
+fn through_mount(
+    work: &Path,
+    engine: &str,
+    flags: &[String],
+    size: u64,
+    server: Option<u32>,
+) -> Result<Measured> {
     let mnt = work.join(format!("mnt-{engine}"));
     std::fs::create_dir_all(&mnt)?;
     let berth = repo_root().join("target").join("release").join("berth");
@@ -146,11 +208,8 @@ fn through_mount(work: &Path, engine: &str, size: u64) -> Result<Measured> {
         .arg("mount")
         .arg(work.join("src"))
         .arg(&mnt)
-        .args(["--read-only", "--cache-memory", "0", "--cache-io", engine])
-        .arg("--cache-size")
-        .arg(format!("{}MiB", 2 * size / MIB))
-        .arg("--cache-dir")
-        .arg(work.join(format!("cache-{engine}")))
+        .args(["--read-only", "--cache-memory", "0"])
+        .args(flags)
         .arg("--state-dir")
         .arg(work.join("state"))
         .env("RUST_LOG", "berth=warn")
@@ -163,10 +222,11 @@ fn through_mount(work: &Path, engine: &str, size: u64) -> Result<Measured> {
         eprintln!("bench: [{engine}] warming the cache");
         fio_seq(&file, size)?;
         wait_cached(work, &mnt, size)?;
-        let pid = child.id();
-        let cpu_before = cpu_seconds(pid)?;
+        let pids: Vec<u32> = std::iter::once(child.id()).chain(server).collect();
+        let cpu_of = || -> Result<f64> { pids.iter().map(|&p| cpu_seconds(p)).sum() };
+        let cpu_before = cpu_of()?;
         let seq = fio_seq(&file, size)?;
-        let cpu = cpu_seconds(pid)? - cpu_before;
+        let cpu = cpu_of()? - cpu_before;
         eprintln!("bench: [{engine}] random 4 KiB reads for {RANDOM_SECONDS}s");
         let rand = fio_rand(&file, size)?;
         Ok(Measured {
@@ -360,13 +420,22 @@ fn report(rows: &[(&str, Measured)], ceiling: (Fio, Fio), size_mib: u64) {
             m.rand.iops / ceiling.1.iops
         );
     }
-    if let [(_, uring), (_, pool)] = rows {
+    let row = |name: &str| rows.iter().find(|(n, _)| *n == name).map(|(_, m)| m);
+    if let (Some(uring), Some(pool)) = (row("io-uring"), row("threads")) {
         println!();
         println!(
             "CPU per GiB served (sequential): io_uring {:.2} s, thread pool {:.2} s, io_uring/pool = {:.2}",
             uring.cpu_per_gib,
             pool.cpu_per_gib,
             uring.cpu_per_gib / pool.cpu_per_gib.max(1e-9)
+        );
+    }
+    if let (Some(own), Some(node)) = (row("io-uring"), row(NODE_ROW)) {
+        println!(
+            "node cache (index in berth daemon) / own cache, io_uring: sequential {:.2}, random 4 KiB {:.2}, CPU per GiB {:.2}",
+            node.seq.bytes_per_sec / own.seq.bytes_per_sec,
+            node.rand.iops / own.rand.iops.max(1e-9),
+            node.cpu_per_gib / own.cpu_per_gib.max(1e-9)
         );
     }
     println!("goals: sequential >= 0.90 of the ceiling, random 4 KiB >= 0.60, io_uring CPU <= 0.60 of the pool");

@@ -143,6 +143,21 @@ impl Disk {
     }
 }
 
+/// A slot reserved for a new block.
+enum Reserved {
+    Local(u32),
+    Node(shared::Reservation),
+}
+
+impl Reserved {
+    fn slot(&self) -> u32 {
+        match self {
+            Reserved::Local(slot) => *slot,
+            Reserved::Node(r) => r.slot,
+        }
+    }
+}
+
 /// The disk tier's index: in this process, or the node daemon's.
 enum Slots {
     Local(Mutex<Index>),
@@ -160,25 +175,34 @@ impl Slots {
         }
     }
 
-    /// A slot (and its reservation token) for a new block of `key`.
-    async fn reserve(&self, key: &BlockKey) -> Option<(u32, u64)> {
+    /// A slot for a new block of `key`.
+    async fn reserve(&self, key: &BlockKey) -> Option<Reserved> {
         match self {
-            Slots::Local(index) => lock(index).reserve(key).map(|slot| (slot, 0)),
-            Slots::Node(client) => client.reserve(key).await,
+            Slots::Local(index) => lock(index).reserve(key).map(Reserved::Local),
+            Slots::Node(client) => client.reserve(key).await.map(Reserved::Node),
         }
     }
 
-    async fn commit(&self, key: BlockKey, entry: SlotEntry, token: u64) -> std::io::Result<()> {
-        match self {
-            Slots::Local(index) => lock(index).commit(key, entry),
-            Slots::Node(client) => client.commit(&key, entry, token).await,
+    async fn commit(
+        &self,
+        key: BlockKey,
+        entry: SlotEntry,
+        reserved: Reserved,
+    ) -> std::io::Result<()> {
+        match (self, reserved) {
+            (Slots::Node(client), Reserved::Node(r)) => client.commit(&key, entry, r).await,
+            (Slots::Local(index), _) => lock(index).commit(key, entry),
+            (Slots::Node(_), Reserved::Local(_)) => Err(std::io::Error::other(
+                "a local slot cannot be committed to the node cache",
+            )),
         }
     }
 
-    async fn abandon(&self, slot: u32, token: u64) {
-        match self {
-            Slots::Local(index) => lock(index).abandon(slot),
-            Slots::Node(client) => client.abandon(slot, token).await,
+    async fn abandon(&self, reserved: Reserved) {
+        match (self, reserved) {
+            (Slots::Node(client), Reserved::Node(r)) => client.abandon(r).await,
+            (Slots::Local(index), r) => lock(index).abandon(r.slot()),
+            (Slots::Node(_), Reserved::Local(_)) => {}
         }
     }
 
@@ -633,21 +657,23 @@ impl BlockCache {
     }
 
     async fn write_block(&self, key: BlockKey, bytes: Bytes) {
-        let Some((slot, token)) = self.slots.reserve(&key).await else {
+        let Some(reserved) = self.slots.reserve(&key).await else {
             return;
         };
-        let entry = SlotEntry::new(slot, &bytes);
-        let offset = slot as u64 * self.block_size;
+        let entry = SlotEntry::new(reserved.slot(), &bytes);
+        let offset = reserved.slot() as u64 * self.block_size;
         let written = match io::AlignedBuf::from_slice_padded(&bytes, self.align) {
             Ok(buf) => self.io.write_at(buf, offset).await,
             Err(e) => Err(e),
         };
         let result = match written {
-            Ok(_) => self.slots.commit(key, entry, token).await,
-            Err(e) => Err(e),
+            Ok(_) => self.slots.commit(key, entry, reserved).await,
+            Err(e) => {
+                self.slots.abandon(reserved).await;
+                Err(e)
+            }
         };
         if let Err(e) = result {
-            self.slots.abandon(slot, token).await;
             let n = self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
             if n % 1000 == 0 {
                 tracing::warn!(error = %e, errors = n + 1, "cache disk write failed; serving from the store without caching");

@@ -332,6 +332,14 @@ impl CacheServer {
     }
 }
 
+/// A slot reserved for a new block, with the connection that reserved it: the server gives
+/// the slot back if that connection closes before the commit.
+pub struct Reservation {
+    pub slot: u32,
+    token: u64,
+    stream: UnixStream,
+}
+
 /// A mount process's side: asks the daemon's [`CacheServer`] about slots.
 pub struct CacheClient {
     socket: PathBuf,
@@ -438,14 +446,21 @@ impl CacheClient {
     /// One request and its reply. A kept connection that fails (the daemon restarted) is
     /// retried once on a fresh one; a fresh one that fails marks the server down for a while.
     async fn call(&self, request: &Request) -> io::Result<Reply> {
+        let (stream, reply) = self.call_holding(request).await?;
+        self.keep(stream);
+        Ok(reply)
+    }
+
+    /// [`Self::call`], handing back the connection: a reservation lives exactly as long as the
+    /// connection that made it, so the caller keeps it until the commit.
+    async fn call_holding(&self, request: &Request) -> io::Result<(UnixStream, Reply)> {
         if lock(&self.retry_at).is_some_and(|t| Instant::now() < t) {
             return Err(unavailable(&self.socket));
         }
         let kept = lock(&self.idle).pop();
         if let Some(mut stream) = kept {
             if let Ok(reply) = Self::exchange(&mut stream, request).await {
-                self.keep(stream);
-                return Ok(reply);
+                return Ok((stream, reply));
             }
             lock(&self.idle).clear();
         }
@@ -456,13 +471,12 @@ impl CacheClient {
             Err(e) => Err(e),
         };
         match result {
-            Ok((stream, reply)) => {
+            Ok(done) => {
                 *lock(&self.retry_at) = None;
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!(socket = %self.socket.display(), "node cache reachable again");
                 }
-                self.keep(stream);
-                Ok(reply)
+                Ok(done)
             }
             Err(e) => {
                 *lock(&self.retry_at) = Some(Instant::now() + RETRY_AFTER);
@@ -503,31 +517,52 @@ impl CacheClient {
         }
     }
 
-    /// A slot and its token for a new block of `key`; `None` if it is cached already, nothing
-    /// is free, or the server is unavailable.
-    pub async fn reserve(&self, key: &BlockKey) -> Option<(u32, u64)> {
+    /// A slot for a new block of `key`; `None` if it is cached already, nothing is free, or
+    /// the server is unavailable.
+    pub async fn reserve(&self, key: &BlockKey) -> Option<Reservation> {
         let request = Request::Reserve {
             key: key.to_string(),
         };
-        match self.call(&request).await {
-            Ok(Reply::Reserved {
-                reservation,
+        let (stream, reply) = self.call_holding(&request).await.ok()?;
+        match reply {
+            Reply::Reserved {
+                reservation: Some((slot, token)),
                 summary,
-            }) => {
+            } => {
                 self.note(summary);
-                reservation
+                Some(Reservation {
+                    slot,
+                    token,
+                    stream,
+                })
+            }
+            Reply::Reserved { summary, .. } => {
+                self.note(summary);
+                self.keep(stream);
+                None
             }
             _ => None,
         }
     }
 
-    pub async fn commit(&self, key: &BlockKey, entry: SlotEntry, token: u64) -> io::Result<()> {
+    /// Records `entry` (written to the reservation's slot) as `key`'s block.
+    pub async fn commit(
+        &self,
+        key: &BlockKey,
+        entry: SlotEntry,
+        reservation: Reservation,
+    ) -> io::Result<()> {
+        let Reservation {
+            token, mut stream, ..
+        } = reservation;
         let request = Request::Commit {
             key: key.to_string(),
             entry: entry.into(),
             token,
         };
-        match self.call(&request).await? {
+        let reply = Self::exchange(&mut stream, &request).await?;
+        self.keep(stream);
+        match reply {
             Reply::Committed { summary } => {
                 self.note(summary);
                 Ok(())
@@ -537,8 +572,19 @@ impl CacheClient {
         }
     }
 
-    pub async fn abandon(&self, slot: u32, token: u64) {
-        let _ = self.call(&Request::Abandon { slot, token }).await;
+    /// Gives a reserved slot back (its write failed).
+    pub async fn abandon(&self, reservation: Reservation) {
+        let Reservation {
+            slot,
+            token,
+            mut stream,
+        } = reservation;
+        if Self::exchange(&mut stream, &Request::Abandon { slot, token })
+            .await
+            .is_ok()
+        {
+            self.keep(stream);
+        }
     }
 
     pub async fn remove(&self, key: &BlockKey, slot: u32) {
@@ -664,39 +710,104 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_lost_connection_gives_back_its_slots_and_a_stale_commit_is_refused() {
+    async fn a_lost_connection_gives_back_its_slots() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("cache.sock");
         let server = start_server(&dir.path().join("cache"), &socket, 1);
         let first = CacheClient::connect(&socket, Duration::ZERO).unwrap();
         let key: BlockKey = Arc::from("k");
-        let (slot, token) = first.reserve(&key).await.expect("a free slot");
+        let reservation = first.reserve(&key).await.expect("a free slot");
+        let slot = reservation.slot;
         let second = CacheClient::connect(&socket, Duration::ZERO).unwrap();
+        let other: BlockKey = Arc::from("other");
         assert!(
-            second.reserve(&Arc::from("other")).await.is_none(),
+            second.reserve(&other).await.is_none(),
             "the only slot is reserved"
         );
+        // The reserving process dies before its commit: its connection closes.
+        drop(reservation);
         drop(first);
-        // The server gives the slot back once it sees the connection close.
         let mut again = None;
         for _ in 0..100 {
-            again = second.reserve(&Arc::from("other")).await;
+            again = second.reserve(&other).await;
             if again.is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (slot2, token2) = again.expect("the lost reservation's slot came back");
-        assert_eq!(slot2, slot);
-        let stale = second
-            .commit(&key, SlotEntry::new(slot, &[1; 100]), token)
-            .await;
-        assert!(stale.is_err(), "a commit with a lost token must be refused");
+        let again = again.expect("the lost reservation's slot came back");
+        assert_eq!(again.slot, slot);
         second
-            .commit(&Arc::from("other"), SlotEntry::new(slot, &[2; 100]), token2)
+            .commit(&other, SlotEntry::new(slot, &[2; 100]), again)
             .await
             .unwrap();
         assert_eq!(second.lookup(&[&key]).await, vec![None]);
+        assert!(second.lookup(&[&other]).await[0].is_some());
+        server.shutdown_background();
+    }
+
+    #[test]
+    fn a_commit_without_its_reservation_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = CacheServer::open(&dir.path().join("cache"), 4 * BS, BS).unwrap();
+        let Reply::Reserved {
+            reservation: Some((slot, token)),
+            ..
+        } = server.answer(1, Request::Reserve { key: "k".into() })
+        else {
+            panic!("no reservation");
+        };
+        let commit = |token| Request::Commit {
+            key: "k".into(),
+            entry: SlotEntry::new(slot, &[1; 10]).into(),
+            token,
+        };
+        assert!(matches!(
+            server.answer(1, commit(token + 1)),
+            Reply::Failed(_)
+        ));
+        server.forget(1);
+        assert!(
+            matches!(server.answer(2, commit(token)), Reply::Failed(_)),
+            "its connection closed"
+        );
+        assert_eq!(server.stats().disk.blocks, 0);
+    }
+
+    /// Regression: reservations were tied to connections that the client's pool closed when
+    /// it had enough idle ones, so commits under load failed and slots were written twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_writes_at_once_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cache.sock");
+        let server = start_server(&dir.path().join("cache"), &socket, 256);
+        let cache = client_cache(&socket, BS).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let reads = (0..64).map(|i| {
+            let (cache, calls) = (cache.clone(), calls.clone());
+            async move {
+                let key = format!("obj{i}");
+                cache
+                    .read_blocks(&object(&key), 0, 2, 2 * BS, source(&calls))
+                    .await
+                    .unwrap()
+            }
+        });
+        futures::future::join_all(reads).await;
+        cache.drain_writes().await;
+        let stats = cache.stats();
+        assert_eq!(stats.write_errors, 0, "{stats:?}");
+        assert_eq!(stats.disk_blocks, 128, "{stats:?}");
+        let again = Arc::new(AtomicUsize::new(0));
+        for i in 0..64 {
+            let got = cache
+                .read_blocks(&object(&format!("obj{i}")), 0, 2, 2 * BS, source(&again))
+                .await
+                .unwrap();
+            assert_eq!(got.concat(), want(2));
+        }
+        assert_eq!(again.load(Ordering::SeqCst), 0);
+        assert_eq!(cache.stats().checksum_failures, 0);
         server.shutdown_background();
     }
 
