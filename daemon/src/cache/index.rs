@@ -34,6 +34,9 @@ pub struct SlotEntry {
     pub len: u32,
     /// CRC-32 of each `CHUNK` of the block (the last one may be shorter).
     pub crcs: Arc<[u32]>,
+    /// The slot's generation when this entry was read from the node cache (which bumps it
+    /// whenever the slot changes hands); 0 and unused for a cache of the process's own.
+    pub generation: u64,
 }
 
 impl SlotEntry {
@@ -42,6 +45,7 @@ impl SlotEntry {
             slot,
             len: data.len() as u32,
             crcs: data.chunks(CHUNK).map(crc32fast::hash).collect(),
+            generation: 0,
         }
     }
 
@@ -265,12 +269,14 @@ impl Index {
 
     /// Drops a block whose bytes in `slot` failed their checksum. A key that has moved to
     /// another slot since (another process cached it again) is left alone.
-    pub fn remove(&mut self, key: &str, slot: u32) {
+    pub fn remove(&mut self, key: &str, slot: u32) -> bool {
         if self.map.get(key).is_some_and(|e| e.slot == slot) {
             self.map.remove(key);
             self.owners[slot as usize] = None;
             self.free.push(slot);
+            return true;
         }
+        false
     }
 }
 
@@ -307,6 +313,7 @@ fn decode(buf: &[u8]) -> Option<(BlockKey, SlotEntry, usize)> {
         slot: u32_at(0)?,
         len: u32_at(4)?,
         crcs: crcs?,
+        generation: 0,
     };
     Some((Arc::from(key), entry, total))
 }

@@ -13,6 +13,7 @@
 //! which serves one index and one quota to every mount process of the node ([`shared`],
 //! [`DiskTier::Node`]).
 
+mod generations;
 mod hot;
 mod index;
 pub mod io;
@@ -100,6 +101,9 @@ pub struct Summary {
     pub blocks: u64,
     pub slots: u64,
     pub evictions: u64,
+    /// Orders summaries of the node cache: replies to concurrent calls arrive in any order.
+    #[serde(default)]
+    pub as_of: u64,
 }
 
 impl Summary {
@@ -108,6 +112,7 @@ impl Summary {
             blocks: index.len() as u64,
             slots: index.slots() as u64,
             evictions: index.evictions,
+            as_of: 0,
         }
     }
 }
@@ -208,8 +213,19 @@ impl Slots {
 
     async fn remove(&self, key: &BlockKey, slot: u32) {
         match self {
-            Slots::Local(index) => lock(index).remove(key, slot),
+            Slots::Local(index) => {
+                lock(index).remove(key, slot);
+            }
             Slots::Node(client) => client.remove(key, slot).await,
+        }
+    }
+
+    /// Whether `entry`'s slot still holds what it held when the entry was looked up (another
+    /// process may have been given the slot since).
+    fn unchanged(&self, entry: &SlotEntry) -> bool {
+        match self {
+            Slots::Local(_) => true,
+            Slots::Node(client) => client.unchanged(entry),
         }
     }
 
@@ -525,6 +541,10 @@ impl BlockCache {
             Ok(buf) => self.io.read_at(buf, offset).await,
             Err(e) => Err(e),
         };
+        if read.is_ok() && !self.slots.unchanged(entry) {
+            // The slot changed hands while (or before) we read it: a miss, not a bad disk.
+            return None;
+        }
         match read {
             Ok(buf) => {
                 let valid = (entry.len as usize).min(end) - start;

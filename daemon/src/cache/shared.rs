@@ -14,6 +14,9 @@
 //! - A reserved slot belongs to its reservation (a token) until committed or given back; it is
 //!   neither evicted nor handed out twice. A client whose connection drops loses its
 //!   reservations, and a commit with a token the server no longer knows is refused.
+//! - A mount process remembers where blocks are and reads them without asking again, guarded
+//!   by slot generations in a file every process maps ([`super::generations`]); the blocks it
+//!   read that way are reported to the daemon in batches, so that CLOCK sees them used.
 //! - When the daemon is away (restarting), lookups miss and new blocks are not cached: reads go
 //!   to the store and never fail because of the cache. Clients reconnect on their own and check
 //!   that the daemon still serves the same data file with the same block size.
@@ -31,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::generations::Generations;
 use super::index::{BlockKey, Index, SlotEntry};
 use super::{lock, Summary};
 
@@ -40,6 +44,10 @@ const MAX_FRAME: usize = 16 << 20;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Idle connections a client keeps for later calls.
 const MAX_IDLE: usize = 16;
+/// Block locations a client remembers (then it forgets them all and asks again).
+const MAX_KNOWN: usize = 1 << 16;
+/// Blocks read from remembered locations before the client tells the daemon they were used.
+const TOUCH_BATCH: usize = 256;
 
 /// What a server tells each new connection: the data file to read and write, and its geometry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +55,8 @@ pub struct Hello {
     pub data: PathBuf,
     pub data_len: u64,
     pub block_size: u64,
+    /// The slot generations file (see [`super::generations`]).
+    pub generations: PathBuf,
     /// Device and inode of the data file: a client must use the very file the server indexes.
     pub dev: u64,
     pub ino: u64,
@@ -57,6 +67,7 @@ struct WireEntry {
     slot: u32,
     len: u32,
     crcs: Vec<u32>,
+    generation: u64,
 }
 
 impl From<SlotEntry> for WireEntry {
@@ -65,6 +76,7 @@ impl From<SlotEntry> for WireEntry {
             slot: e.slot,
             len: e.len,
             crcs: e.crcs.to_vec(),
+            generation: e.generation,
         }
     }
 }
@@ -75,14 +87,17 @@ impl From<WireEntry> for SlotEntry {
             slot: e.slot,
             len: e.len,
             crcs: e.crcs.into(),
+            generation: e.generation,
         }
     }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Request {
+    /// Where `keys` are; `touched` were read from remembered locations since the last call.
     Lookup {
         keys: Vec<String>,
+        touched: Vec<String>,
     },
     Reserve {
         key: String,
@@ -107,7 +122,8 @@ enum Reply {
     Hello(Hello),
     Entries(Vec<Option<WireEntry>>),
     Reserved {
-        reservation: Option<(u32, u64)>,
+        /// Slot, token and the slot's new generation.
+        reservation: Option<(u32, u64, u64)>,
         summary: Summary,
     },
     Committed {
@@ -166,6 +182,7 @@ pub struct ServerStats {
 pub struct CacheServer {
     hello: Hello,
     index: Mutex<Index>,
+    generations: Generations,
     /// slot -> (token, connection) of reservations not yet committed or given back.
     pending: Mutex<HashMap<u32, (u64, u64)>>,
     next_id: AtomicU64,
@@ -179,6 +196,8 @@ impl CacheServer {
         let disk = super::Disk::open(dir, size, block_size)?;
         drop(super::io::open_data_file(&disk.data, disk.data_len)?);
         let meta = std::fs::metadata(&disk.data)?;
+        let generations_path = dir.join("generations");
+        let generations = Generations::open_for_server(&generations_path, disk.index.slots())?;
         tracing::info!(
             dir = %dir.display(),
             slots = disk.index.slots(),
@@ -192,10 +211,12 @@ impl CacheServer {
                 data: disk.data,
                 data_len: disk.data_len,
                 block_size,
+                generations: generations_path,
                 dev: meta.dev(),
                 ino: meta.ino(),
             },
             index: Mutex::new(disk.index),
+            generations,
             pending: Mutex::default(),
             next_id: AtomicU64::new(1),
             clients: AtomicU64::new(0),
@@ -205,6 +226,15 @@ impl CacheServer {
 
     pub fn block_size(&self) -> u64 {
         self.hello.block_size
+    }
+
+    /// The index's summary, stamped so that a client keeps the newest (called under the
+    /// index lock, which orders the stamps).
+    fn summary_of(&self, index: &Index) -> Summary {
+        Summary {
+            as_of: self.next_id.fetch_add(1, Ordering::Relaxed),
+            ..Summary::of(index)
+        }
     }
 
     /// The node cache as a whole (the daemon's Stats and metrics).
@@ -270,11 +300,18 @@ impl CacheServer {
 
     fn answer(&self, conn: u64, request: Request) -> Reply {
         match request {
-            Request::Lookup { keys } => {
+            Request::Lookup { keys, touched } => {
                 let mut index = lock(&self.index);
+                for key in &touched {
+                    index.lookup(key);
+                }
                 Reply::Entries(
                     keys.iter()
-                        .map(|k| index.lookup(k).map(WireEntry::from))
+                        .map(|k| {
+                            let mut entry = index.lookup(k)?;
+                            entry.generation = self.generations.get(entry.slot)?;
+                            Some(WireEntry::from(entry))
+                        })
                         .collect(),
                 )
             }
@@ -284,11 +321,12 @@ impl CacheServer {
                 let reservation = index.reserve(&key).map(|slot| {
                     let token = self.next_id.fetch_add(1, Ordering::Relaxed);
                     pending.insert(slot, (token, conn));
-                    (slot, token)
+                    // Before anyone may write it: remembered locations of the slot go stale.
+                    (slot, token, self.generations.bump(slot))
                 });
                 Reply::Reserved {
                     reservation,
-                    summary: Summary::of(&index),
+                    summary: self.summary_of(&index),
                 }
             }
             Request::Commit { key, entry, token } => {
@@ -304,7 +342,7 @@ impl CacheServer {
                 }
                 match index.commit(BlockKey::from(key), entry.into()) {
                     Ok(()) => Reply::Committed {
-                        summary: Summary::of(&index),
+                        summary: self.summary_of(&index),
                     },
                     Err(e) => Reply::Failed(format!("writing the cache index: {e}")),
                 }
@@ -316,7 +354,9 @@ impl CacheServer {
                 Reply::Done
             }
             Request::Remove { key, slot } => {
-                lock(&self.index).remove(&key, slot);
+                if lock(&self.index).remove(&key, slot) {
+                    self.generations.bump(slot);
+                }
                 Reply::Done
             }
         }
@@ -337,6 +377,7 @@ impl CacheServer {
 pub struct Reservation {
     pub slot: u32,
     token: u64,
+    generation: u64,
     stream: UnixStream,
 }
 
@@ -349,6 +390,12 @@ pub struct CacheClient {
     retry_at: Mutex<Option<Instant>>,
     up: AtomicBool,
     summary: Mutex<Summary>,
+    /// The daemon's slot generations; without them every lookup asks the daemon.
+    generations: Option<Generations>,
+    /// Where blocks were, as of a generation of their slot.
+    known: Mutex<HashMap<BlockKey, SlotEntry>>,
+    /// Blocks read from `known` that the daemon has not heard of yet.
+    touched: Mutex<Vec<String>>,
 }
 
 fn unavailable(socket: &Path) -> io::Error {
@@ -387,6 +434,16 @@ impl CacheClient {
             slots: hello.data_len / hello.block_size.max(1),
             ..Summary::default()
         };
+        let generations = match Generations::open_for_client(
+            &hello.generations,
+            summary.slots as usize,
+        ) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!(error = %e, "node cache generations unusable; every cache lookup asks the daemon");
+                None
+            }
+        };
         Ok(CacheClient {
             socket: socket.to_path_buf(),
             hello,
@@ -394,6 +451,9 @@ impl CacheClient {
             retry_at: Mutex::default(),
             up: AtomicBool::new(true),
             summary: Mutex::new(summary),
+            generations,
+            known: Mutex::default(),
+            touched: Mutex::default(),
         })
     }
 
@@ -499,22 +559,73 @@ impl CacheClient {
         }
     }
 
+    /// Keeps the newest summary the server sent.
     fn note(&self, summary: Summary) {
-        *lock(&self.summary) = summary;
+        let mut kept = lock(&self.summary);
+        if summary.as_of >= kept.as_of {
+            *kept = summary;
+        }
+    }
+
+    /// Whether `entry`'s slot has certainly not changed hands since the entry was made.
+    fn current(&self, entry: &SlotEntry) -> bool {
+        self.generations
+            .as_ref()
+            .is_some_and(|g| g.get(entry.slot) == Some(entry.generation))
+    }
+
+    /// After a read of `entry`'s slot: false if the slot changed hands (without generations
+    /// there is no telling, and the CRCs are the only check).
+    pub fn unchanged(&self, entry: &SlotEntry) -> bool {
+        self.generations.is_none() || self.current(entry)
+    }
+
+    fn remember(&self, key: &BlockKey, entry: &SlotEntry) {
+        let mut known = lock(&self.known);
+        if known.len() >= MAX_KNOWN {
+            known.clear();
+        }
+        known.insert(key.clone(), entry.clone());
     }
 
     /// Where each of `keys` is cached (`None`: not cached, or the server is unavailable).
+    /// Remembered locations whose slot has not changed hands are answered without the daemon.
     pub async fn lookup(&self, keys: &[&BlockKey]) -> Vec<Option<SlotEntry>> {
-        let request = Request::Lookup {
-            keys: keys.iter().map(|k| k.to_string()).collect(),
-        };
-        match self.call(&request).await {
-            Ok(Reply::Entries(entries)) if entries.len() == keys.len() => entries
-                .into_iter()
-                .map(|e| e.map(SlotEntry::from))
-                .collect(),
-            _ => vec![None; keys.len()],
+        let mut out: Vec<Option<SlotEntry>> = vec![None; keys.len()];
+        let mut ask = Vec::new();
+        {
+            let known = lock(&self.known);
+            let mut touched = lock(&self.touched);
+            for (i, key) in keys.iter().enumerate() {
+                match known.get(*key) {
+                    Some(entry) if self.current(entry) => {
+                        touched.push(key.to_string());
+                        out[i] = Some(entry.clone());
+                    }
+                    _ => ask.push(i),
+                }
+            }
+            if ask.is_empty() && touched.len() < TOUCH_BATCH {
+                return out;
+            }
         }
+        let touched = std::mem::take(&mut *lock(&self.touched));
+        let request = Request::Lookup {
+            keys: ask.iter().map(|&i| keys[i].to_string()).collect(),
+            touched,
+        };
+        if let Ok(Reply::Entries(entries)) = self.call(&request).await {
+            if entries.len() == ask.len() {
+                for (i, entry) in ask.into_iter().zip(entries) {
+                    let entry = entry.map(SlotEntry::from);
+                    if let Some(e) = &entry {
+                        self.remember(keys[i], e);
+                    }
+                    out[i] = entry;
+                }
+            }
+        }
+        out
     }
 
     /// A slot for a new block of `key`; `None` if it is cached already, nothing is free, or
@@ -526,13 +637,14 @@ impl CacheClient {
         let (stream, reply) = self.call_holding(&request).await.ok()?;
         match reply {
             Reply::Reserved {
-                reservation: Some((slot, token)),
+                reservation: Some((slot, token, generation)),
                 summary,
             } => {
                 self.note(summary);
                 Some(Reservation {
                     slot,
                     token,
+                    generation,
                     stream,
                 })
             }
@@ -553,11 +665,18 @@ impl CacheClient {
         reservation: Reservation,
     ) -> io::Result<()> {
         let Reservation {
-            token, mut stream, ..
+            token,
+            generation,
+            mut stream,
+            ..
         } = reservation;
+        let entry = SlotEntry {
+            generation,
+            ..entry
+        };
         let request = Request::Commit {
             key: key.to_string(),
-            entry: entry.into(),
+            entry: entry.clone().into(),
             token,
         };
         let reply = Self::exchange(&mut stream, &request).await?;
@@ -565,6 +684,7 @@ impl CacheClient {
         match reply {
             Reply::Committed { summary } => {
                 self.note(summary);
+                self.remember(key, &entry);
                 Ok(())
             }
             Reply::Failed(why) => Err(io::Error::other(why)),
@@ -578,6 +698,7 @@ impl CacheClient {
             slot,
             token,
             mut stream,
+            ..
         } = reservation;
         if Self::exchange(&mut stream, &Request::Abandon { slot, token })
             .await
@@ -588,6 +709,7 @@ impl CacheClient {
     }
 
     pub async fn remove(&self, key: &BlockKey, slot: u32) {
+        lock(&self.known).remove(key);
         let request = Request::Remove {
             key: key.to_string(),
             slot,
@@ -751,7 +873,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let server = CacheServer::open(&dir.path().join("cache"), 4 * BS, BS).unwrap();
         let Reply::Reserved {
-            reservation: Some((slot, token)),
+            reservation: Some((slot, token, _)),
             ..
         } = server.answer(1, Request::Reserve { key: "k".into() })
         else {
@@ -823,11 +945,12 @@ mod tests {
         server.shutdown_background();
         std::fs::remove_file(&socket).unwrap();
 
-        // No daemon: reads are served from the store, none fails.
-        assert_eq!(read_all(&cache, "x", 2, &calls).await, want(2));
+        // No daemon: a block never looked up is read from the store, and nothing fails.
+        assert_eq!(read_all(&cache, "z", 2, &calls).await, want(2));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
 
-        // A new daemon on the same dir: the blocks recorded before are found again.
+        // A new daemon on the same dir bumps every generation (what the client remembers
+        // goes stale), but its index has the blocks recorded before: found again.
         let server = start_server(&cache_dir, &socket, 16);
         tokio::time::sleep(RETRY_AFTER + Duration::from_millis(100)).await;
         let before = cache.stats().disk_hits;
@@ -838,7 +961,42 @@ mod tests {
             "served from the node cache again"
         );
         assert_eq!(cache.stats().disk_hits, before + 2);
+        assert_eq!(cache.stats().checksum_failures, 0);
         server.shutdown_background();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remembered_blocks_need_no_daemon_until_their_slot_changes_hands() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cache.sock");
+        let server = start_server(&dir.path().join("cache"), &socket, 2);
+        let (a, b) = (
+            client_cache(&socket, BS).unwrap(),
+            client_cache(&socket, BS).unwrap(),
+        );
+        let calls = Arc::new(AtomicUsize::new(0));
+        read_all(&a, "x", 2, &calls).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // b fills both slots with other blocks: x's slots change hands.
+        read_all(&b, "y", 2, &calls).await;
+        assert_eq!(read_all(&a, "x", 2, &calls).await, want(2));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "x was fetched again, not read from y's slots"
+        );
+        assert_eq!(
+            a.stats().checksum_failures,
+            0,
+            "a stale location is a miss, not a bad disk"
+        );
+
+        // What a wrote last it reads again with the daemon gone: no round trip needed.
+        server.shutdown_background();
+        let hits = a.stats().disk_hits;
+        assert_eq!(read_all(&a, "x", 2, &calls).await, want(2));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(a.stats().disk_hits, hits + 2);
     }
 
     #[test]

@@ -295,7 +295,7 @@ fn node_cache_flow(dir: &Path) -> Result<()> {
     ensure!(
         entries
             .iter()
-            .all(|e| ["data", "index", "lock"].contains(&e.as_str())),
+            .all(|e| ["data", "index", "lock", "generations"].contains(&e.as_str())),
         "one cache for the node, not one per volume: {entries:?}"
     );
 
