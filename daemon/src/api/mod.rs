@@ -16,6 +16,8 @@ pub mod volumes;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::PermissionsExt as _;
+
 use anyhow::Context as _;
 use clap::Args;
 use tokio::net::{UnixListener, UnixStream};
@@ -125,6 +127,9 @@ fn serve_node_cache(cache: &volumes::SharedCache) -> anyhow::Result<()> {
     }
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    // Whoever can connect can fill or empty the node cache: the daemon's user only.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", socket.display()))?;
     tokio::spawn(cache.server.clone().serve(listener));
     tracing::info!(socket = %socket.display(), "node cache served");
     Ok(())
