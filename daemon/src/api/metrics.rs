@@ -236,6 +236,31 @@ mod tests {
     }
 
     #[test]
+    fn exports_the_node_cache_once_for_the_node() {
+        let node = ServerStats {
+            disk: crate::cache::Summary {
+                blocks: 7,
+                slots: 64,
+                evictions: 3,
+                as_of: 0,
+            },
+            block_size: 1 << 20,
+            connections: 5,
+        };
+        let text = render(&[], Some(node));
+        for line in [
+            "berth_node_cache_blocks 7\n",
+            "berth_node_cache_capacity_bytes 67108864\n",
+            "berth_node_cache_evictions_total 3\n",
+            "berth_node_cache_connections 5\n",
+            "# TYPE berth_node_cache_evictions_total counter",
+        ] {
+            assert!(text.contains(line), "missing {line:?}:\n{text}");
+        }
+        assert!(!render(&[], None).contains("berth_node_cache"));
+    }
+
+    #[test]
     fn exports_the_holders_recovery_facts() {
         let status = serde_json::json!({
             "pid": 1, "engine_pid": 2, "holder_pid": 1, "engine_generation": 4,
