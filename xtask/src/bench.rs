@@ -172,7 +172,8 @@ fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
         .context("starting berth daemon")?;
     let socket = state.join("cache.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !socket.exists() && Instant::now() < deadline && daemon.try_wait()?.is_none() {
+    while !crate::is_listening(&socket) && Instant::now() < deadline && daemon.try_wait()?.is_none()
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     let cache = [
@@ -181,7 +182,7 @@ fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
         "--cache-socket".into(),
         socket.display().to_string(),
     ];
-    let result = if socket.exists() {
+    let result = if crate::is_listening(&socket) {
         through_mount(work, "node", &cache, size, Some(daemon.id()))
     } else {
         Err(anyhow::anyhow!("berth daemon did not serve its node cache"))

@@ -279,9 +279,12 @@ fn start_virtiofsd(bin: &Path, work: &Path, export: &Path) -> Result<Reaped> {
         .with_context(|| format!("starting {}", bin.display()))?;
     let guard = Reaped(Some(child));
     let started = Instant::now();
-    while !socket.exists() {
+    while !crate::is_listening(&socket) {
         if started.elapsed() > Duration::from_secs(10) {
-            bail!("virtiofsd did not create {} within 10 s", socket.display());
+            bail!(
+                "virtiofsd did not listen on {} within 10 s",
+                socket.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

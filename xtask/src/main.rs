@@ -200,6 +200,25 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
+/// Whether a stream socket listens on the unix socket path `path`, from /proc/net/unix.
+/// The file exists from bind(2) on, before listen(2), so it is no sign of readiness; and a
+/// probe connect is no good for vhost-user servers, which take any connection for their VMM.
+fn is_listening(path: &Path) -> bool {
+    const ACCEPTCON: u32 = 0x0001_0000;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        // Num RefCount Protocol Flags Type St Inode Path
+        let fields: Vec<&str> = line.splitn(8, ' ').filter(|f| !f.is_empty()).collect();
+        let flags = fields.get(3).and_then(|f| u32::from_str_radix(f, 16).ok());
+        let stream = fields.get(4) == Some(&"0001");
+        let name = line.split_whitespace().nth(7);
+        stream && flags.is_some_and(|f| f & ACCEPTCON != 0) && name == Some(want.as_ref())
+    })
+}
+
 fn is_root() -> bool {
     // `id -u` keeps xtask free of libc; fall back to "not root".
     Command::new("id")
@@ -433,6 +452,36 @@ fn strict_env() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_socket_listens_only_after_listen() {
+        let dir = std::env::temp_dir().join(format!("xtask-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        // SAFETY: plain socket calls on a fresh fd with a zeroed, filled-in sockaddr_un.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr
+            .sun_path
+            .iter_mut()
+            .zip(path.as_os_str().as_encoded_bytes())
+        {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        let bound = unsafe { libc::bind(fd, (&raw const addr).cast(), len) };
+        assert_eq!(bound, 0, "{}", std::io::Error::last_os_error());
+        assert!(path.exists());
+        assert!(!is_listening(&path), "bound but not listening");
+        assert_eq!(unsafe { libc::listen(fd, 1) }, 0);
+        assert!(is_listening(&path));
+        assert!(!is_listening(&dir.join("other.sock")));
+        unsafe { libc::close(fd) };
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn totals_add_up_libtest_lines() {

@@ -71,21 +71,15 @@ fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
     cmd.spawn().with_context(|| format!("spawning {cmd:?}"))
 }
 
+/// Waits until `child` accepts connections on `path`; its log is the error if it exits first.
 fn wait_socket(path: &Path, child: &mut Child, log: &Path) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if path.exists() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!(
-                "exited with {status}: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{} did not appear", path.display())
+    crate::util::wait_listening("server", path, Duration::from_secs(30), || {
+        let status = child.try_wait().ok().flatten()?;
+        Some(format!(
+            "{status}: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        ))
+    })
 }
 
 fn sh(args: &[&str]) -> Result<()> {

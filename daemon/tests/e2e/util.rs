@@ -244,3 +244,33 @@ pub fn tail_file(path: &Path, n: usize) -> String {
 
 /// A little longer than a mount takes to refresh its status file (every 2 s).
 pub const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_millis(2500);
+
+/// Waits until a server accepts connections on the unix socket at `path`. The file appears at
+/// bind(2), a moment before listen(2), and a connect in that moment is refused, so the file
+/// alone is not readiness (a CI run failed that way). `exited` reports a server that died.
+pub fn wait_listening(
+    what: &str,
+    path: &Path,
+    limit: Duration,
+    mut exited: impl FnMut() -> Option<String>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Ok(());
+        }
+        if let Some(why) = exited() {
+            bail!(
+                "{what} exited before listening on {}: {why}",
+                path.display()
+            );
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "{what} did not listen on {} within {limit:?}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

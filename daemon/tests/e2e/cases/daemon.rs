@@ -8,7 +8,6 @@ use anyhow::{bail, ensure, Context as _, Result};
 use berth::api::pb;
 use berth::api::pb::daemon_client::DaemonClient;
 
-use super::shares::is_socket;
 use crate::util::rt;
 
 /// A `berth daemon` of the test's own, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -37,17 +36,14 @@ impl Daemon {
             .spawn()
             .context("starting berth daemon")?;
         let mut daemon = Daemon { child, socket, log };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !is_socket(&daemon.socket) {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                bail!("berth daemon exited ({status}): {}", daemon.logs());
-            }
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "berth daemon did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let Daemon { child, socket, log } = &mut daemon;
+        crate::util::wait_listening("berth daemon", socket, Duration::from_secs(30), || {
+            let status = child.try_wait().ok().flatten()?;
+            Some(format!(
+                "{status}: {}",
+                std::fs::read_to_string(&*log).unwrap_or_default()
+            ))
+        })?;
         Ok(daemon)
     }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use tempfile::TempDir;
 
 use crate::mount::{berth_command, Mount, MountOpts};
@@ -61,18 +61,14 @@ impl Daemon {
             socket,
             log,
         };
-        let start = Instant::now();
-        while !d.socket.exists() {
-            if let Some(Ok(Some(status))) = d.child.as_mut().map(Child::try_wait) {
-                bail!("berth daemon exited with {status}:\n{}", d.logs());
-            }
-            ensure!(
-                start.elapsed() < Duration::from_secs(30),
-                "berth daemon did not create {} in 30 s",
-                d.socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (child, log) = (&mut d.child, &d.log);
+        crate::util::wait_listening("berth daemon", &d.socket, Duration::from_secs(30), || {
+            let status = child.as_mut()?.try_wait().ok().flatten()?;
+            Some(format!(
+                "{status}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ))
+        })?;
         Ok(d)
     }
 
