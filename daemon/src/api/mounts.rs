@@ -94,41 +94,10 @@ fn cstr(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
-/// Bind-mounts `from` on `to`; read-only takes a second remount (the kernel ignores
-/// MS_RDONLY on the first MS_BIND call).
+/// Bind-mounts `from` on `to`, read-only if asked (never left writable if that fails).
 pub fn bind(from: &Path, to: &Path, read_only: bool) -> io::Result<()> {
-    let (src, dst) = (cstr(from)?, cstr(to)?);
-    // SAFETY: valid NUL-terminated strings; null fstype/data are allowed for MS_BIND.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if read_only {
-        // SAFETY: as above.
-        let rc = unsafe {
-            libc::mount(
-                std::ptr::null(),
-                dst.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            let _ = unmount_all(to);
-            return Err(err);
-        }
-    }
-    Ok(())
+    let flags = if read_only { libc::MS_RDONLY } else { 0 };
+    crate::fuse::bind(from, to, flags)
 }
 
 /// Unmounts everything stacked at `path`, one layer at a time, never lazily. Returns how

@@ -41,6 +41,13 @@ fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "string contains NUL"))
 }
 
+/// A path as the kernel takes it: its bytes, whatever their encoding.
+fn cpath(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
 fn open_fuse_device() -> io::Result<File> {
     OpenOptions::new()
         .read(true)
@@ -73,7 +80,7 @@ impl FuseMount {
         if opts.read_only {
             flags |= libc::MS_RDONLY;
         }
-        let target = cstring(&mountpoint.to_string_lossy())?;
+        let target = cpath(mountpoint)?;
         let source = cstring(&opts.fsname)?;
         let fstype = cstring(FSTYPE)?;
         let data = cstring(&data)?;
@@ -164,7 +171,7 @@ pub fn clone_queue(device: &File) -> io::Result<File> {
 
 /// umount2(2) of `path`; "not mounted" counts as done.
 pub fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
-    let target = cstring(&path.to_string_lossy())?;
+    let target = cpath(path)?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: target is a valid NUL-terminated path.
     if unsafe { libc::umount2(target.as_ptr(), flags) } != 0 {
@@ -177,15 +184,17 @@ pub fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Bind-mounts `source` onto `target`.
-pub fn bind(source: &Path, target: &Path) -> io::Result<()> {
-    let source = cstring(&source.to_string_lossy())?;
-    let target = cstring(&target.to_string_lossy())?;
+/// Bind-mounts `source` onto `target` with the per-mount `flags` (`MS_RDONLY`, `MS_NOSUID`,
+/// ...). The kernel ignores those on the bind itself, so they take a second, remounting call;
+/// if that fails the bind goes again: a read-only target must never come back writable.
+pub fn bind(source: &Path, target: &Path, flags: libc::c_ulong) -> io::Result<()> {
+    let source = cpath(source)?;
+    let target_c = cpath(target)?;
     // SAFETY: valid NUL-terminated paths; no data argument for a bind mount.
     let rc = unsafe {
         libc::mount(
             source.as_ptr(),
-            target.as_ptr(),
+            target_c.as_ptr(),
             std::ptr::null(),
             libc::MS_BIND,
             std::ptr::null(),
@@ -193,6 +202,24 @@ pub fn bind(source: &Path, target: &Path) -> io::Result<()> {
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
+    }
+    if flags == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; a remount of the bind just made.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target_c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | flags,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        let _ = unmount(target, false);
+        return Err(e);
     }
     Ok(())
 }

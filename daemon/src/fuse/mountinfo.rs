@@ -12,6 +12,9 @@ pub struct MountEntry {
     pub root: PathBuf,
     pub target: PathBuf,
     pub fstype: String,
+    /// The per-mount flags among `ro`, `nosuid`, `nodev`, `noexec` (as `MS_*` bits): a bind
+    /// made again in its place must get them back.
+    pub flags: libc::c_ulong,
 }
 
 /// Parses mountinfo text; lines that do not parse are skipped.
@@ -25,13 +28,29 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     let (major, minor) = fields.next()?.split_once(':')?;
     let root = fields.next()?;
     let target = fields.next()?;
+    let options = fields.next()?;
     let fstype = line.split(" - ").nth(1)?.split(' ').next()?;
     Some(MountEntry {
         device: (major.parse().ok()?, minor.parse().ok()?),
         root: PathBuf::from(unescape(root)),
         target: PathBuf::from(unescape(target)),
         fstype: fstype.to_string(),
+        flags: mount_flags(options),
     })
+}
+
+/// The `MS_*` bits of the per-mount options berth restores on a re-bind.
+fn mount_flags(options: &str) -> libc::c_ulong {
+    options
+        .split(',')
+        .map(|o| match o {
+            "ro" => libc::MS_RDONLY,
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            _ => 0,
+        })
+        .fold(0, |all, f| all | f)
 }
 
 /// The mounts of this mount namespace.
@@ -91,7 +110,7 @@ mod tests {
     const SAMPLE: &str = "\
 22 1 0:21 / /proc rw,nosuid - proc proc rw
 80 22 0:61 / /mnt/a\\040b rw,nosuid,nodev,relatime - fuse.berth berth:s3 rw,user_id=0
-81 22 0:61 /sub /var/pods/t1 rw - fuse.berth berth:s3 rw,user_id=0
+81 22 0:61 /sub /var/pods/t1 ro,nosuid,noexec,relatime shared:7 - fuse.berth berth:s3 rw,user_id=0
 82 22 0:62 / /mnt/other rw - fuse.berth berth:x rw
 ";
 
@@ -111,6 +130,12 @@ mod tests {
         let targets = bind_targets(&entries, (0, 61), Path::new("/mnt/a b"));
         assert_eq!(targets.len(), 1);
         assert_eq!(targets[0].target, Path::new("/var/pods/t1"));
+        assert_eq!(targets[0].root, Path::new("/sub"));
+        assert_eq!(
+            targets[0].flags,
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC
+        );
+        assert_eq!(entries[1].flags, libc::MS_NOSUID | libc::MS_NODEV);
     }
 
     #[test]

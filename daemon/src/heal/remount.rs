@@ -15,6 +15,8 @@ pub struct BindTarget {
     pub target: PathBuf,
     /// The directory of the filesystem the bind showed (`/` for all of it).
     pub root: PathBuf,
+    /// Its per-mount flags (read-only, nosuid, ...), restored on the new bind.
+    pub flags: libc::c_ulong,
 }
 
 /// Whether `path` is a berth mount whose connection is dead.
@@ -71,6 +73,7 @@ pub fn detach_with_binds(mountpoint: &Path) -> io::Result<Vec<BindTarget>> {
         .map(|m| BindTarget {
             target: m.target,
             root: m.root,
+            flags: m.flags,
         })
         .collect();
     for t in &targets {
@@ -88,10 +91,10 @@ pub fn rebind(mountpoint: &Path, targets: &[BindTarget]) -> usize {
     for t in targets {
         let rel = t.root.strip_prefix("/").unwrap_or(&t.root);
         let source = mountpoint.join(rel);
-        match fuse::bind(&source, &t.target) {
+        match fuse::bind(&source, &t.target, t.flags) {
             Ok(()) => {
                 done += 1;
-                tracing::info!(target_path = %t.target.display(), "re-bound the new mount over a stale bind target");
+                tracing::info!(target_path = %t.target.display(), read_only = t.flags & libc::MS_RDONLY != 0, "re-bound the new mount over a stale bind target");
             }
             Err(e) => {
                 tracing::error!(target_path = %t.target.display(), error = %e, "could not re-bind; whoever uses this path must remount it")

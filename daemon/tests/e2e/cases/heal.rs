@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use crate::mount::{Mount, MountOpts, BERTH};
 use crate::s3::Bucket;
 use crate::shared_server;
-use crate::util::{close_checked, random_bytes, Rng};
+use crate::util::{close_checked, expect_errno, random_bytes, Rng};
 
 const MIB: usize = 1 << 20;
 const BIG: usize = 24 * MIB;
@@ -528,8 +528,17 @@ pub fn holder_killed_remount_rebinds() -> Result<()> {
         );
         let first = Mount::local(data, at(&mnt))?;
         bind(&mnt, &target)?;
+        // A read-only publish, as a pod's `readOnly: true` volume.
+        let read_only = root.join("target-ro");
+        std::fs::create_dir_all(&read_only)?;
+        bind(&mnt, &read_only)?;
+        sh(&format!(
+            "mount -o remount,bind,ro '{}'",
+            read_only.display()
+        ))?;
         let mut reader = namespaced_reader(&target.join("f.txt"), &log)?;
         let outcome = (|| -> Result<()> {
+            expect_read_only(&read_only).context("before the crash")?;
             let seen = wait_for_line(&log, 0, "ok", Duration::from_secs(10))?;
             first.crash()?;
             let broken = wait_for_line(&log, seen, "err", Duration::from_secs(10))?;
@@ -541,10 +550,12 @@ pub fn holder_killed_remount_rebinds() -> Result<()> {
                 healing.elapsed()
             );
             expect_remounted(&second, &target)?;
+            expect_read_only(&read_only).context("after the remount")?;
             // The bind keeps the connection alive: remove it before unmounting.
             // A reader busy in the other namespace would make the propagated umount fail.
             stop(&mut reader);
             umount_retrying(&target)?;
+            umount_retrying(&read_only)?;
             second.finish()
         })();
         stop(&mut reader);
@@ -654,6 +665,21 @@ fn expect_remounted(m: &Mount, target: &Path) -> Result<()> {
     let status = wait_for_kind(m, "remount", Duration::from_secs(5))?;
     ensure!(status.recoveries >= 1, "{status:?}");
     Ok(())
+}
+
+/// A read-only bind target shows the volume and refuses writes (EROFS). Regression: the
+/// last-resort remount used to bind the new mount read-write over read-only targets.
+fn expect_read_only(target: &Path) -> Result<()> {
+    ensure!(
+        std::fs::read(target.join("f.txt"))? == b"still here",
+        "{} does not show the mount",
+        target.display()
+    );
+    expect_errno(
+        "creating a file through a read-only bind",
+        std::fs::write(target.join("written.txt"), b"x"),
+        libc::EROFS,
+    )
 }
 
 /// Runs `scenario(data dir, root)` where root is a shared mount (like the kubelet's pods
