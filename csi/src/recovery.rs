@@ -49,12 +49,22 @@ pub async fn watch(
     }
 }
 
-/// Binds the staging path again over each of its publish targets. The stale bind is removed
-/// first when nothing holds it; otherwise the new bind stacks on top of it. Returns the
-/// targets.
+/// Binds the staging path again over each of its publish targets that does not show it yet.
+/// The remounting `berth mount` re-binds every bind of the dead mount it can see itself; this
+/// catches the targets it could not (another mount namespace) and leaves the rest alone, so
+/// a pod never sees its volume unmounted twice. A stale bind is removed first when nothing
+/// holds it; otherwise the new bind stacks on top of it. Returns the targets.
 pub fn rebind(published: &Published, staging: &std::path::Path, volume_id: &str) -> Vec<PathBuf> {
     let targets = published.of_staging(staging);
+    let live = mounts::mount_at(staging).ok().flatten();
     for (target, t) in &targets {
+        let shown = mounts::mount_at(target).ok().flatten();
+        if let (Some(live), Some(shown)) = (&live, &shown) {
+            if live.device == shown.device && shown.read_only() == t.read_only {
+                tracing::info!(volume = %volume_id, target = %target.display(), "already shows the new mount");
+                continue;
+            }
+        }
         let _ = mounts::unmount_all(target);
         match mounts::bind(staging, target, t.read_only) {
             Ok(()) => {

@@ -681,9 +681,20 @@ fn killed_mount_heals() -> Result<()> {
         "staging",
         Mode::MultiNodeMultiWriter,
     )?))?;
-    rt().block_on(n.node_publish_volume(publish_req(&node, &id, "staging", "pods/a/vol", false)))?;
+    for (target, read_only) in [
+        ("pods/a/vol", false),
+        ("pods/b/vol", true),
+        ("pods/c/vol", false),
+    ] {
+        rt().block_on(
+            n.node_publish_volume(publish_req(&node, &id, "staging", target, read_only)),
+        )?;
+    }
     let target = node.path("pods/a/vol/data.txt");
     ensure!(std::fs::read(&target)? == b"survives");
+    // pods/c stands for a target the remounting `berth mount` cannot see (another mount
+    // namespace): its bind is gone when the mount dies, so only berth-csi can bind it again.
+    berth::api::mounts::unmount_all(&node.path("pods/c/vol"))?;
     let before = daemon_volumes(&node)?.pop().context("no volume")?;
     // SAFETY: kill -9 of the mount process the daemon reports.
     unsafe { libc::kill(before.pid as libc::pid_t, libc::SIGKILL) };
@@ -691,7 +702,9 @@ fn killed_mount_heals() -> Result<()> {
     loop {
         let v = daemon_volumes(&node)?.pop().context("volume vanished")?;
         let readable = std::fs::read(&target).ok();
+        let hidden = std::fs::read(node.path("pods/c/vol/data.txt")).ok();
         if v.restarts >= 1
+            && hidden.as_deref() == Some(b"survives".as_slice())
             && v.remount_generation >= 1
             && v.state == "running"
             && readable.as_deref() == Some(b"survives".as_slice())
@@ -704,7 +717,19 @@ fn killed_mount_heals() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    rt().block_on(n.node_unpublish_volume(unpublish_req(&node, &id, "pods/a/vol")))?;
+    // The read-only target came back read-only.
+    let read_only = node.path("pods/b/vol");
+    ensure!(std::fs::read(read_only.join("data.txt"))? == b"survives");
+    let write = std::fs::write(read_only.join("new.txt"), b"x");
+    ensure!(
+        write
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EROFS)),
+        "writing through the read-only target after the remount: {write:?}"
+    );
+    for target in ["pods/a/vol", "pods/b/vol", "pods/c/vol"] {
+        rt().block_on(n.node_unpublish_volume(unpublish_req(&node, &id, target)))?;
+    }
     rt().block_on(n.node_unstage_volume(unstage_req(&node, &id, "staging")))?;
     let mut node = node;
     check_no_secrets(&node.stop())

@@ -849,7 +849,6 @@ impl Supervisor {
         let mut ready = Some(ready);
         let mut backoff = BACKOFF_MIN;
         loop {
-            let before = mounts::mount_at(&self.mountpoint).ok().flatten();
             let started = tokio::select! {
                 r = self.spawn() => r,
                 _ = &mut stop => return,
@@ -866,6 +865,8 @@ impl Supervisor {
                         h.last_error = e.to_string();
                     });
                     tracing::warn!(volume = %self.key, "mount did not come back: {e}");
+                    // Whatever is left at the mountpoint may be what stops it: clear it.
+                    self.clear_dead_mount();
                     if sleep_or_stop(&mut stop, &mut backoff).await {
                         return;
                     }
@@ -876,7 +877,7 @@ impl Supervisor {
             if let Some(tx) = ready.take() {
                 let _ = tx.send(Ok(()));
             } else {
-                self.after_restart(before.as_ref());
+                self.after_restart();
                 self.reshare().await;
                 backoff = BACKOFF_MIN;
             }
@@ -897,7 +898,9 @@ impl Supervisor {
                         h.restarts += 1;
                         h.last_error = format!("mount process {pid} exited ({status}): {tail}");
                     });
-                    self.clear_dead_mount();
+                    // The dead mount stays for the next `berth mount`, which detaches it with
+                    // every bind of it it can see (pod targets too, not only ours) and binds
+                    // the new mount over each, with their read-only flags.
                     if sleep_or_stop(&mut stop, &mut backoff).await {
                         return;
                     }
@@ -1023,34 +1026,26 @@ impl Supervisor {
         }
     }
 
-    /// A dead FUSE mount left at the mountpoint is unmounted (not lazily) before a restart;
-    /// if that fails (busy), the new `berth mount` heals over it.
+    /// Unmounts (not lazily) what is left at the mountpoint, when a new `berth mount` could
+    /// not start over it; if that fails (busy), the next try heals over it.
     fn clear_dead_mount(&self) {
         if let Err(e) = mounts::unmount_all(&self.mountpoint) {
             tracing::warn!(volume = %self.key, "leaving the old mount at {}: {e}", self.mountpoint.display());
         }
     }
 
-    /// After a restart: if the mount is a new one, bind it to every target again.
-    fn after_restart(&self, before: Option<&mounts::MountEntry>) {
-        let now = mounts::mount_at(&self.mountpoint).ok().flatten();
-        let fresh = match (before, &now) {
-            (Some(b), Some(n)) => b.id != n.id,
-            _ => true,
-        };
-        if !fresh {
-            tracing::info!(volume = %self.key, "mount process restarted; the mount survived");
-            return;
-        }
+    /// After a restart, which follows the death of the mount process (the holder of the FUSE
+    /// connection) and so is always a new mount: bind it to every target again. (Mount ids
+    /// cannot tell: the kernel gives the new mount the dead one's id again.)
+    fn after_restart(&self) {
         let targets: Vec<(PathBuf, bool)> = self
             .targets
             .lock()
             .map(|t| t.iter().map(|(p, ro)| (p.clone(), *ro)).collect())
             .unwrap_or_default();
         for (target, ro) in targets {
-            // The stale bind goes if nothing holds it open; else the new one stacks on top.
-            let _ = mounts::unmount_all(&target);
-            if let Err(e) = mounts::bind(&self.mountpoint, &target, ro) {
+            // Usually re-bound already by the new mount (see `run`).
+            if let Err(e) = ensure_bound(&self.mountpoint, &target, ro) {
                 tracing::error!(volume = %self.key, target = %target.display(), "re-binding after a remount: {e}");
             }
         }
