@@ -12,6 +12,7 @@ pub mod events;
 pub mod identity;
 pub mod kata;
 pub mod node;
+pub mod published;
 pub mod recovery;
 pub mod s3;
 pub mod volume_id;
@@ -93,6 +94,12 @@ pub struct Args {
     #[arg(long, env = "BERTH_KATA_MOUNT_INFO", default_value_t = false, action = clap::ArgAction::Set)]
     pub kata_mount_info: bool,
 
+    /// Where the node plugin keeps its list of publish targets, so that a restarted plugin
+    /// still re-binds them after a remount. Default: `published.json` next to the endpoint
+    /// socket (a hostPath in deploy/).
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
     /// Record a Kubernetes Event on pods whose volume was remounted (needs the in-cluster
     /// API or a kubeconfig; off when neither is there).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -135,7 +142,11 @@ pub async fn serve(
     }
     if args.mode.node() {
         let daemon = berth::api::connect(&args.daemon_socket)?;
-        let published = Arc::new(node::Published::default());
+        let state_file = args
+            .state_file
+            .clone()
+            .unwrap_or_else(|| socket.with_file_name("published.json"));
+        let published = Arc::new(published::Published::load(&state_file));
         let node = node::NodeService {
             node_id: args.node_id.clone(),
             daemon: daemon.clone(),

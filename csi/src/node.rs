@@ -3,7 +3,7 @@
 //! (read-only honoured). Unpublish and unstage unmount in a loop, never lazily, and succeed
 //! when there is nothing left to do.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::kata;
 use crate::pb;
+use crate::published::Published;
 use crate::volume_id::VolumeRef;
 use crate::{check_capability, required};
 
@@ -37,33 +38,6 @@ pub const MOUNT_OPTIONS: &[&str] = &[
     "virtual-hosted",
     "request-deadline",
 ];
-
-/// A publish target: where the volume is bound, from which staging path, read-only or not.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub staging: PathBuf,
-    pub read_only: bool,
-}
-
-/// Publish targets of this node plugin (kept for re-binding after a remount).
-#[derive(Default)]
-pub struct Published {
-    pub targets: Mutex<BTreeMap<PathBuf, Target>>,
-}
-
-impl Published {
-    pub fn of_staging(&self, staging: &Path) -> Vec<(PathBuf, Target)> {
-        self.targets
-            .lock()
-            .map(|t| {
-                t.iter()
-                    .filter(|(_, v)| v.staging == staging)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
 
 pub struct NodeService {
     pub node_id: String,
@@ -244,9 +218,7 @@ impl pb::node_server::Node for NodeService {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_status("removing", &target, e)),
         }
-        if let Ok(mut t) = self.published.targets.lock() {
-            t.remove(&target);
-        }
+        self.published.remove(&target);
         tracing::info!(volume = %id, target = %target.display(), "unpublished");
         Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
     }
@@ -402,14 +374,6 @@ impl NodeService {
     }
 
     fn remember(&self, target: &Path, staging: &Path, read_only: bool) {
-        if let Ok(mut t) = self.published.targets.lock() {
-            t.insert(
-                target.to_path_buf(),
-                Target {
-                    staging: staging.to_path_buf(),
-                    read_only,
-                },
-            );
-        }
+        self.published.insert(target, staging, read_only);
     }
 }

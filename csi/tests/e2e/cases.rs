@@ -46,6 +46,11 @@ pub fn all() -> Vec<Case> {
             needs: Needs::S3_MOUNT,
             run: killed_mount_heals,
         },
+        Case {
+            name: "restarted_plugin_rebinds_targets_published_before",
+            needs: Needs::S3_MOUNT,
+            run: restarted_plugin_rebinds,
+        },
     ]
 }
 
@@ -733,4 +738,64 @@ fn killed_mount_heals() -> Result<()> {
     rt().block_on(n.node_unstage_volume(unstage_req(&node, &id, "staging")))?;
     let mut node = node;
     check_no_secrets(&node.stop())
+}
+
+/// berth-csi is restarted (its container replaced) and the volume is remounted while it is
+/// away: the targets it published before come back, also one that only it can re-bind (its
+/// list of targets is kept in `published.json` next to its socket).
+fn restarted_plugin_rebinds() -> Result<()> {
+    let bucket = crate::server()?.bucket("csi-restart")?;
+    bucket.put("v/data.txt", b"survives".to_vec())?;
+    let id = format!("{}/v", bucket.name);
+    let mut node = Node::start("restart")?;
+    let mut n = node.node()?;
+    rt().block_on(n.node_stage_volume(stage_req(
+        &node,
+        &id,
+        "staging",
+        Mode::MultiNodeMultiWriter,
+    )?))?;
+    for target in ["pods/a/vol", "pods/c/vol"] {
+        rt().block_on(n.node_publish_volume(publish_req(&node, &id, "staging", target, false)))?;
+    }
+    drop(n);
+    // As in killed_mount_heals: a target the remounting mount cannot see.
+    let hidden = node.path("pods/c/vol/data.txt");
+    berth::api::mounts::unmount_all(&node.path("pods/c/vol"))?;
+    let before = daemon_volumes(&node)?.pop().context("no volume")?;
+    let remounted = |node: &Node| -> Result<bool> {
+        let v = daemon_volumes(node)?.pop().context("volume vanished")?;
+        Ok(v.restarts >= 1 && v.remount_generation >= 1 && v.state == "running")
+    };
+    node.stop_csi();
+    // SAFETY: kill -9 of the mount process the daemon reports.
+    unsafe { libc::kill(before.pid as libc::pid_t, libc::SIGKILL) };
+    wait_until("the daemon remounts the volume", || remounted(&node))?;
+    ensure!(
+        std::fs::read(&hidden).is_err(),
+        "the hidden target serves without berth-csi (the test proves nothing)"
+    );
+    node.start_csi_again()?;
+    wait_until("the restarted berth-csi re-binds the hidden target", || {
+        Ok(std::fs::read(&hidden).ok().as_deref() == Some(b"survives".as_slice()))
+    })?;
+    ensure!(std::fs::read(node.path("pods/a/vol/data.txt"))? == b"survives");
+    let mut n = node.node()?;
+    for target in ["pods/a/vol", "pods/c/vol"] {
+        rt().block_on(n.node_unpublish_volume(unpublish_req(&node, &id, target)))?;
+    }
+    rt().block_on(n.node_unstage_volume(unstage_req(&node, &id, "staging")))?;
+    check_no_secrets(&node.stop())
+}
+
+/// Polls `done` every 200 ms for up to 60 s.
+fn wait_until(what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done()? {
+        if Instant::now() > deadline {
+            bail!("{what}: not within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }

@@ -56,7 +56,10 @@ fn free_port() -> Result<u16> {
 }
 
 fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
-    let log = std::fs::File::create(log)?;
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)?;
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -143,27 +146,44 @@ impl Node {
         let ready = wait_socket(&daemon_socket, &mut daemon, &daemon_log);
         node.daemon = Some(daemon);
         ready.context("berth daemon")?;
-        let csi_log = dir.join("csi.log");
+        node.start_csi(csi_env(&dir))?;
+        Ok(node)
+    }
+
+    /// Starts berth-csi (`--mode all`) on the node's sockets, its log appended to csi.log.
+    fn start_csi(&mut self, env: Vec<(String, PathBuf)>) -> Result<()> {
+        let csi_log = self.dir.join("csi.log");
         let mut csi = spawn(
             Command::new(env!("CARGO_BIN_EXE_berth-csi"))
                 .arg("--endpoint")
-                .arg(format!("unix://{}", csi_socket.display()))
+                .arg(format!("unix://{}", self.csi_socket.display()))
                 .arg("--node-id")
                 .arg("test-node")
                 .arg("--daemon-socket")
-                .arg(&daemon_socket)
+                .arg(&self.daemon_socket)
                 .arg("--mode")
                 .arg("all")
                 .arg("--recovery-interval-ms")
                 .arg("200")
                 .args(["--kube-events", "false"])
-                .envs(csi_env(&dir)),
+                .envs(env),
             &csi_log,
         )?;
-        let ready = wait_socket(&csi_socket, &mut csi, &csi_log);
-        node.csi = Some(csi);
-        ready.context("berth-csi")?;
-        Ok(node)
+        let ready = wait_socket(&self.csi_socket, &mut csi, &csi_log);
+        self.csi = Some(csi);
+        ready.context("berth-csi")
+    }
+
+    /// Stops berth-csi (SIGTERM), as a plugin container restart does; see [`Node::start_csi_again`].
+    pub fn stop_csi(&mut self) {
+        if let Some(child) = self.csi.take() {
+            stop_child(child);
+        }
+    }
+
+    /// Starts berth-csi again (without extra environment) after [`Node::stop_csi`].
+    pub fn start_csi_again(&mut self) -> Result<()> {
+        self.start_csi(Vec::new())
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -216,24 +236,28 @@ impl Node {
     /// mount. Returns the captured logs.
     pub fn stop(&mut self) -> String {
         for child in [self.csi.take(), self.daemon.take()].into_iter().flatten() {
-            let mut child = child;
-            // SAFETY: not reaped yet: the pid is our child.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(40) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_child(child);
         }
         let logs = self.logs();
         // Anything still mounted below the directory (a failed test).
         berth::api::mounts::unmount_below(&self.dir);
         logs
     }
+}
+
+/// SIGTERM, up to 40 s to exit, then SIGKILL; reaped.
+fn stop_child(mut child: Child) {
+    // SAFETY: not reaped yet: the pid is our child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(40) {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Node {
