@@ -675,26 +675,15 @@ fn dynamic_end_to_end() -> Result<()> {
 }
 
 fn killed_mount_heals() -> Result<()> {
-    let bucket = crate::server()?.bucket("csi-heal")?;
-    bucket.put("v/data.txt", b"survives".to_vec())?;
-    let id = format!("{}/v", bucket.name);
-    let node = Node::start("heal")?;
+    let (node, id) = staged_and_published(
+        "heal",
+        &[
+            ("pods/a/vol", false),
+            ("pods/b/vol", true),
+            ("pods/c/vol", false),
+        ],
+    )?;
     let mut n = node.node()?;
-    rt().block_on(n.node_stage_volume(stage_req(
-        &node,
-        &id,
-        "staging",
-        Mode::MultiNodeMultiWriter,
-    )?))?;
-    for (target, read_only) in [
-        ("pods/a/vol", false),
-        ("pods/b/vol", true),
-        ("pods/c/vol", false),
-    ] {
-        rt().block_on(
-            n.node_publish_volume(publish_req(&node, &id, "staging", target, read_only)),
-        )?;
-    }
     let target = node.path("pods/a/vol/data.txt");
     ensure!(std::fs::read(&target)? == b"survives");
     // pods/c stands for a target the remounting `berth mount` cannot see (another mount
@@ -744,21 +733,8 @@ fn killed_mount_heals() -> Result<()> {
 /// away: the targets it published before come back, also one that only it can re-bind (its
 /// list of targets is kept in `published.json` next to its socket).
 fn restarted_plugin_rebinds() -> Result<()> {
-    let bucket = crate::server()?.bucket("csi-restart")?;
-    bucket.put("v/data.txt", b"survives".to_vec())?;
-    let id = format!("{}/v", bucket.name);
-    let mut node = Node::start("restart")?;
-    let mut n = node.node()?;
-    rt().block_on(n.node_stage_volume(stage_req(
-        &node,
-        &id,
-        "staging",
-        Mode::MultiNodeMultiWriter,
-    )?))?;
-    for target in ["pods/a/vol", "pods/c/vol"] {
-        rt().block_on(n.node_publish_volume(publish_req(&node, &id, "staging", target, false)))?;
-    }
-    drop(n);
+    let (mut node, id) =
+        staged_and_published("restart", &[("pods/a/vol", false), ("pods/c/vol", false)])?;
     // As in killed_mount_heals: a target the remounting mount cannot see.
     let hidden = node.path("pods/c/vol/data.txt");
     berth::api::mounts::unmount_all(&node.path("pods/c/vol"))?;
@@ -786,6 +762,28 @@ fn restarted_plugin_rebinds() -> Result<()> {
     }
     rt().block_on(n.node_unstage_volume(unstage_req(&node, &id, "staging")))?;
     check_no_secrets(&node.stop())
+}
+
+/// A node with `v/data.txt` ("survives") in a new bucket staged at `staging` and published
+/// at each `(target, read_only)`; returns the node and the volume id.
+fn staged_and_published(tag: &str, targets: &[(&str, bool)]) -> Result<(Node, String)> {
+    let bucket = crate::server()?.bucket(&format!("csi-{tag}"))?;
+    bucket.put("v/data.txt", b"survives".to_vec())?;
+    let id = format!("{}/v", bucket.name);
+    let node = Node::start(tag)?;
+    let mut n = node.node()?;
+    rt().block_on(n.node_stage_volume(stage_req(
+        &node,
+        &id,
+        "staging",
+        Mode::MultiNodeMultiWriter,
+    )?))?;
+    for (target, read_only) in targets {
+        rt().block_on(
+            n.node_publish_volume(publish_req(&node, &id, "staging", target, *read_only)),
+        )?;
+    }
+    Ok((node, id))
 }
 
 /// Polls `done` every 200 ms for up to 60 s.

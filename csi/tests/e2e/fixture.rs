@@ -4,7 +4,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use berth_csi::pb;
@@ -176,8 +176,8 @@ impl Node {
 
     /// Stops berth-csi (SIGTERM), as a plugin container restart does; see [`Node::start_csi_again`].
     pub fn stop_csi(&mut self) {
-        if let Some(child) = self.csi.take() {
-            stop_child(child);
+        if let Some(mut child) = self.csi.take() {
+            crate::util::terminate(&mut child);
         }
     }
 
@@ -235,29 +235,14 @@ impl Node {
     /// Stops berth-csi and the daemon (which unmounts what is left), then undoes the shared
     /// mount. Returns the captured logs.
     pub fn stop(&mut self) -> String {
-        for child in [self.csi.take(), self.daemon.take()].into_iter().flatten() {
-            stop_child(child);
+        for mut child in [self.csi.take(), self.daemon.take()].into_iter().flatten() {
+            crate::util::terminate(&mut child);
         }
         let logs = self.logs();
         // Anything still mounted below the directory (a failed test).
         berth::api::mounts::unmount_below(&self.dir);
         logs
     }
-}
-
-/// SIGTERM, up to 40 s to exit, then SIGKILL; reaped.
-fn stop_child(mut child: Child) {
-    // SAFETY: not reaped yet: the pid is our child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(40) {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 impl Drop for Node {

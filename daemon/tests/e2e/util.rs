@@ -274,3 +274,18 @@ pub fn wait_listening(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Stops a server we started: SIGTERM, up to 40 s to exit, then SIGKILL; always reaped.
+pub fn terminate(child: &mut std::process::Child) {
+    // SAFETY: not reaped yet, so the pid is still our child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(40) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -98,17 +98,7 @@ impl Daemon {
     /// Stops the daemon with SIGTERM (it unmounts every volume) and returns its log.
     fn stop(&mut self) -> String {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: not reaped yet, so the pid is still our child.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(40) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::util::terminate(&mut child);
         }
         // Whatever a failed test left mounted below the dir.
         berth::api::mounts::unmount_below(&self.path(""));
