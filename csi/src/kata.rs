@@ -242,11 +242,9 @@ fn write_mount_info(paths: &Paths, target: &Path, json: &str) -> Result<(), Stat
     for dir in paths.mount_info_dirs(target) {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Status::internal(format!("creating {}: {e}", dir.display())))?;
-        // Write then rename: the runtime never reads half a file.
-        let tmp = dir.join(format!(".{MOUNT_INFO_FILE}.tmp"));
+        // Written whole, then renamed: the runtime never reads half a file.
         let file = dir.join(MOUNT_INFO_FILE);
-        std::fs::write(&tmp, json)
-            .and_then(|()| std::fs::rename(&tmp, &file))
+        berth::api::table::write_atomic(&file, json.as_bytes(), 0o644)
             .map_err(|e| Status::internal(format!("writing {}: {e}", file.display())))?;
     }
     Ok(())

@@ -95,15 +95,13 @@ impl Published {
     }
 }
 
-/// Writes the list to a temporary file and renames it over `file`: never half-written.
+/// Saves the list whole (written beside `file`, then renamed over it).
 fn save(file: &Path, targets: &BTreeMap<PathBuf, Target>) -> std::io::Result<()> {
     let saved = Saved {
         targets: targets.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
-    let tmp = file.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, file)
+    berth::api::table::write_atomic(file, &bytes, 0o644)
 }
 
 #[cfg(test)]

@@ -69,15 +69,18 @@ pub fn rebind(
     volume_id: &str,
 ) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let targets = published.of_staging(staging);
-    let Some(live) = mounts::mount_at(staging).ok().flatten() else {
+    // One read of the mount table for the staging path and every target (topmost mounts).
+    let table = mounts::mount_table().unwrap_or_default();
+    let mount_at = |path: &std::path::Path| table.iter().rev().find(|m| m.mountpoint == path);
+    let Some(live) = mount_at(staging) else {
         // Never bind an empty staging directory over a pod's volume.
         tracing::warn!(volume = %volume_id, staging = %staging.display(), "staging path is not mounted; targets left as they are");
         return (targets.into_iter().map(|(t, _)| t).collect(), Vec::new());
     };
     let mut rebound = Vec::new();
     for (target, t) in &targets {
-        let shown = mounts::mount_at(target).ok().flatten();
-        if shown.is_some_and(|m| m.device == live.device && m.read_only() == t.read_only) {
+        if mount_at(target).is_some_and(|m| m.device == live.device && m.read_only() == t.read_only)
+        {
             continue;
         }
         let _ = mounts::unmount_all(target);

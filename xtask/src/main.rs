@@ -211,11 +211,10 @@ fn is_listening(path: &Path) -> bool {
     let want = path.to_string_lossy();
     table.lines().skip(1).any(|line| {
         // Num RefCount Protocol Flags Type St Inode Path
-        let fields: Vec<&str> = line.splitn(8, ' ').filter(|f| !f.is_empty()).collect();
+        let fields: Vec<&str> = line.split_whitespace().collect();
         let flags = fields.get(3).and_then(|f| u32::from_str_radix(f, 16).ok());
         let stream = fields.get(4) == Some(&"0001");
-        let name = line.split_whitespace().nth(7);
-        stream && flags.is_some_and(|f| f & ACCEPTCON != 0) && name == Some(want.as_ref())
+        stream && flags.is_some_and(|f| f & ACCEPTCON != 0) && fields.get(7) == Some(&&*want)
     })
 }
 

@@ -95,7 +95,9 @@ pub fn load_all(state_dir: &Path) -> Vec<(String, Record, BTreeMap<String, Strin
     out
 }
 
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+/// Writes `data` to a temporary file beside `path` (created with `mode`), syncs it and
+/// renames it over `path`: readers see the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
