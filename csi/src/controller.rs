@@ -2,13 +2,13 @@
 //!
 //! StorageClass parameters: `bucket` (required), `endpoint`, `prefix` (parent of every volume's
 //! prefix), `region`, `onDelete` (`retain`, the default, or `delete`), and `berth mount`
-//! options (see [`crate::node::MOUNT_OPTIONS`]) that go to the volume context.
+//! options (see [`crate::node::is_mount_option`]) that go to the volume context.
 
 use std::collections::HashMap;
 
 use tonic::{Request, Response, Status};
 
-use crate::node::MOUNT_OPTIONS;
+use crate::node::is_mount_option;
 use crate::pb;
 use crate::s3;
 use crate::volume_id::{valid_bucket, VolumeRef};
@@ -61,7 +61,7 @@ fn volume_ref(name: &str, params: &HashMap<String, String>) -> Result<VolumeRef,
     };
     for key in params.keys() {
         let known = OWN_PARAMS.contains(&key.as_str())
-            || MOUNT_OPTIONS.contains(&key.as_str())
+            || is_mount_option(key)
             || key.starts_with("csi.storage.k8s.io/");
         if !known {
             return Err(Status::invalid_argument(format!(
@@ -85,7 +85,7 @@ fn volume_ref(name: &str, params: &HashMap<String, String>) -> Result<VolumeRef,
 fn volume_context(vol: &VolumeRef, params: &HashMap<String, String>) -> HashMap<String, String> {
     let mut ctx: HashMap<String, String> = params
         .iter()
-        .filter(|(k, _)| MOUNT_OPTIONS.contains(&k.as_str()))
+        .filter(|(k, _)| is_mount_option(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if let Some(e) = &vol.endpoint {

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use berth::api::pb as daemon;
+use berth::sys::files::Fnv1a;
 use tonic::transport::Channel;
 use tonic::Status;
 
@@ -70,11 +71,12 @@ pub fn wants_share(ctx: &HashMap<String, String>) -> Result<bool, Status> {
 /// A stable id of one publish (volume + target): the same on every call and across plugin
 /// restarts, short enough for a unix socket path (108 bytes).
 pub fn share_id(volume_id: &str, target: &Path) -> String {
-    let mut h = Fnv::default();
-    h.write(volume_id.as_bytes());
-    h.write(&[0]);
-    h.write(target.as_os_str().as_encoded_bytes());
-    format!("{:016x}", h.0)
+    let hash = Fnv1a::new()
+        .write(volume_id.as_bytes())
+        .write(&[0])
+        .write(target.as_os_str().as_encoded_bytes())
+        .finish();
+    format!("{hash:016x}")
 }
 
 impl Paths {
@@ -244,7 +246,7 @@ fn write_mount_info(paths: &Paths, target: &Path, json: &str) -> Result<(), Stat
             .map_err(|e| Status::internal(format!("creating {}: {e}", dir.display())))?;
         // Written whole, then renamed: the runtime never reads half a file.
         let file = dir.join(MOUNT_INFO_FILE);
-        berth::api::table::write_atomic(&file, json.as_bytes(), 0o644)
+        berth::sys::files::write_atomic(&file, json.as_bytes(), 0o644)
             .map_err(|e| Status::internal(format!("writing {}: {e}", file.display())))?;
     }
     Ok(())
@@ -277,24 +279,6 @@ fn remove_dir_chain(dir: &Path, root: &Path) -> Result<(), Status> {
         }
     }
     Ok(())
-}
-
-/// 64-bit FNV-1a: stable across builds and platforms (std's hasher is not).
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
 }
 
 /// Base64 with padding; `url` picks the URL-safe alphabet (`-_` instead of `+/`).

@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use berth::api::mounts;
 use berth::api::pb as daemon;
+use berth::api::spec;
+use berth::sys::mounts;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -18,26 +19,12 @@ use crate::published::Published;
 use crate::volume_id::VolumeRef;
 use crate::{check_capability, required};
 
-/// Volume-context keys passed to `berth mount` as options.
-pub const MOUNT_OPTIONS: &[&str] = &[
-    "metadata-ttl",
-    "memory-limit",
-    "part-size",
-    "max-prefetch",
-    "max-gets",
-    "threads",
-    "uid",
-    "gid",
-    "file-mode",
-    "dir-mode",
-    "cache-size",
-    "cache-memory",
-    "cache-io",
-    "block-size",
-    "read-only",
-    "virtual-hosted",
-    "request-deadline",
-];
+/// Whether a volume-context key is passed to `berth mount` as an option: every option of the
+/// daemon's vocabulary (`berth::api::spec`) except where the store is, which the volume handle
+/// and the StorageClass's `endpoint` and `region` parameters say.
+pub fn is_mount_option(key: &str) -> bool {
+    spec::is_option(key) && !spec::LOCATION_OPTIONS.contains(&key)
+}
 
 pub struct NodeService {
     pub node_id: String,
@@ -77,7 +64,7 @@ fn mount_options(
 ) -> HashMap<String, String> {
     let mut opts: HashMap<String, String> = ctx
         .iter()
-        .filter(|(k, _)| MOUNT_OPTIONS.contains(&k.as_str()))
+        .filter(|(k, _)| is_mount_option(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if let Some(e) = ctx.get("endpoint").or(vol.endpoint.as_ref()) {
@@ -184,7 +171,7 @@ impl pb::node_server::Node for NodeService {
             }
             None => {
                 std::fs::create_dir_all(&target).map_err(|e| io_status("creating", &target, e))?;
-                mounts::bind(&staging, &target, read_only)
+                mounts::bind_read_only_if(&staging, &target, read_only)
                     .map_err(|e| io_status("bind-mounting to", &target, e))?;
                 tracing::info!(volume = %id, target = %target.display(), read_only, "published");
             }
@@ -244,7 +231,7 @@ impl pb::node_server::Node for NodeService {
         // The mount at the path must be this volume's: the daemon's mount of it has the same
         // device (a bind mount keeps the device of its source).
         let volume = self
-            .daemon_volume(id, &at_path.device)
+            .daemon_volume(id, at_path.device)
             .await?
             .ok_or_else(not_found)?;
         let mut condition = match volume.state.as_str() {
@@ -320,7 +307,7 @@ impl NodeService {
     async fn daemon_volume(
         &self,
         id: &str,
-        device: &str,
+        device: (u32, u32),
     ) -> Result<Option<daemon::VolumeInfo>, Status> {
         let source = VolumeRef::parse(id).ok().map(|v| v.source());
         let volumes = self

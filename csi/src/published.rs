@@ -101,7 +101,7 @@ fn save(file: &Path, targets: &BTreeMap<PathBuf, Target>) -> std::io::Result<()>
         targets: targets.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
-    berth::api::table::write_atomic(file, &bytes, 0o644)
+    berth::sys::files::write_atomic(file, &bytes, 0o644)
 }
 
 #[cfg(test)]

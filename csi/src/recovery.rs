@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth::api::mounts;
 use berth::api::pb as daemon;
+use berth::sys::mounts;
 use tonic::transport::Channel;
 
 use crate::events::Recorder;
@@ -70,8 +70,8 @@ pub fn rebind(
 ) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let targets = published.of_staging(staging);
     // One read of the mount table for the staging path and every target (topmost mounts).
-    let table = mounts::mount_table().unwrap_or_default();
-    let mount_at = |path: &std::path::Path| table.iter().rev().find(|m| m.mountpoint == path);
+    let table = mounts::read().unwrap_or_default();
+    let mount_at = |path: &std::path::Path| table.iter().rev().find(|m| m.target == path);
     let Some(live) = mount_at(staging) else {
         // Never bind an empty staging directory over a pod's volume.
         tracing::warn!(volume = %volume_id, staging = %staging.display(), "staging path is not mounted; targets left as they are");
@@ -84,7 +84,7 @@ pub fn rebind(
             continue;
         }
         let _ = mounts::unmount_all(target);
-        match mounts::bind(staging, target, t.read_only) {
+        match mounts::bind_read_only_if(staging, target, t.read_only) {
             Ok(()) => {
                 tracing::warn!(volume = %volume_id, target = %target.display(), "re-bound after a remount");
                 rebound.push(target.clone());

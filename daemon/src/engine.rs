@@ -6,7 +6,7 @@
 //! resend what the predecessor read but never answered, and only then starts reading.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -17,19 +17,16 @@ use anyhow::{bail, Context as _};
 use fuse_backend_rs::api::server::Server;
 
 use crate::cache::BlockCache;
-use crate::cli::{EngineArgs, MountArgs};
 use crate::fs::BerthFs;
+use crate::fuse::connection_state::ConnectionState;
 use crate::fuse::worker::{QueueControl, WorkerEnd};
 use crate::fuse::{protocol, worker};
-use crate::heal::handoff::{self, Hello, MountHandoff, ShareHandoff, ToEngine, ToHolder};
-use crate::heal::shared::SharedState;
-use crate::heal::{holder, HolderFacts};
+use crate::heal::handoff::{self, Hello, MountHandoff, ShareSocket, ToEngine, ToHolder};
 use crate::memory::MemoryLimiter;
-use crate::mount::{self, Source, VolumeSpec};
 use crate::namespace::Namespace;
-use crate::prefetch::NodeCache;
-use crate::share::EngineShare;
-use crate::status;
+use crate::status::{HolderFacts, Publisher, Reported};
+use crate::virtiofs::EngineShare;
+use crate::volume::{self, Opening, Source, Target, VolumeConfig};
 
 /// How long an upgrade lets open writes finish before stopping anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,23 +45,22 @@ enum EngineEvent {
 
 /// One connection being served.
 struct Served {
-    source: String,
     mountpoint: PathBuf,
     fs: Arc<BerthFs>,
     ns: Arc<Namespace>,
     control: Arc<QueueControl>,
     workers: usize,
     ended: usize,
-    status_file: PathBuf,
-    cache: Option<NodeCache>,
+    status: Arc<Publisher>,
     /// virtio-fs shares of this volume served by this engine.
     shares: Vec<EngineShare>,
 }
 
-/// `berth engine` (started by a holder, never by hand).
-pub fn run(args: EngineArgs) -> anyhow::Result<()> {
+/// `berth engine` (started by a holder, never by hand): serves the connections the holder
+/// hands over on `handoff_fd`, with the volume settings of the mount's command line.
+pub fn run(handoff_fd: RawFd, config: VolumeConfig) -> anyhow::Result<()> {
     // SAFETY: the holder passed this fd for us alone (see holder::spawn_engine).
-    let sock = UnixStream::from(unsafe { holder::adopt_fd(args.handoff_fd) });
+    let sock = UnixStream::from(unsafe { handoff::adopt_fd(handoff_fd) });
     let (message, fds) = handoff::recv::<ToEngine>(&sock).context("reading the holder's hello")?;
     let ToEngine::Hello(hello) = message else {
         bail!("the holder did not start with a hello");
@@ -77,8 +73,11 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
         .thread_name("berth-io")
         .build()
         .context("starting the I/O runtime")?;
-    let memory = MemoryLimiter::new(args.mount.engine.memory_limit);
-    let served = match start(&rt, &args.mount, &hello, fds, &memory, &reply, &events_tx) {
+    let memory = MemoryLimiter::new(config.memory_limit);
+    let facts = Arc::new(Mutex::new(hello.facts.clone()));
+    let served = match start(
+        &rt, &config, &hello, fds, &memory, &facts, &reply, &events_tx,
+    ) {
         Ok(s) => s,
         Err(e) => {
             let error = format!("{e:#}");
@@ -87,8 +86,9 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
-    let facts = Arc::new(Mutex::new(hello.facts.clone()));
-    let refresh_status = publish_status(&rt, &served, &memory, &facts);
+    for s in &served {
+        s.status.spawn_refresh(rt.handle());
+    }
     send(
         &reply,
         &ToHolder::Ready {
@@ -102,11 +102,8 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
         "engine serving"
     );
     read_holder_messages(sock, events_tx)?;
-    serve_until_end(served, events, &reply, &facts, &refresh_status)
+    serve_until_end(served, events, &reply, &facts)
 }
-
-/// Writes every mount's status file now.
-type StatusRefresh = Arc<dyn Fn() + Send + Sync>;
 
 fn send(reply: &Mutex<UnixStream>, message: &ToHolder) -> anyhow::Result<()> {
     let sock = reply.lock().unwrap_or_else(|e| e.into_inner());
@@ -114,12 +111,14 @@ fn send(reply: &Mutex<UnixStream>, message: &ToHolder) -> anyhow::Result<()> {
 }
 
 /// Builds every volume, takes the connections over, and starts the queue workers.
+#[allow(clippy::too_many_arguments)]
 fn start(
     rt: &tokio::runtime::Runtime,
-    args: &MountArgs,
+    config: &VolumeConfig,
     hello: &Hello,
     fds: Vec<File>,
     memory: &Arc<MemoryLimiter>,
+    facts: &Arc<Mutex<HolderFacts>>,
     reply: &Arc<Mutex<UnixStream>>,
     events: &Sender<EngineEvent>,
 ) -> anyhow::Result<Vec<Served>> {
@@ -131,22 +130,22 @@ fn start(
     if fds.len() != expected {
         bail!("the holder sent {} fds, expected {expected}", fds.len());
     }
-    let cache = open_cache_waiting(args)?;
+    let cache = open_cache_waiting(config)?;
     let mut fds = fds.into_iter();
     let mut prepared = Vec::new();
     for (index, m) in hello.mounts.iter().enumerate() {
         let queues: Vec<File> = fds.by_ref().take(m.queues).collect();
         let shared_file = fds.next().context("missing shared state fd")?;
-        let shared = Arc::new(SharedState::open(shared_file).context("mapping the shared state")?);
+        let shared =
+            Arc::new(ConnectionState::open(shared_file).context("mapping the shared state")?);
         let listeners: Vec<UnixListener> = fds
             .by_ref()
             .take(m.shares.len())
             .map(|f| UnixListener::from(OwnedFd::from(f)))
             .collect();
-        let volume = build(rt, args, hello.generation, m, memory, &cache)?;
+        let volume = build(rt, config, hello.generation, m, memory, &cache)?;
         if let Some(capable) = m.init_capable {
             volume
-                .0
                 .fs
                 .resume_init(capable)
                 .context("resuming FUSE INIT")?;
@@ -163,7 +162,7 @@ fn start(
         }
     }
     let mut served = Vec::new();
-    for (index, m, queues, shared, listeners, (volume, node_cache)) in prepared {
+    for (index, m, queues, shared, listeners, volume) in prepared {
         let control = QueueControl::new(init_reporter(index, &volume.fs, reply))?;
         let server = Arc::new(Server::new(volume.fs.clone()));
         let workers = queues.len();
@@ -191,63 +190,78 @@ fn start(
             .zip(listeners)
             .map(|(spec, listener)| EngineShare::start(volume.fs.clone(), spec, listener))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let status = Publisher::new(
+            &config.state_dir,
+            Reported {
+                source: m.source.clone(),
+                mountpoint: m.mountpoint.clone(),
+                read_only: volume.fs.read_only(),
+                ns: volume.ns.clone(),
+                memory: memory.clone(),
+                cache: volume.cache.clone(),
+                facts: facts.clone(),
+            },
+        );
         served.push(Served {
-            source: m.source.clone(),
             mountpoint: m.mountpoint.clone(),
             fs: volume.fs,
             ns: volume.ns,
             control,
             workers,
             ended: 0,
-            status_file: status::status_path(&args.state_dir, &m.mountpoint),
-            cache: node_cache,
+            status,
             shares,
         });
     }
     Ok(served)
 }
 
-type Built = (mount::Volume, Option<NodeCache>);
-
 fn build(
     rt: &tokio::runtime::Runtime,
-    args: &MountArgs,
+    config: &VolumeConfig,
     generation: u64,
     m: &MountHandoff,
     memory: &Arc<MemoryLimiter>,
     cache: &Option<Arc<BlockCache>>,
-) -> anyhow::Result<Built> {
+) -> anyhow::Result<volume::Volume> {
     let source = Source::parse(&m.source)?;
-    let node_cache = mount::node_cache(cache, &args.store, &source);
+    let node_cache = volume::node_cache(cache, &config.store, &source);
     let takeover = m.init_capable.is_some();
-    let volume = mount::build_volume(
+    volume::build_volume(
         rt,
-        args,
-        &VolumeSpec {
-            text: &m.source,
-            source: &source,
-            mountpoint: &m.mountpoint,
+        config,
+        &Target {
+            text: m.source.clone(),
+            source,
+            mountpoint: m.mountpoint.clone(),
+        },
+        Opening {
             check_store: !takeover,
             recover: takeover,
             generation,
         },
         memory,
-        node_cache.clone(),
-    )?;
-    Ok((volume, node_cache))
+        node_cache,
+    )
 }
 
 /// Opens the node cache, waiting a little while a predecessor that just died releases it.
-fn open_cache_waiting(args: &MountArgs) -> anyhow::Result<Option<Arc<BlockCache>>> {
+fn open_cache_waiting(config: &VolumeConfig) -> anyhow::Result<Option<Arc<BlockCache>>> {
     let deadline = Instant::now() + CACHE_LOCK_WAIT;
     loop {
-        match mount::open_cache_dir(&args.cache, false) {
-            Err(e) if format!("{e:#}").contains("in use") && Instant::now() < deadline => {
+        match volume::open_block_cache(&config.cache) {
+            Err(e) if cache_in_use(&e) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             other => return other,
         }
     }
+}
+
+fn cache_in_use(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(crate::cache::is_in_use)
 }
 
 /// Tells the holder the INIT flags once the kernel's INIT is answered (a successor needs them).
@@ -297,7 +311,6 @@ fn serve_until_end(
     events: Receiver<EngineEvent>,
     reply: &Mutex<UnixStream>,
     facts: &Mutex<HolderFacts>,
-    refresh_status: &StatusRefresh,
 ) -> anyhow::Result<()> {
     loop {
         let Ok(event) = events.recv() else {
@@ -307,7 +320,7 @@ fn serve_until_end(
             EngineEvent::FromHolder(ToEngine::Stop, _) => return stop(&mut served, &events, reply),
             EngineEvent::FromHolder(ToEngine::Facts(f), _) => {
                 *facts.lock().unwrap_or_else(|e| e.into_inner()) = f;
-                refresh_status();
+                served.iter().for_each(|s| s.status.refresh());
             }
             EngineEvent::FromHolder(ToEngine::Hello(_), _) => {
                 tracing::warn!("unexpected second hello from the holder; ignored")
@@ -355,7 +368,7 @@ fn serve_until_end(
 fn add_share(
     served: &mut [Served],
     mount: usize,
-    share: &ShareHandoff,
+    share: &ShareSocket,
     fds: Vec<File>,
 ) -> anyhow::Result<()> {
     let s = served.get_mut(mount).context("no such mount")?;
@@ -375,7 +388,7 @@ fn add_share(
 /// All workers of a mount ended (unmounted): commit what is still open.
 fn finish(s: &Served) {
     s.fs.shutdown();
-    let _ = std::fs::remove_file(&s.status_file);
+    s.status.remove();
     tracing::info!(
         mountpoint = %s.mountpoint.display(),
         inodes = s.ns.inode_count(),
@@ -417,60 +430,6 @@ fn stop(
             open_writes_dropped: dropped,
         },
     )
-}
-
-/// Writes each mount's status file now and every few seconds (see `berth status`).
-fn publish_status(
-    rt: &tokio::runtime::Runtime,
-    served: &[Served],
-    memory: &Arc<MemoryLimiter>,
-    facts: &Arc<Mutex<HolderFacts>>,
-) -> StatusRefresh {
-    let started = status::now_unix();
-    let mut writers: Vec<StatusRefresh> = Vec::new();
-    for s in served {
-        let (source, mountpoint) = (s.source.clone(), s.mountpoint.display().to_string());
-        let (ns, memory, facts, cache) =
-            (s.ns.clone(), memory.clone(), facts.clone(), s.cache.clone());
-        let read_only = s.fs.read_only();
-        let path = s.status_file.clone();
-        let report = Arc::new(move || {
-            let heal = facts.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            status::MountStatus {
-                pid: heal.holder_pid,
-                engine_pid: std::process::id(),
-                heal,
-                source: source.clone(),
-                mountpoint: mountpoint.clone(),
-                started_unix: started,
-                updated_unix: status::now_unix(),
-                read_only,
-                inodes: ns.inode_count() as u64,
-                skipped_keys: ns.skipped_keys(),
-                memory_used: memory.used(),
-                memory_peak: memory.peak(),
-                memory_limit: memory.limit(),
-                cache: cache.as_ref().map(|c| c.cache.stats()),
-            }
-        });
-        if let Err(e) = status::write(&path, &report()) {
-            tracing::warn!(path = %path.display(), error = %e, "could not write the status file; `berth status` will not see this mount");
-        }
-        let write: StatusRefresh = Arc::new(move || {
-            if let Err(e) = status::write(&path, &report()) {
-                tracing::debug!(error = %e, "could not write the status file");
-            }
-        });
-        let periodic = write.clone();
-        rt.spawn(async move {
-            loop {
-                tokio::time::sleep(status::REFRESH).await;
-                periodic();
-            }
-        });
-        writers.push(write);
-    }
-    Arc::new(move || writers.iter().for_each(|w| w()))
 }
 
 /// The kernel reads ahead 128 KiB on FUSE by default; 1 MiB requests halve the round trips of

@@ -1,11 +1,13 @@
 //! `berth status`: what a running mount reports about itself.
 //!
-//! Each `berth mount` writes a small JSON file next to its inode journal
-//! (`<state-dir>/mounts/<mountpoint>/status.json`) when it starts and every two seconds, and
-//! removes it when it ends. `berth status MOUNTPOINT` reads it, checks that the process that
-//! wrote it is still alive, and prints it (as JSON with `--json`).
+//! Each engine (and each standalone `berth share`) writes a small JSON file next to its inode
+//! journal (`<state-dir>/mounts/<mountpoint>/status.json`, see [`crate::state`]) when it starts
+//! and every two seconds, through one [`Publisher`] per mount, and removes it when it ends.
+//! `berth status MOUNTPOINT` reads it, checks that the process that wrote it is still alive,
+//! and prints it (as JSON with `--json`). The daemon embeds the same file in ListVolumes.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
@@ -13,7 +15,11 @@ use indicatif::HumanBytes;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheStats;
-use crate::heal::HolderFacts;
+use crate::memory::MemoryLimiter;
+use crate::namespace::Namespace;
+use crate::prefetch::NodeCache;
+use crate::state;
+use crate::sys::files::write_atomic;
 
 /// How often a mount refreshes its status file.
 pub const REFRESH: Duration = Duration::from_secs(2);
@@ -40,18 +46,30 @@ pub struct MountStatus {
     pub cache: Option<CacheStats>,
 }
 
-/// The state directory of one mount (inode journal, status file).
-pub fn mount_state_dir(state_dir: &Path, mountpoint: &Path) -> PathBuf {
-    let name: String = mountpoint
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    state_dir.join("mounts").join(name)
-}
-
-pub fn status_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
-    mount_state_dir(state_dir, mountpoint).join("status.json")
+/// What the holder knows and the engine reports in `berth status` (and logs).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HolderFacts {
+    pub holder_pid: u32,
+    /// Increases with every engine the holder starts (takeover, upgrade, remount).
+    #[serde(rename = "engine_generation")]
+    pub generation: u64,
+    /// "ebpf" or "fallback".
+    pub detector: String,
+    /// Engines replaced after a crash or hang, and remounts.
+    pub recoveries: u64,
+    /// From detection to the successor serving, for the last recovery.
+    pub last_recovery_ms: Option<u64>,
+    /// "takeover" (engine replaced, nothing lost) or "remount" (connection lost).
+    pub last_recovery_kind: Option<String>,
+    /// What noticed the last death or hang: "ebpf", "socket" (the engine's socket closed),
+    /// "fusectl" (requests waiting, no progress).
+    pub last_detected_by: Option<String>,
+    /// CLOCK_MONOTONIC when the last engine death or hang was noticed.
+    pub last_detection_mono_ns: Option<u64>,
+    /// A remount happened: files open at the time were lost.
+    pub lost_open_files: bool,
+    pub upgrades: u64,
+    pub last_upgrade_ms: Option<u64>,
 }
 
 pub fn now_unix() -> u64 {
@@ -65,12 +83,100 @@ pub fn write(path: &Path, status: &MountStatus) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    // A temp name per write: two writers (the periodic one and a refresh) never share it.
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
-    std::fs::rename(tmp, path)
+    write_atomic(path, &serde_json::to_vec_pretty(status)?, 0o644)
+}
+
+/// What one served mount (or standalone share) reports, and where.
+pub struct Publisher {
+    path: PathBuf,
+    source: String,
+    mountpoint: String,
+    started_unix: u64,
+    read_only: bool,
+    ns: Arc<Namespace>,
+    memory: Arc<MemoryLimiter>,
+    cache: Option<NodeCache>,
+    /// The holder's facts; a standalone share is its own holder.
+    facts: Arc<Mutex<HolderFacts>>,
+}
+
+/// What a [`Publisher`] describes.
+pub struct Reported {
+    pub source: String,
+    pub mountpoint: PathBuf,
+    pub read_only: bool,
+    pub ns: Arc<Namespace>,
+    pub memory: Arc<MemoryLimiter>,
+    pub cache: Option<NodeCache>,
+    pub facts: Arc<Mutex<HolderFacts>>,
+}
+
+impl Publisher {
+    /// A publisher writing `<state_dir>/mounts/<mountpoint>/status.json`. It writes once now
+    /// (a failure is logged: `berth status` will not see this mount, nothing else breaks).
+    pub fn new(state_dir: &Path, what: Reported) -> Arc<Publisher> {
+        let publisher = Arc::new(Publisher {
+            path: state::status_file(state_dir, &what.mountpoint),
+            source: what.source,
+            mountpoint: what.mountpoint.display().to_string(),
+            started_unix: now_unix(),
+            read_only: what.read_only,
+            ns: what.ns,
+            memory: what.memory,
+            cache: what.cache,
+            facts: what.facts,
+        });
+        if let Err(e) = write(&publisher.path, &publisher.status()) {
+            tracing::warn!(path = %publisher.path.display(), error = %e, "could not write the status file; `berth status` will not see this mount");
+        }
+        publisher
+    }
+
+    pub fn status(&self) -> MountStatus {
+        let heal = self.facts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        MountStatus {
+            pid: heal.holder_pid,
+            engine_pid: std::process::id(),
+            heal,
+            source: self.source.clone(),
+            mountpoint: self.mountpoint.clone(),
+            started_unix: self.started_unix,
+            updated_unix: now_unix(),
+            read_only: self.read_only,
+            inodes: self.ns.inode_count() as u64,
+            skipped_keys: self.ns.skipped_keys(),
+            memory_used: self.memory.used(),
+            memory_peak: self.memory.peak(),
+            memory_limit: self.memory.limit(),
+            cache: self.cache.as_ref().map(|c| c.cache.stats()),
+        }
+    }
+
+    /// Writes the status file now.
+    pub fn refresh(&self) {
+        if let Err(e) = write(&self.path, &self.status()) {
+            tracing::debug!(path = %self.path.display(), error = %e, "could not write the status file");
+        }
+    }
+
+    /// Refreshes the file every [`REFRESH`] on `rt` until the returned task is aborted.
+    pub fn spawn_refresh(
+        self: &Arc<Self>,
+        rt: &tokio::runtime::Handle,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(REFRESH).await;
+                me.refresh();
+            }
+        })
+    }
+
+    /// Removes the status file (the mount ended).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn alive(pid: u32) -> bool {
@@ -83,7 +189,7 @@ pub fn run(mountpoint: &Path, state_dir: &Path, json: bool) -> anyhow::Result<()
     let mountpoint = mountpoint
         .canonicalize()
         .with_context(|| format!("{} does not exist", mountpoint.display()))?;
-    let path = status_path(state_dir, &mountpoint);
+    let path = state::status_file(state_dir, &mountpoint);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "no berth mount at {} (no status in {}; is --state-dir the one the mount uses?)",
@@ -210,9 +316,9 @@ mod tests {
         let mnt = mnt.canonicalize().unwrap();
         let state = dir.path().join("state");
         let me = sample(std::process::id());
-        write(&status_path(&state, &mnt), &me).unwrap();
+        write(&state::status_file(&state, &mnt), &me).unwrap();
         run(&mnt, &state, true).unwrap();
-        let text = std::fs::read_to_string(status_path(&state, &mnt)).unwrap();
+        let text = std::fs::read_to_string(state::status_file(&state, &mnt)).unwrap();
         assert_eq!(serde_json::from_str::<MountStatus>(&text).unwrap(), me);
         assert!(human(&me).contains("7 disk hits"));
         assert!(human(&me).contains("takeover in 42 ms"), "{}", human(&me));
@@ -232,7 +338,7 @@ mod tests {
         }
 
         // A pid that cannot be alive.
-        write(&status_path(&state, &mnt), &sample(i32::MAX as u32)).unwrap();
+        write(&state::status_file(&state, &mnt), &sample(i32::MAX as u32)).unwrap();
         let err = run(&mnt, &state, false).unwrap_err().to_string();
         assert!(err.contains("stale"), "{err}");
     }

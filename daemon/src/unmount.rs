@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
-use crate::api::mounts;
+use crate::sys::mounts;
 
 /// `berth unmount TARGET`.
 pub fn run(target: &Path) -> anyhow::Result<()> {

@@ -17,21 +17,30 @@ use anyhow::{bail, Context as _};
 use futures::{FutureExt, StreamExt};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
-use crate::cache::ObjectId;
-use crate::cli::WarmArgs;
-use crate::mount::{connect, open_cache, Source};
+use crate::cache::{CacheConfig, ObjectId};
 use crate::namespace::keys;
 use crate::store::{ObjectInfo, ObjectStore};
+use crate::volume::{connect, open_cache, Source, StoreConfig};
 
 /// Blocks read per cache call (consecutive blocks travel in one GET).
 const BLOCKS_PER_READ: u64 = 8;
 /// How often progress is printed when stderr is not a terminal.
 const PLAIN_EVERY: Duration = Duration::from_secs(2);
 
-pub fn run(args: WarmArgs) -> anyhow::Result<()> {
-    if args.concurrency == 0 {
-        bail!("--concurrency must be at least 1");
-    }
+/// What `berth warm` does.
+#[derive(Clone, Debug)]
+pub struct WarmConfig {
+    /// Paths inside a berth mount, or `s3://BUCKET[/PREFIX]` sources.
+    pub paths: Vec<String>,
+    /// Objects read at once (at least 1).
+    pub concurrency: usize,
+    /// How to reach the store of `s3://` sources.
+    pub store: StoreConfig,
+    /// The cache `s3://` sources are read into.
+    pub cache: Option<CacheConfig>,
+}
+
+pub fn run(args: WarmConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -155,14 +164,17 @@ async fn list_all(store: &dyn ObjectStore, prefix: &str) -> anyhow::Result<(Vec<
 }
 
 /// Reads every object of an s3:// source into the cache; returns the number of failures.
-fn warm_store(rt: &tokio::runtime::Runtime, text: &str, args: &WarmArgs) -> anyhow::Result<usize> {
+fn warm_store(
+    rt: &tokio::runtime::Runtime,
+    text: &str,
+    args: &WarmConfig,
+) -> anyhow::Result<usize> {
     let source = Source::parse(text)?;
-    if args.cache.cache_dir.is_none() && args.cache.cache_socket.is_none() {
+    if args.cache.is_none() {
         bail!("warming {text} needs --cache-dir or --cache-socket (the cache to fill)");
     }
     let (store, prefix) = connect(rt, &source, text, &args.store)?;
-    let node =
-        open_cache(&args.cache, &args.store, &source, true)?.context("no cache was opened")?;
+    let node = open_cache(&args.cache, &args.store, &source)?.context("no cache was opened")?;
     let (objects, skipped) = rt.block_on(list_all(store.as_ref(), &prefix))?;
     if skipped > 0 {
         tracing::warn!(skipped, "skipped keys that cannot be paths");
@@ -271,7 +283,7 @@ fn warm_mounted(path: &Path, concurrency: usize) -> anyhow::Result<usize> {
     let path = path
         .canonicalize()
         .with_context(|| format!("{} does not exist", path.display()))?;
-    match crate::fuse::fstype_of(&path).as_deref() {
+    match crate::sys::mounts::fstype_of(&path).as_deref() {
         Some("fuse.berth") => {}
         other => bail!(
             "{} is not inside a berth mount (filesystem {}); use an s3:// source with --cache-dir, or a path under a berth mountpoint",

@@ -244,9 +244,9 @@ fn node_lifecycle() -> Result<()> {
         "daemon still has volumes"
     );
     ensure!(
-        !berth::api::mounts::mount_table()?
+        !berth::sys::mounts::read()?
             .iter()
-            .any(|m| m.mountpoint.starts_with(&node.dir) && m.mountpoint != node.dir),
+            .any(|m| m.target.starts_with(&node.dir) && m.target != node.dir),
         "mounts left below the node directory"
     );
     check_no_secrets(&node.stop())
@@ -688,7 +688,7 @@ fn killed_mount_heals() -> Result<()> {
     ensure!(std::fs::read(&target)? == b"survives");
     // pods/c stands for a target the remounting `berth mount` cannot see (another mount
     // namespace): its bind is gone when the mount dies, so only berth-csi can bind it again.
-    berth::api::mounts::unmount_all(&node.path("pods/c/vol"))?;
+    berth::sys::mounts::unmount_all(&node.path("pods/c/vol"))?;
     let before = daemon_volumes(&node)?.pop().context("no volume")?;
     // SAFETY: kill -9 of the mount process the daemon reports.
     unsafe { libc::kill(before.pid as libc::pid_t, libc::SIGKILL) };
@@ -737,7 +737,7 @@ fn restarted_plugin_rebinds() -> Result<()> {
         staged_and_published("restart", &[("pods/a/vol", false), ("pods/c/vol", false)])?;
     // As in killed_mount_heals: a target the remounting mount cannot see.
     let hidden = node.path("pods/c/vol/data.txt");
-    berth::api::mounts::unmount_all(&node.path("pods/c/vol"))?;
+    berth::sys::mounts::unmount_all(&node.path("pods/c/vol"))?;
     let before = daemon_volumes(&node)?.pop().context("no volume")?;
     let remounted = |node: &Node| -> Result<bool> {
         let v = daemon_volumes(node)?.pop().context("volume vanished")?;

@@ -240,7 +240,7 @@ impl Node {
         }
         let logs = self.logs();
         // Anything still mounted below the directory (a failed test).
-        berth::api::mounts::unmount_below(&self.dir);
+        berth::sys::mounts::unmount_below(&self.dir);
         logs
     }
 }

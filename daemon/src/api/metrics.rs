@@ -7,8 +7,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::pb;
-use super::volumes::Registry;
-use crate::cache::shared::ServerStats;
+use super::registry::Registry;
+use crate::cache::node::ServerStats;
 
 pub async fn serve(listener: TcpListener, registry: Registry) {
     loop {

@@ -1,17 +1,20 @@
 //! `berth daemon`: the node daemon. One per node, it owns every mount and share on the node
 //! and serves the gRPC API of `proto/berth/v1/daemon.proto` on a unix socket:
-//! - [`volumes`]: one supervised `berth mount` process per volume, bind-mounted to targets,
-//!   ref-counted, restarted with backoff (a restart is what triggers the last-resort heal);
+//! - [`spec`]: what a volume is (source, allow-listed options, credentials) and the node's
+//!   settings; the CSI plugin and the CLI's `--socket` mode use the same option vocabulary;
+//! - [`registry`]: the daemon's volumes, ref-counted by target, recorded for a restart;
+//! - [`supervisor`]: one supervised `berth mount` process per volume, restarted with backoff
+//!   (a restart is what triggers the last-resort heal), re-bound and re-shared after it;
 //! - [`service`]: the gRPC service (mount, unmount, list, warm, stats, upgrade, shares);
 //! - [`table`]: the volume table on disk, from which a restarted daemon restores volumes;
-//! - [`metrics`]: a Prometheus text endpoint, off unless `--metrics-addr` is given;
-//! - [`mounts`]: mount-table helpers (also used by the CSI node plugin).
+//! - [`metrics`]: a Prometheus text endpoint, off unless `--metrics-addr` is given.
 
 pub mod metrics;
-pub mod mounts;
+pub mod registry;
 pub mod service;
+pub mod spec;
+pub mod supervisor;
 pub mod table;
-pub mod volumes;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,12 +22,11 @@ use std::path::{Path, PathBuf};
 use std::os::unix::fs::PermissionsExt as _;
 
 use anyhow::Context as _;
-use clap::Args;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cache::shared::CacheServer;
-use crate::units::parse_size;
+use crate::cache::node::CacheServer;
+use crate::state;
 
 pub mod pb {
     //! Generated from proto/berth/v1/daemon.proto.
@@ -32,67 +34,46 @@ pub mod pb {
     tonic::include_proto!("berth.v1");
 }
 
-#[derive(Args, Debug, Clone)]
-pub struct DaemonArgs {
-    /// Unix socket to serve the API on (its directory is created; a stale socket is replaced).
-    #[arg(long, value_name = "PATH", default_value = "/run/berth/daemon.sock")]
+/// What `berth daemon` does.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Unix socket of the gRPC API.
     pub socket: PathBuf,
-
-    /// State of the daemon and its mounts (inode journals, status files, volume mountpoints).
-    #[arg(long, value_name = "DIR", default_value = "/run/berth")]
     pub state_dir: PathBuf,
-
-    /// Node cache directory: one disk tier (data file, index, quota) for every volume of the
-    /// node. The daemon owns it and serves its index to the mount processes on
-    /// `<state-dir>/cache.sock`; they read and write the data file themselves. Without it,
-    /// volumes have no block cache.
-    #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-
-    /// Disk quota of the node cache, for all volumes together (never exceeded).
-    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
-    pub cache_size: u64,
-
-    /// Block size of the node cache: the ranged GET size of every volume (a volume's
-    /// `block-size` option must equal it).
-    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
-    pub block_size: u64,
-
-    /// Serve Prometheus metrics at http://ADDR/metrics (off by default), e.g. 127.0.0.1:9464.
-    #[arg(long, value_name = "ADDR")]
+    /// The node cache every volume uses, if any.
+    pub node_cache: Option<NodeCacheConfig>,
+    /// Where to serve Prometheus metrics (off if `None`).
     pub metrics_addr: Option<SocketAddr>,
-
-    /// What the daemon's exit does to its volumes. `unmount`: unbind every target and stop
-    /// every mount. `keep` (for a DaemonSet, where pods keep using their volumes across a
-    /// daemon restart): leave the volumes recorded in --state-dir and kill the mount
-    /// processes without unmounting; the next daemon restores every volume and re-binds the
-    /// targets (applications see errors only in between). Recorded volumes are restored at
-    /// start in either mode (after a crash, too).
-    #[arg(long, value_enum, value_name = "WHAT", default_value = "unmount")]
-    pub on_exit: OnExit,
+    /// The daemon's exit leaves volumes mounted (dead) for its successor to restore, instead
+    /// of unmounting them.
+    pub keep_on_exit: bool,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnExit {
-    Unmount,
-    Keep,
+/// The daemon's node cache: one disk tier for every volume of the node.
+#[derive(Clone, Debug)]
+pub struct NodeCacheConfig {
+    pub dir: PathBuf,
+    /// Disk quota in bytes, for all volumes together.
+    pub size: u64,
+    /// The ranged GET size of every volume.
+    pub block_size: u64,
 }
 
 /// `berth daemon`.
-pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
+pub fn run(args: DaemonConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let state_dir = args.state_dir.canonicalize()?;
     let berth_bin = std::env::current_exe().context("finding the berth binary")?;
-    let cache = match &args.cache_dir {
-        Some(dir) => Some(open_node_cache(dir, &args, &state_dir)?),
+    let cache = match &args.node_cache {
+        Some(config) => Some(open_node_cache(config, &state_dir)?),
         None => None,
     };
-    let node = volumes::Node {
+    let node = spec::NodeSettings {
         berth_bin,
         state_dir,
         cache,
-        keep_on_exit: args.on_exit == OnExit::Keep,
+        keep_on_exit: args.keep_on_exit,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -101,25 +82,21 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
     rt.block_on(serve(args, node))
 }
 
-/// Opens the node cache in `dir`; it is served once the runtime runs (see [`serve`]).
+/// Opens the node cache; it is served once the runtime runs (see [`serve`]).
 fn open_node_cache(
-    dir: &Path,
-    args: &DaemonArgs,
+    config: &NodeCacheConfig,
     state_dir: &Path,
-) -> anyhow::Result<volumes::SharedCache> {
-    if !(4096..=64 << 20).contains(&args.block_size) {
-        anyhow::bail!("--block-size must be between 4KiB and 64MiB");
-    }
-    let server = CacheServer::open(dir, args.cache_size, args.block_size)
-        .with_context(|| format!("opening the node cache in {}", dir.display()))?;
-    Ok(volumes::SharedCache {
-        socket: state_dir.join("cache.sock"),
+) -> anyhow::Result<spec::SharedCache> {
+    let server = CacheServer::open(&config.dir, config.size, config.block_size)
+        .with_context(|| format!("opening the node cache in {}", config.dir.display()))?;
+    Ok(spec::SharedCache {
+        socket: state::node_cache_socket(state_dir),
         server,
     })
 }
 
 /// Serves the node cache's index to mount processes on its socket.
-fn serve_node_cache(cache: &volumes::SharedCache) -> anyhow::Result<()> {
+fn serve_node_cache(cache: &spec::SharedCache) -> anyhow::Result<()> {
     let socket = &cache.socket;
     if socket.exists() {
         std::fs::remove_file(socket)
@@ -135,7 +112,7 @@ fn serve_node_cache(cache: &volumes::SharedCache) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: DaemonArgs, node: volumes::Node) -> anyhow::Result<()> {
+async fn serve(args: DaemonConfig, node: spec::NodeSettings) -> anyhow::Result<()> {
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -149,7 +126,7 @@ async fn serve(args: DaemonArgs, node: volumes::Node) -> anyhow::Result<()> {
         serve_node_cache(cache)?;
     }
     let cache_socket = node.cache.as_ref().map(|c| c.socket.clone());
-    let registry = volumes::Registry::new(node);
+    let registry = registry::Registry::new(node);
     registry.restore().await;
     let service = service::DaemonService::new(registry.clone());
     if let Some(addr) = args.metrics_addr {

@@ -8,7 +8,9 @@ use tokio::process::Command;
 use tonic::{Request, Response, Status};
 
 use super::pb;
-use super::volumes::{Registry, ShareSpec, VolumeError, VolumeSpec};
+use super::registry::Registry;
+use super::spec::{VolumeError, VolumeSpec};
+use super::table::ShareSpec;
 
 impl From<VolumeError> for Status {
     fn from(e: VolumeError) -> Status {

@@ -1,15 +1,16 @@
 //! The daemon's volume table on disk, so that a restarted daemon brings every volume back:
 //! `<state-dir>/volumes/<key>/volume.json` (source, options, targets, shares) and, when the
 //! volume has credentials, `secrets.json` beside it, readable by root only (mode 0600).
-//! Each file is written whole to a temporary name and renamed, so a crash leaves the old
-//! version or the new one, never half of one.
+//! Each file is written whole ([`write_atomic`]), so a crash leaves the old version or the
+//! new one, never half of one.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::state;
+use crate::sys::files::write_atomic;
 
 /// One volume as the daemon must restore it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,10 +33,6 @@ pub struct ShareSpec {
     pub share_id: String,
 }
 
-fn dir(state_dir: &Path, key: &str) -> PathBuf {
-    state_dir.join("volumes").join(key)
-}
-
 /// Writes the record (and the secrets, if any) of volume `key`.
 pub fn save(
     state_dir: &Path,
@@ -43,7 +40,7 @@ pub fn save(
     record: &Record,
     secrets: &BTreeMap<String, String>,
 ) -> std::io::Result<()> {
-    let dir = dir(state_dir, key);
+    let dir = state::volume_dir(state_dir, key);
     std::fs::create_dir_all(&dir)?;
     write_atomic(
         &dir.join("volume.json"),
@@ -61,7 +58,7 @@ pub fn save(
 
 /// Forgets volume `key` (its mountpoint directory is removed by whoever stops it).
 pub fn remove(state_dir: &Path, key: &str) {
-    let dir = dir(state_dir, key);
+    let dir = state::volume_dir(state_dir, key);
     for name in ["volume.json", "secrets.json"] {
         let _ = std::fs::remove_file(dir.join(name));
     }
@@ -69,7 +66,7 @@ pub fn remove(state_dir: &Path, key: &str) {
 
 /// Every recorded volume: (key, record, secrets). Unreadable records are logged and skipped.
 pub fn load_all(state_dir: &Path) -> Vec<(String, Record, BTreeMap<String, String>)> {
-    let Ok(entries) = std::fs::read_dir(state_dir.join("volumes")) else {
+    let Ok(entries) = std::fs::read_dir(state::volumes_dir(state_dir)) else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -93,21 +90,6 @@ pub fn load_all(state_dir: &Path) -> Vec<(String, Record, BTreeMap<String, Strin
         out.push((key, record, secrets));
     }
     out
-}
-
-/// Writes `data` to a temporary file beside `path` (created with `mode`), syncs it and
-/// renames it over `path`: readers see the old file or the new one, never half of one.
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    file.write_all(data)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

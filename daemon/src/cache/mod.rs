@@ -10,18 +10,21 @@
 //! and not cached: reads never fail because of the cache.
 //!
 //! The disk tier's index lives in this process ([`DiskTier::Dir`]), or in the node daemon,
-//! which serves one index and one quota to every mount process of the node ([`shared`],
+//! which serves one index and one quota to every mount process of the node ([`node`],
 //! [`DiskTier::Node`]).
 
+mod disk;
 mod generations;
 mod hot;
 mod index;
 pub mod io;
-pub mod shared;
+pub mod node;
+mod slots;
+mod stats;
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -30,9 +33,14 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Semaphore;
 
 use crate::store::StoreResult;
+use disk::Disk;
+pub use disk::{is_in_use, CacheInUse};
 use hot::HotTier;
-use index::{BlockKey, Index, SlotEntry};
+use index::{BlockKey, SlotEntry};
 pub use io::{EngineKind, EnginePreference};
+use slots::Slots;
+use stats::Counters;
+pub use stats::{CacheStats, Summary};
 
 /// Disk writes in flight at once; past that, new blocks are not cached (the store is not slowed
 /// down by a slow cache disk).
@@ -43,7 +51,7 @@ const MAX_PENDING_WRITES: usize = 64;
 pub enum DiskTier {
     /// A directory this process owns (locked), with a quota in bytes.
     Dir { dir: PathBuf, size: u64 },
-    /// The node daemon's cache, reached over its unix socket (see [`shared`]).
+    /// The node daemon's cache, reached over its unix socket (see [`node`]).
     Node { socket: PathBuf },
 }
 
@@ -58,183 +66,6 @@ pub struct CacheConfig {
     /// Wait for the disk instead of skipping blocks when writes fall behind (warm-up wants
     /// every block cached; a mount wants reads never slowed by the cache disk).
     pub wait_for_disk: bool,
-}
-
-/// Counters, all monotonic.
-#[derive(Default)]
-struct Counters {
-    memory_hits: AtomicU64,
-    disk_hits: AtomicU64,
-    misses: AtomicU64,
-    bytes_from_memory: AtomicU64,
-    bytes_from_disk: AtomicU64,
-    bytes_from_store: AtomicU64,
-    checksum_failures: AtomicU64,
-    write_errors: AtomicU64,
-    writes_skipped: AtomicU64,
-    coalesced: AtomicU64,
-}
-
-/// A snapshot of the cache's counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CacheStats {
-    pub engine: String,
-    pub memory_hits: u64,
-    pub disk_hits: u64,
-    pub misses: u64,
-    pub bytes_from_memory: u64,
-    pub bytes_from_disk: u64,
-    pub bytes_from_store: u64,
-    pub checksum_failures: u64,
-    pub write_errors: u64,
-    pub writes_skipped: u64,
-    pub coalesced: u64,
-    pub evictions: u64,
-    pub disk_blocks: u64,
-    pub disk_slots: u64,
-    pub memory_bytes: u64,
-}
-
-/// Blocks, slots and evictions of a disk tier.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Summary {
-    pub blocks: u64,
-    pub slots: u64,
-    pub evictions: u64,
-    /// Orders summaries of the node cache: replies to concurrent calls arrive in any order.
-    #[serde(default)]
-    pub as_of: u64,
-}
-
-impl Summary {
-    fn of(index: &Index) -> Summary {
-        Summary {
-            blocks: index.len() as u64,
-            slots: index.slots() as u64,
-            evictions: index.evictions,
-            as_of: 0,
-        }
-    }
-}
-
-/// A disk tier opened in a directory: its lock, its data file and its index.
-struct Disk {
-    lock: std::fs::File,
-    data: PathBuf,
-    data_len: u64,
-    index: Index,
-    replayed: usize,
-}
-
-impl Disk {
-    fn open(dir: &Path, size: u64, block_size: u64) -> std::io::Result<Disk> {
-        std::fs::create_dir_all(dir)?;
-        let lock = lock_dir(dir)?;
-        let slots = (size / block_size).min(u32::MAX as u64) as u32;
-        if slots == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "cache size is smaller than one block",
-            ));
-        }
-        let (index, replayed) = Index::open(&dir.join("index"), block_size, slots)?;
-        Ok(Disk {
-            lock,
-            data: dir.join("data"),
-            data_len: slots as u64 * block_size,
-            index,
-            replayed,
-        })
-    }
-}
-
-/// A slot reserved for a new block.
-enum Reserved {
-    Local(u32),
-    Node(shared::Reservation),
-}
-
-impl Reserved {
-    fn slot(&self) -> u32 {
-        match self {
-            Reserved::Local(slot) => *slot,
-            Reserved::Node(r) => r.slot,
-        }
-    }
-}
-
-/// The disk tier's index: in this process, or the node daemon's.
-enum Slots {
-    Local(Mutex<Index>),
-    Node(shared::CacheClient),
-}
-
-impl Slots {
-    async fn lookup(&self, keys: &[&BlockKey]) -> Vec<Option<SlotEntry>> {
-        match self {
-            Slots::Local(index) => {
-                let mut index = lock(index);
-                keys.iter().map(|k| index.lookup(k)).collect()
-            }
-            Slots::Node(client) => client.lookup(keys).await,
-        }
-    }
-
-    /// A slot for a new block of `key`.
-    async fn reserve(&self, key: &BlockKey) -> Option<Reserved> {
-        match self {
-            Slots::Local(index) => lock(index).reserve(key).map(Reserved::Local),
-            Slots::Node(client) => client.reserve(key).await.map(Reserved::Node),
-        }
-    }
-
-    async fn commit(
-        &self,
-        key: BlockKey,
-        entry: SlotEntry,
-        reserved: Reserved,
-    ) -> std::io::Result<()> {
-        match (self, reserved) {
-            (Slots::Node(client), Reserved::Node(r)) => client.commit(&key, entry, r).await,
-            (Slots::Local(index), _) => lock(index).commit(key, entry),
-            (Slots::Node(_), Reserved::Local(_)) => Err(std::io::Error::other(
-                "a local slot cannot be committed to the node cache",
-            )),
-        }
-    }
-
-    async fn abandon(&self, reserved: Reserved) {
-        match (self, reserved) {
-            (Slots::Node(client), Reserved::Node(r)) => client.abandon(r).await,
-            (Slots::Local(index), r) => lock(index).abandon(r.slot()),
-            (Slots::Node(_), Reserved::Local(_)) => {}
-        }
-    }
-
-    async fn remove(&self, key: &BlockKey, slot: u32) {
-        match self {
-            Slots::Local(index) => {
-                lock(index).remove(key, slot);
-            }
-            Slots::Node(client) => client.remove(key, slot).await,
-        }
-    }
-
-    /// Whether `entry`'s slot still holds what it held when the entry was looked up (another
-    /// process may have been given the slot since).
-    fn unchanged(&self, entry: &SlotEntry) -> bool {
-        match self {
-            Slots::Local(_) => true,
-            Slots::Node(client) => client.unchanged(entry),
-        }
-    }
-
-    fn summary(&self) -> Summary {
-        match self {
-            Slots::Local(index) => Summary::of(&lock(index)),
-            Slots::Node(client) => client.summary(),
-        }
-    }
 }
 
 /// Identifies an object version for caching.
@@ -293,37 +124,18 @@ pub struct BlockCache {
     _lock: Option<std::fs::File>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Takes an exclusive lock on the cache dir so that two processes never share slots.
-fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::create(dir.join("lock"))?;
-    // SAFETY: flock on a valid fd has no memory-safety preconditions.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(
-            e.kind(),
-            format!(
-                "cache dir {} is in use by another berth process ({e}); to share the cache of \
-                 a berth daemon, use --cache-socket",
-                dir.display()
-            ),
-        ));
-    }
-    Ok(file)
 }
 
 /// Opens the node cache's data file with our own I/O engine, after checking that it is the
 /// file the daemon indexes, with our block size.
 fn open_node_data(
-    client: &shared::CacheClient,
+    client: &node::CacheClient,
     config: &CacheConfig,
 ) -> std::io::Result<Arc<dyn io::BlockIo>> {
     use std::os::unix::fs::MetadataExt;
-    let hello = client.hello();
+    let hello = client.greeting();
     if hello.block_size != config.block_size {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -365,11 +177,11 @@ impl BlockCache {
                 (io, Slots::Local(Mutex::new(disk.index)), Some(disk.lock))
             }
             DiskTier::Node { socket } => {
-                let client = shared::CacheClient::connect(socket, NODE_CACHE_WAIT)?;
+                let client = node::CacheClient::connect(socket, NODE_CACHE_WAIT)?;
                 let io = open_node_data(&client, config)?;
                 tracing::info!(
                     socket = %socket.display(),
-                    data = %client.hello().data.display(),
+                    data = %client.greeting().data.display(),
                     block_size = config.block_size,
                     engine = ?io.kind(),
                     "using the node cache"
@@ -705,6 +517,7 @@ impl BlockCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 

@@ -7,16 +7,15 @@
 //! semantics table in the README.
 
 mod attr;
+mod data;
+mod handles;
+#[cfg(test)]
+mod read_tests;
 
-use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-mod handles;
-#[cfg(test)]
-mod read_tests;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -26,10 +25,10 @@ use fuse_backend_rs::api::filesystem::{
 };
 
 use crate::memory::MemoryLimiter;
-use crate::namespace::{store_error, DirStream, Kind, Namespace, Node};
+use crate::namespace::{store_error, Kind, Namespace, Node};
 use crate::prefetch::{Fetcher, ObjectReader};
-use crate::upload::Upload;
 pub use attr::AttrConfig;
+use handles::{Handle, HandleKind, HandleTable};
 
 /// Largest object a server-side copy (rename) can handle in one request.
 const MAX_COPY_SIZE: u64 = 5 << 30;
@@ -43,32 +42,13 @@ pub struct FsConfig {
     pub attr: AttrConfig,
 }
 
-enum Handle {
-    Read(ObjectReader),
-    Write { ino: u64, upload: Upload },
-    Dir(Mutex<DirStream>),
-}
-
-impl Handle {
-    fn kind(&self) -> handles::HandleKind {
-        match self {
-            Handle::Read(_) => handles::HandleKind::Read,
-            Handle::Write { .. } => handles::HandleKind::Write,
-            Handle::Dir(_) => handles::HandleKind::Dir,
-        }
-    }
-}
-
 pub struct BerthFs {
     rt: tokio::runtime::Handle,
     ns: Arc<Namespace>,
     fetcher: Arc<Fetcher>,
     memory: Arc<MemoryLimiter>,
     config: FsConfig,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    next_handle: AtomicU64,
-    /// The engine generation, written into every file handle (see `handles`).
-    generation: u64,
+    handles: HandleTable,
     /// The capability flags the kernel offered at FUSE INIT (0 until then).
     init_capable: AtomicU64,
 }
@@ -87,33 +67,6 @@ fn unsupported(op: &str, what: &str, why: &str, code: i32) -> io::Error {
 /// not cannot exist in the store. The kernel never sends `.`, `..`, empty names or names with
 /// `/`, but a virtio-fs guest is untrusted and may: such a name would step outside its
 /// directory, so it is refused before it reaches the namespace.
-/// Reads up to `size` bytes at `offset` of a local file straight into the reply buffers
-/// (guest memory for virtio-fs), as a passthrough server does: one copy, by the kernel.
-/// Short only at the end of the file.
-fn read_local(
-    w: &mut dyn ZeroCopyWriter,
-    file: &std::fs::File,
-    size: u32,
-    offset: u64,
-) -> io::Result<usize> {
-    // `write_from` takes `&mut`; the reads are positional (preadv), so a second descriptor
-    // of the same open file is as good as the shared one.
-    let mut file = file.try_clone()?;
-    let want = (size as usize).min(w.available_bytes());
-    let mut total = 0;
-    while total < want {
-        match w.write_from(&mut file, want - total, offset + total as u64) {
-            Ok(0) => break,
-            Ok(n) => total += n,
-            // What the writer says when the file ended.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(total)
-}
-
 fn name_of(name: &CStr) -> io::Result<&str> {
     let name = name.to_str().map_err(|_| errno(libc::EINVAL))?;
     if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
@@ -136,9 +89,7 @@ impl BerthFs {
             fetcher,
             memory,
             config,
-            handles: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
-            generation: 1,
+            handles: HandleTable::new(1),
             init_capable: AtomicU64::new(0),
         }
     }
@@ -146,7 +97,7 @@ impl BerthFs {
     /// Serve as engine generation `generation` (a successor's handles never collide with the
     /// ones its predecessors gave the kernel).
     pub fn with_generation(mut self, generation: u64) -> BerthFs {
-        self.generation = generation;
+        self.handles = HandleTable::new(generation);
         self
     }
 
@@ -164,10 +115,7 @@ impl BerthFs {
 
     /// Files open for writing (their data lives only in this engine until committed).
     pub fn open_writes(&self) -> usize {
-        self.handles()
-            .values()
-            .filter(|h| matches!(***h, Handle::Write { .. }))
-            .count()
+        self.handles.count(|h| matches!(h, Handle::Write { .. }))
     }
 
     pub fn read_only(&self) -> bool {
@@ -182,34 +130,24 @@ impl BerthFs {
         self.ns.ttl().unwrap_or(INDEFINITE)
     }
 
-    fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Handle>>> {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn add_handle(&self, handle: Handle) -> u64 {
-        let serial = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let fh = handles::encode(handle.kind(), self.generation, serial);
-        self.handles().insert(fh, Arc::new(handle));
-        fh
+        self.handles.add(handle)
     }
 
     /// The handle `fh` of node `ino`. A handle a predecessor engine gave the kernel is taken
     /// over on first use: reads and directory listings go on where they were; a file that was
     /// being written lost its unsaved data with that engine, which is reported as EIO.
     fn handle(&self, ino: u64, fh: u64) -> io::Result<Arc<Handle>> {
-        if let Some(h) = self.handles().get(&fh).cloned() {
+        if let Some(h) = self.handles.get(fh) {
             return Ok(h);
         }
-        let Some((kind, generation)) = handles::decode(fh) else {
+        let Some(kind) = self.handles.predecessors(fh) else {
             return Err(errno(libc::EBADF));
         };
-        if generation == handles::generation_bits(self.generation) {
-            return Err(errno(libc::EBADF));
-        }
         let adopted = match kind {
-            handles::HandleKind::Read => Handle::Read(self.reader_for(ino)?),
-            handles::HandleKind::Dir => Handle::Dir(Mutex::new(self.ns.open_dir(ino)?)),
-            handles::HandleKind::Write => {
+            HandleKind::Read => Handle::Read(self.reader_for(ino)?),
+            HandleKind::Dir => Handle::Dir(Mutex::new(self.ns.open_dir(ino)?)),
+            HandleKind::Write => {
                 tracing::error!(
                     ino,
                     "a file was being written when its engine died; its unsaved data is lost and the file was NOT saved (EIO)"
@@ -218,19 +156,7 @@ impl BerthFs {
             }
         };
         tracing::debug!(ino, fh, ?kind, "took over a handle of an earlier engine");
-        let adopted = Arc::new(adopted);
-        Ok(self.handles().entry(fh).or_insert(adopted).clone())
-    }
-
-    fn reader_for(&self, ino: u64) -> io::Result<ObjectReader> {
-        let node = self.rt.block_on(self.ns.getattr(ino))?;
-        let key = self.ns.object_key(&node);
-        Ok(ObjectReader::new(
-            self.fetcher.clone(),
-            &key,
-            node.stat.etag.as_deref(),
-            node.stat.size,
-        ))
+        Ok(self.handles.adopt(fh, adopted))
     }
 
     fn entry(&self, node: &Node) -> Entry {
@@ -248,51 +174,6 @@ impl BerthFs {
             attr_timeout: ttl,
             entry_timeout: ttl,
         }
-    }
-
-    /// Commits an upload and tells the namespace how it ended.
-    fn commit(&self, ino: u64, upload: &Upload) -> io::Result<()> {
-        let result = self.rt.block_on(upload.commit());
-        match &result {
-            Ok(stat) => self.ns.end_write(ino, Some(stat.clone())),
-            Err(e) => {
-                tracing::error!(key = upload.key(), error = %e, "file was NOT saved to the store");
-                self.ns.end_write(ino, None);
-            }
-        }
-        result.map(|_| ())
-    }
-
-    /// Commits every upload still open; called once the mount is gone, so that data written
-    /// and closed just before an unmount is never lost.
-    pub fn shutdown(&self) {
-        let open: Vec<Arc<Handle>> = self.handles().drain().map(|(_, h)| h).collect();
-        for handle in open {
-            if let Handle::Write { ino, upload } = &*handle {
-                if self.rt.block_on(upload.is_open()) {
-                    tracing::info!(
-                        key = upload.key(),
-                        "committing a file still open at unmount"
-                    );
-                    let _ = self.commit(*ino, upload);
-                }
-            }
-        }
-    }
-
-    fn open_upload(&self, parent: u64, name: &str, key: String) -> io::Result<(Node, u64)> {
-        let upload = Upload::new(
-            self.ns.store().clone(),
-            self.memory.clone(),
-            key,
-            self.config.part_size,
-        );
-        let node = self.ns.begin_write(parent, name, upload.written())?;
-        let fh = self.add_handle(Handle::Write {
-            ino: node.ino,
-            upload,
-        });
-        Ok((node, fh))
     }
 
     fn read_only_guard(&self, op: &str) -> io::Result<()> {
@@ -719,31 +600,7 @@ impl FileSystem for BerthFs {
         _flags: u32,
     ) -> io::Result<usize> {
         let handle = self.handle(inode, handle)?;
-        let reader = match &*handle {
-            Handle::Read(reader) => reader,
-            Handle::Write { upload, .. } => {
-                return Err(unsupported(
-                    "read",
-                    upload.key(),
-                    "a file cannot be read while it is being written",
-                    libc::EOPNOTSUPP,
-                ));
-            }
-            Handle::Dir(_) => return Err(errno(libc::EISDIR)),
-        };
-        if let Some(file) = reader.local_file() {
-            return read_local(w, file, size, offset);
-        }
-        let parts = self
-            .rt
-            .block_on(reader.read(offset, size as u64))
-            .map_err(|e| store_error("read", reader.key(), e))?;
-        let mut total = 0;
-        for part in parts {
-            w.write_all(&part)?;
-            total += part.len();
-        }
-        Ok(total)
+        self.read_handle(&handle, w, size, offset)
     }
 
     fn write(
@@ -760,22 +617,7 @@ impl FileSystem for BerthFs {
         _fuse_flags: u32,
     ) -> io::Result<usize> {
         let handle = self.handle(inode, handle)?;
-        let Handle::Write { ino, upload } = &*handle else {
-            return Err(unsupported(
-                "write",
-                "",
-                "stored objects cannot be modified in place; open with O_TRUNC to replace one",
-                libc::EOPNOTSUPP,
-            ));
-        };
-        if upload.written().load(Ordering::Acquire) == 0
-            && self.rt.block_on(upload.reopen_if_empty())
-        {
-            self.ns.resume_write(*ino, upload.written());
-        }
-        let mut data = vec![0u8; size as usize];
-        r.read_exact(&mut data)?;
-        self.rt.block_on(upload.write(offset, &data))
+        self.write_handle(&handle, r, size, offset)
     }
 
     fn flush(&self, _ctx: &Context, inode: u64, handle: u64, _lock_owner: u64) -> io::Result<()> {
@@ -824,7 +666,7 @@ impl FileSystem for BerthFs {
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        let removed = self.handles().remove(&handle);
+        let removed = self.handles.remove(handle);
         match removed {
             Some(handle) => {
                 if let Handle::Write { ino, upload } = &*handle {
@@ -832,9 +674,7 @@ impl FileSystem for BerthFs {
                     let _ = self.commit(*ino, upload);
                 }
             }
-            None if handles::decode(handle)
-                .is_some_and(|(k, _)| k == handles::HandleKind::Write) =>
-            {
+            None if handles::kind_of(handle) == Some(HandleKind::Write) => {
                 tracing::warn!(
                     handle,
                     "closed a file whose writer engine died before saving it"
@@ -904,7 +744,7 @@ impl FileSystem for BerthFs {
     }
 
     fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
-        self.handles().remove(&handle);
+        self.handles.remove(handle);
         Ok(())
     }
 }

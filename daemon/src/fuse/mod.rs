@@ -5,7 +5,7 @@
 //! them and passes them to a replaceable engine (see `heal`). Each worker thread reads its own
 //! clone (`FUSE_DEV_IOC_CLONE`), so requests are spread over queues, not one fd.
 
-pub mod mountinfo;
+pub mod connection_state;
 pub mod protocol;
 pub mod worker;
 
@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-pub use mountinfo::{fstype_of, is_mountpoint};
+use crate::sys::mounts::{self, cpath};
 
 /// `_IOR(229, 0, uint32_t)`
 const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
@@ -39,13 +39,6 @@ pub struct FuseMount {
 
 fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "string contains NUL"))
-}
-
-/// A path as the kernel takes it: its bytes, whatever their encoding.
-fn cpath(path: &Path) -> io::Result<CString> {
-    use std::os::unix::ffi::OsStrExt;
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
 fn open_fuse_device() -> io::Result<File> {
@@ -137,7 +130,7 @@ impl FuseMount {
 
     /// Unmounts. Fails with EBUSY while files or working directories are open inside.
     pub fn unmount(&self, lazy: bool) -> io::Result<()> {
-        unmount(&self.mountpoint, lazy)
+        mounts::unmount(&self.mountpoint, lazy)
     }
 
     /// Aborts the connection through fusectl, failing every pending request at once; used when
@@ -151,7 +144,9 @@ impl FuseMount {
     /// The fusectl connection id: the minor device number of the mount (read from mountinfo,
     /// because a stat of the mount root would wait for the engine).
     pub fn connection_id(&self) -> Option<u32> {
-        mountinfo::mount_at(&self.mountpoint)
+        mounts::mount_at(&self.mountpoint)
+            .ok()
+            .flatten()
             .filter(|m| m.fstype == FSTYPE)
             .map(|m| m.device.1)
     }
@@ -167,61 +162,6 @@ pub fn clone_queue(device: &File) -> io::Result<File> {
         return Err(io::Error::last_os_error());
     }
     Ok(clone)
-}
-
-/// umount2(2) of `path`; "not mounted" counts as done.
-pub fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
-    let target = cpath(path)?;
-    let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: target is a valid NUL-terminated path.
-    if unsafe { libc::umount2(target.as_ptr(), flags) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            return Ok(());
-        }
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// Bind-mounts `source` onto `target` with the per-mount `flags` (`MS_RDONLY`, `MS_NOSUID`,
-/// ...). The kernel ignores those on the bind itself, so they take a second, remounting call;
-/// if that fails the bind goes again: a read-only target must never come back writable.
-pub fn bind(source: &Path, target: &Path, flags: libc::c_ulong) -> io::Result<()> {
-    let source = cpath(source)?;
-    let target_c = cpath(target)?;
-    // SAFETY: valid NUL-terminated paths; no data argument for a bind mount.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target_c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if flags == 0 {
-        return Ok(());
-    }
-    // SAFETY: as above; a remount of the bind just made.
-    let rc = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            target_c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REMOUNT | flags,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        let _ = unmount(target, false);
-        return Err(e);
-    }
-    Ok(())
 }
 
 /// Fails every request of connection `conn` and refuses new ones (fusectl `abort`).
@@ -242,7 +182,7 @@ pub fn waiting_requests(conn: u32) -> Option<u64> {
 /// Mounts fusectl at /sys/fs/fuse/connections if it is not there yet. Best effort.
 pub fn ensure_fusectl() {
     let dir = Path::new("/sys/fs/fuse/connections");
-    if mountinfo::is_mountpoint(dir) {
+    if mounts::is_mountpoint(dir).unwrap_or(false) {
         return;
     }
     let (Ok(src), Ok(target), Ok(fstype)) = (

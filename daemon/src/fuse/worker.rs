@@ -16,9 +16,9 @@ use std::sync::Arc;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
 
+use super::connection_state::ConnectionState;
 use super::protocol::{self, InHeader};
 use crate::fs::BerthFs;
-use crate::heal::shared::SharedState;
 
 /// Largest request: 1 MiB of data (max_pages 256) plus headers.
 const REQUEST_BUFFER: usize = (1 << 20) + (64 << 10);
@@ -98,7 +98,7 @@ pub fn set_nonblocking(file: &File) -> io::Result<()> {
 pub fn serve_queue(
     queue: File,
     server: &Server<Arc<BerthFs>>,
-    shared: &SharedState,
+    shared: &ConnectionState,
     control: &QueueControl,
 ) -> WorkerEnd {
     let fd = queue.as_raw_fd();
@@ -198,7 +198,7 @@ fn serve_one(
     bytes: &mut [u8],
     reply: &mut [u8],
     server: &Server<Arc<BerthFs>>,
-    shared: &SharedState,
+    shared: &ConnectionState,
     capture: &Capture,
 ) {
     let journaled = protocol::is_non_idempotent(header.opcode);

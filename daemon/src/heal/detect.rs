@@ -10,16 +10,7 @@
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use super::holder::Event;
-use super::HealArgs;
-
-/// What a detector reports to the holder.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DetectorEvent {
-    EngineExited { pid: u32 },
-    Stalled { conn: u32, waited: Duration },
-    Aborted { conn: u32 },
-}
+use super::events::Event;
 
 /// The detection layer in use: "ebpf" when the probes loaded, else "fallback".
 pub struct Detector {
@@ -27,9 +18,9 @@ pub struct Detector {
 }
 
 impl Detector {
-    /// Loads the eBPF probes unless `--no-ebpf`; falls back (and says why) when they cannot.
-    pub fn start(args: &HealArgs, hang_timeout: Duration, events: Sender<Event>) -> Detector {
-        if args.no_ebpf {
+    /// Loads the eBPF probes unless `no_ebpf`; falls back (and says why) when they cannot.
+    pub fn start(no_ebpf: bool, hang_timeout: Duration, events: Sender<Event>) -> Detector {
+        if no_ebpf {
             tracing::info!("eBPF detection off (--no-ebpf); using pidfd, held fds and fusectl");
             return Detector { ebpf: None };
         }
@@ -130,6 +121,15 @@ impl HangWatch {
         }
         None
     }
+}
+
+/// CLOCK_MONOTONIC in ns: comparable across processes (the recovery bench kills at a
+/// monotonic time and reads the holder's detection time from the status).
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain data filled by clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

@@ -12,8 +12,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use berth_ebpf::{Event as KernelEvent, FuseWatch};
 
-use super::detect::DetectorEvent;
-use super::holder::Event;
+use super::events::{DetectorEvent, Event};
 
 /// How often the probe thread looks for holder commands when the kernel is quiet.
 const POLL: Duration = Duration::from_millis(50);

@@ -3,13 +3,13 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::HolderFacts;
+use crate::status::HolderFacts;
 
 /// Most fds one message carries (the kernel's SCM_MAX_FD is 253).
 pub const MAX_FDS: usize = 250;
@@ -39,16 +39,32 @@ pub struct MountHandoff {
     /// virtio-fs shares of this volume; one listening socket fd each follows the shared
     /// region, in order.
     #[serde(default)]
-    pub shares: Vec<ShareHandoff>,
+    pub shares: Vec<ShareSocket>,
 }
 
 /// A vhost-user socket the holder bound (and keeps) for a share of a mount's volume: the
 /// engine serves VMMs on it with the same filesystem, caches and inode numbers as the mount.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ShareHandoff {
+pub struct ShareSocket {
     pub socket: PathBuf,
     pub request_queues: usize,
     pub queue_size: u16,
+}
+
+/// Most request queues a share offers (virtio-fs: one high-priority queue + up to 63).
+pub const MAX_REQUEST_QUEUES: usize = 63;
+
+impl ShareSocket {
+    /// The queue settings are ones a virtio-fs device can have.
+    pub fn check_settings(&self) -> anyhow::Result<()> {
+        if self.request_queues == 0 || self.request_queues > MAX_REQUEST_QUEUES {
+            anyhow::bail!("request queues must be between 1 and {MAX_REQUEST_QUEUES}");
+        }
+        if !self.queue_size.is_power_of_two() {
+            anyhow::bail!("the queue size must be a power of two");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -61,7 +77,7 @@ pub enum ToEngine {
     /// Serve a share of mount `mount`; its listening socket fd is attached.
     AddShare {
         mount: usize,
-        share: ShareHandoff,
+        share: ShareSocket,
     },
     /// Stop accepting VMMs on a share (one still attached is served until it leaves).
     RemoveShare {
@@ -82,6 +98,14 @@ pub enum ToHolder {
     Stopped { open_writes_dropped: usize },
     /// Every mount was unmounted; the engine committed what was open and exits.
     Unmounted,
+}
+
+/// Takes ownership of an fd number given on the command line (the engine's handoff socket).
+///
+/// # Safety
+/// `fd` must be an open fd this process owns and nothing else will close.
+pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
+    OwnedFd::from_raw_fd(fd)
 }
 
 /// Sends `message` with `fds` attached.
@@ -241,7 +265,7 @@ mod tests {
                 queues: 1,
                 init_capable: Some(0xff),
                 resend: true,
-                shares: vec![ShareHandoff {
+                shares: vec![ShareSocket {
                     socket: "/run/vm.sock".into(),
                     request_queues: 2,
                     queue_size: 512,

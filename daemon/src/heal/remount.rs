@@ -7,7 +7,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::fuse::{self, mountinfo};
+use crate::fuse;
+use crate::sys::mounts;
 
 /// A place the dead mount was bound to, to bind the new mount to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,7 +22,7 @@ pub struct BindTarget {
 
 /// Whether `path` is a berth mount whose connection is dead.
 pub fn is_dead_berth_mount(path: &Path) -> bool {
-    let Some(entry) = mountinfo::mount_at(path) else {
+    let Ok(Some(entry)) = mounts::mount_at(path) else {
         return false;
     };
     if entry.fstype != fuse::FSTYPE {
@@ -64,11 +65,11 @@ fn statfs(path: &Path) -> io::Result<()> {
 /// Detaches the berth mount at `mountpoint` and every bind of it in this mount namespace;
 /// returns the bind targets, to re-bind once a new mount is up.
 pub fn detach_with_binds(mountpoint: &Path) -> io::Result<Vec<BindTarget>> {
-    let entries = mountinfo::read();
+    let entries = mounts::read()?;
     let Some(entry) = entries.iter().rev().find(|m| m.target == mountpoint) else {
         return Ok(Vec::new());
     };
-    let targets: Vec<BindTarget> = mountinfo::bind_targets(&entries, entry.device, mountpoint)
+    let targets: Vec<BindTarget> = mounts::bind_targets(&entries, entry.device, mountpoint)
         .into_iter()
         .map(|m| BindTarget {
             target: m.target,
@@ -77,11 +78,11 @@ pub fn detach_with_binds(mountpoint: &Path) -> io::Result<Vec<BindTarget>> {
         })
         .collect();
     for t in &targets {
-        if let Err(e) = fuse::unmount(&t.target, true) {
+        if let Err(e) = mounts::unmount(&t.target, true) {
             tracing::warn!(target_path = %t.target.display(), error = %e, "could not detach a stale bind");
         }
     }
-    fuse::unmount(mountpoint, true)?;
+    mounts::unmount(mountpoint, true)?;
     Ok(targets)
 }
 
@@ -91,7 +92,7 @@ pub fn rebind(mountpoint: &Path, targets: &[BindTarget]) -> usize {
     for t in targets {
         let rel = t.root.strip_prefix("/").unwrap_or(&t.root);
         let source = mountpoint.join(rel);
-        match fuse::bind(&source, &t.target, t.flags) {
+        match mounts::bind(&source, &t.target, t.flags) {
             Ok(()) => {
                 done += 1;
                 tracing::info!(target_path = %t.target.display(), read_only = t.flags & libc::MS_RDONLY != 0, "re-bound the new mount over a stale bind target");

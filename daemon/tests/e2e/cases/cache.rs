@@ -610,7 +610,7 @@ pub fn warm_into_the_node_cache() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().canonicalize()?;
     let result = warm_node_flow(&dir, &bucket.name, &proxy, &files);
-    berth::api::mounts::unmount_below(&dir);
+    berth::sys::mounts::unmount_below(&dir);
     result
 }
 

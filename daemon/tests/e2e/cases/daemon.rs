@@ -92,7 +92,7 @@ pub fn restart_restores_volumes() -> Result<()> {
     let result = restart_flow(&dir, &src, &target, &publish);
     // A failed run may leave mounts anywhere below the directory (the daemon's own
     // mountpoint of the volume too).
-    berth::api::mounts::unmount_below(&dir);
+    berth::sys::mounts::unmount_below(&dir);
     result
 }
 
@@ -114,7 +114,7 @@ fn restart_flow(dir: &Path, src: &Path, target: &Path, publish: &Path) -> Result
         }),
     )?;
     std::fs::create_dir_all(publish)?;
-    berth::api::mounts::bind(target, publish, false)?;
+    berth::sys::mounts::bind(target, publish, 0)?;
     ensure!(read_ok(&target.join("a.txt"), want) && read_ok(&publish.join("a.txt"), want));
     let first_pid = first.volumes()?[0].pid;
     let first_logs = {
@@ -156,7 +156,7 @@ fn restart_flow(dir: &Path, src: &Path, target: &Path, publish: &Path) -> Result
         "{v:?}"
     );
     // The pod goes first (as the CSI plugin unpublishes before it unstages).
-    berth::api::mounts::unmount_all(publish)?;
+    berth::sys::mounts::unmount_all(publish)?;
     let mut c = second.client()?;
     let stopped = rt()
         .block_on(c.unmount_volume(pb::UnmountVolumeRequest {
@@ -208,7 +208,7 @@ pub fn volumes_share_the_node_cache() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().canonicalize()?;
     let result = node_cache_flow(&dir);
-    berth::api::mounts::unmount_below(&dir);
+    berth::sys::mounts::unmount_below(&dir);
     result
 }
 

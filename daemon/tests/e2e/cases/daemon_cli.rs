@@ -101,7 +101,7 @@ impl Daemon {
             crate::util::terminate(&mut child);
         }
         // Whatever a failed test left mounted below the dir.
-        berth::api::mounts::unmount_below(&self.path(""));
+        berth::sys::mounts::unmount_below(&self.path(""));
         self.logs()
     }
 }
@@ -502,7 +502,7 @@ pub fn plain_unmount() -> Result<()> {
     ensure!(st.success(), "mounting a tmpfs for the test: {st}");
     let refused = unmount(&other_path).and_then(|r| r.failure("not a berth mount"));
     let still = is_mounted(&other_path);
-    let _ = berth::api::mounts::unmount_all(&other_path);
+    let _ = berth::sys::mounts::unmount_all(&other_path);
     refused?;
     ensure!(still, "berth unmount removed a tmpfs");
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use berth::heal::holder::{ControlReply, ControlRequest};
-use berth::heal::upgrade::ask;
+use berth::heal::control::ask;
+use berth::heal::control::{ControlReply, ControlRequest};
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 

@@ -44,19 +44,19 @@ struct Slot {
 }
 
 /// One connection's shared region, mapped.
-pub struct SharedState {
+pub struct ConnectionState {
     file: File,
     base: NonNull<u8>,
 }
 
 // SAFETY: all access to the mapping goes through atomics or slot writes that a single writer
 // claims with `next_slot`; the mapping lives as long as the value.
-unsafe impl Send for SharedState {}
-unsafe impl Sync for SharedState {}
+unsafe impl Send for ConnectionState {}
+unsafe impl Sync for ConnectionState {}
 
-impl SharedState {
+impl ConnectionState {
     /// A new zeroed region (holder side).
-    pub fn create() -> io::Result<SharedState> {
+    pub fn create() -> io::Result<ConnectionState> {
         let name = c"berth-shared";
         // SAFETY: a valid NUL-terminated name; the returned fd is owned by the File below.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -73,7 +73,7 @@ impl SharedState {
     }
 
     /// Maps a region received from the holder (engine side).
-    pub fn open(file: File) -> io::Result<SharedState> {
+    pub fn open(file: File) -> io::Result<ConnectionState> {
         if file.metadata()?.len() < REGION_SIZE as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -93,7 +93,7 @@ impl SharedState {
         Ok(state)
     }
 
-    fn map(file: File) -> io::Result<SharedState> {
+    fn map(file: File) -> io::Result<ConnectionState> {
         // SAFETY: maps REGION_SIZE bytes of a file at least that long, shared, read-write.
         let ptr = unsafe {
             libc::mmap(
@@ -109,7 +109,7 @@ impl SharedState {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
-        Ok(SharedState { file, base })
+        Ok(ConnectionState { file, base })
     }
 
     /// The memfd, to pass to an engine.
@@ -195,7 +195,7 @@ fn checksum(request: u64, reply: &[u8]) -> u32 {
     h.finalize()
 }
 
-impl Drop for SharedState {
+impl Drop for ConnectionState {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `map`.
         unsafe { libc::munmap(self.base.as_ptr().cast(), REGION_SIZE) };
@@ -208,15 +208,15 @@ mod tests {
 
     #[test]
     fn an_engine_sees_what_the_holder_made_and_replies_survive_it() {
-        let holder = SharedState::create().unwrap();
-        let engine = SharedState::open(holder.file().try_clone().unwrap()).unwrap();
+        let holder = ConnectionState::create().unwrap();
+        let engine = ConnectionState::open(holder.file().try_clone().unwrap()).unwrap();
         engine.request_started();
         engine.request_finished();
         assert_eq!(holder.progress(), (1, 1));
 
         engine.journal_reply(77, b"reply-77");
         drop(engine);
-        let successor = SharedState::open(holder.file().try_clone().unwrap()).unwrap();
+        let successor = ConnectionState::open(holder.file().try_clone().unwrap()).unwrap();
         assert_eq!(
             successor.journaled_reply(77).as_deref(),
             Some(&b"reply-77"[..])
@@ -226,7 +226,7 @@ mod tests {
 
     #[test]
     fn old_replies_are_overwritten_and_oversized_ones_skipped() {
-        let s = SharedState::create().unwrap();
+        let s = ConnectionState::create().unwrap();
         for r in 1..=(SLOTS as u64 + 10) {
             s.journal_reply(r, &r.to_le_bytes());
         }
@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn a_torn_slot_is_ignored() {
-        let s = SharedState::create().unwrap();
+        let s = ConnectionState::create().unwrap();
         s.journal_reply(9, b"abc");
         // SAFETY: test-only corruption of slot 0's data inside the mapping.
         unsafe { (*s.slot(0)).data[0] ^= 0xff };
@@ -249,6 +249,6 @@ mod tests {
     fn a_foreign_memfd_is_refused() {
         let file = tempfile::tempfile().unwrap();
         file.set_len(REGION_SIZE as u64).unwrap();
-        assert!(SharedState::open(file).is_err());
+        assert!(ConnectionState::open(file).is_err());
     }
 }

@@ -1,6 +1,7 @@
-//! What `berth mount` is made of: sources, the store connection, and the volume (namespace +
-//! filesystem) an engine serves. The processes live in `heal::holder` (the mount) and
-//! `engine` (the serving).
+//! A volume: one source (a bucket prefix or a local directory) seen as a namespace and served
+//! as a filesystem, with its store connection and its view of the block cache. Both doors and
+//! every command that reads a store (`berth mount`'s engine, `berth share`, `berth warm`)
+//! build what they need here, from a [`VolumeConfig`] the command line made.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,22 +10,48 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use crate::cache::{BlockCache, CacheConfig, DiskTier};
-use crate::cli::{CacheArgs, MountArgs, StoreArgs};
-use crate::fs::{AttrConfig, BerthFs, FsConfig};
+use crate::fs::{BerthFs, FsConfig};
 use crate::memory::MemoryLimiter;
 use crate::namespace::{keys, Namespace};
 use crate::prefetch::{Fetcher, NodeCache, PrefetchConfig};
-use crate::status;
+use crate::state;
 use crate::store::{
     LocalStore, ObjectStore, RetryPolicy, RetryingStore, S3Options, S3Store, StoreError,
 };
 
 /// The start-up check gives up sooner than ordinary requests: a typo should not cost 30 s.
 const MAX_STARTUP_CHECK: Duration = Duration::from_secs(10);
-const MIN_S3_PART: u64 = 5 << 20;
+
+/// How to reach the object store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// S3 endpoint of an S3-compatible store (path-style unless `virtual_hosted`).
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub virtual_hosted: bool,
+    /// How long one request is retried before the operation fails with EIO.
+    pub request_deadline: Duration,
+}
+
+/// Everything an engine needs to serve one volume, besides what names it (source and
+/// mountpoint) and the connection it serves.
+#[derive(Clone, Debug)]
+pub struct VolumeConfig {
+    pub store: StoreConfig,
+    /// The block cache, if any.
+    pub cache: Option<CacheConfig>,
+    pub fs: FsConfig,
+    pub prefetch: PrefetchConfig,
+    /// How long metadata is trusted; `None`: for the life of the engine (dataset mode).
+    pub metadata_ttl: Option<Duration>,
+    /// Memory for prefetched data and write buffers, across all open files.
+    pub memory_limit: u64,
+    /// Where the inode journal and status files go.
+    pub state_dir: PathBuf,
+}
 
 /// What SOURCE names.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     S3 { bucket: String, prefix: String },
     Local(PathBuf),
@@ -50,24 +77,13 @@ impl Source {
     }
 }
 
-/// The (source text, parsed source, mountpoint) pairs of a `berth mount` command line, checked.
-pub fn targets(args: &MountArgs) -> anyhow::Result<Vec<(String, Source, PathBuf)>> {
-    let mut wanted = vec![(args.source.clone(), args.mountpoint.clone())];
-    for pair in args.also.chunks(2) {
-        if let [source, mountpoint] = pair {
-            wanted.push((source.clone(), PathBuf::from(mountpoint)));
-        }
-    }
-    let mut targets: Vec<(String, Source, PathBuf)> = Vec::with_capacity(wanted.len());
-    for (text, mountpoint) in wanted {
-        let source = Source::parse(&text)?;
-        validate(args, &source)?;
-        if targets.iter().any(|(_, _, m)| m == &mountpoint) {
-            bail!("{} is given twice", mountpoint.display());
-        }
-        targets.push((text, source, mountpoint));
-    }
-    Ok(targets)
+/// A source and where it is served: a mountpoint, or the socket of a standalone share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The source as the user wrote it (logs, status, /proc/mounts).
+    pub text: String,
+    pub source: Source,
+    pub mountpoint: PathBuf,
 }
 
 /// How a source shows in /proc/mounts (`berth:` + this).
@@ -82,82 +98,78 @@ pub fn describe(source: &Source) -> String {
     }
 }
 
-/// The engine's view of one volume: namespace and filesystem.
+/// The engine's view of one volume: namespace, filesystem, and its view of the block cache.
 pub struct Volume {
     pub fs: Arc<BerthFs>,
     pub ns: Arc<Namespace>,
     pub journal: PathBuf,
+    pub cache: Option<NodeCache>,
 }
 
-/// What [`build_volume`] needs besides the command line.
-pub struct VolumeSpec<'a> {
-    pub text: &'a str,
-    pub source: &'a Source,
-    pub mountpoint: &'a Path,
+/// How a volume is opened.
+#[derive(Clone, Copy, Debug)]
+pub struct Opening {
     /// Check the store answers before serving (a fresh mount; a successor skips it, so a
     /// store outage during a takeover stalls requests instead of failing the takeover).
     pub check_store: bool,
     /// Take over the inode journal of a predecessor instead of starting a new one.
     pub recover: bool,
+    /// The engine generation (handles of older generations are told apart by it).
     pub generation: u64,
+}
+
+impl Opening {
+    /// A fresh volume: the store is checked, nothing is taken over.
+    pub const FRESH: Opening = Opening {
+        check_store: true,
+        recover: false,
+        generation: 0,
+    };
 }
 
 /// Connects to the store and builds the namespace and filesystem of one volume.
 pub fn build_volume(
     rt: &tokio::runtime::Runtime,
-    args: &MountArgs,
-    spec: &VolumeSpec<'_>,
+    config: &VolumeConfig,
+    target: &Target,
+    opening: Opening,
     memory: &Arc<MemoryLimiter>,
     cache: Option<NodeCache>,
 ) -> anyhow::Result<Volume> {
-    let (store, prefix) =
-        connect_checked(rt, spec.source, spec.text, &args.store, spec.check_store)?;
-    let ttl = match args.engine.metadata_ttl {
-        Some(ttl) => ttl.0,
-        None if args.read_only => None,
-        None => Some(Duration::from_secs(1)),
-    };
-    let journal = journal_path(&args.state_dir, spec.mountpoint);
+    let (store, prefix) = connect_checked(
+        rt,
+        &target.source,
+        &target.text,
+        &config.store,
+        opening.check_store,
+    )?;
+    let journal = state::inode_journal(&config.state_dir, &target.mountpoint);
     let ns = Arc::new(open_namespace(
         store.clone(),
         prefix,
-        ttl,
+        config.metadata_ttl,
         &journal,
-        spec.recover,
+        opening.recover,
     )?);
     let fetcher = Fetcher::new(
         store,
         memory.clone(),
-        PrefetchConfig {
-            block_size: args.cache.block_size,
-            max_window: args.engine.max_prefetch,
-            max_concurrent_gets: args.engine.max_gets,
-            ..PrefetchConfig::default()
-        },
-        cache,
+        config.prefetch.clone(),
+        cache.clone(),
     );
     let fs = BerthFs::new(
         rt.handle().clone(),
         ns.clone(),
         fetcher,
         memory.clone(),
-        FsConfig {
-            read_only: args.read_only,
-            part_size: args.engine.part_size as usize,
-            attr: AttrConfig {
-                // SAFETY: getuid/getgid have no preconditions.
-                uid: args.engine.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
-                gid: args.engine.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
-                file_mode: args.engine.file_mode,
-                dir_mode: args.engine.dir_mode,
-            },
-        },
+        config.fs.clone(),
     )
-    .with_generation(spec.generation);
+    .with_generation(opening.generation);
     Ok(Volume {
         fs: Arc::new(fs),
         ns,
         journal,
+        cache,
     })
 }
 
@@ -187,61 +199,23 @@ fn open_namespace(
         .with_context(|| format!("creating the inode journal {}", journal.display()))
 }
 
-fn validate(args: &MountArgs, source: &Source) -> anyhow::Result<()> {
-    if matches!(source, Source::S3 { .. }) && args.engine.part_size < MIN_S3_PART {
-        bail!(
-            "--part-size must be at least 5MiB for S3 (got {} bytes)",
-            args.engine.part_size
-        );
-    }
-    if args.cache.block_size < 4096 || args.cache.block_size > (64 << 20) {
-        bail!("--block-size must be between 4KiB and 64MiB");
-    }
-    if args.engine.memory_limit < 2 * args.engine.part_size.max(args.cache.block_size) {
-        bail!("--memory-limit must be at least twice --part-size and --block-size");
-    }
-    if args.threads == 0 || args.engine.max_gets == 0 {
-        bail!("--threads and --max-gets must be at least 1");
-    }
-    Ok(())
-}
-
-/// Opens the block cache if `--cache-dir` or `--cache-socket` is given. A cache that cannot be
-/// opened is an error: running silently without it would turn every read into a GET.
-pub fn open_cache_dir(
-    cache: &CacheArgs,
-    wait_for_disk: bool,
-) -> anyhow::Result<Option<Arc<BlockCache>>> {
-    let (disk, place) = match (&cache.cache_dir, &cache.cache_socket) {
-        (Some(dir), _) => (
-            DiskTier::Dir {
-                dir: dir.clone(),
-                size: cache.cache_size,
-            },
-            dir,
-        ),
-        (None, Some(socket)) => (
-            DiskTier::Node {
-                socket: socket.clone(),
-            },
-            socket,
-        ),
-        (None, None) => return Ok(None),
+/// Opens the block cache, if the volume has one. A cache that cannot be opened is an error:
+/// running silently without it would turn every read into a GET.
+pub fn open_block_cache(config: &Option<CacheConfig>) -> anyhow::Result<Option<Arc<BlockCache>>> {
+    let Some(config) = config else {
+        return Ok(None);
     };
-    let config = CacheConfig {
-        disk,
-        block_size: cache.block_size,
-        memory: cache.cache_memory,
-        engine: cache.cache_io,
-        wait_for_disk,
+    let place = match &config.disk {
+        DiskTier::Dir { dir, .. } => dir,
+        DiskTier::Node { socket } => socket,
     };
-    BlockCache::open(&config)
+    BlockCache::open(config)
         .map(Some)
         .with_context(|| format!("opening the block cache at {}", place.display()))
 }
 
 /// How a store is named in cache keys: two mounts of the same bucket share blocks.
-fn store_id(store: &StoreArgs, source: &Source) -> String {
+fn store_id(store: &StoreConfig, source: &Source) -> String {
     match source {
         Source::S3 { bucket, .. } => format!(
             "s3|{}|{bucket}",
@@ -259,7 +233,7 @@ fn store_id(store: &StoreArgs, source: &Source) -> String {
 /// The node cache as seen by one source (its blocks keyed by the store).
 pub fn node_cache(
     cache: &Option<Arc<BlockCache>>,
-    store: &StoreArgs,
+    store: &StoreConfig,
     source: &Source,
 ) -> Option<NodeCache> {
     cache.as_ref().map(|cache| NodeCache {
@@ -268,19 +242,13 @@ pub fn node_cache(
     })
 }
 
-/// The block cache for one source (see [`open_cache_dir`]).
+/// The block cache for one source (see [`open_block_cache`]).
 pub fn open_cache(
-    cache: &CacheArgs,
-    store: &StoreArgs,
+    cache: &Option<CacheConfig>,
+    store: &StoreConfig,
     source: &Source,
-    wait_for_disk: bool,
 ) -> anyhow::Result<Option<NodeCache>> {
-    Ok(
-        open_cache_dir(cache, wait_for_disk)?.map(|cache| NodeCache {
-            cache,
-            store_id: Arc::from(store_id(store, source)),
-        }),
-    )
+    Ok(node_cache(&open_block_cache(cache)?, store, source))
 }
 
 /// Opens the store SOURCE names, checks it answers (bucket exists, credentials work) within
@@ -290,7 +258,7 @@ pub fn connect(
     rt: &tokio::runtime::Runtime,
     source: &Source,
     text: &str,
-    args: &StoreArgs,
+    args: &StoreConfig,
 ) -> anyhow::Result<(Arc<dyn ObjectStore>, String)> {
     connect_checked(rt, source, text, args, true)
 }
@@ -300,7 +268,7 @@ pub fn connect_checked(
     rt: &tokio::runtime::Runtime,
     source: &Source,
     text: &str,
-    args: &StoreArgs,
+    args: &StoreConfig,
     check_store: bool,
 ) -> anyhow::Result<(Arc<dyn ObjectStore>, String)> {
     let (store, prefix): (Arc<dyn ObjectStore>, String) = match source {
@@ -348,11 +316,6 @@ fn explain_check_failure(e: StoreError, source: &str, endpoint: Option<&str>) ->
     }
 }
 
-/// Where the inode journal of a mount lives: one directory per mountpoint under the state dir.
-fn journal_path(state_dir: &Path, mountpoint: &Path) -> PathBuf {
-    status::mount_state_dir(state_dir, mountpoint).join("inodes")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,11 +343,5 @@ mod tests {
         assert!(Source::parse("s3://").is_err());
         assert!(Source::parse("s3://b/../x").is_err());
         assert!(Source::parse("gs://b").is_err());
-    }
-
-    #[test]
-    fn journal_paths_are_one_component_per_mountpoint() {
-        let p = journal_path(Path::new("/run/berth"), Path::new("/mnt/a b"));
-        assert_eq!(p, Path::new("/run/berth/mounts/_mnt_a_b/inodes"));
     }
 }

@@ -1,10 +1,11 @@
-//! The `berth` command line.
+//! Every flag of the `berth` command line, as clap structs. Nothing outside `cli/` sees
+//! these types: [`super::config`] turns them into the config structs each layer takes.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::cache::EnginePreference;
 use crate::units::{parse_duration, parse_mode, parse_size, parse_ttl, Ttl};
@@ -72,7 +73,7 @@ pub enum Command {
 
     /// Run the node daemon: own every mount and share on the node and serve the gRPC API
     /// (proto/berth/v1/daemon.proto) on a unix socket.
-    Daemon(crate::api::DaemonArgs),
+    Daemon(DaemonArgs),
 
     /// List the volumes of a running `berth daemon` (as JSON lines), through its socket.
     Volumes(VolumesArgs),
@@ -257,7 +258,7 @@ pub struct MountArgs {
     pub cache: CacheArgs,
 
     #[command(flatten)]
-    pub heal: crate::heal::HealArgs,
+    pub heal: HealArgs,
 
     /// Refuse every change; metadata is then cached for the life of the mount unless
     /// --metadata-ttl says otherwise (dataset mode).
@@ -347,83 +348,64 @@ pub struct WarmArgs {
     pub cache: CacheArgs,
 }
 
-pub fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    // BERTH_SOCKET is for the command the user typed: the processes berth starts (the
-    // daemon's mounts, holders, engines) must not inherit it and turn into clients.
-    // Single-threaded here, so changing the environment is sound.
-    std::env::remove_var("BERTH_SOCKET");
-    init_logging();
-    let daemon_socket = cli.daemon_socket.clone().filter(|_| {
-        // A daemon or an engine ignores a BERTH_SOCKET it finds in its environment.
-        matches.value_source("daemon_socket") == Some(clap::parser::ValueSource::CommandLine)
-            || !matches!(cli.command, Command::Daemon(_) | Command::Engine(_))
-    });
-    let result = match (daemon_socket, cli.command) {
-        (Some(socket), command) => crate::client::run(&socket, command, &matches),
-        (None, command) => run_local(command),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the whole cause chain, outermost first.
-            eprintln!("berth: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+/// Flags of `berth mount` about self-healing.
+#[derive(Args, Debug, Clone)]
+pub struct HealArgs {
+    /// Do not load the eBPF probes: detect a dead or hung engine with its socket, the held
+    /// /dev/fuse fds and fusectl only (also used when eBPF cannot load).
+    #[arg(long)]
+    pub no_ebpf: bool,
+
+    /// An engine that has requests waiting and finishes none for this long is hung: it is
+    /// killed and replaced. [default: --request-deadline + 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub hang_timeout: Option<Duration>,
 }
 
-/// A subcommand without --socket: berth does the work itself.
-fn run_local(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Mount(args) => crate::heal::holder::run(args, engine_argv()),
-        Command::Upgrade(args) => crate::heal::upgrade::run(
-            &needs_mountpoint(args.mountpoint, "upgrade")?,
-            args.binary.as_deref(),
-            &args.state_dir,
-        ),
-        Command::Engine(args) => crate::engine::run(args),
-        Command::Warm(args) => crate::warm::run(args),
-        Command::Status(args) => crate::status::run(
-            &needs_mountpoint(args.mountpoint, "status")?,
-            &args.state_dir,
-            args.json,
-        ),
-        Command::Share(args) => crate::share::run(args),
-        Command::Daemon(args) => crate::api::run(args),
-        Command::Volumes(args) => crate::api::print_volumes(&args.socket),
-        Command::Unmount(args) => crate::unmount::run(&args.target),
-        Command::Unshare(_) => anyhow::bail!(
-            "berth unshare removes a share of a daemon: give its API socket, \
-             `berth --socket PATH unshare VHOST_SOCKET` (a foreground `berth share` stops with Ctrl-C)"
-        ),
-    }
+#[derive(Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Unix socket to serve the API on (its directory is created; a stale socket is replaced).
+    #[arg(long, value_name = "PATH", default_value = "/run/berth/daemon.sock")]
+    pub socket: PathBuf,
+
+    /// State of the daemon and its mounts (inode journals, status files, volume mountpoints).
+    #[arg(long, value_name = "DIR", default_value = "/run/berth")]
+    pub state_dir: PathBuf,
+
+    /// Node cache directory: one disk tier (data file, index, quota) for every volume of the
+    /// node. The daemon owns it and serves its index to the mount processes on
+    /// `<state-dir>/cache.sock`; they read and write the data file themselves. Without it,
+    /// volumes have no block cache.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Disk quota of the node cache, for all volumes together (never exceeded).
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size)]
+    pub cache_size: u64,
+
+    /// Block size of the node cache: the ranged GET size of every volume (a volume's
+    /// `block-size` option must equal it).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub block_size: u64,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// What the daemon's exit does to its volumes. `unmount`: unbind every target and stop
+    /// every mount. `keep` (for a DaemonSet, where pods keep using their volumes across a
+    /// daemon restart): leave the volumes recorded in --state-dir and kill the mount
+    /// processes without unmounting; the next daemon restores every volume and re-binds the
+    /// targets (applications see errors only in between). Recorded volumes are restored at
+    /// start in either mode (after a crash, too).
+    #[arg(long, value_enum, value_name = "WHAT", default_value = "unmount")]
+    pub on_exit: OnExit,
 }
 
-fn needs_mountpoint(mountpoint: Option<PathBuf>, command: &str) -> anyhow::Result<PathBuf> {
-    mountpoint.ok_or_else(|| {
-        anyhow::anyhow!(
-            "berth {command} needs a MOUNTPOINT (or `berth --socket PATH {command}` to ask a daemon)"
-        )
-    })
-}
-
-/// The arguments after `mount`, given to every engine the holder starts.
-fn engine_argv() -> Vec<std::ffi::OsString> {
-    let mut args = std::env::args_os().skip(1);
-    let _ = args.by_ref().find(|a| a == "mount");
-    args.collect()
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("berth=info,warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    Unmount,
+    Keep,
 }
 
 #[cfg(test)]
@@ -482,17 +464,6 @@ mod tests {
             "berth", "share", "s3://b", "--mount", "/m", "--socket", "/s"
         ])
         .is_err());
-        // --remove without --mount: refused before anything is done.
-        let cli = Cli::try_parse_from(["berth", "share", "s3://b", "--remove", "--socket", "/s"]);
-        let Ok(Cli {
-            command: Command::Share(args),
-            ..
-        }) = cli
-        else {
-            panic!("parsed as another command");
-        };
-        let err = crate::share::run(args).unwrap_err();
-        assert!(format!("{err:#}").contains("--remove"), "{err:#}");
     }
 
     #[test]
@@ -519,6 +490,33 @@ mod tests {
         assert!(args.mountpoint.is_none());
         let cli = Cli::try_parse_from(["berth", "unmount", "/mnt/x"]).unwrap();
         assert!(matches!(cli.command, Command::Unmount(_)));
+    }
+
+    /// The daemon's option vocabulary (which the CLI's --socket mode and the CSI plugin use)
+    /// names `berth mount` flags only: value options take a value, switches take none.
+    #[test]
+    fn every_daemon_option_is_a_mount_flag() {
+        use crate::api::spec::{FLAG_OPTIONS, VALUE_OPTIONS};
+        let cli = Cli::command();
+        let mount = cli.find_subcommand("mount").unwrap();
+        let arg = |name: &str| {
+            mount
+                .get_arguments()
+                .find(|a| a.get_long() == Some(name))
+                .unwrap_or_else(|| panic!("--{name} is not a `berth mount` flag"))
+        };
+        for name in VALUE_OPTIONS {
+            assert!(
+                arg(name).get_action().takes_values(),
+                "--{name} takes a value"
+            );
+        }
+        for name in FLAG_OPTIONS {
+            assert!(
+                !arg(name).get_action().takes_values(),
+                "--{name} is a switch"
+            );
+        }
     }
 
     #[test]

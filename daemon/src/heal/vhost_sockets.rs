@@ -1,4 +1,4 @@
-//! virtio-fs shares of a held mount. The holder binds each share's vhost-user socket and
+//! The vhost-user sockets of a held mount's virtio-fs shares. The holder binds each share's vhost-user socket and
 //! keeps the listening fd, like it keeps the /dev/fuse fds: every engine generation gets a
 //! copy and accepts VMMs on it, so the socket path stays valid across engine crashes and
 //! upgrades (a VMM that reconnects finds the successor; one that does not sees its device go
@@ -10,20 +10,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
-use super::handoff::ShareHandoff;
-
-/// Most request queues a share offers (virtio-fs: one high-priority queue + up to 63).
-pub const MAX_REQUEST_QUEUES: usize = 63;
+use super::handoff::ShareSocket;
 
 pub struct HeldShare {
-    pub spec: ShareHandoff,
+    pub spec: ShareSocket,
     pub listener: UnixListener,
 }
 
 impl HeldShare {
     /// Binds `spec.socket`: its directory is created, a stale socket replaced, anything else
     /// that is not a socket refused.
-    pub fn bind(spec: ShareHandoff) -> anyhow::Result<HeldShare> {
+    pub fn bind(spec: ShareSocket) -> anyhow::Result<HeldShare> {
         check(&spec)?;
         let socket = &spec.socket;
         if let Some(dir) = socket.parent() {
@@ -52,20 +49,14 @@ impl HeldShare {
     }
 }
 
-fn check(spec: &ShareHandoff) -> anyhow::Result<()> {
+fn check(spec: &ShareSocket) -> anyhow::Result<()> {
     if !spec.socket.is_absolute() || spec.socket.file_name().is_none() {
         bail!(
             "the share socket {} must be an absolute path to a file",
             spec.socket.display()
         );
     }
-    if spec.request_queues == 0 || spec.request_queues > MAX_REQUEST_QUEUES {
-        bail!("request queues must be between 1 and {MAX_REQUEST_QUEUES}");
-    }
-    if !spec.queue_size.is_power_of_two() {
-        bail!("the queue size must be a power of two");
-    }
-    Ok(())
+    spec.check_settings()
 }
 
 /// Index of the share on `socket`, if any.
@@ -82,8 +73,8 @@ pub fn sockets(shares: &[HeldShare]) -> Vec<PathBuf> {
 mod tests {
     use super::*;
 
-    fn spec(socket: PathBuf) -> ShareHandoff {
-        ShareHandoff {
+    fn spec(socket: PathBuf) -> ShareSocket {
+        ShareSocket {
             socket,
             request_queues: 1,
             queue_size: 1024,

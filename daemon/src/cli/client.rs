@@ -5,7 +5,7 @@
 //! `warm` -> Warm, `upgrade` -> Upgrade, `share` -> CreateShare, `unshare` -> RemoveShare.
 //!
 //! Flags become the request's options through the daemon's own allowlist
-//! ([`crate::api::volumes::VALUE_OPTIONS`] and [`FLAG_OPTIONS`]): a flag given on the command
+//! ([`crate::api::spec::VALUE_OPTIONS`] and [`FLAG_OPTIONS`]): a flag given on the command
 //! line that the daemon does not take is refused here, before anything happens, rather than
 //! dropped. Credentials come from the usual variables (AWS_ACCESS_KEY_ID, ...) and travel in
 //! `secrets` only; nothing here prints or logs them.
@@ -19,10 +19,11 @@ use clap::{ArgMatches, CommandFactory as _};
 use indicatif::HumanBytes;
 use tonic::transport::Channel;
 
+use super::args::{Cli, Command};
 use crate::api::pb;
 use crate::api::pb::daemon_client::DaemonClient;
-use crate::api::volumes::{FLAG_OPTIONS, SECRET_ENV, VALUE_OPTIONS};
-use crate::cli::{Cli, Command};
+use crate::api::spec::{FLAG_OPTIONS, SECRET_ENV, VALUE_OPTIONS};
+
 use crate::unmount::absolute;
 
 /// Runs `command` through the daemon at `socket`.

@@ -1,0 +1,356 @@
+//! The command line's arguments become the config structs the commands take, here and only
+//! here: defaults are resolved (metadata TTL, owner, hang timeout), sizes checked against each
+//! other, sources parsed. Past this file no code sees a clap type.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use super::args::{
+    CacheArgs, DaemonArgs, EngineFlags, MountArgs, OnExit, ShareArgs, StoreArgs, WarmArgs,
+};
+use crate::api::{DaemonConfig, NodeCacheConfig};
+use crate::cache::{CacheConfig, DiskTier};
+use crate::fs::{AttrConfig, FsConfig};
+use crate::heal::handoff::ShareSocket;
+use crate::heal::holder::HolderConfig;
+use crate::prefetch::PrefetchConfig;
+use crate::share::ShareConfig;
+use crate::volume::{Source, StoreConfig, Target, VolumeConfig};
+use crate::warm::WarmConfig;
+
+/// S3 refuses multipart parts under 5 MiB (the last one excepted).
+const MIN_S3_PART: u64 = 5 << 20;
+const MIN_BLOCK: u64 = 4 << 10;
+const MAX_BLOCK: u64 = 64 << 20;
+/// Without --metadata-ttl (and without --read-only) metadata is trusted this long.
+const DEFAULT_METADATA_TTL: Duration = Duration::from_secs(1);
+/// Without --hang-timeout, an engine is hung after --request-deadline plus this: a store
+/// request may legitimately take the whole deadline.
+const HANG_MARGIN: Duration = Duration::from_secs(10);
+
+impl StoreArgs {
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            endpoint_url: self.endpoint_url.clone(),
+            region: self.region.clone(),
+            virtual_hosted: self.virtual_hosted,
+            request_deadline: self.request_deadline,
+        }
+    }
+}
+
+impl CacheArgs {
+    /// The block cache, if `--cache-dir` or `--cache-socket` names one. `wait_for_disk`: a
+    /// warm-up wants every block written; a mount never waits for the cache disk.
+    pub fn cache_config(&self, wait_for_disk: bool) -> anyhow::Result<Option<CacheConfig>> {
+        if !(MIN_BLOCK..=MAX_BLOCK).contains(&self.block_size) {
+            bail!("--block-size must be between 4KiB and 64MiB");
+        }
+        let disk = match (&self.cache_dir, &self.cache_socket) {
+            (Some(dir), _) => DiskTier::Dir {
+                dir: dir.clone(),
+                size: self.cache_size,
+            },
+            (None, Some(socket)) => DiskTier::Node {
+                socket: socket.clone(),
+            },
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(CacheConfig {
+            disk,
+            block_size: self.block_size,
+            memory: self.cache_memory,
+            engine: self.cache_io,
+            wait_for_disk,
+        }))
+    }
+}
+
+/// The volume settings shared by `berth mount` (and its engines) and `berth share`.
+fn volume_config(
+    engine: &EngineFlags,
+    store: &StoreArgs,
+    cache: &CacheArgs,
+    read_only: bool,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<VolumeConfig> {
+    let cache_config = cache.cache_config(false)?;
+    if engine.memory_limit < 2 * engine.part_size.max(cache.block_size) {
+        bail!("--memory-limit must be at least twice --part-size and --block-size");
+    }
+    if engine.max_gets == 0 {
+        bail!("--max-gets must be at least 1");
+    }
+    let part_size = usize::try_from(engine.part_size)
+        .map_err(|_| anyhow::anyhow!("--part-size {} is too large", engine.part_size))?;
+    let metadata_ttl = match engine.metadata_ttl {
+        Some(ttl) => ttl.0,
+        None if read_only => None,
+        None => Some(DEFAULT_METADATA_TTL),
+    };
+    Ok(VolumeConfig {
+        store: store.store_config(),
+        cache: cache_config,
+        fs: FsConfig {
+            read_only,
+            part_size,
+            attr: AttrConfig {
+                // SAFETY: getuid/getgid have no preconditions.
+                uid: engine.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
+                gid: engine.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
+                file_mode: engine.file_mode,
+                dir_mode: engine.dir_mode,
+            },
+        },
+        prefetch: PrefetchConfig {
+            block_size: cache.block_size,
+            max_window: engine.max_prefetch,
+            max_concurrent_gets: engine.max_gets,
+            ..PrefetchConfig::default()
+        },
+        metadata_ttl,
+        memory_limit: engine.memory_limit,
+        state_dir: state_dir.to_path_buf(),
+    })
+}
+
+/// A source checked against the volume settings it is served with.
+fn target(text: &str, mountpoint: PathBuf, config: &VolumeConfig) -> anyhow::Result<Target> {
+    let source = Source::parse(text)?;
+    if matches!(source, Source::S3 { .. }) && (config.fs.part_size as u64) < MIN_S3_PART {
+        bail!(
+            "--part-size must be at least 5MiB for S3 (got {} bytes)",
+            config.fs.part_size
+        );
+    }
+    Ok(Target {
+        text: text.to_string(),
+        source,
+        mountpoint,
+    })
+}
+
+impl MountArgs {
+    /// The settings of every volume this mount serves (the engine's config).
+    pub fn volume_config(&self) -> anyhow::Result<VolumeConfig> {
+        if self.threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        volume_config(
+            &self.engine,
+            &self.store,
+            &self.cache,
+            self.read_only,
+            &self.state_dir,
+        )
+    }
+
+    /// SOURCE MOUNTPOINT and every `--also` pair, checked.
+    pub fn targets(&self) -> anyhow::Result<Vec<Target>> {
+        let config = self.volume_config()?;
+        let mut wanted = vec![(self.source.clone(), self.mountpoint.clone())];
+        for pair in self.also.chunks(2) {
+            if let [source, mountpoint] = pair {
+                wanted.push((source.clone(), PathBuf::from(mountpoint)));
+            }
+        }
+        let mut targets: Vec<Target> = Vec::with_capacity(wanted.len());
+        for (text, mountpoint) in wanted {
+            if targets.iter().any(|t| t.mountpoint == mountpoint) {
+                bail!("{} is given twice", mountpoint.display());
+            }
+            targets.push(target(&text, mountpoint, &config)?);
+        }
+        Ok(targets)
+    }
+
+    /// What the holder (`berth mount` itself) does. `engine_argv` is the mount's command line
+    /// after `mount`: every engine is started with it.
+    pub fn holder_config(&self, engine_argv: Vec<OsString>) -> anyhow::Result<HolderConfig> {
+        Ok(HolderConfig {
+            targets: self.targets()?,
+            read_only: self.read_only,
+            threads: self.threads,
+            state_dir: self.state_dir.clone(),
+            no_ebpf: self.heal.no_ebpf,
+            hang_timeout: self
+                .heal
+                .hang_timeout
+                .unwrap_or(self.store.request_deadline + HANG_MARGIN),
+            engine_argv,
+        })
+    }
+}
+
+impl ShareArgs {
+    pub fn share_config(&self) -> anyhow::Result<ShareConfig> {
+        let socket = ShareSocket {
+            socket: self.socket.clone(),
+            request_queues: self.request_queues,
+            queue_size: self.queue_size,
+        };
+        if let Some(mountpoint) = &self.mount {
+            if self.remove {
+                return Ok(ShareConfig::Remove {
+                    mountpoint: mountpoint.clone(),
+                    socket: self.socket.clone(),
+                    state_dir: self.state_dir.clone(),
+                });
+            }
+            socket.check_settings()?;
+            return Ok(ShareConfig::Attach {
+                mountpoint: mountpoint.clone(),
+                socket,
+                state_dir: self.state_dir.clone(),
+            });
+        }
+        if self.remove {
+            bail!("--remove stops a share of a mount: it needs --mount MOUNTPOINT");
+        }
+        let Some(text) = &self.source else {
+            bail!("SOURCE is required (or --mount MOUNTPOINT)");
+        };
+        socket.check_settings()?;
+        let volume = volume_config(
+            &self.engine,
+            &self.store,
+            &self.cache,
+            self.read_only,
+            &self.state_dir,
+        )?;
+        Ok(ShareConfig::Serve {
+            target: target(text, self.socket.clone(), &volume)?,
+            socket,
+            volume: Box::new(volume),
+        })
+    }
+}
+
+impl WarmArgs {
+    pub fn warm_config(&self) -> anyhow::Result<WarmConfig> {
+        if self.concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        Ok(WarmConfig {
+            paths: self.paths.clone(),
+            concurrency: self.concurrency,
+            store: self.store.store_config(),
+            cache: self.cache.cache_config(true)?,
+        })
+    }
+}
+
+impl DaemonArgs {
+    pub fn daemon_config(&self) -> anyhow::Result<DaemonConfig> {
+        if !(MIN_BLOCK..=MAX_BLOCK).contains(&self.block_size) {
+            bail!("--block-size must be between 4KiB and 64MiB");
+        }
+        Ok(DaemonConfig {
+            socket: self.socket.clone(),
+            state_dir: self.state_dir.clone(),
+            node_cache: self.cache_dir.as_ref().map(|dir| NodeCacheConfig {
+                dir: dir.clone(),
+                size: self.cache_size,
+                block_size: self.block_size,
+            }),
+            metrics_addr: self.metrics_addr,
+            keep_on_exit: self.on_exit == OnExit::Keep,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::args::{Cli, Command};
+    use super::*;
+    use clap::Parser as _;
+
+    fn mount(args: &[&str]) -> MountArgs {
+        let argv = ["berth", "mount"].iter().chain(args).copied();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Mount(m) => m,
+            _ => panic!("parsed as another command"),
+        }
+    }
+
+    fn share(args: &[&str]) -> anyhow::Result<ShareConfig> {
+        let argv = ["berth", "share"].iter().chain(args).copied();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Share(s) => s.share_config(),
+            _ => panic!("parsed as another command"),
+        }
+    }
+
+    #[test]
+    fn mount_defaults_resolve_to_the_documented_settings() {
+        let config = mount(&[]).volume_config().unwrap();
+        assert_eq!(config.metadata_ttl, Some(Duration::from_secs(1)));
+        assert_eq!(config.fs.part_size, 8 << 20);
+        assert_eq!(config.prefetch.block_size, 1 << 20);
+        assert!(config.cache.is_none());
+        // SAFETY: getuid has no preconditions.
+        assert_eq!(config.fs.attr.uid, unsafe { libc::getuid() });
+        // Read-only trusts metadata for the life of the mount unless told otherwise.
+        let ro = mount(&["--read-only"]).volume_config().unwrap();
+        assert_eq!(ro.metadata_ttl, None);
+        let ro = mount(&["--read-only", "--metadata-ttl", "5s"]);
+        assert_eq!(
+            ro.volume_config().unwrap().metadata_ttl,
+            Some(Duration::from_secs(5))
+        );
+        let holder = mount(&["--request-deadline", "20s"])
+            .holder_config(vec![])
+            .unwrap();
+        assert_eq!(holder.hang_timeout, Duration::from_secs(30));
+        assert_eq!(holder.targets[0].text, "berth-data");
+    }
+
+    #[test]
+    fn sizes_are_checked_against_each_other() {
+        let err = |args: &[&str]| format!("{:#}", mount(args).holder_config(vec![]).unwrap_err());
+        assert!(err(&["s3://b", "/m", "--part-size", "1MiB"]).contains("--part-size"));
+        assert!(err(&["--block-size", "1KiB"]).contains("--block-size"));
+        assert!(err(&["--memory-limit", "4MiB"]).contains("--memory-limit"));
+        assert!(err(&["--threads", "0"]).contains("--threads"));
+        assert!(err(&["a", "/m", "--also", "b", "/m"]).contains("given twice"));
+        assert!(err(&["gs://b", "/m"]).contains("unsupported source"));
+        // A local store takes small parts.
+        assert!(mount(&["dir", "/m", "--part-size", "1MiB"])
+            .holder_config(vec![])
+            .is_ok());
+    }
+
+    #[test]
+    fn share_commands_become_their_configs() {
+        let served = share(&["s3://b", "--socket", "/run/b.sock", "--read-only"]).unwrap();
+        let ShareConfig::Serve {
+            target,
+            socket,
+            volume,
+        } = served
+        else {
+            panic!("not a standalone share");
+        };
+        assert_eq!(target.mountpoint, PathBuf::from("/run/b.sock"));
+        assert_eq!(socket.request_queues, 1);
+        assert!(volume.fs.read_only);
+        assert!(matches!(
+            share(&["--mount", "/m", "--socket", "/s"]).unwrap(),
+            ShareConfig::Attach { .. }
+        ));
+        assert!(matches!(
+            share(&["--mount", "/m", "--socket", "/s", "--remove"]).unwrap(),
+            ShareConfig::Remove { .. }
+        ));
+        // --remove without --mount: refused before anything is done.
+        let err = share(&["s3://b", "--remove", "--socket", "/s"]).unwrap_err();
+        assert!(format!("{err:#}").contains("--remove"), "{err:#}");
+        let err = share(&["s3://b", "--socket", "/s", "--request-queues", "64"]).unwrap_err();
+        assert!(format!("{err:#}").contains("request queues"), "{err:#}");
+        let err = share(&["s3://b", "--socket", "/s", "--queue-size", "1000"]).unwrap_err();
+        assert!(format!("{err:#}").contains("power of two"), "{err:#}");
+    }
+}

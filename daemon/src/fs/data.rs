@@ -1,0 +1,164 @@
+//! The data of open files: reads (through an object's prefetching reader, or from a local
+//! file straight into the reply buffers), writes into an upload, and commits.
+
+use std::io;
+use std::sync::atomic::Ordering;
+
+use fuse_backend_rs::api::filesystem::{ZeroCopyReader, ZeroCopyWriter};
+
+use super::handles::Handle;
+use super::{errno, unsupported, BerthFs};
+use crate::namespace::{store_error, Node};
+use crate::prefetch::ObjectReader;
+use crate::upload::Upload;
+
+/// Reads up to `size` bytes at `offset` of a local file straight into the reply buffers
+/// (guest memory for virtio-fs), as a passthrough server does: one copy, by the kernel.
+/// Short only at the end of the file.
+fn read_local(
+    w: &mut dyn ZeroCopyWriter,
+    file: &std::fs::File,
+    size: u32,
+    offset: u64,
+) -> io::Result<usize> {
+    // `write_from` takes `&mut`; the reads are positional (preadv), so a second descriptor
+    // of the same open file is as good as the shared one.
+    let mut file = file.try_clone()?;
+    let want = (size as usize).min(w.available_bytes());
+    let mut total = 0;
+    while total < want {
+        match w.write_from(&mut file, want - total, offset + total as u64) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            // What the writer says when the file ended.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+impl BerthFs {
+    pub(super) fn reader_for(&self, ino: u64) -> io::Result<ObjectReader> {
+        let node = self.rt.block_on(self.ns.getattr(ino))?;
+        let key = self.ns.object_key(&node);
+        Ok(ObjectReader::new(
+            self.fetcher.clone(),
+            &key,
+            node.stat.etag.as_deref(),
+            node.stat.size,
+        ))
+    }
+
+    /// READ of an open handle into the reply buffers.
+    pub(super) fn read_handle(
+        &self,
+        handle: &Handle,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let reader = match handle {
+            Handle::Read(reader) => reader,
+            Handle::Write { upload, .. } => {
+                return Err(unsupported(
+                    "read",
+                    upload.key(),
+                    "a file cannot be read while it is being written",
+                    libc::EOPNOTSUPP,
+                ));
+            }
+            Handle::Dir(_) => return Err(errno(libc::EISDIR)),
+        };
+        if let Some(file) = reader.local_file() {
+            return read_local(w, file, size, offset);
+        }
+        let parts = self
+            .rt
+            .block_on(reader.read(offset, size as u64))
+            .map_err(|e| store_error("read", reader.key(), e))?;
+        let mut total = 0;
+        for part in parts {
+            w.write_all(&part)?;
+            total += part.len();
+        }
+        Ok(total)
+    }
+
+    /// WRITE to an open handle from the request's buffers.
+    pub(super) fn write_handle(
+        &self,
+        handle: &Handle,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let Handle::Write { ino, upload } = handle else {
+            return Err(unsupported(
+                "write",
+                "",
+                "stored objects cannot be modified in place; open with O_TRUNC to replace one",
+                libc::EOPNOTSUPP,
+            ));
+        };
+        if upload.written().load(Ordering::Acquire) == 0
+            && self.rt.block_on(upload.reopen_if_empty())
+        {
+            self.ns.resume_write(*ino, upload.written());
+        }
+        let mut data = vec![0u8; size as usize];
+        r.read_exact(&mut data)?;
+        self.rt.block_on(upload.write(offset, &data))
+    }
+
+    /// Commits an upload and tells the namespace how it ended.
+    pub(super) fn commit(&self, ino: u64, upload: &Upload) -> io::Result<()> {
+        let result = self.rt.block_on(upload.commit());
+        match &result {
+            Ok(stat) => self.ns.end_write(ino, Some(stat.clone())),
+            Err(e) => {
+                tracing::error!(key = upload.key(), error = %e, "file was NOT saved to the store");
+                self.ns.end_write(ino, None);
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// Commits every upload still open; called once the mount is gone, so that data written
+    /// and closed just before an unmount is never lost.
+    pub fn shutdown(&self) {
+        let open = self.handles.drain();
+        for handle in open {
+            if let Handle::Write { ino, upload } = &*handle {
+                if self.rt.block_on(upload.is_open()) {
+                    tracing::info!(
+                        key = upload.key(),
+                        "committing a file still open at unmount"
+                    );
+                    let _ = self.commit(*ino, upload);
+                }
+            }
+        }
+    }
+
+    pub(super) fn open_upload(
+        &self,
+        parent: u64,
+        name: &str,
+        key: String,
+    ) -> io::Result<(Node, u64)> {
+        let upload = Upload::new(
+            self.ns.store().clone(),
+            self.memory.clone(),
+            key,
+            self.config.part_size,
+        );
+        let node = self.ns.begin_write(parent, name, upload.written())?;
+        let fh = self.add_handle(Handle::Write {
+            ino: node.ino,
+            upload,
+        });
+        Ok((node, fh))
+    }
+}

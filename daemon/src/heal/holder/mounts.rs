@@ -1,0 +1,160 @@
+//! The holder's mounts: preparing a mountpoint (healing a dead berth mount left there),
+//! mounting, cloning and holding the queues, the last-resort remount when a connection is
+//! lost, and what a holder leaves in the state dir.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+
+use super::{HeldMount, Holder};
+use crate::fuse::connection_state::ConnectionState;
+use crate::fuse::{FuseMount, MountOptions};
+use crate::heal::detect::HangWatch;
+use crate::heal::remount::{self, BindTarget};
+use crate::heal::vhost_sockets::HeldShare;
+use crate::state;
+use crate::sys::mounts;
+use crate::volume::{self, Source};
+
+/// Creates and canonicalizes a mountpoint. A dead berth mount there (its holder was killed)
+/// is detached with its binds, which are returned to re-bind after the new mount is up.
+pub(super) fn prepare(path: &Path) -> anyhow::Result<(PathBuf, Vec<BindTarget>)> {
+    if !path.exists() {
+        // A dead mount fails exists(); only create what is really missing.
+        if !remount::is_dead_berth_mount(path) {
+            std::fs::create_dir_all(path)
+                .with_context(|| format!("creating mountpoint {}", path.display()))?;
+        }
+    }
+    let path = canonical_parent_join(path)?;
+    if remount::is_dead_berth_mount(&path) {
+        tracing::warn!(mountpoint = %path.display(), "found a dead berth mount (its holder is gone); replacing it");
+        let targets = remount::detach_with_binds(&path)
+            .with_context(|| format!("detaching the dead mount at {}", path.display()))?;
+        return Ok((path, targets));
+    }
+    if !path.is_dir() {
+        bail!("mountpoint {} is not a directory", path.display());
+    }
+    if mounts::is_mountpoint(&path).context("reading the mount table")? {
+        bail!(
+            "{} is already a mountpoint; unmount it first (stacking mounts hides the one below)",
+            path.display()
+        );
+    }
+    Ok((path, Vec::new()))
+}
+
+/// Canonical path without touching the (possibly dead) last component.
+fn canonical_parent_join(path: &Path) -> anyhow::Result<PathBuf> {
+    let absolute =
+        std::path::absolute(path).with_context(|| format!("mountpoint {}", path.display()))?;
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => Ok(parent
+            .canonicalize()
+            .with_context(|| format!("mountpoint {}", path.display()))?
+            .join(name)),
+        _ => Ok(absolute),
+    }
+}
+
+impl Holder {
+    pub(super) fn mount(
+        &mut self,
+        text: String,
+        source: &Source,
+        mountpoint: &Path,
+    ) -> anyhow::Result<()> {
+        let fsname = format!("berth:{}", volume::describe(source));
+        let fuse = FuseMount::mount(
+            mountpoint,
+            &MountOptions {
+                fsname: fsname.clone(),
+                read_only: self.config.read_only,
+                allow_other: true,
+            },
+        )
+        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+        let held = self.hold(text, fsname, fuse)?;
+        self.mounts.push(held);
+        Ok(())
+    }
+
+    pub(super) fn hold(
+        &mut self,
+        source: String,
+        fsname: String,
+        fuse: FuseMount,
+    ) -> anyhow::Result<HeldMount> {
+        let queues = fuse
+            .queues(self.config.threads)
+            .context("cloning FUSE queues")?;
+        let shared = ConnectionState::create().context("creating the shared state region")?;
+        let conn = fuse.connection_id();
+        if let Some(conn) = conn {
+            self.detector.watch_connection(conn);
+        }
+        Ok(HeldMount {
+            source,
+            fsname,
+            fuse,
+            queues,
+            shared,
+            conn,
+            init_capable: None,
+            hang: HangWatch::new(),
+            gone: false,
+            shares: Vec::new(),
+        })
+    }
+
+    /// Gives up before serving: detach what was mounted, stop an engine if one started.
+    pub(super) fn abandon(&mut self) {
+        self.kill_engine();
+        for m in &self.mounts {
+            let _ = m.fuse.unmount(true);
+        }
+        self.cleanup_state();
+    }
+
+    pub(super) fn remount(&mut self, i: usize) -> anyhow::Result<Vec<BindTarget>> {
+        let mountpoint = self.mounts[i].fuse.mountpoint().to_path_buf();
+        if let Some(conn) = self.mounts[i].conn {
+            self.detector.unwatch_connection(conn);
+        }
+        let targets = remount::detach_with_binds(&mountpoint)?;
+        let fuse = FuseMount::mount(
+            &mountpoint,
+            &MountOptions {
+                fsname: self.mounts[i].fsname.clone(),
+                read_only: self.config.read_only,
+                allow_other: true,
+            },
+        )?;
+        let held = self.hold(
+            self.mounts[i].source.clone(),
+            self.mounts[i].fsname.clone(),
+            fuse,
+        )?;
+        let mut held = held;
+        held.shares = std::mem::take(&mut self.mounts[i].shares);
+        self.mounts[i] = held;
+        Ok(targets)
+    }
+
+    /// Removes what this holder put in the state dir.
+    pub(super) fn cleanup_state(&self) {
+        for m in &self.mounts {
+            let dir = state::mount_dir(&self.config.state_dir, m.fuse.mountpoint());
+            for name in ["status.json", "inodes"] {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            let _ = std::fs::remove_file(state::control_socket(
+                &self.config.state_dir,
+                m.fuse.mountpoint(),
+            ));
+            let _ = std::fs::remove_dir(dir);
+            m.shares.iter().for_each(HeldShare::unlink);
+        }
+    }
+}
