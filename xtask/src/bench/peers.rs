@@ -243,7 +243,7 @@ impl Mounted {
     pub fn peak_rss(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
         let mut total = vm_hwm(pid)?;
-        for child in crate::bench::process_and_children(pid).into_iter().skip(1) {
+        for child in super::cache::process_and_children(pid).into_iter().skip(1) {
             total += vm_hwm(child).unwrap_or(0);
         }
         Some(total)

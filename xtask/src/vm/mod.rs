@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::guest::{self, Reaped};
+use self::guest::Reaped;
 use crate::locals3::{LocalS3, NO_PROXY};
 use crate::{cargo, repo_root, run_cmd, weed_bin};
+
+pub mod guest;
 
 const BUCKET: &str = "vmtest";
 const TAG: &str = "berth";

@@ -14,13 +14,16 @@ use serde_json::{json, Map, Value};
 
 use crate::{cargo, dpkg_installed, is_root, on_path, repo_root, run_cmd};
 
+mod cache;
 mod fio;
 mod matrix;
 mod peers;
+mod recovery;
 mod report;
 mod results;
 mod seaweed;
 mod svg;
+mod virtiofs;
 
 /// One bench suite.
 pub struct Suite {
@@ -178,15 +181,15 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // The recovery bench prints its own table and has its own flags (`--kills`).
     if args.first().map(String::as_str) == Some("recovery") {
-        return crate::bench_recovery::run(&args[1..]);
+        return recovery::run(&args[1..]);
     }
     // The virtio-fs bench prints its own table; `--size-mib` sets its file size.
     if args.first().map(String::as_str) == Some("virtiofs") {
-        return crate::bench_virtiofs::run(virtiofs_size(&args[1..])?);
+        return virtiofs::run(virtiofs_size(&args[1..])?);
     }
     // The old cache bench keeps its own flags (`--size-mib`).
     if args.first().map(String::as_str) == Some("cache") && args.iter().any(|a| a == "--size-mib") {
-        return crate::bench::run(args);
+        return cache::run(args);
     }
     let a = parse(args)?;
     let date = shell(&["date", "-u", "+%Y-%m-%d"]).unwrap_or_else(|| "unknown-date".into());
@@ -223,7 +226,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .find(|s| s.name == name)
             .context("suite vanished")?;
         if suite.name == "cache" && !a.rest.is_empty() {
-            crate::bench::run(&a.rest)?;
+            cache::run(&a.rest)?;
             continue;
         }
         (suite.run)(&mut ctx).with_context(|| format!("bench suite {name}"))?;
@@ -364,11 +367,11 @@ fn ensure_apt(packages: &[&str]) -> Result<()> {
 
 fn recovery_suite(ctx: &mut Ctx) -> Result<()> {
     let kills = if ctx.quick { "5" } else { "20" };
-    crate::bench_recovery::run(&["--kills".into(), kills.into()])
+    recovery::run(&["--kills".into(), kills.into()])
 }
 
 fn virtiofs_suite(ctx: &mut Ctx) -> Result<()> {
-    crate::bench_virtiofs::run(if ctx.quick { 64 } else { 256 })
+    virtiofs::run(if ctx.quick { 64 } else { 256 })
 }
 
 /// `bench virtiofs [--size-mib N]`: the file size in MiB (a TCG guest reads slowly: 256).
@@ -382,7 +385,7 @@ fn virtiofs_size(args: &[String]) -> Result<u64> {
 
 fn cache_suite(ctx: &mut Ctx) -> Result<()> {
     let size = if ctx.quick { "256" } else { "1024" };
-    crate::bench::run(&["cache".into(), "--size-mib".into(), size.into()])
+    cache::run(&["cache".into(), "--size-mib".into(), size.into()])
 }
 
 fn peers_suite(ctx: &mut Ctx) -> Result<()> {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::{wait_ready, write_data};
+use super::cache::{wait_ready, write_data};
 use crate::{cargo, repo_root, run_cmd};
 
 const DATA_MIB: u64 = 64;

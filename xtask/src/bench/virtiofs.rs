@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::guest::{self, GuestFile, Reaped};
 use crate::locals3::LocalS3;
-use crate::vm_test::{berth_bin, pattern, start_share, tempdir, BERTH_BIN_ENV};
+use crate::vm::guest::{self, GuestFile, Reaped};
+use crate::vm::{berth_bin, pattern, start_share, tempdir, BERTH_BIN_ENV};
 use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd, weed_bin};
 
 const VIRTIOFSD_VERSION: &str = "1.14.0";
