@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd};
+use crate::setup::ensure_apt;
+use crate::sh::{cargo, is_listening, repo_root, run_cmd, Pattern};
 
 const MIB: u64 = 1 << 20;
 const ENGINES: [&str; 2] = ["io-uring", "threads"];
@@ -36,7 +37,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if suite != "cache" {
         bail!("unknown bench suite {suite:?}; available: cache");
     }
-    ensure_fio()?;
+    ensure_apt(&["fio"])?;
     run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
         "build",
         "--release",
@@ -108,33 +109,13 @@ fn parse(args: &[String]) -> Result<(String, u64)> {
     Ok((suite.unwrap_or_else(|| "cache".into()), size))
 }
 
-fn ensure_fio() -> Result<()> {
-    if dpkg_installed("fio") {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!("fio is not installed (apt-get install fio)");
-    }
-    run_cmd(Command::new("apt-get").arg("update"))?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "fio"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
-/// A file of `size` bytes of cheap pseudo-random data (incompressible enough for a disk).
+/// A file of `size` bytes (whole MiB) of [`Pattern`].
 pub(crate) fn write_data(path: &Path, size: u64) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut pattern = Pattern::default();
     let mut chunk = vec![0u8; MIB as usize];
     for _ in 0..size / MIB {
-        for word in chunk.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
+        pattern.fill(&mut chunk);
         f.write_all(&chunk)?;
     }
     f.flush()?;
@@ -172,8 +153,7 @@ fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
         .context("starting berth daemon")?;
     let socket = state.join("cache.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !crate::is_listening(&socket) && Instant::now() < deadline && daemon.try_wait()?.is_none()
-    {
+    while !is_listening(&socket) && Instant::now() < deadline && daemon.try_wait()?.is_none() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let cache = [
@@ -182,7 +162,7 @@ fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
         "--cache-socket".into(),
         socket.display().to_string(),
     ];
-    let result = if crate::is_listening(&socket) {
+    let result = if is_listening(&socket) {
         through_mount(work, "node", &cache, size, Some(daemon.id()))
     } else {
         Err(anyhow::anyhow!("berth daemon did not serve its node cache"))

@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 
-use crate::{cargo, dpkg_installed, is_root, on_path, repo_root, run_cmd};
+use crate::setup::{ensure_apt, setup, weed_bin};
+use crate::sh::{cargo, output, repo_root, run_quiet, target_dir};
 
 mod cache;
 mod fio;
@@ -320,49 +321,8 @@ fn loadavg() -> String {
 
 /// stdout of a command, trimmed, if it succeeded.
 fn shell(argv: &[&str]) -> Option<String> {
-    let out = Command::new(argv[0]).args(&argv[1..]).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// The cargo target directory (honours CARGO_TARGET_DIR).
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-}
-
-/// Installs Debian packages as root if any is missing; Err says what is missing otherwise.
-fn ensure_apt(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let no_install = std::env::var("BERTH_BENCH_NO_INSTALL").is_ok_and(|v| v == "1");
-    if no_install || !is_root() || !on_path("apt-get") {
-        bail!(
-            "{} not installed (apt-get install {})",
-            missing.join(", "),
-            missing.join(" ")
-        );
-    }
-    let install = |update: bool| {
-        if update {
-            run_cmd(Command::new("apt-get").arg("update"))?;
-        }
-        run_cmd(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    install(false).or_else(|_| install(true))
+    let (program, args) = argv.split_first()?;
+    output(Command::new(program).args(args)).ok()
 }
 
 fn recovery_suite(ctx: &mut Ctx) -> Result<()> {
@@ -395,9 +355,9 @@ fn peers_suite(ctx: &mut Ctx) -> Result<()> {
     ensure_apt(&["fio"])?;
     let weed = std::env::var_os("BERTH_WEED_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(crate::weed_bin);
+        .unwrap_or_else(weed_bin);
     if !weed.is_file() {
-        crate::setup()?;
+        setup()?;
     }
     p.step("building berth (release)");
     let target = target_dir();
@@ -619,21 +579,6 @@ fn mountpoint_version() -> String {
         }
     }
     "mountpoint-s3-fs".to_owned()
-}
-
-/// Runs a command, showing its output only if it fails.
-fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", crate::describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            crate::describe(cmd),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

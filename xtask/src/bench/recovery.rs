@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::cache::{wait_ready, write_data};
-use crate::{cargo, repo_root, run_cmd};
+use crate::sh::{cargo, repo_root, run_cmd};
 
 const DATA_MIB: u64 = 64;
 const UPGRADES: usize = 5;

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::locals3::LocalS3;
-use crate::vm::guest::{self, GuestFile, Reaped};
-use crate::vm::{berth_bin, pattern, start_share, tempdir, BERTH_BIN_ENV};
-use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd, weed_bin};
+use crate::setup::{ensure_apt, weed_bin};
+use crate::sh::{cargo, is_listening, pattern, repo_root, run_cmd, tempdir, Reaped};
+use crate::vm::guest::{self, GuestFile};
+use crate::vm::{berth_bin, start_share, BERTH_BIN_ENV};
 
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 const BUCKET: &str = "bench";
@@ -240,19 +241,7 @@ fn ensure_virtiofsd() -> Result<PathBuf> {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(VIRTIOFSD_VERSION));
     if !ok {
         // virtiofsd links against libseccomp and libcap-ng.
-        let libs = ["libseccomp-dev", "libcap-ng-dev"];
-        let missing: Vec<&str> = libs.into_iter().filter(|p| !dpkg_installed(p)).collect();
-        if !missing.is_empty() {
-            if !is_root() {
-                bail!("building virtiofsd needs {}", missing.join(" and "));
-            }
-            run_cmd(
-                Command::new("apt-get")
-                    .args(["install", "-y", "--no-install-recommends"])
-                    .args(&missing)
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )?;
-        }
+        ensure_apt(&["libseccomp-dev", "libcap-ng-dev"]).context("building virtiofsd")?;
         let root = repo_root().join(".tools").join("virtiofsd");
         run_cmd(
             Command::new(cargo())
@@ -279,7 +268,7 @@ fn start_virtiofsd(bin: &Path, work: &Path, export: &Path) -> Result<Reaped> {
         .with_context(|| format!("starting {}", bin.display()))?;
     let guard = Reaped(Some(child));
     let started = Instant::now();
-    while !crate::is_listening(&socket) {
+    while !is_listening(&socket) {
         if started.elapsed() > Duration::from_secs(10) {
             bail!(
                 "virtiofsd did not listen on {} within 10 s",

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use self::guest::Reaped;
 use crate::locals3::{LocalS3, NO_PROXY};
-use crate::{cargo, repo_root, run_cmd, weed_bin};
+use crate::setup::weed_bin;
+use crate::sh::{cargo, repo_root, run_cmd, tempdir, Reaped};
 
 pub mod guest;
 
@@ -64,26 +64,6 @@ pub fn run(strict: bool, crash: bool) -> Result<()> {
     Ok(())
 }
 
-/// A temp dir removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-pub fn tempdir(prefix: &str) -> Result<TempDir> {
-    let base = std::env::temp_dir();
-    for n in 0..1000u32 {
-        let path = base.join(format!("{prefix}-{}-{n}", std::process::id()));
-        if std::fs::create_dir(&path).is_ok() {
-            return Ok(TempDir(path));
-        }
-    }
-    bail!("cannot create a temp dir in {}", base.display())
-}
-
 /// The berth binary `cargo build --release` made.
 /// Runs this berth binary instead of building one (to compare two builds in `bench virtiofs`).
 pub const BERTH_BIN_ENV: &str = "BERTH_BIN";
@@ -101,7 +81,7 @@ pub fn berth_bin() -> PathBuf {
 
 fn run_in(work: &Path) -> Result<(u32, u32)> {
     let s3 = LocalS3::start(&weed_bin(), work)?;
-    let large = pattern(LARGE_SIZE);
+    let large = crate::sh::pattern(LARGE_SIZE);
     s3.put(BUCKET, "data/large.bin", &large)?;
     s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
     s3.put(BUCKET, "data/sub/inner.txt", b"inner")?;
@@ -448,20 +428,6 @@ fn guest_totals(lines: &[String]) -> (u32, u32) {
     (passed, failed)
 }
 
-/// Deterministic bytes that do not compress (xorshift).
-pub fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// sha256 of `data` with the host's sha256sum (written to `scratch` first).
 fn sha256(scratch: &Path, data: &[u8]) -> Result<String> {
     std::fs::write(scratch, data)?;
@@ -489,11 +455,5 @@ mod tests {
         let mut done = lines.clone();
         done.push("vm-test-guest: 2 passed, 1 failed".into());
         assert_eq!(guest_totals(&done), (2, 1));
-    }
-
-    #[test]
-    fn pattern_is_deterministic() {
-        assert_eq!(pattern(100), pattern(100));
-        assert_eq!(pattern(13).len(), 13);
     }
 }
