@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 
 mod bench;
-mod locals3;
+mod seaweed;
 mod setup;
 mod sh;
 mod test;

@@ -49,17 +49,7 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
 
 /// Runs a command, showing its output only if it fails.
 pub fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            describe(cmd),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    output(cmd).map(drop)
 }
 
 /// stdout of a command, trimmed; Err with its stderr if it fails.

@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 
+use self::sdk::Sdk;
+use crate::seaweed::{self, Access, Seaweed};
 use crate::setup::{ensure_apt, setup, weed_bin};
 use crate::sh::{cargo, output, repo_root, run_quiet, target_dir};
 
@@ -22,7 +24,7 @@ mod peers;
 mod recovery;
 mod report;
 mod results;
-mod seaweed;
+mod sdk;
 mod svg;
 mod virtiofs;
 
@@ -384,15 +386,15 @@ fn peers_suite(ctx: &mut Ctx) -> Result<()> {
     std::fs::create_dir_all(&work)?;
     let outcome = (|| {
         let bucket = "berth-bench";
-        let server = seaweed::Seaweed::start(
-            &weed,
-            &release.join("examples").join("bench_s3"),
-            &work.join("weed"),
-            bucket,
-        )?;
+        let bench_s3 = release.join("examples").join("bench_s3");
+        // Ready once the SDK can create the bucket.
+        let server = Seaweed::start(&weed, &work.join("weed"), Access::Keys, |s| {
+            Sdk::new(&bench_s3, s).tool(&["mb", bucket]).map(drop)
+        })?;
+        let sdk = Sdk::new(&bench_s3, &server);
         let sizes = matrix::Sizes::new(ctx.quick);
         let m = matrix::Matrix {
-            server: &server,
+            sdk: &sdk,
             target: peers::Target {
                 bucket: bucket.to_owned(),
                 endpoint: server.endpoint.clone(),

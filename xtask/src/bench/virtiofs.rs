@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::locals3::LocalS3;
+use crate::seaweed::Seaweed;
 use crate::setup::{ensure_apt, weed_bin};
 use crate::sh::{cargo, is_listening, pattern, repo_root, run_cmd, tempdir, Reaped};
 use crate::vm::guest::{self, GuestFile};
@@ -69,12 +69,12 @@ pub fn run(size_mib: u64) -> Result<()> {
     std::fs::create_dir_all(&export)?;
     let data = pattern((size_mib << 20) as usize);
     std::fs::write(export.join("data.bin"), &data)?;
-    let s3 = LocalS3::start(&weed_bin(), &work.0)?;
+    let s3 = Seaweed::open(&weed_bin(), &work.0)?;
     s3.put(BUCKET, "data.bin", &data)?;
     drop(data);
 
     let export_text = export.to_string_lossy().into_owned();
-    let endpoint = s3.endpoint();
+    let endpoint = s3.endpoint.clone();
     let source = format!("s3://{BUCKET}");
     let s3_args = [
         source.as_str(),
@@ -100,12 +100,14 @@ pub fn run(size_mib: u64) -> Result<()> {
                 start_virtiofsd(&virtiofsd, &work.0, &export)
             })?,
             measure(&work.0, &tool, size_mib, || {
-                share(&work.0, &[&export_text, "--read-only"])
+                share(&work.0, &s3, &[&export_text, "--read-only"])
             })?,
-            measure(&work.0, &tool, size_mib, || share(&work.0, &s3_args))?,
+            measure(&work.0, &tool, size_mib, || share(&work.0, &s3, &s3_args))?,
             // The cache directory outlives each share: the first round fills it, later
             // rounds read it (disk tier; the memory tier starts empty with each process).
-            measure(&work.0, &tool, size_mib, || share(&work.0, &s3_cached_args))?,
+            measure(&work.0, &tool, size_mib, || {
+                share(&work.0, &s3, &s3_cached_args)
+            })?,
         ];
         for (all, r) in rounds.iter_mut().zip(this) {
             all.push(r);
@@ -145,12 +147,12 @@ fn median(rounds: &[Result2]) -> Result2 {
     }
 }
 
-fn share(work: &Path, args: &[&str]) -> Result<Reaped> {
+fn share(work: &Path, s3: &Seaweed, args: &[&str]) -> Result<Reaped> {
     let socket = work.join("vfs.sock");
     let socket = socket.to_string_lossy().into_owned();
     let mut all = args.to_vec();
     all.extend(["--socket", &socket]);
-    start_share(work, &all)
+    start_share(work, s3, &all)
 }
 
 /// Boots one guest against the backend `start` gives and parses the reader's lines.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::locals3::{LocalS3, NO_PROXY};
+use crate::seaweed::Seaweed;
 use crate::setup::weed_bin;
 use crate::sh::{cargo, repo_root, run_cmd, tempdir, Reaped};
 
@@ -80,7 +80,7 @@ pub fn berth_bin() -> PathBuf {
 }
 
 fn run_in(work: &Path) -> Result<(u32, u32)> {
-    let s3 = LocalS3::start(&weed_bin(), work)?;
+    let s3 = Seaweed::open(&weed_bin(), work)?;
     let large = crate::sh::pattern(LARGE_SIZE);
     s3.put(BUCKET, "data/large.bin", &large)?;
     s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
@@ -90,12 +90,13 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
     let socket = work.join("vfs.sock");
     let _share = start_share(
         work,
+        &s3,
         &[
             &format!("s3://{BUCKET}"),
             "--socket",
             &socket.to_string_lossy(),
             "--endpoint-url",
-            &s3.endpoint(),
+            &s3.endpoint,
             "--region",
             "us-east-1",
             "--request-queues",
@@ -154,7 +155,7 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
 /// cache, so that the pod's read of the same file afterwards comes from the cache.
 fn pod_and_vm_on_one_engine(
     work: &Path,
-    s3: &LocalS3,
+    s3: &Seaweed,
     sha: &str,
     large: &[u8],
     host: &mut dyn FnMut(&str, bool, String),
@@ -162,15 +163,15 @@ fn pod_and_vm_on_one_engine(
     let mountpoint = work.join("pod");
     std::fs::create_dir_all(&mountpoint)?;
     let state = work.join("pod-state");
-    let endpoint = s3.endpoint();
     let mount = start_berth(
         work,
+        s3,
         "mount",
         &[
             &format!("s3://{BUCKET}"),
             &mountpoint.to_string_lossy(),
             "--endpoint-url",
-            &endpoint,
+            &s3.endpoint,
             "--region",
             "us-east-1",
             "--cache-dir",
@@ -184,7 +185,7 @@ fn pod_and_vm_on_one_engine(
     let socket = work.join("pod-vm.sock");
     let share_of_mount = |extra: &[&str]| {
         run_cmd(
-            Command::new(berth_bin())
+            s3.client_env(&mut Command::new(berth_bin()))
                 .arg("share")
                 .arg("--mount")
                 .arg(&mountpoint)
@@ -287,11 +288,11 @@ impl Drop for Unmount {
 /// share, and after a new berth listens on the same socket. A measurement, not a check:
 /// it prints what happened (see docs/virtiofs.md).
 fn crash_probe(work: &Path) -> Result<()> {
-    let s3 = LocalS3::start(&weed_bin(), work)?;
+    let s3 = Seaweed::open(&weed_bin(), work)?;
     s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
     s3.put(BUCKET, "data/sub/inner.txt", b"inner")?;
     let socket = work.join("vfs.sock");
-    let endpoint = s3.endpoint();
+    let endpoint = s3.endpoint.clone();
     let socket_text = socket.to_string_lossy().into_owned();
     let args = [
         format!("s3://{BUCKET}"),
@@ -303,7 +304,7 @@ fn crash_probe(work: &Path) -> Result<()> {
         "us-east-1".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut share = Some(start_share(work, &args)?);
+    let mut share = Some(start_share(work, &s3, &args)?);
     let body = r#"now() { cut -d " " -f 1 /proc/uptime; }
 mount -t virtiofs $TAG /mnt && cat /mnt/data/small.txt && echo
 echo "crash-probe: kill now"
@@ -331,7 +332,7 @@ echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a 
             share = None;
             std::thread::sleep(Duration::from_secs(5));
             println!("crash-probe: host: starting berth share again on the same socket");
-            match start_share(work, &args) {
+            match start_share(work, &s3, &args) {
                 Ok(s) => restarted = Some(s),
                 Err(e) => println!("crash-probe: host: restart failed: {e:#}"),
             }
@@ -350,26 +351,29 @@ echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a 
 }
 
 /// Starts `berth share` and waits for its ready line; killed when the guard drops.
-pub fn start_share(work: &Path, args: &[&str]) -> Result<Reaped> {
+pub fn start_share(work: &Path, s3: &Seaweed, args: &[&str]) -> Result<Reaped> {
     let state = work.join("state");
     let mut all: Vec<&str> = args.to_vec();
     let state = state.to_string_lossy();
     all.extend(["--state-dir", &state]);
-    start_berth(work, "share", &all, "berth: sharing")
+    start_berth(work, s3, "share", &all, "berth: sharing")
 }
 
-/// Starts `berth COMMAND ARGS` and waits for a stdout line starting with `ready`; killed
-/// when the guard drops.
-fn start_berth(work: &Path, command: &str, args: &[&str], ready: &'static str) -> Result<Reaped> {
+/// Starts `berth COMMAND ARGS` as a client of `s3` and waits for a stdout line starting with
+/// `ready`; killed when the guard drops.
+fn start_berth(
+    work: &Path,
+    s3: &Seaweed,
+    command: &str,
+    args: &[&str],
+    ready: &'static str,
+) -> Result<Reaped> {
     let log_path = work.join(format!("berth-{command}.log"));
     let log = std::fs::File::create(&log_path)?;
-    let mut child = Command::new(berth_bin())
+    let mut child = s3
+        .client_env(&mut Command::new(berth_bin()))
         .arg(command)
         .args(args)
-        .env("AWS_ACCESS_KEY_ID", "berth-vm-test")
-        .env("AWS_SECRET_ACCESS_KEY", "berth-vm-test")
-        .env("NO_PROXY", NO_PROXY)
-        .env("no_proxy", NO_PROXY)
         .env("RUST_LOG", "berth=info,berth_vhost=info,warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
