@@ -2,7 +2,7 @@
 //! bench). This file is the command line: the help text and which module runs each command.
 //!
 //! The modules stand on floors, and imports only point down: the commands (`test`, `vm`,
-//! `bench`) use what they need to run (`setup`, `seaweed`), which use the shell
+//! `bench`) use what they need to run (`setup`, `berth`, `seaweed`), which use the shell
 //! helpers in `sh`.
 
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 
 mod bench;
+mod berth;
 mod seaweed;
 mod setup;
 mod sh;

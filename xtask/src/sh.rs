@@ -47,11 +47,6 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Runs a command, showing its output only if it fails.
-pub fn run_quiet(cmd: &mut Command) -> Result<()> {
-    output(cmd).map(drop)
-}
-
 /// stdout of a command, trimmed; Err with its stderr if it fails.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+use crate::berth::TEST_BUILD;
 use crate::setup::{setup, weed_bin};
 use crate::sh::{cargo, describe, repo_root, run_cmd, strict_env};
 use crate::vm;
@@ -32,7 +33,8 @@ pub fn test(no_setup: bool, extra: &[String], strict_e2e: bool) -> Result<()> {
     let weed = weed_bin();
     let mut cmd = Command::new(cargo());
     cmd.current_dir(repo_root())
-        .args(["test", "--release", "--workspace", "--no-fail-fast"])
+        .args(TEST_BUILD)
+        .arg("--no-fail-fast")
         .args(extra)
         .stdout(Stdio::piped());
     if weed.is_file() {

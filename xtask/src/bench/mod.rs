@@ -13,9 +13,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 
 use self::sdk::Sdk;
+use crate::berth;
 use crate::seaweed::{self, Access, Seaweed};
 use crate::setup::{ensure_apt, setup, weed_bin};
-use crate::sh::{cargo, output, repo_root, run_quiet, target_dir};
+use crate::sh::{cargo, output, repo_root, target_dir};
 
 mod cache;
 mod fio;
@@ -362,31 +363,21 @@ fn peers_suite(ctx: &mut Ctx) -> Result<()> {
         setup()?;
     }
     p.step("building berth (release)");
-    let target = target_dir();
-    run_quiet(Command::new(cargo()).current_dir(repo_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "berth",
-        "--bin",
-        "berth",
-        "--example",
-        "bench_s3",
-    ]))
-    .context("building berth")?;
-    let release = target.join("release");
+    let build = berth::build(true).context("building berth")?;
+    let bench_s3 = build
+        .bench_s3
+        .context("the test build made no bench_s3 example")?;
     p.step("preparing peers");
-    let (available, missing) = discover_peers(ctx, &release);
+    let (available, missing) = discover_peers(ctx, &build.berth);
     for (name, why) in &missing {
         ctx.progress.log(&format!("{name}: skipped: {why}"));
     }
 
-    let work = target.join("bench-work");
+    let work = target_dir().join("bench-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let outcome = (|| {
         let bucket = "berth-bench";
-        let bench_s3 = release.join("examples").join("bench_s3");
         // Ready once the SDK can create the bucket.
         let server = Seaweed::start(&weed, &work.join("weed"), Access::Keys, |s| {
             Sdk::new(&bench_s3, s).tool(&["mb", bucket]).map(drop)
@@ -488,7 +479,7 @@ fn peers_suite(ctx: &mut Ctx) -> Result<()> {
 }
 
 /// Which systems can run here: (available, [(name, why not)]).
-fn discover_peers(ctx: &Ctx, release: &Path) -> (Vec<peers::Peer>, Vec<(String, String)>) {
+fn discover_peers(ctx: &Ctx, berth: &Path) -> (Vec<peers::Peer>, Vec<(String, String)>) {
     let mut ok = Vec::new();
     let mut missing = Vec::new();
     for kind in peers::Kind::ALL {
@@ -499,7 +490,7 @@ fn discover_peers(ctx: &Ctx, release: &Path) -> (Vec<peers::Peer>, Vec<(String, 
         {
             continue;
         }
-        match prepare(ctx, kind, release) {
+        match prepare(ctx, kind, berth) {
             Ok(peer) => ok.push(peer),
             Err(e) => missing.push((name.to_owned(), format!("{e:#}"))),
         }
@@ -507,7 +498,7 @@ fn discover_peers(ctx: &Ctx, release: &Path) -> (Vec<peers::Peer>, Vec<(String, 
     (ok, missing)
 }
 
-fn prepare(ctx: &Ctx, kind: peers::Kind, release: &Path) -> Result<peers::Peer> {
+fn prepare(ctx: &Ctx, kind: peers::Kind, berth: &Path) -> Result<peers::Peer> {
     let version = |bin: &str, arg: &str| {
         shell(&[bin, arg])
             .and_then(|v| v.lines().next().map(str::to_owned))
@@ -515,7 +506,7 @@ fn prepare(ctx: &Ctx, kind: peers::Kind, release: &Path) -> Result<peers::Peer> 
     };
     let (bin, version) = match kind {
         peers::Kind::Berth => {
-            let bin = release.join("berth");
+            let bin = berth.to_owned();
             let v = shell(&[&bin.to_string_lossy(), "--version"]).unwrap_or_default();
             let rev = shell(&[
                 "git",

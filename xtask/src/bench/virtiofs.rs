@@ -8,8 +8,8 @@
 //! SeaweedFS with a node block cache that earlier rounds filled (the S3 path once warm).
 //! The guest runs under TCG, so absolute numbers are low; the ratios are the result. Each
 //! backend is measured in several guest boots, alternating with the others, and its median
-//! round is reported. `BERTH_BIN=/path/to/berth` runs that binary instead of building one
-//! (to compare two builds on the same host state).
+//! round is reported. berth comes from the test build (see berth.rs); `BERTH_BIN=/path/to/berth`
+//! runs that binary instead of building one (to compare two builds on the same host state).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::berth;
 use crate::seaweed::Seaweed;
 use crate::setup::{ensure_apt, weed_bin};
 use crate::sh::{cargo, is_listening, pattern, repo_root, run_cmd, tempdir, Reaped};
 use crate::vm::guest::{self, GuestFile};
-use crate::vm::{berth_bin, start_share, BERTH_BIN_ENV};
 
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 const BUCKET: &str = "bench";
@@ -51,17 +51,9 @@ pub fn run(size_mib: u64) -> Result<()> {
         );
     }
     let virtiofsd = ensure_virtiofsd()?;
-    if std::env::var_os(BERTH_BIN_ENV).is_none() {
-        run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
-            "build",
-            "--release",
-            "-p",
-            "berth",
-            "--bin",
-            "berth",
-        ]))?;
-    } else {
-        println!("bench virtiofs: berth is {}", berth_bin().display());
+    let bin = berth::binary()?;
+    if std::env::var_os(berth::BIN_ENV).is_some() {
+        println!("bench virtiofs: berth is {}", bin.display());
     }
     let work = tempdir("berth-bench-virtiofs")?;
     let tool = build_reader(&work.0)?;
@@ -100,13 +92,15 @@ pub fn run(size_mib: u64) -> Result<()> {
                 start_virtiofsd(&virtiofsd, &work.0, &export)
             })?,
             measure(&work.0, &tool, size_mib, || {
-                share(&work.0, &s3, &[&export_text, "--read-only"])
+                share(&bin, &work.0, &s3, &[&export_text, "--read-only"])
             })?,
-            measure(&work.0, &tool, size_mib, || share(&work.0, &s3, &s3_args))?,
+            measure(&work.0, &tool, size_mib, || {
+                share(&bin, &work.0, &s3, &s3_args)
+            })?,
             // The cache directory outlives each share: the first round fills it, later
             // rounds read it (disk tier; the memory tier starts empty with each process).
             measure(&work.0, &tool, size_mib, || {
-                share(&work.0, &s3, &s3_cached_args)
+                share(&bin, &work.0, &s3, &s3_cached_args)
             })?,
         ];
         for (all, r) in rounds.iter_mut().zip(this) {
@@ -147,12 +141,12 @@ fn median(rounds: &[Result2]) -> Result2 {
     }
 }
 
-fn share(work: &Path, s3: &Seaweed, args: &[&str]) -> Result<Reaped> {
+fn share(bin: &Path, work: &Path, s3: &Seaweed, args: &[&str]) -> Result<Reaped> {
     let socket = work.join("vfs.sock");
     let socket = socket.to_string_lossy().into_owned();
     let mut all = args.to_vec();
     all.extend(["--socket", &socket]);
-    start_share(work, s3, &all)
+    berth::share(bin, work, s3, &all)
 }
 
 /// Boots one guest against the backend `start` gives and parses the reader's lines.

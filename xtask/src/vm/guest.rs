@@ -1,5 +1,6 @@
-//! A throwaway QEMU guest for the virtio-fs door: Debian's cloud kernel, a busybox-static
-//! initramfs written here (cpio newc), and a vhost-user-fs device on a given socket.
+//! A throwaway QEMU guest for the virtio-fs door: Debian's cloud kernel (which `cargo xtask
+//! setup` extracts), a busybox-static initramfs written here (cpio newc), and a vhost-user-fs
+//! device on a given socket.
 //!
 //! Used by `cargo xtask vm-test` and `cargo xtask bench virtiofs`. QEMU runs under TCG (no
 //! KVM needed), prints the guest's serial console on stdout, and is killed at the deadline.

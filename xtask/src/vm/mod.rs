@@ -4,19 +4,19 @@
 //! QEMU (TCG) boots Debian's cloud kernel with a busybox initramfs whose init mounts the
 //! share and runs the checks. The host then checks that the file the guest wrote is in S3,
 //! and boots a second guest on the same socket (the share must serve the next VMM).
-//! Prints `vm-test: N passed, M failed`; fails if any check failed.
+//! Prints `vm-test: N passed, M failed`; fails if any check failed. berth is the test
+//! build's ([`berth::binary`]), so after `cargo xtask test` nothing is compiled again.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::berth;
 use crate::seaweed::Seaweed;
 use crate::setup::weed_bin;
-use crate::sh::{cargo, repo_root, run_cmd, tempdir, Reaped};
+use crate::sh::{run_cmd, tempdir, Reaped};
 
 pub mod guest;
 
@@ -27,7 +27,6 @@ const SMALL_TEXT: &str = "hello from s3";
 const GUEST_TEXT: &str = "written by the guest";
 const GUEST_DEADLINE: Duration = Duration::from_secs(300);
 const CRASH_DEADLINE: Duration = Duration::from_secs(90);
-const SHARE_READY: Duration = Duration::from_secs(60);
 
 pub fn run(strict: bool, crash: bool) -> Result<()> {
     let mut missing = guest::missing();
@@ -42,19 +41,12 @@ pub fn run(strict: bool, crash: bool) -> Result<()> {
         println!("vm-test: SKIPPED; missing: {what}");
         return Ok(());
     }
-    run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "berth",
-        "--bin",
-        "berth",
-    ]))?;
+    let bin = berth::binary()?;
     let work = tempdir("berth-vm-test")?;
     if crash {
-        return crash_probe(&work.0);
+        return crash_probe(&bin, &work.0);
     }
-    let result = run_in(&work.0);
+    let result = run_in(&bin, &work.0);
     drop(work);
     let (passed, failed) = result?;
     println!("vm-test: {passed} passed, {failed} failed");
@@ -64,22 +56,7 @@ pub fn run(strict: bool, crash: bool) -> Result<()> {
     Ok(())
 }
 
-/// The berth binary `cargo build --release` made.
-/// Runs this berth binary instead of building one (to compare two builds in `bench virtiofs`).
-pub const BERTH_BIN_ENV: &str = "BERTH_BIN";
-
-pub fn berth_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os(BERTH_BIN_ENV) {
-        return PathBuf::from(bin);
-    }
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-        .join("release")
-        .join("berth")
-}
-
-fn run_in(work: &Path) -> Result<(u32, u32)> {
+fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
     let s3 = Seaweed::open(&weed_bin(), work)?;
     let large = crate::sh::pattern(LARGE_SIZE);
     s3.put(BUCKET, "data/large.bin", &large)?;
@@ -88,7 +65,8 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
     let sha = sha256(&work.join("large.bin"), &large)?;
 
     let socket = work.join("vfs.sock");
-    let _share = start_share(
+    let _share = berth::share(
+        bin,
         work,
         &s3,
         &[
@@ -144,7 +122,7 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
         ),
         Err(e) => host("second VMM on the same socket", false, format!("{e:#}")),
     }
-    if let Err(e) = pod_and_vm_on_one_engine(work, &s3, &sha, &large, &mut host) {
+    if let Err(e) = pod_and_vm_on_one_engine(bin, work, &s3, &sha, &large, &mut host) {
         host("pod mount and VM on one engine", false, format!("{e:#}"));
     }
     Ok((passed, failed))
@@ -154,6 +132,7 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
 /// (`berth share --mount`): the VM's reads must go through the mount's engine and fill its
 /// cache, so that the pod's read of the same file afterwards comes from the cache.
 fn pod_and_vm_on_one_engine(
+    bin: &Path,
     work: &Path,
     s3: &Seaweed,
     sha: &str,
@@ -163,7 +142,8 @@ fn pod_and_vm_on_one_engine(
     let mountpoint = work.join("pod");
     std::fs::create_dir_all(&mountpoint)?;
     let state = work.join("pod-state");
-    let mount = start_berth(
+    let mount = berth::start(
+        bin,
         work,
         s3,
         "mount",
@@ -185,7 +165,7 @@ fn pod_and_vm_on_one_engine(
     let socket = work.join("pod-vm.sock");
     let share_of_mount = |extra: &[&str]| {
         run_cmd(
-            s3.client_env(&mut Command::new(berth_bin()))
+            s3.client_env(&mut Command::new(bin))
                 .arg("share")
                 .arg("--mount")
                 .arg(&mountpoint)
@@ -198,7 +178,7 @@ fn pod_and_vm_on_one_engine(
         )
     };
     share_of_mount(&[])?;
-    let before = store_bytes(&mountpoint, &state)?;
+    let before = store_bytes(bin, &mountpoint, &state)?;
     let device = guest::Device {
         socket: &socket,
         tag: TAG,
@@ -215,7 +195,7 @@ fn pod_and_vm_on_one_engine(
         lines.iter().any(|l| l.trim() == "shared-read-ok"),
         "the guest could not read the share of the mount".into(),
     );
-    let after_vm = store_bytes(&mountpoint, &state)?;
+    let after_vm = store_bytes(bin, &mountpoint, &state)?;
     host(
         "the VM's reads fill the mount's cache",
         after_vm >= before + LARGE_SIZE as u64,
@@ -225,7 +205,7 @@ fn pod_and_vm_on_one_engine(
         ),
     );
     let pod_read = std::fs::read(mountpoint.join("data/large.bin"))?;
-    let after_pod = store_bytes(&mountpoint, &state)?;
+    let after_pod = store_bytes(bin, &mountpoint, &state)?;
     println!(
         "vm-test: the mount fetched {} bytes from S3 for the VM's read of {LARGE_SIZE}, then {} for the pod's",
         after_vm - before,
@@ -251,9 +231,9 @@ fn pod_and_vm_on_one_engine(
 
 /// Bytes the mount at `mountpoint` fetched from the store, from its status file (written
 /// every 2 s: wait for a fresh one).
-fn store_bytes(mountpoint: &Path, state: &Path) -> Result<u64> {
+fn store_bytes(bin: &Path, mountpoint: &Path, state: &Path) -> Result<u64> {
     std::thread::sleep(Duration::from_millis(2500));
-    let out = Command::new(berth_bin())
+    let out = Command::new(bin)
         .arg("status")
         .arg(mountpoint)
         .arg("--json")
@@ -287,7 +267,7 @@ impl Drop for Unmount {
 /// `vm-test --crash`: what the guest sees when berth is killed (SIGKILL) under a mounted
 /// share, and after a new berth listens on the same socket. A measurement, not a check:
 /// it prints what happened (see docs/virtiofs.md).
-fn crash_probe(work: &Path) -> Result<()> {
+fn crash_probe(bin: &Path, work: &Path) -> Result<()> {
     let s3 = Seaweed::open(&weed_bin(), work)?;
     s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
     s3.put(BUCKET, "data/sub/inner.txt", b"inner")?;
@@ -304,7 +284,7 @@ fn crash_probe(work: &Path) -> Result<()> {
         "us-east-1".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut share = Some(start_share(work, &s3, &args)?);
+    let mut share = Some(berth::share(bin, work, &s3, &args)?);
     let body = r#"now() { cut -d " " -f 1 /proc/uptime; }
 mount -t virtiofs $TAG /mnt && cat /mnt/data/small.txt && echo
 echo "crash-probe: kill now"
@@ -332,7 +312,7 @@ echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a 
             share = None;
             std::thread::sleep(Duration::from_secs(5));
             println!("crash-probe: host: starting berth share again on the same socket");
-            match start_share(work, &s3, &args) {
+            match berth::share(bin, work, &s3, &args) {
                 Ok(s) => restarted = Some(s),
                 Err(e) => println!("crash-probe: host: restart failed: {e:#}"),
             }
@@ -348,53 +328,6 @@ echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a 
     }
     drop(restarted);
     Ok(())
-}
-
-/// Starts `berth share` and waits for its ready line; killed when the guard drops.
-pub fn start_share(work: &Path, s3: &Seaweed, args: &[&str]) -> Result<Reaped> {
-    let state = work.join("state");
-    let mut all: Vec<&str> = args.to_vec();
-    let state = state.to_string_lossy();
-    all.extend(["--state-dir", &state]);
-    start_berth(work, s3, "share", &all, "berth: sharing")
-}
-
-/// Starts `berth COMMAND ARGS` as a client of `s3` and waits for a stdout line starting with
-/// `ready`; killed when the guard drops.
-fn start_berth(
-    work: &Path,
-    s3: &Seaweed,
-    command: &str,
-    args: &[&str],
-    ready: &'static str,
-) -> Result<Reaped> {
-    let log_path = work.join(format!("berth-{command}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let mut child = s3
-        .client_env(&mut Command::new(berth_bin()))
-        .arg(command)
-        .args(args)
-        .env("RUST_LOG", "berth=info,berth_vhost=info,warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", berth_bin().display()))?;
-    let stdout = child.stdout.take().context("berth stdout")?;
-    let guard = Reaped(Some(child));
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with(ready) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    if rx.recv_timeout(SHARE_READY).is_err() {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        bail!("berth {command} did not get ready within {SHARE_READY:?}; its log:\n{log}");
-    }
-    Ok(guard)
 }
 
 /// The guest's checks (busybox sh). Each prints `check ok: NAME` or `check FAILED: NAME`.
