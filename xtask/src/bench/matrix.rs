@@ -23,9 +23,9 @@ use serde_json::{json, Value};
 
 use super::fio::{self, ReadJob};
 use super::peers::{Mounted, Peer, Target};
+use super::progress::Progress;
 use super::results::Workload;
 use super::sdk::Sdk;
-use super::Progress;
 
 const MIB: u64 = 1 << 20;
 const LARGE_KEY: &str = "large/data.bin";

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 
+use self::progress::Progress;
 use self::sdk::Sdk;
 use crate::berth;
 use crate::seaweed::{self, Access, Seaweed};
@@ -22,6 +22,7 @@ mod cache;
 mod fio;
 mod matrix;
 mod peers;
+mod progress;
 mod recovery;
 mod report;
 mod results;
@@ -74,53 +75,6 @@ pub struct Ctx {
     /// Sections of results.json, one per suite that produced data.
     pub sections: Map<String, Value>,
     pub versions: Map<String, Value>,
-}
-
-/// A progress bar that also carries log lines without tearing the bar.
-pub struct Progress {
-    bar: ProgressBar,
-    start: std::time::Instant,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        Progress {
-            bar,
-            start: std::time::Instant::now(),
-        }
-    }
-
-    pub fn plan(&self, steps: u64) {
-        self.bar.inc_length(steps);
-    }
-
-    pub fn step(&self, what: &str) {
-        self.bar.inc(1);
-        if self.bar.position() > self.bar.length().unwrap_or(0) {
-            self.bar.set_length(self.bar.position());
-        }
-        self.bar.set_message(what.to_owned());
-        if self.bar.is_hidden() {
-            eprintln!(
-                "bench: [{:>6.1}s] {what}",
-                self.start.elapsed().as_secs_f64()
-            );
-        }
-    }
-
-    pub fn log(&self, line: &str) {
-        self.bar.println(format!("bench: {line}"));
-    }
-
-    fn finish(&self) {
-        self.bar.finish_and_clear();
-    }
 }
 
 struct Args {
@@ -252,36 +206,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "versions": ctx.versions,
         "suites": ctx.sections,
     });
-    write_outputs(&out, &results)?;
+    report::write_outputs(&out, &results)?;
     println!("{}", std::fs::read_to_string(out.join("results.md"))?);
     println!("bench: results in {}", out.display());
-    Ok(())
-}
-
-/// results.json, results.md and one SVG per workload group.
-fn write_outputs(out: &Path, results: &Value) -> Result<()> {
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(results)? + "\n",
-    )?;
-    std::fs::write(out.join("results.md"), results::markdown_report(results)?)?;
-    if let Ok(workloads) = results::workloads_of(results) {
-        let systems = results::systems_of(&workloads);
-        let mut groups: Vec<&str> = Vec::new();
-        for w in &workloads {
-            if !groups.contains(&w.group.as_str()) {
-                groups.push(&w.group);
-            }
-        }
-        for g in groups {
-            let ws: Vec<&results::Workload> = workloads.iter().filter(|w| w.group == g).collect();
-            let file = format!("{}.svg", g.replace(' ', "-"));
-            std::fs::write(
-                out.join(file),
-                svg::chart(&format!("berth vs peers: {g}"), &ws, &systems),
-            )?;
-        }
-    }
     Ok(())
 }
 

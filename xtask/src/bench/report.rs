@@ -1,13 +1,14 @@
 //! `cargo xtask bench report [RESULTS]`: regenerates results.md, the SVG charts and the README
 //! section between the bench markers from one results.json (by default the newest full run
-//! under perf/results/). The README table is never edited by hand.
+//! under perf/results/). The README table is never edited by hand. [`write_outputs`] also
+//! writes a fresh run's files.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use super::results;
+use super::{results, svg};
 use crate::sh::repo_root;
 
 pub const BEGIN: &str =
@@ -32,13 +33,40 @@ pub fn run(args: &[String]) -> Result<()> {
     let v: Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     let dir = file.parent().context("results.json has no directory")?;
-    super::write_outputs(dir, &v)?;
+    write_outputs(dir, &v)?;
     let readme = repo_root().join("README.md");
     let old = std::fs::read_to_string(&readme)?;
     let rel = dir.strip_prefix(repo_root()).unwrap_or(dir);
     let new = replace_section(&old, &section(&v, rel)?)?;
     std::fs::write(&readme, new)?;
     println!("bench: README.md section rewritten from {}", file.display());
+    Ok(())
+}
+
+/// results.json, results.md and one SVG per workload group.
+pub fn write_outputs(out: &Path, results: &Value) -> Result<()> {
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(results)? + "\n",
+    )?;
+    std::fs::write(out.join("results.md"), results::markdown_report(results)?)?;
+    if let Ok(workloads) = results::workloads_of(results) {
+        let systems = results::systems_of(&workloads);
+        let mut groups: Vec<&str> = Vec::new();
+        for w in &workloads {
+            if !groups.contains(&w.group.as_str()) {
+                groups.push(&w.group);
+            }
+        }
+        for g in groups {
+            let ws: Vec<&results::Workload> = workloads.iter().filter(|w| w.group == g).collect();
+            let file = format!("{}.svg", g.replace(' ', "-"));
+            std::fs::write(
+                out.join(file),
+                svg::chart(&format!("berth vs peers: {g}"), &ws, &systems),
+            )?;
+        }
+    }
     Ok(())
 }
 
