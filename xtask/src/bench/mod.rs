@@ -152,15 +152,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let a = parse(args)?;
     let date = shell(&["date", "-u", "+%Y-%m-%d"]).unwrap_or_else(|| "unknown-date".into());
     let time = shell(&["date", "-u", "+%H%M%S"]).unwrap_or_default();
-    let rev = shell(&[
-        "git",
-        "-C",
-        &repo_root().to_string_lossy(),
-        "rev-parse",
-        "--short",
-        "HEAD",
-    ])
-    .unwrap_or_else(|| "norev".into());
+    let rev = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "norev".into());
     let id = format!("{date}-{time}-{rev}{}", if a.quick { "-quick" } else { "" });
     let out = a
         .out
@@ -253,6 +245,11 @@ fn loadavg() -> String {
 fn shell(argv: &[&str]) -> Option<String> {
     let (program, args) = argv.split_first()?;
     output(Command::new(program).args(args)).ok()
+}
+
+/// stdout of `git ARGS` in the repository, trimmed, if it succeeded.
+fn git(args: &[&str]) -> Option<String> {
+    output(Command::new("git").arg("-C").arg(repo_root()).args(args)).ok()
 }
 
 fn recovery_suite(ctx: &mut Ctx) -> Result<()> {
@@ -435,15 +432,7 @@ fn prepare(ctx: &Ctx, kind: peers::Kind, berth: &Path) -> Result<peers::Peer> {
         peers::Kind::Berth => {
             let bin = berth.to_owned();
             let v = shell(&[&bin.to_string_lossy(), "--version"]).unwrap_or_default();
-            let rev = shell(&[
-                "git",
-                "-C",
-                &repo_root().to_string_lossy(),
-                "describe",
-                "--always",
-                "--dirty",
-            ])
-            .unwrap_or_default();
+            let rev = git(&["describe", "--always", "--dirty"]).unwrap_or_default();
             (bin, format!("{v} ({rev})"))
         }
         peers::Kind::Rclone => {
