@@ -306,10 +306,10 @@ fn peers_suite(ctx: &mut Ctx) -> Result<()> {
         let server = Seaweed::start(&weed, &work.join("weed"), Access::Keys, |s| {
             Sdk::new(&bench_s3, s).tool(&["mb", bucket]).map(drop)
         })?;
-        let sdk = Sdk::new(&bench_s3, &server);
+        let client = Sdk::new(&bench_s3, &server);
         let sizes = matrix::Sizes::new(ctx.quick);
         let m = matrix::Matrix {
-            sdk: &sdk,
+            sdk: &client,
             target: peers::Target {
                 bucket: bucket.to_owned(),
                 endpoint: server.endpoint.clone(),
