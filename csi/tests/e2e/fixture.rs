@@ -56,6 +56,18 @@ fn free_port() -> Result<u16> {
 }
 
 fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
+    // No AWS_* of the caller's: the mounts' credentials are the volumes' secrets.
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"AWS_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", log.with_file_name("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            log.with_file_name("no-aws-credentials"),
+        );
     let log = std::fs::File::options()
         .create(true)
         .append(true)

@@ -191,6 +191,12 @@ impl Seaweed {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // weed reads AWS_* (credentials turn on authentication): none of the caller's.
+        for (name, _) in std::env::vars_os() {
+            if name.as_encoded_bytes().starts_with(b"AWS_") {
+                cmd.env_remove(name);
+            }
+        }
         // SAFETY: prctl is async-signal-safe; the server dies with the thread
         // that started it if the harness itself is killed.
         unsafe {

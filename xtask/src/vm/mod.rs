@@ -4,19 +4,21 @@
 //! QEMU (TCG) boots Debian's cloud kernel with a busybox initramfs whose init mounts the
 //! share and runs the checks. The host then checks that the file the guest wrote is in S3,
 //! and boots a second guest on the same socket (the share must serve the next VMM).
-//! Prints `vm-test: N passed, M failed`; fails if any check failed.
+//! Prints `vm-test: N passed, M failed`; fails if any check failed. berth is the test
+//! build's ([`berth::binary`]), so after `cargo xtask test` nothing is compiled again.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::guest::{self, Reaped};
-use crate::locals3::{LocalS3, NO_PROXY};
-use crate::{cargo, repo_root, run_cmd, weed_bin};
+use crate::berth;
+use crate::seaweed::Seaweed;
+use crate::setup::weed_bin;
+use crate::sh::{run_cmd, tempdir, Reaped};
+
+pub mod guest;
 
 const BUCKET: &str = "vmtest";
 const TAG: &str = "berth";
@@ -25,7 +27,6 @@ const SMALL_TEXT: &str = "hello from s3";
 const GUEST_TEXT: &str = "written by the guest";
 const GUEST_DEADLINE: Duration = Duration::from_secs(300);
 const CRASH_DEADLINE: Duration = Duration::from_secs(90);
-const SHARE_READY: Duration = Duration::from_secs(60);
 
 pub fn run(strict: bool, crash: bool) -> Result<()> {
     let mut missing = guest::missing();
@@ -40,19 +41,12 @@ pub fn run(strict: bool, crash: bool) -> Result<()> {
         println!("vm-test: SKIPPED; missing: {what}");
         return Ok(());
     }
-    run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "berth",
-        "--bin",
-        "berth",
-    ]))?;
+    let bin = berth::binary()?;
     let work = tempdir("berth-vm-test")?;
     if crash {
-        return crash_probe(&work.0);
+        return crash_probe(&bin, &work.0);
     }
-    let result = run_in(&work.0);
+    let result = run_in(&bin, &work.0);
     drop(work);
     let (passed, failed) = result?;
     println!("vm-test: {passed} passed, {failed} failed");
@@ -62,58 +56,25 @@ pub fn run(strict: bool, crash: bool) -> Result<()> {
     Ok(())
 }
 
-/// A temp dir removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-pub fn tempdir(prefix: &str) -> Result<TempDir> {
-    let base = std::env::temp_dir();
-    for n in 0..1000u32 {
-        let path = base.join(format!("{prefix}-{}-{n}", std::process::id()));
-        if std::fs::create_dir(&path).is_ok() {
-            return Ok(TempDir(path));
-        }
-    }
-    bail!("cannot create a temp dir in {}", base.display())
-}
-
-/// The berth binary `cargo build --release` made.
-/// Runs this berth binary instead of building one (to compare two builds in `bench virtiofs`).
-pub const BERTH_BIN_ENV: &str = "BERTH_BIN";
-
-pub fn berth_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os(BERTH_BIN_ENV) {
-        return PathBuf::from(bin);
-    }
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-        .join("release")
-        .join("berth")
-}
-
-fn run_in(work: &Path) -> Result<(u32, u32)> {
-    let s3 = LocalS3::start(&weed_bin(), work)?;
-    let large = pattern(LARGE_SIZE);
+fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
+    let s3 = Seaweed::open(&weed_bin(), work)?;
+    let large = crate::sh::pattern(LARGE_SIZE);
     s3.put(BUCKET, "data/large.bin", &large)?;
     s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
     s3.put(BUCKET, "data/sub/inner.txt", b"inner")?;
     let sha = sha256(&work.join("large.bin"), &large)?;
 
     let socket = work.join("vfs.sock");
-    let _share = start_share(
+    let _share = berth::share(
+        bin,
         work,
+        &s3,
         &[
             &format!("s3://{BUCKET}"),
             "--socket",
             &socket.to_string_lossy(),
             "--endpoint-url",
-            &s3.endpoint(),
+            &s3.endpoint,
             "--region",
             "us-east-1",
             "--request-queues",
@@ -161,7 +122,7 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
         ),
         Err(e) => host("second VMM on the same socket", false, format!("{e:#}")),
     }
-    if let Err(e) = pod_and_vm_on_one_engine(work, &s3, &sha, &large, &mut host) {
+    if let Err(e) = pod_and_vm_on_one_engine(bin, work, &s3, &sha, &large, &mut host) {
         host("pod mount and VM on one engine", false, format!("{e:#}"));
     }
     Ok((passed, failed))
@@ -171,8 +132,9 @@ fn run_in(work: &Path) -> Result<(u32, u32)> {
 /// (`berth share --mount`): the VM's reads must go through the mount's engine and fill its
 /// cache, so that the pod's read of the same file afterwards comes from the cache.
 fn pod_and_vm_on_one_engine(
+    bin: &Path,
     work: &Path,
-    s3: &LocalS3,
+    s3: &Seaweed,
     sha: &str,
     large: &[u8],
     host: &mut dyn FnMut(&str, bool, String),
@@ -180,15 +142,16 @@ fn pod_and_vm_on_one_engine(
     let mountpoint = work.join("pod");
     std::fs::create_dir_all(&mountpoint)?;
     let state = work.join("pod-state");
-    let endpoint = s3.endpoint();
-    let mount = start_berth(
+    let mount = berth::start(
+        bin,
         work,
+        s3,
         "mount",
         &[
             &format!("s3://{BUCKET}"),
             &mountpoint.to_string_lossy(),
             "--endpoint-url",
-            &endpoint,
+            &s3.endpoint,
             "--region",
             "us-east-1",
             "--cache-dir",
@@ -202,7 +165,7 @@ fn pod_and_vm_on_one_engine(
     let socket = work.join("pod-vm.sock");
     let share_of_mount = |extra: &[&str]| {
         run_cmd(
-            Command::new(berth_bin())
+            s3.client_env(&mut Command::new(bin))
                 .arg("share")
                 .arg("--mount")
                 .arg(&mountpoint)
@@ -215,7 +178,7 @@ fn pod_and_vm_on_one_engine(
         )
     };
     share_of_mount(&[])?;
-    let before = store_bytes(&mountpoint, &state)?;
+    let before = store_bytes(bin, &mountpoint, &state)?;
     let device = guest::Device {
         socket: &socket,
         tag: TAG,
@@ -232,7 +195,7 @@ fn pod_and_vm_on_one_engine(
         lines.iter().any(|l| l.trim() == "shared-read-ok"),
         "the guest could not read the share of the mount".into(),
     );
-    let after_vm = store_bytes(&mountpoint, &state)?;
+    let after_vm = store_bytes(bin, &mountpoint, &state)?;
     host(
         "the VM's reads fill the mount's cache",
         after_vm >= before + LARGE_SIZE as u64,
@@ -242,7 +205,7 @@ fn pod_and_vm_on_one_engine(
         ),
     );
     let pod_read = std::fs::read(mountpoint.join("data/large.bin"))?;
-    let after_pod = store_bytes(&mountpoint, &state)?;
+    let after_pod = store_bytes(bin, &mountpoint, &state)?;
     println!(
         "vm-test: the mount fetched {} bytes from S3 for the VM's read of {LARGE_SIZE}, then {} for the pod's",
         after_vm - before,
@@ -268,9 +231,9 @@ fn pod_and_vm_on_one_engine(
 
 /// Bytes the mount at `mountpoint` fetched from the store, from its status file (written
 /// every 2 s: wait for a fresh one).
-fn store_bytes(mountpoint: &Path, state: &Path) -> Result<u64> {
+fn store_bytes(bin: &Path, mountpoint: &Path, state: &Path) -> Result<u64> {
     std::thread::sleep(Duration::from_millis(2500));
-    let out = Command::new(berth_bin())
+    let out = Command::new(bin)
         .arg("status")
         .arg(mountpoint)
         .arg("--json")
@@ -304,12 +267,12 @@ impl Drop for Unmount {
 /// `vm-test --crash`: what the guest sees when berth is killed (SIGKILL) under a mounted
 /// share, and after a new berth listens on the same socket. A measurement, not a check:
 /// it prints what happened (see docs/virtiofs.md).
-fn crash_probe(work: &Path) -> Result<()> {
-    let s3 = LocalS3::start(&weed_bin(), work)?;
+fn crash_probe(bin: &Path, work: &Path) -> Result<()> {
+    let s3 = Seaweed::open(&weed_bin(), work)?;
     s3.put(BUCKET, "data/small.txt", SMALL_TEXT.as_bytes())?;
     s3.put(BUCKET, "data/sub/inner.txt", b"inner")?;
     let socket = work.join("vfs.sock");
-    let endpoint = s3.endpoint();
+    let endpoint = s3.endpoint.clone();
     let socket_text = socket.to_string_lossy().into_owned();
     let args = [
         format!("s3://{BUCKET}"),
@@ -321,7 +284,7 @@ fn crash_probe(work: &Path) -> Result<()> {
         "us-east-1".into(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut share = Some(start_share(work, &args)?);
+    let mut share = Some(berth::share(bin, work, &s3, &args)?);
     let body = r#"now() { cut -d " " -f 1 /proc/uptime; }
 mount -t virtiofs $TAG /mnt && cat /mnt/data/small.txt && echo
 echo "crash-probe: kill now"
@@ -349,7 +312,7 @@ echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a 
             share = None;
             std::thread::sleep(Duration::from_secs(5));
             println!("crash-probe: host: starting berth share again on the same socket");
-            match start_share(work, &args) {
+            match berth::share(bin, work, &s3, &args) {
                 Ok(s) => restarted = Some(s),
                 Err(e) => println!("crash-probe: host: restart failed: {e:#}"),
             }
@@ -365,50 +328,6 @@ echo "crash-probe: ls after the restart: rc=$rc in $(awk "BEGIN { print $b - $a 
     }
     drop(restarted);
     Ok(())
-}
-
-/// Starts `berth share` and waits for its ready line; killed when the guard drops.
-pub fn start_share(work: &Path, args: &[&str]) -> Result<Reaped> {
-    let state = work.join("state");
-    let mut all: Vec<&str> = args.to_vec();
-    let state = state.to_string_lossy();
-    all.extend(["--state-dir", &state]);
-    start_berth(work, "share", &all, "berth: sharing")
-}
-
-/// Starts `berth COMMAND ARGS` and waits for a stdout line starting with `ready`; killed
-/// when the guard drops.
-fn start_berth(work: &Path, command: &str, args: &[&str], ready: &'static str) -> Result<Reaped> {
-    let log_path = work.join(format!("berth-{command}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let mut child = Command::new(berth_bin())
-        .arg(command)
-        .args(args)
-        .env("AWS_ACCESS_KEY_ID", "berth-vm-test")
-        .env("AWS_SECRET_ACCESS_KEY", "berth-vm-test")
-        .env("NO_PROXY", NO_PROXY)
-        .env("no_proxy", NO_PROXY)
-        .env("RUST_LOG", "berth=info,berth_vhost=info,warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", berth_bin().display()))?;
-    let stdout = child.stdout.take().context("berth stdout")?;
-    let guard = Reaped(Some(child));
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with(ready) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    if rx.recv_timeout(SHARE_READY).is_err() {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        bail!("berth {command} did not get ready within {SHARE_READY:?}; its log:\n{log}");
-    }
-    Ok(guard)
 }
 
 /// The guest's checks (busybox sh). Each prints `check ok: NAME` or `check FAILED: NAME`.
@@ -446,20 +365,6 @@ fn guest_totals(lines: &[String]) -> (u32, u32) {
     (passed, failed)
 }
 
-/// Deterministic bytes that do not compress (xorshift).
-pub fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// sha256 of `data` with the host's sha256sum (written to `scratch` first).
 fn sha256(scratch: &Path, data: &[u8]) -> Result<String> {
     std::fs::write(scratch, data)?;
@@ -487,11 +392,5 @@ mod tests {
         let mut done = lines.clone();
         done.push("vm-test-guest: 2 passed, 1 failed".into());
         assert_eq!(guest_totals(&done), (2, 1));
-    }
-
-    #[test]
-    fn pattern_is_deterministic() {
-        assert_eq!(pattern(100), pattern(100));
-        assert_eq!(pattern(13).len(), 13);
     }
 }

@@ -12,12 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::seaweed::{ACCESS_KEY, NO_PROXY, SECRET_KEY};
+use crate::seaweed::{client_env, ACCESS_KEY, SECRET_KEY};
 
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const METADATA_TTL_SECS: u64 = 60;
-pub const CA_BUNDLE_VARS: [&str; 3] = ["AWS_CA_BUNDLE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -64,6 +63,8 @@ impl Peer {
     /// The mount command (foreground) with `{MP}`, `{CACHE}` and `{STATE}` filled in.
     pub fn command(&self, t: &Target, mp: &Path, cache: &Path, state: &Path) -> Command {
         let mut cmd = Command::new(&self.bin);
+        // Test credentials, the endpoint and the region; nothing of the caller's AWS_*.
+        client_env(&mut cmd, &t.endpoint);
         let ttl = METADATA_TTL_SECS;
         let cache_mib = t.cache_bytes >> 20;
         match self.kind {
@@ -128,16 +129,6 @@ impl Peer {
                     .env("AWSSECRETACCESSKEY", SECRET_KEY);
             }
         }
-        // A CA bundle in the environment means nothing to a plain-http loopback endpoint, but
-        // rclone refuses to start with one (LoadCustomCABundleError).
-        for var in CA_BUNDLE_VARS {
-            cmd.env_remove(var);
-        }
-        cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_REGION", "us-east-1")
-            .env("NO_PROXY", NO_PROXY)
-            .env("no_proxy", NO_PROXY);
         cmd
     }
 
@@ -243,7 +234,7 @@ impl Mounted {
     pub fn peak_rss(&self) -> Option<u64> {
         let pid = self.child.as_ref()?.id();
         let mut total = vm_hwm(pid)?;
-        for child in crate::bench::process_and_children(pid).into_iter().skip(1) {
+        for child in super::cache::process_and_children(pid).into_iter().skip(1) {
             total += vm_hwm(child).unwrap_or(0);
         }
         Some(total)

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd};
+use crate::berth;
+use crate::setup::ensure_apt;
+use crate::sh::{is_listening, repo_root, Pattern};
 
 const MIB: u64 = 1 << 20;
 const ENGINES: [&str; 2] = ["io-uring", "threads"];
@@ -36,13 +38,8 @@ pub fn run(args: &[String]) -> Result<()> {
     if suite != "cache" {
         bail!("unknown bench suite {suite:?}; available: cache");
     }
-    ensure_fio()?;
-    run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "berth",
-    ]))?;
+    ensure_apt(&["fio"])?;
+    let berth = berth::binary()?;
     let size = size_mib * MIB;
     let work = repo_root().join("target").join("bench-cache");
     let _ = std::fs::remove_dir_all(&work);
@@ -60,9 +57,12 @@ pub fn run(args: &[String]) -> Result<()> {
             "--cache-dir".into(),
             work.join(format!("cache-{engine}")).display().to_string(),
         ];
-        rows.push((engine, through_mount(&work, engine, &cache, size, None)?));
+        rows.push((
+            engine,
+            through_mount(&berth, &work, engine, &cache, size, None)?,
+        ));
     }
-    rows.push((NODE_ROW, through_node_cache(&work, size)?));
+    rows.push((NODE_ROW, through_node_cache(&berth, &work, size)?));
     eprintln!("bench: measuring the device ceiling with fio");
     let ceiling_file = work.join("ceiling.bin");
     write_data(&ceiling_file, size)?;
@@ -108,33 +108,13 @@ fn parse(args: &[String]) -> Result<(String, u64)> {
     Ok((suite.unwrap_or_else(|| "cache".into()), size))
 }
 
-fn ensure_fio() -> Result<()> {
-    if dpkg_installed("fio") {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!("fio is not installed (apt-get install fio)");
-    }
-    run_cmd(Command::new("apt-get").arg("update"))?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "fio"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
-/// A file of `size` bytes of cheap pseudo-random data (incompressible enough for a disk).
+/// A file of `size` bytes (whole MiB) of [`Pattern`].
 pub(crate) fn write_data(path: &Path, size: u64) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut pattern = Pattern::default();
     let mut chunk = vec![0u8; MIB as usize];
     for _ in 0..size / MIB {
-        for word in chunk.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
+        pattern.fill(&mut chunk);
         f.write_all(&chunk)?;
     }
     f.flush()?;
@@ -153,10 +133,9 @@ const NODE_ROW: &str = "node cache, io-uring";
 
 /// Starts `berth daemon --cache-dir` and measures a mount that uses its node cache: what the
 /// cache index round trips to the daemon cost against a cache of the mount's own.
-fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
+fn through_node_cache(berth: &Path, work: &Path, size: u64) -> Result<Measured> {
     let state = work.join("node-state");
-    let berth = repo_root().join("target").join("release").join("berth");
-    let mut daemon = Command::new(&berth)
+    let mut daemon = Command::new(berth)
         .arg("daemon")
         .arg("--socket")
         .arg(work.join("node.sock"))
@@ -172,8 +151,7 @@ fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
         .context("starting berth daemon")?;
     let socket = state.join("cache.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !crate::is_listening(&socket) && Instant::now() < deadline && daemon.try_wait()?.is_none()
-    {
+    while !is_listening(&socket) && Instant::now() < deadline && daemon.try_wait()?.is_none() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let cache = [
@@ -182,8 +160,8 @@ fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
         "--cache-socket".into(),
         socket.display().to_string(),
     ];
-    let result = if crate::is_listening(&socket) {
-        through_mount(work, "node", &cache, size, Some(daemon.id()))
+    let result = if is_listening(&socket) {
+        through_mount(berth, work, "node", &cache, size, Some(daemon.id()))
     } else {
         Err(anyhow::anyhow!("berth daemon did not serve its node cache"))
     };
@@ -196,6 +174,7 @@ fn through_node_cache(work: &Path, size: u64) -> Result<Measured> {
 /// Mounts the source with the cache `flags`, warms it, and measures warm reads. The CPU of
 /// `server` (the daemon of a node cache) counts as the mount's.
 fn through_mount(
+    berth: &Path,
     work: &Path,
     engine: &str,
     flags: &[String],
@@ -204,8 +183,7 @@ fn through_mount(
 ) -> Result<Measured> {
     let mnt = work.join(format!("mnt-{engine}"));
     std::fs::create_dir_all(&mnt)?;
-    let berth = repo_root().join("target").join("release").join("berth");
-    let mut child = Command::new(&berth)
+    let mut child = Command::new(berth)
         .arg("mount")
         .arg(work.join("src"))
         .arg(&mnt)
@@ -222,7 +200,7 @@ fn through_mount(
         let file = mnt.join("data.bin");
         eprintln!("bench: [{engine}] warming the cache");
         fio_seq(&file, size)?;
-        wait_cached(work, &mnt, size)?;
+        wait_cached(berth, work, &mnt, size)?;
         let pids: Vec<u32> = std::iter::once(child.id()).chain(server).collect();
         let cpu_of = || -> Result<f64> { pids.iter().map(|&p| cpu_seconds(p)).sum() };
         let cpu_before = cpu_of()?;
@@ -260,12 +238,11 @@ pub(crate) fn wait_ready(child: &mut Child) -> Result<()> {
 }
 
 /// Waits until `berth status` shows every block of the file on disk.
-fn wait_cached(work: &Path, mnt: &Path, size: u64) -> Result<()> {
-    let berth = repo_root().join("target").join("release").join("berth");
+fn wait_cached(berth: &Path, work: &Path, mnt: &Path, size: u64) -> Result<()> {
     let want = size.div_ceil(MIB);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = Command::new(&berth)
+        let out = Command::new(berth)
             .args(["status", "--json", "--state-dir"])
             .arg(work.join("state"))
             .arg(mnt)

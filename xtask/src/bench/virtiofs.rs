@@ -8,8 +8,8 @@
 //! SeaweedFS with a node block cache that earlier rounds filled (the S3 path once warm).
 //! The guest runs under TCG, so absolute numbers are low; the ratios are the result. Each
 //! backend is measured in several guest boots, alternating with the others, and its median
-//! round is reported. `BERTH_BIN=/path/to/berth` runs that binary instead of building one
-//! (to compare two builds on the same host state).
+//! round is reported. berth comes from the test build (see berth.rs); `BERTH_BIN=/path/to/berth`
+//! runs that binary instead of building one (to compare two builds on the same host state).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::guest::{self, GuestFile, Reaped};
-use crate::locals3::LocalS3;
-use crate::vm_test::{berth_bin, pattern, start_share, tempdir, BERTH_BIN_ENV};
-use crate::{cargo, dpkg_installed, is_root, repo_root, run_cmd, weed_bin};
+use crate::berth;
+use crate::seaweed::Seaweed;
+use crate::setup::{ensure_apt, weed_bin};
+use crate::sh::{cargo, is_listening, pattern, repo_root, run_cmd, tempdir, Reaped};
+use crate::vm::guest::{self, GuestFile};
 
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 const BUCKET: &str = "bench";
@@ -50,17 +51,9 @@ pub fn run(size_mib: u64) -> Result<()> {
         );
     }
     let virtiofsd = ensure_virtiofsd()?;
-    if std::env::var_os(BERTH_BIN_ENV).is_none() {
-        run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
-            "build",
-            "--release",
-            "-p",
-            "berth",
-            "--bin",
-            "berth",
-        ]))?;
-    } else {
-        println!("bench virtiofs: berth is {}", berth_bin().display());
+    let bin = berth::binary()?;
+    if std::env::var_os(berth::BIN_ENV).is_some() {
+        println!("bench virtiofs: berth is {}", bin.display());
     }
     let work = tempdir("berth-bench-virtiofs")?;
     let tool = build_reader(&work.0)?;
@@ -68,12 +61,12 @@ pub fn run(size_mib: u64) -> Result<()> {
     std::fs::create_dir_all(&export)?;
     let data = pattern((size_mib << 20) as usize);
     std::fs::write(export.join("data.bin"), &data)?;
-    let s3 = LocalS3::start(&weed_bin(), &work.0)?;
+    let s3 = Seaweed::open(&weed_bin(), &work.0)?;
     s3.put(BUCKET, "data.bin", &data)?;
     drop(data);
 
     let export_text = export.to_string_lossy().into_owned();
-    let endpoint = s3.endpoint();
+    let endpoint = s3.endpoint.clone();
     let source = format!("s3://{BUCKET}");
     let s3_args = [
         source.as_str(),
@@ -99,12 +92,16 @@ pub fn run(size_mib: u64) -> Result<()> {
                 start_virtiofsd(&virtiofsd, &work.0, &export)
             })?,
             measure(&work.0, &tool, size_mib, || {
-                share(&work.0, &[&export_text, "--read-only"])
+                share(&bin, &work.0, &s3, &[&export_text, "--read-only"])
             })?,
-            measure(&work.0, &tool, size_mib, || share(&work.0, &s3_args))?,
+            measure(&work.0, &tool, size_mib, || {
+                share(&bin, &work.0, &s3, &s3_args)
+            })?,
             // The cache directory outlives each share: the first round fills it, later
             // rounds read it (disk tier; the memory tier starts empty with each process).
-            measure(&work.0, &tool, size_mib, || share(&work.0, &s3_cached_args))?,
+            measure(&work.0, &tool, size_mib, || {
+                share(&bin, &work.0, &s3, &s3_cached_args)
+            })?,
         ];
         for (all, r) in rounds.iter_mut().zip(this) {
             all.push(r);
@@ -144,12 +141,12 @@ fn median(rounds: &[Result2]) -> Result2 {
     }
 }
 
-fn share(work: &Path, args: &[&str]) -> Result<Reaped> {
+fn share(bin: &Path, work: &Path, s3: &Seaweed, args: &[&str]) -> Result<Reaped> {
     let socket = work.join("vfs.sock");
     let socket = socket.to_string_lossy().into_owned();
     let mut all = args.to_vec();
     all.extend(["--socket", &socket]);
-    start_share(work, &all)
+    berth::share(bin, work, s3, &all)
 }
 
 /// Boots one guest against the backend `start` gives and parses the reader's lines.
@@ -240,19 +237,7 @@ fn ensure_virtiofsd() -> Result<PathBuf> {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(VIRTIOFSD_VERSION));
     if !ok {
         // virtiofsd links against libseccomp and libcap-ng.
-        let libs = ["libseccomp-dev", "libcap-ng-dev"];
-        let missing: Vec<&str> = libs.into_iter().filter(|p| !dpkg_installed(p)).collect();
-        if !missing.is_empty() {
-            if !is_root() {
-                bail!("building virtiofsd needs {}", missing.join(" and "));
-            }
-            run_cmd(
-                Command::new("apt-get")
-                    .args(["install", "-y", "--no-install-recommends"])
-                    .args(&missing)
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )?;
-        }
+        ensure_apt(&["libseccomp-dev", "libcap-ng-dev"]).context("building virtiofsd")?;
         let root = repo_root().join(".tools").join("virtiofsd");
         run_cmd(
             Command::new(cargo())
@@ -279,7 +264,7 @@ fn start_virtiofsd(bin: &Path, work: &Path, export: &Path) -> Result<Reaped> {
         .with_context(|| format!("starting {}", bin.display()))?;
     let guard = Reaped(Some(child));
     let started = Instant::now();
-    while !crate::is_listening(&socket) {
+    while !is_listening(&socket) {
         if started.elapsed() > Duration::from_secs(10) {
             bail!(
                 "virtiofsd did not listen on {} within 10 s",

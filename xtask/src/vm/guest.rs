@@ -1,41 +1,25 @@
-//! A throwaway QEMU guest for the virtio-fs door: Debian's cloud kernel, a busybox-static
-//! initramfs written here (cpio newc), and a vhost-user-fs device on a given socket.
+//! A throwaway QEMU guest for the virtio-fs door: Debian's cloud kernel (which `cargo xtask
+//! setup` extracts), a busybox-static initramfs written here (cpio newc), and a vhost-user-fs
+//! device on a given socket.
 //!
 //! Used by `cargo xtask vm-test` and `cargo xtask bench virtiofs`. QEMU runs under TCG (no
 //! KVM needed), prints the guest's serial console on stdout, and is killed at the deadline.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{dpkg_installed, on_path, repo_root, run_cmd};
+use crate::setup::{kernel_dir, GUEST_MODULES, KERNEL_PACKAGE};
+use crate::sh::{describe, dpkg_installed, on_path, Reaped};
 
-/// Debian packages the guest needs on the host.
-pub const APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
-/// Kernel modules loaded by the guest's init, in dependency order (built-ins fail harmlessly).
-const MODULES: &[&str] = &[
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_modern_dev",
-    "virtio_pci_legacy_dev",
-    "virtio_pci",
-    "fuse",
-    "virtiofs",
-];
-const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 /// Guest RAM; the memfd backend shares all of it with the vhost-user backend.
 const GUEST_MEMORY: &str = "512M";
 pub const QEMU: &str = "qemu-system-x86_64";
 const BUSYBOX: &str = "/bin/busybox";
-
-/// Where the extracted guest kernel and modules are kept between runs.
-fn kernel_dir() -> PathBuf {
-    repo_root().join(".tools").join("vm-kernel")
-}
 
 /// What is missing to boot a guest, in words (empty when everything is there).
 pub fn missing() -> Vec<String> {
@@ -55,123 +39,10 @@ pub fn missing() -> Vec<String> {
     out
 }
 
-/// Downloads Debian's cloud kernel package and extracts vmlinuz and the virtio/fuse modules
-/// (nothing is installed into /boot). Idempotent.
-pub fn ensure_kernel() -> Result<()> {
-    let dir = kernel_dir();
-    if dir.join("vmlinuz").is_file() {
-        eprintln!("xtask: setup: guest kernel in {}", dir.display());
-        return Ok(());
-    }
-    if !on_path("apt-get") || !on_path("dpkg-deb") {
-        bail!("apt-get and dpkg-deb are needed to fetch the guest kernel ({KERNEL_PACKAGE})");
-    }
-    let work = dir.with_extension("download");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    // The metapackage names the versioned image package in its Depends.
-    run_cmd(
-        Command::new("apt-get")
-            .args(["download", KERNEL_PACKAGE])
-            .current_dir(&work),
-    )?;
-    let meta = find_deb(&work, KERNEL_PACKAGE)?;
-    let depends = output(
-        Command::new("dpkg-deb")
-            .args(["-f"])
-            .arg(&meta)
-            .arg("Depends"),
-    )?;
-    let image = depends
-        .split([',', '|'])
-        .map(|d| d.split_whitespace().next().unwrap_or(""))
-        .find(|d| d.starts_with("linux-image-"))
-        .with_context(|| {
-            format!("no linux-image package in {KERNEL_PACKAGE}'s Depends: {depends}")
-        })?
-        .to_string();
-    run_cmd(
-        Command::new("apt-get")
-            .args(["download", &image])
-            .current_dir(&work),
-    )?;
-    let deb = find_deb(&work, &format!("{image}_"))?;
-    let root = work.join("root");
-    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-    let staged = dir.with_extension("staged");
-    let _ = std::fs::remove_dir_all(&staged);
-    std::fs::create_dir_all(staged.join("modules"))?;
-    let vmlinuz = std::fs::read_dir(root.join("boot"))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz"))
-        })
-        .context("no vmlinuz in the kernel package")?;
-    std::fs::copy(&vmlinuz, staged.join("vmlinuz"))?;
-    let mut found = Vec::new();
-    collect_modules(&root.join("lib").join("modules"), &mut found)?;
-    for module in MODULES {
-        if let Some(path) = found.iter().find(|p| module_name(p) == *module) {
-            std::fs::copy(path, staged.join("modules").join(format!("{module}.ko")))?;
-        }
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&staged, &dir)?;
-    let _ = std::fs::remove_dir_all(&work);
-    eprintln!("xtask: setup: guest kernel {image} in {}", dir.display());
-    Ok(())
-}
-
-fn find_deb(dir: &Path, prefix: &str) -> Result<PathBuf> {
-    std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name().is_some_and(|n| {
-                let n = n.to_string_lossy();
-                n.starts_with(prefix) && n.ends_with(".deb")
-            })
-        })
-        .with_context(|| {
-            format!(
-                "apt-get download left no {prefix}*.deb in {}",
-                dir.display()
-            )
-        })
-}
-
-fn collect_modules(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            collect_modules(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "ko") {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
-fn module_name(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().replace('-', "_"))
-        .unwrap_or_default()
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 /// The guest's /init: mount the basics, load the modules, then `body` (busybox sh), then
 /// power off. `body` runs with the virtio-fs tag in $TAG.
 fn init_script(tag: &str, body: &str) -> String {
-    let modules = MODULES.join(" ");
+    let modules = GUEST_MODULES.join(" ");
     format!(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -284,18 +155,6 @@ impl Cpio {
     }
 }
 
-/// A child process killed (and reaped) when dropped.
-pub struct Reaped(pub Option<Child>);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// An extra executable for the guest's /bin.
 pub struct GuestFile {
     pub name: String,
@@ -380,7 +239,7 @@ pub fn boot_watching(
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    eprintln!("xtask: $ {}", crate::describe(&cmd));
+    eprintln!("xtask: $ {}", describe(&cmd));
     let started = Instant::now();
     let mut child = cmd.spawn().context("starting QEMU")?;
     let stdout = child.stdout.take().context("QEMU stdout")?;

@@ -23,9 +23,9 @@ use serde_json::{json, Value};
 
 use super::fio::{self, ReadJob};
 use super::peers::{Mounted, Peer, Target};
+use super::progress::Progress;
 use super::results::Workload;
-use super::seaweed::Seaweed;
-use super::Progress;
+use super::sdk::Sdk;
 
 const MIB: u64 = 1 << 20;
 const LARGE_KEY: &str = "large/data.bin";
@@ -139,7 +139,7 @@ pub struct Outcome {
 type Figures = BTreeMap<String, std::result::Result<f64, String>>;
 
 pub struct Matrix<'a> {
-    pub server: &'a Seaweed,
+    pub sdk: &'a Sdk,
     pub target: Target,
     pub sizes: Sizes,
     pub filter: Filter,
@@ -155,12 +155,12 @@ impl Matrix<'_> {
         let p = self.progress;
         p.step(&format!("upload: large object ({} MiB)", s.large >> 20));
         let t = Instant::now();
-        self.server
+        self.sdk
             .tool(&["put-large", b, LARGE_KEY, &s.large.to_string()])?;
         let large_secs = t.elapsed().as_secs_f64();
         p.step(&format!("upload: {} small objects", s.small_count));
         let t = Instant::now();
-        self.server.tool(&[
+        self.sdk.tool(&[
             "put-many",
             b,
             SMALL_PREFIX,
@@ -172,7 +172,7 @@ impl Matrix<'_> {
         for (label, count) in &s.dirs {
             p.step(&format!("upload: listing prefix of {count} keys"));
             let t = Instant::now();
-            self.server.tool(&[
+            self.sdk.tool(&[
                 "put-many",
                 b,
                 &format!("dirs/{label}"),
@@ -252,7 +252,7 @@ impl Matrix<'_> {
             } else {
                 "bytes_per_sec"
             };
-            let v = self.server.measure(
+            let v = self.sdk.measure(
                 &[
                     "ranged",
                     b,
@@ -269,7 +269,7 @@ impl Matrix<'_> {
         if self.filter.wants("ttfb") {
             self.progress
                 .step("ceiling: s3-sdk, single 4 KiB GET latency");
-            let ops = self.server.measure(
+            let ops = self.sdk.measure(
                 &["ranged", b, LARGE_KEY, "4096", "1", "2", "rand"],
                 "ops_per_sec",
             )?;
@@ -278,7 +278,7 @@ impl Matrix<'_> {
         }
         if self.filter.wants("smallfiles") {
             self.progress.step("ceiling: s3-sdk, small objects");
-            let v = self.server.measure(
+            let v = self.sdk.measure(
                 &[
                     "get-many",
                     b,
@@ -461,7 +461,7 @@ impl Matrix<'_> {
     fn wait_durable(&self, key: &str, size: u64, started: Instant) -> Result<f64> {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let out = self.server.tool(&["head", &self.target.bucket, key])?;
+            let out = self.sdk.tool(&["head", &self.target.bucket, key])?;
             if out.parse::<u64>().ok() == Some(size) {
                 return Ok(size as f64 / MIB as f64 / started.elapsed().as_secs_f64());
             }

@@ -9,18 +9,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 
-use crate::{cargo, dpkg_installed, is_root, on_path, repo_root, run_cmd};
+use self::progress::Progress;
+use self::sdk::Sdk;
+use crate::berth;
+use crate::seaweed::{self, Access, Seaweed};
+use crate::setup::{ensure_apt, setup, weed_bin};
+use crate::sh::{cargo, output, repo_root, target_dir};
 
+mod cache;
 mod fio;
 mod matrix;
 mod peers;
+mod progress;
+mod recovery;
 mod report;
 mod results;
-mod seaweed;
+mod sdk;
 mod svg;
+mod virtiofs;
 
 /// One bench suite.
 pub struct Suite {
@@ -67,53 +75,6 @@ pub struct Ctx {
     /// Sections of results.json, one per suite that produced data.
     pub sections: Map<String, Value>,
     pub versions: Map<String, Value>,
-}
-
-/// A progress bar that also carries log lines without tearing the bar.
-pub struct Progress {
-    bar: ProgressBar,
-    start: std::time::Instant,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        Progress {
-            bar,
-            start: std::time::Instant::now(),
-        }
-    }
-
-    pub fn plan(&self, steps: u64) {
-        self.bar.inc_length(steps);
-    }
-
-    pub fn step(&self, what: &str) {
-        self.bar.inc(1);
-        if self.bar.position() > self.bar.length().unwrap_or(0) {
-            self.bar.set_length(self.bar.position());
-        }
-        self.bar.set_message(what.to_owned());
-        if self.bar.is_hidden() {
-            eprintln!(
-                "bench: [{:>6.1}s] {what}",
-                self.start.elapsed().as_secs_f64()
-            );
-        }
-    }
-
-    pub fn log(&self, line: &str) {
-        self.bar.println(format!("bench: {line}"));
-    }
-
-    fn finish(&self) {
-        self.bar.finish_and_clear();
-    }
 }
 
 struct Args {
@@ -178,28 +139,20 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     // The recovery bench prints its own table and has its own flags (`--kills`).
     if args.first().map(String::as_str) == Some("recovery") {
-        return crate::bench_recovery::run(&args[1..]);
+        return recovery::run(&args[1..]);
     }
     // The virtio-fs bench prints its own table; `--size-mib` sets its file size.
     if args.first().map(String::as_str) == Some("virtiofs") {
-        return crate::bench_virtiofs::run(virtiofs_size(&args[1..])?);
+        return virtiofs::run(virtiofs_size(&args[1..])?);
     }
     // The old cache bench keeps its own flags (`--size-mib`).
     if args.first().map(String::as_str) == Some("cache") && args.iter().any(|a| a == "--size-mib") {
-        return crate::bench::run(args);
+        return cache::run(args);
     }
     let a = parse(args)?;
     let date = shell(&["date", "-u", "+%Y-%m-%d"]).unwrap_or_else(|| "unknown-date".into());
     let time = shell(&["date", "-u", "+%H%M%S"]).unwrap_or_default();
-    let rev = shell(&[
-        "git",
-        "-C",
-        &repo_root().to_string_lossy(),
-        "rev-parse",
-        "--short",
-        "HEAD",
-    ])
-    .unwrap_or_else(|| "norev".into());
+    let rev = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "norev".into());
     let id = format!("{date}-{time}-{rev}{}", if a.quick { "-quick" } else { "" });
     let out = a
         .out
@@ -223,7 +176,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .find(|s| s.name == name)
             .context("suite vanished")?;
         if suite.name == "cache" && !a.rest.is_empty() {
-            crate::bench::run(&a.rest)?;
+            cache::run(&a.rest)?;
             continue;
         }
         (suite.run)(&mut ctx).with_context(|| format!("bench suite {name}"))?;
@@ -245,36 +198,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "versions": ctx.versions,
         "suites": ctx.sections,
     });
-    write_outputs(&out, &results)?;
+    report::write_outputs(&out, &results)?;
     println!("{}", std::fs::read_to_string(out.join("results.md"))?);
     println!("bench: results in {}", out.display());
-    Ok(())
-}
-
-/// results.json, results.md and one SVG per workload group.
-fn write_outputs(out: &Path, results: &Value) -> Result<()> {
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(results)? + "\n",
-    )?;
-    std::fs::write(out.join("results.md"), results::markdown_report(results)?)?;
-    if let Ok(workloads) = results::workloads_of(results) {
-        let systems = results::systems_of(&workloads);
-        let mut groups: Vec<&str> = Vec::new();
-        for w in &workloads {
-            if !groups.contains(&w.group.as_str()) {
-                groups.push(&w.group);
-            }
-        }
-        for g in groups {
-            let ws: Vec<&results::Workload> = workloads.iter().filter(|w| w.group == g).collect();
-            let file = format!("{}.svg", g.replace(' ', "-"));
-            std::fs::write(
-                out.join(file),
-                svg::chart(&format!("berth vs peers: {g}"), &ws, &systems),
-            )?;
-        }
-    }
     Ok(())
 }
 
@@ -317,58 +243,22 @@ fn loadavg() -> String {
 
 /// stdout of a command, trimmed, if it succeeded.
 fn shell(argv: &[&str]) -> Option<String> {
-    let out = Command::new(argv[0]).args(&argv[1..]).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    let (program, args) = argv.split_first()?;
+    output(Command::new(program).args(args)).ok()
 }
 
-/// The cargo target directory (honours CARGO_TARGET_DIR).
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
-}
-
-/// Installs Debian packages as root if any is missing; Err says what is missing otherwise.
-fn ensure_apt(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let no_install = std::env::var("BERTH_BENCH_NO_INSTALL").is_ok_and(|v| v == "1");
-    if no_install || !is_root() || !on_path("apt-get") {
-        bail!(
-            "{} not installed (apt-get install {})",
-            missing.join(", "),
-            missing.join(" ")
-        );
-    }
-    let install = |update: bool| {
-        if update {
-            run_cmd(Command::new("apt-get").arg("update"))?;
-        }
-        run_cmd(
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    install(false).or_else(|_| install(true))
+/// stdout of `git ARGS` in the repository, trimmed, if it succeeded.
+fn git(args: &[&str]) -> Option<String> {
+    output(Command::new("git").arg("-C").arg(repo_root()).args(args)).ok()
 }
 
 fn recovery_suite(ctx: &mut Ctx) -> Result<()> {
     let kills = if ctx.quick { "5" } else { "20" };
-    crate::bench_recovery::run(&["--kills".into(), kills.into()])
+    recovery::run(&["--kills".into(), kills.into()])
 }
 
 fn virtiofs_suite(ctx: &mut Ctx) -> Result<()> {
-    crate::bench_virtiofs::run(if ctx.quick { 64 } else { 256 })
+    virtiofs::run(if ctx.quick { 64 } else { 256 })
 }
 
 /// `bench virtiofs [--size-mib N]`: the file size in MiB (a TCG guest reads slowly: 256).
@@ -382,7 +272,7 @@ fn virtiofs_size(args: &[String]) -> Result<u64> {
 
 fn cache_suite(ctx: &mut Ctx) -> Result<()> {
     let size = if ctx.quick { "256" } else { "1024" };
-    crate::bench::run(&["cache".into(), "--size-mib".into(), size.into()])
+    cache::run(&["cache".into(), "--size-mib".into(), size.into()])
 }
 
 fn peers_suite(ctx: &mut Ctx) -> Result<()> {
@@ -392,44 +282,34 @@ fn peers_suite(ctx: &mut Ctx) -> Result<()> {
     ensure_apt(&["fio"])?;
     let weed = std::env::var_os("BERTH_WEED_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(crate::weed_bin);
+        .unwrap_or_else(weed_bin);
     if !weed.is_file() {
-        crate::setup()?;
+        setup()?;
     }
     p.step("building berth (release)");
-    let target = target_dir();
-    run_quiet(Command::new(cargo()).current_dir(repo_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "berth",
-        "--bin",
-        "berth",
-        "--example",
-        "bench_s3",
-    ]))
-    .context("building berth")?;
-    let release = target.join("release");
+    let build = berth::build(true).context("building berth")?;
+    let bench_s3 = build
+        .bench_s3
+        .context("the test build made no bench_s3 example")?;
     p.step("preparing peers");
-    let (available, missing) = discover_peers(ctx, &release);
+    let (available, missing) = discover_peers(ctx, &build.berth);
     for (name, why) in &missing {
         ctx.progress.log(&format!("{name}: skipped: {why}"));
     }
 
-    let work = target.join("bench-work");
+    let work = target_dir().join("bench-work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let outcome = (|| {
         let bucket = "berth-bench";
-        let server = seaweed::Seaweed::start(
-            &weed,
-            &release.join("examples").join("bench_s3"),
-            &work.join("weed"),
-            bucket,
-        )?;
+        // Ready once the SDK can create the bucket.
+        let server = Seaweed::start(&weed, &work.join("weed"), Access::Keys, |s| {
+            Sdk::new(&bench_s3, s).tool(&["mb", bucket]).map(drop)
+        })?;
+        let client = Sdk::new(&bench_s3, &server);
         let sizes = matrix::Sizes::new(ctx.quick);
         let m = matrix::Matrix {
-            server: &server,
+            sdk: &client,
             target: peers::Target {
                 bucket: bucket.to_owned(),
                 endpoint: server.endpoint.clone(),
@@ -523,7 +403,7 @@ fn peers_suite(ctx: &mut Ctx) -> Result<()> {
 }
 
 /// Which systems can run here: (available, [(name, why not)]).
-fn discover_peers(ctx: &Ctx, release: &Path) -> (Vec<peers::Peer>, Vec<(String, String)>) {
+fn discover_peers(ctx: &Ctx, berth: &Path) -> (Vec<peers::Peer>, Vec<(String, String)>) {
     let mut ok = Vec::new();
     let mut missing = Vec::new();
     for kind in peers::Kind::ALL {
@@ -534,7 +414,7 @@ fn discover_peers(ctx: &Ctx, release: &Path) -> (Vec<peers::Peer>, Vec<(String, 
         {
             continue;
         }
-        match prepare(ctx, kind, release) {
+        match prepare(ctx, kind, berth) {
             Ok(peer) => ok.push(peer),
             Err(e) => missing.push((name.to_owned(), format!("{e:#}"))),
         }
@@ -542,7 +422,7 @@ fn discover_peers(ctx: &Ctx, release: &Path) -> (Vec<peers::Peer>, Vec<(String, 
     (ok, missing)
 }
 
-fn prepare(ctx: &Ctx, kind: peers::Kind, release: &Path) -> Result<peers::Peer> {
+fn prepare(ctx: &Ctx, kind: peers::Kind, berth: &Path) -> Result<peers::Peer> {
     let version = |bin: &str, arg: &str| {
         shell(&[bin, arg])
             .and_then(|v| v.lines().next().map(str::to_owned))
@@ -550,17 +430,9 @@ fn prepare(ctx: &Ctx, kind: peers::Kind, release: &Path) -> Result<peers::Peer> 
     };
     let (bin, version) = match kind {
         peers::Kind::Berth => {
-            let bin = release.join("berth");
+            let bin = berth.to_owned();
             let v = shell(&[&bin.to_string_lossy(), "--version"]).unwrap_or_default();
-            let rev = shell(&[
-                "git",
-                "-C",
-                &repo_root().to_string_lossy(),
-                "describe",
-                "--always",
-                "--dirty",
-            ])
-            .unwrap_or_default();
+            let rev = git(&["describe", "--always", "--dirty"]).unwrap_or_default();
             (bin, format!("{v} ({rev})"))
         }
         peers::Kind::Rclone => {
@@ -616,21 +488,6 @@ fn mountpoint_version() -> String {
         }
     }
     "mountpoint-s3-fs".to_owned()
-}
-
-/// Runs a command, showing its output only if it fails.
-fn run_quiet(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", crate::describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            crate::describe(cmd),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::{wait_ready, write_data};
-use crate::{cargo, repo_root, run_cmd};
+use super::cache::{wait_ready, write_data};
+use crate::berth;
+use crate::sh::repo_root;
 
 const DATA_MIB: u64 = 64;
 const UPGRADES: usize = 5;
@@ -45,12 +46,7 @@ struct Row {
 
 pub fn run(args: &[String]) -> Result<()> {
     let kills = parse_kills(args)?;
-    run_cmd(Command::new(cargo()).current_dir(repo_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "berth",
-    ]))?;
+    let berth = berth::binary()?;
     let work = repo_root().join("target").join("bench-recovery");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("src").join("listed"))?;
@@ -70,7 +66,7 @@ pub fn run(args: &[String]) -> Result<()> {
         ("kill -9, eBPF", vec![]),
         ("kill -9, --no-ebpf", vec!["--no-ebpf"]),
     ] {
-        let mut mount = BenchMount::start(&work, &flags)?;
+        let mut mount = BenchMount::start(&berth, &work, &flags)?;
         let detector = mount.status()?["detector"]
             .as_str()
             .unwrap_or("?")
@@ -84,7 +80,7 @@ pub fn run(args: &[String]) -> Result<()> {
         mount.stop()?;
         rows.push(row?);
     }
-    let mut mount = BenchMount::start(&work, &["--no-ebpf"])?;
+    let mut mount = BenchMount::start(&berth, &work, &["--no-ebpf"])?;
     let row = upgrade_run(&mut mount, &data);
     mount.stop()?;
     rows.push(row?);
@@ -263,12 +259,11 @@ struct BenchMount {
 }
 
 impl BenchMount {
-    fn start(work: &Path, flags: &[&str]) -> Result<BenchMount> {
+    fn start(berth: &Path, work: &Path, flags: &[&str]) -> Result<BenchMount> {
         let mnt = work.join("mnt");
         let state = work.join("state");
         std::fs::create_dir_all(&mnt)?;
-        let berth = repo_root().join("target").join("release").join("berth");
-        let mut child = Command::new(&berth)
+        let mut child = Command::new(berth)
             .arg("mount")
             .arg(work.join("src"))
             .arg(&mnt)
@@ -281,7 +276,7 @@ impl BenchMount {
             .context("starting berth")?;
         wait_ready(&mut child)?;
         Ok(BenchMount {
-            berth,
+            berth: berth.to_owned(),
             mnt,
             state,
             child,
