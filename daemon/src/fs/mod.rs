@@ -1,7 +1,7 @@
 //! The filesystem both doors serve: the fuse-backend-rs `FileSystem` trait over the namespace,
 //! the prefetching readers and the uploads.
 //!
-//! Requests arrive on FUSE worker threads (or, later, virtio-fs queue threads) and run their
+//! Requests arrive on FUSE worker threads and on virtio-fs queue threads and run their
 //! store I/O on the engine's tokio runtime with `block_on`. Every operation object storage
 //! cannot do well fails at once with a fixed errno and one log line naming it; see the
 //! semantics table in the README.

@@ -1,7 +1,7 @@
 //! Reads of one open object: block-aligned ranged GETs, an adaptive readahead window, and a
 //! global memory budget.
 //!
-//! Objects are read in fixed blocks (1 MiB by default, the unit the node cache will use). A
+//! Objects are read in fixed blocks (1 MiB by default, the unit the block cache keeps). A
 //! read waits only for the blocks it covers; blocks ahead of a sequential reader are fetched
 //! concurrently in the background, as many as the window says and the memory budget allows.
 //! Blocks a reader has passed are dropped at once, and a handle's in-flight GETs are cancelled
