@@ -24,6 +24,7 @@ use crate::fuse::{protocol, worker};
 use crate::heal::handoff::{self, Hello, MountHandoff, ShareSocket, ToEngine, ToHolder};
 use crate::memory::MemoryLimiter;
 use crate::namespace::Namespace;
+use crate::state;
 use crate::status::{HolderFacts, Publisher, Reported};
 use crate::virtiofs::EngineShare;
 use crate::volume::{self, Opening, Source, Target, VolumeConfig};
@@ -191,7 +192,7 @@ fn start(
             .map(|(spec, listener)| EngineShare::start(volume.fs.clone(), spec, listener))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let status = Publisher::new(
-            &config.state_dir,
+            &mount_dir(config, m),
             Reported {
                 source: m.source.clone(),
                 mountpoint: m.mountpoint.clone(),
@@ -235,6 +236,7 @@ fn build(
             source,
             mountpoint: m.mountpoint.clone(),
         },
+        &mount_dir(config, m),
         Opening {
             check_store: !takeover,
             recover: takeover,
@@ -243,6 +245,13 @@ fn build(
         memory,
         node_cache,
     )
+}
+
+/// The mount's state directory: as its holder says, or where an older holder keeps it.
+fn mount_dir(config: &VolumeConfig, m: &MountHandoff) -> PathBuf {
+    m.state_dir
+        .clone()
+        .unwrap_or_else(|| state::legacy_mount_dir(&config.state_dir, &m.mountpoint))
 }
 
 /// Opens the node cache, waiting a little while a predecessor that just died releases it.

@@ -9,8 +9,8 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use berth_vhost::{Share, ShareConfig as VhostConfig};
@@ -19,7 +19,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::heal::control::{self, ControlRequest};
 use crate::heal::handoff::ShareSocket;
 use crate::memory::MemoryLimiter;
+use crate::state::MountDir;
 use crate::status::{HolderFacts, Publisher, Reported};
+use crate::sys::files::private_dir;
+use crate::sys::sockets::{self, Peers};
 use crate::volume::{self, Opening, Target, VolumeConfig};
 
 /// What `berth share` does.
@@ -30,6 +33,8 @@ pub enum ShareConfig {
         target: Target,
         socket: ShareSocket,
         volume: Box<VolumeConfig>,
+        /// Who may connect to the socket.
+        peers: Peers,
     },
     /// Ask the holder of the mount at `mountpoint` to serve its volume on `socket`.
     Attach {
@@ -45,16 +50,14 @@ pub enum ShareConfig {
     },
 }
 
-/// How long to wait for the socket to be bound before giving up.
-const LISTEN_DEADLINE: Duration = Duration::from_secs(10);
-
 pub fn run(config: ShareConfig) -> anyhow::Result<()> {
     match config {
         ShareConfig::Serve {
             target,
             socket,
             volume,
-        } => serve(target, socket, &volume),
+            peers,
+        } => serve(target, socket, &volume, peers),
         ShareConfig::Attach {
             mountpoint,
             socket,
@@ -65,6 +68,7 @@ pub fn run(config: ShareConfig) -> anyhow::Result<()> {
                 socket: socket_path,
                 request_queues: socket.request_queues,
                 queue_size: socket.queue_size,
+                group: socket.group,
             };
             ask_holder(&state_dir, &mountpoint, &request)
         }
@@ -81,7 +85,12 @@ pub fn run(config: ShareConfig) -> anyhow::Result<()> {
     }
 }
 
-fn serve(target: Target, socket: ShareSocket, config: &VolumeConfig) -> anyhow::Result<()> {
+fn serve(
+    target: Target,
+    socket: ShareSocket,
+    config: &VolumeConfig,
+    peers: Peers,
+) -> anyhow::Result<()> {
     let socket_file = socket_path(&socket.socket)?;
     let target = Target {
         mountpoint: socket_file.clone(),
@@ -94,8 +103,19 @@ fn serve(target: Target, socket: ShareSocket, config: &VolumeConfig) -> anyhow::
         .context("starting the I/O runtime")?;
     let memory = MemoryLimiter::new(config.memory_limit);
     let cache = volume::open_cache(&config.cache, &config.store, &target.source)?;
-    let volume =
-        volume::build_volume(&rt, config, &target, Opening::FRESH, &memory, cache.clone())?;
+    private_dir(&config.state_dir)
+        .with_context(|| format!("creating {}", config.state_dir.display()))?;
+    let state = MountDir::claim(&config.state_dir, &socket_file)
+        .context("claiming the share's state directory")?;
+    let volume = volume::build_volume(
+        &rt,
+        config,
+        &target,
+        &state.path,
+        Opening::FRESH,
+        &memory,
+        cache.clone(),
+    )?;
     let share = Share::new(
         volume.fs.clone(),
         VhostConfig {
@@ -105,35 +125,27 @@ fn serve(target: Target, socket: ShareSocket, config: &VolumeConfig) -> anyhow::
         },
     );
 
+    // Born open to root and the configured group only; a live socket is never taken over.
+    let listener = sockets::listen(&socket_file, peers)
+        .with_context(|| format!("listening on {}", socket_file.display()))?;
     // The share serves VMMs one after another on its own thread until the process ends.
-    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
-    let failed = ready_tx.clone();
+    let (ended_tx, ended_rx) = mpsc::channel::<anyhow::Result<()>>();
     std::thread::Builder::new()
         .name("vhost-listener".into())
         .spawn(move || {
-            let result = share.serve(
-                || {
-                    let _ = ready_tx.send(Ok(()));
-                },
-                |connection| tracing::info!(connection, "listening again for the next VMM"),
-            );
-            if let Err(e) = result {
-                let _ = failed.send(Err(anyhow::anyhow!("{e}")));
-            }
+            share.serve_listener(listener, &AtomicBool::new(false), |connection| {
+                tracing::info!(connection, "listening again for the next VMM")
+            });
+            let _ = ended_tx.send(Err(anyhow::anyhow!("the vhost-user listener ended")));
         })
         .context("starting the vhost-user listener")?;
-    match ready_rx.recv_timeout(LISTEN_DEADLINE) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e),
-        Err(_) => bail!("the vhost-user socket was not ready within {LISTEN_DEADLINE:?}"),
-    }
     // A standalone share is its own holder.
     let facts = HolderFacts {
         holder_pid: std::process::id(),
         ..HolderFacts::default()
     };
     let status = Publisher::new(
-        &config.state_dir,
+        &state.path,
         Reported {
             source: target.text.clone(),
             mountpoint: socket_file.clone(),
@@ -159,13 +171,13 @@ fn serve(target: Target, socket: ShareSocket, config: &VolumeConfig) -> anyhow::
         "serving over vhost-user"
     );
 
-    let outcome = rt.block_on(wait_for_end(ready_rx));
+    let outcome = rt.block_on(wait_for_end(ended_rx));
     // Commit what is still open (a VMM may still be attached: its later requests fail).
     refresh.abort();
     volume.fs.shutdown();
     let _ = std::fs::remove_file(&socket_file);
-    let _ = std::fs::remove_file(&volume.journal);
     status.remove();
+    state.remove();
     tracing::info!(
         inodes = volume.ns.inode_count(),
         skipped_keys = volume.ns.skipped_keys(),

@@ -83,7 +83,7 @@ pub fn write(path: &Path, status: &MountStatus) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    write_atomic(path, &serde_json::to_vec_pretty(status)?, 0o644)
+    write_atomic(path, &serde_json::to_vec_pretty(status)?, 0o600)
 }
 
 /// What one served mount (or standalone share) reports, and where.
@@ -112,11 +112,11 @@ pub struct Reported {
 }
 
 impl Publisher {
-    /// A publisher writing `<state_dir>/mounts/<mountpoint>/status.json`. It writes once now
+    /// A publisher writing `status.json` in the mount's state directory. It writes once now
     /// (a failure is logged: `berth status` will not see this mount, nothing else breaks).
-    pub fn new(state_dir: &Path, what: Reported) -> Arc<Publisher> {
+    pub fn new(mount_dir: &Path, what: Reported) -> Arc<Publisher> {
         let publisher = Arc::new(Publisher {
-            path: state::status_file(state_dir, &what.mountpoint),
+            path: state::status_file(mount_dir),
             source: what.source,
             mountpoint: what.mountpoint.display().to_string(),
             started_unix: now_unix(),
@@ -189,7 +189,7 @@ pub fn run(mountpoint: &Path, state_dir: &Path, json: bool) -> anyhow::Result<()
     let mountpoint = mountpoint
         .canonicalize()
         .with_context(|| format!("{} does not exist", mountpoint.display()))?;
-    let path = state::status_file(state_dir, &mountpoint);
+    let path = state::find_status_file(state_dir, &mountpoint);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "no berth mount at {} (no status in {}; is --state-dir the one the mount uses?)",
@@ -316,9 +316,10 @@ mod tests {
         let mnt = mnt.canonicalize().unwrap();
         let state = dir.path().join("state");
         let me = sample(std::process::id());
-        write(&state::status_file(&state, &mnt), &me).unwrap();
+        let file = state::status_file(&state::mount_dir(&state, &mnt));
+        write(&file, &me).unwrap();
         run(&mnt, &state, true).unwrap();
-        let text = std::fs::read_to_string(state::status_file(&state, &mnt)).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
         assert_eq!(serde_json::from_str::<MountStatus>(&text).unwrap(), me);
         assert!(human(&me).contains("7 disk hits"));
         assert!(human(&me).contains("takeover in 42 ms"), "{}", human(&me));
@@ -338,7 +339,7 @@ mod tests {
         }
 
         // A pid that cannot be alive.
-        write(&state::status_file(&state, &mnt), &sample(i32::MAX as u32)).unwrap();
+        write(&file, &sample(i32::MAX as u32)).unwrap();
         let err = run(&mnt, &state, false).unwrap_err().to_string();
         assert!(err.contains("stale"), "{err}");
     }

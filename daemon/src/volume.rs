@@ -77,6 +77,18 @@ impl Source {
     }
 }
 
+/// Refuses an endpoint URL with credentials in it (`http://user:pass@host`): they would show
+/// in process lists, volume records and metrics. Credentials go in the environment or the
+/// daemon's secrets.
+pub fn check_endpoint(url: &str) -> anyhow::Result<()> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        bail!("credentials in the endpoint URL are refused: give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or secrets");
+    }
+    Ok(())
+}
+
 /// A source and where it is served: a mountpoint, or the socket of a standalone share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -132,6 +144,7 @@ pub fn build_volume(
     rt: &tokio::runtime::Runtime,
     config: &VolumeConfig,
     target: &Target,
+    mount_dir: &Path,
     opening: Opening,
     memory: &Arc<MemoryLimiter>,
     cache: Option<NodeCache>,
@@ -143,7 +156,7 @@ pub fn build_volume(
         &config.store,
         opening.check_store,
     )?;
-    let journal = state::inode_journal(&config.state_dir, &target.mountpoint);
+    let journal = state::inode_journal(mount_dir);
     let ns = Arc::new(open_namespace(
         store.clone(),
         prefix,

@@ -151,6 +151,11 @@ impl Node {
                 .arg(dir.join("state"))
                 .arg("--cache-dir")
                 .arg(dir.join("cache"))
+                // The node's own directory holds the tests' local sources and share sockets.
+                .arg("--allow-local-source")
+                .arg(&dir)
+                .arg("--share-dir")
+                .arg(&dir)
                 .arg("--metrics-addr")
                 .arg(format!("127.0.0.1:{metrics_port}")),
             &daemon_log,

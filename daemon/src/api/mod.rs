@@ -19,7 +19,7 @@ pub mod table;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::fd::AsRawFd as _;
 
 use anyhow::Context as _;
 use tokio::net::{UnixListener, UnixStream};
@@ -27,6 +27,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cache::node::CacheServer;
 use crate::state;
+use crate::sys::files::{private_dir, NodeKey};
+use crate::sys::sockets::{self, Peers};
 
 pub mod pb {
     //! Generated from proto/berth/v1/daemon.proto.
@@ -47,6 +49,12 @@ pub struct DaemonConfig {
     /// The daemon's exit leaves volumes mounted (dead) for its successor to restore, instead
     /// of unmounting them.
     pub keep_on_exit: bool,
+    /// Who may use the API socket and the share sockets: root, and this group if given.
+    pub peers: Peers,
+    /// Where share sockets may be created; empty: `<state-dir>/shares`.
+    pub share_dirs: Vec<PathBuf>,
+    /// Local directories volumes may serve; empty: none (s3:// sources only).
+    pub local_sources: Vec<PathBuf>,
 }
 
 /// The daemon's node cache: one disk tier for every volume of the node.
@@ -61,15 +69,41 @@ pub struct NodeCacheConfig {
 
 /// `berth daemon`.
 pub fn run(args: DaemonConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.state_dir)
+    private_dir(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let state_dir = args.state_dir.canonicalize()?;
+    let node_key = NodeKey::load_or_create(&state::node_key(&state_dir))
+        .context("loading the node key that names volumes")?;
     let berth_bin = std::env::current_exe().context("finding the berth binary")?;
     let cache = match &args.node_cache {
         Some(config) => Some(open_node_cache(config, &state_dir)?),
         None => None,
     };
+    let mut share_dirs = args.share_dirs.clone();
+    if share_dirs.is_empty() {
+        share_dirs.push(state_dir.join("shares"));
+    }
+    let share_dirs = share_dirs
+        .iter()
+        .map(|d| {
+            private_dir(d).with_context(|| format!("creating the share dir {}", d.display()))?;
+            d.canonicalize()
+                .with_context(|| format!("share dir {}", d.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let local_sources = args
+        .local_sources
+        .iter()
+        .map(|d| {
+            d.canonicalize()
+                .with_context(|| format!("--allow-local-source {}", d.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let node = spec::NodeSettings {
+        node_key,
+        share_dirs,
+        local_sources,
+        share_peers: args.peers,
         berth_bin,
         state_dir,
         cache,
@@ -98,15 +132,11 @@ fn open_node_cache(
 /// Serves the node cache's index to mount processes on its socket.
 fn serve_node_cache(cache: &spec::SharedCache) -> anyhow::Result<()> {
     let socket = &cache.socket;
-    if socket.exists() {
-        std::fs::remove_file(socket)
-            .with_context(|| format!("removing stale socket {}", socket.display()))?;
-    }
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    // Whoever can connect can fill or empty the node cache: the daemon's user only.
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", socket.display()))?;
+    // Whoever can connect can fill or empty the node cache: root only (mount processes).
+    let listener = sockets::listen(socket, Peers::ROOT)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
     tokio::spawn(cache.server.clone().serve(listener));
     tracing::info!(socket = %socket.display(), "node cache served");
     Ok(())
@@ -116,12 +146,11 @@ async fn serve(args: DaemonConfig, node: spec::NodeSettings) -> anyhow::Result<(
     if let Some(dir) = args.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    if args.socket.exists() {
-        std::fs::remove_file(&args.socket)
-            .with_context(|| format!("removing stale socket {}", args.socket.display()))?;
-    }
-    let listener = UnixListener::bind(&args.socket)
-        .with_context(|| format!("binding {}", args.socket.display()))?;
+    // The API mounts anything anywhere: root, and the configured group, only.
+    let listener = sockets::listen(&args.socket, args.peers)
+        .with_context(|| format!("listening on {}", args.socket.display()))?;
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
     if let Some(cache) = &node.cache {
         serve_node_cache(cache)?;
     }
@@ -144,12 +173,19 @@ async fn serve(args: DaemonConfig, node: spec::NodeSettings) -> anyhow::Result<(
             _ = int.recv() => {}
         }
     };
+    let peers = args.peers;
     println!("berth: daemon listening on {}", args.socket.display());
     tracing::info!(socket = %args.socket.display(), "daemon ready");
     tonic::transport::Server::builder()
         .add_service(pb::daemon_server::DaemonServer::new(service.clone()))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            tokio_stream::StreamExt::filter(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                move |conn| {
+                    conn.as_ref()
+                        .map_or(true, |s| peers.allow(s.as_raw_fd(), "daemon API"))
+                },
+            ),
             shutdown,
         )
         .await

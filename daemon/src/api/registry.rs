@@ -56,8 +56,9 @@ impl Registry {
         volume_id: String,
     ) -> Result<pb::MountVolumeResponse, VolumeError> {
         check_target(&target)?;
-        let key = spec.key();
+        self.node.check_source(&spec)?;
         let mut volumes = self.volumes.lock().await;
+        let key = self.key_for(&volumes, &spec)?;
         // Who holds this target already?
         if let Some((other_key, other)) = volumes
             .iter()
@@ -157,8 +158,10 @@ impl Registry {
     /// (started here if the volume is not mounted yet).
     pub async fn share(&self, spec: VolumeSpec, share: ShareSpec) -> Result<(), VolumeError> {
         check_target(&share.socket)?;
-        let key = spec.key();
+        self.node.check_source(&spec)?;
+        self.node.check_share_socket(&share.socket)?;
         let mut volumes = self.volumes.lock().await;
+        let key = self.key_for(&volumes, &spec)?;
         if let Some((other_key, _)) = volumes.iter().find(|(_, v)| v.run.has_share(&share.socket)) {
             if *other_key == key {
                 return Ok(());
@@ -178,8 +181,7 @@ impl Registry {
         let volume = volumes
             .get(&key)
             .ok_or_else(|| VolumeError::Internal("volume vanished".into()))?;
-        let asked =
-            supervisor::add_share(&self.node.state_dir, &volume.run.mountpoint, &share).await;
+        let asked = supervisor::add_share(&self.node, &volume.run.mountpoint, &share).await;
         if let Err(e) = asked {
             if started {
                 if let Some(v) = volumes.remove(&key) {
@@ -262,7 +264,7 @@ impl Registry {
             .iter()
             .map(|(key, v)| {
                 let health = v.run.health.lock().map(|h| h.clone()).unwrap_or_default();
-                let status_path = state::status_file(&self.node.state_dir, &v.run.mountpoint);
+                let status_path = state::find_status_file(&self.node.state_dir, &v.run.mountpoint);
                 pb::VolumeInfo {
                     volume: key.clone(),
                     volume_id: v.volume_id.clone(),
@@ -354,7 +356,7 @@ impl Registry {
             record.options.clone().into_iter().collect(),
             secrets.into_iter().collect(),
         )?;
-        if spec.key() != key {
+        if spec.key(&self.node.node_key) != key && spec.legacy_key() != key {
             return Err(VolumeError::Internal(
                 "the record does not match its key".into(),
             ));
@@ -369,9 +371,7 @@ impl Registry {
             }
         }
         for share in &record.shares {
-            if let Err(e) =
-                supervisor::add_share(&self.node.state_dir, &volume.run.mountpoint, share).await
-            {
+            if let Err(e) = supervisor::add_share(&self.node, &volume.run.mountpoint, share).await {
                 tracing::error!(volume = %key, socket = %share.socket.display(), "serving a restored share: {e}");
             }
         }
@@ -420,6 +420,22 @@ impl Registry {
         }
     }
 
+    /// The key of the volume `spec` describes: a running volume with exactly this spec (one
+    /// restored under its old name is found too), or the name a new one gets. A running
+    /// volume whose key matches but whose spec does not is never reused.
+    fn key_for(
+        &self,
+        volumes: &BTreeMap<String, Volume>,
+        spec: &VolumeSpec,
+    ) -> Result<String, VolumeError> {
+        let key = spec.key(&self.node.node_key);
+        reuse(
+            volumes.iter().map(|(k, v)| (k.as_str(), &v.spec)),
+            key,
+            spec,
+        )
+    }
+
     async fn start(
         &self,
         spec: VolumeSpec,
@@ -458,4 +474,70 @@ fn check_target(target: &Path) -> Result<(), VolumeError> {
         )));
     }
     Ok(())
+}
+
+/// Which key a request for `spec` uses, among the running volumes: `key` if that volume has
+/// this very spec, or the key of another volume with this spec, or `key` for a new volume.
+fn reuse<'a>(
+    running: impl Iterator<Item = (&'a str, &'a VolumeSpec)>,
+    key: String,
+    spec: &VolumeSpec,
+) -> Result<String, VolumeError> {
+    let mut same_spec = None;
+    for (k, v) in running {
+        if k == key && v != spec {
+            tracing::error!(volume = %key, "a running volume has this name but another spec; refused");
+            return Err(VolumeError::Internal(format!(
+                "volume name {key} is taken by a volume with another source, options or credentials"
+            )));
+        }
+        if v == spec && same_spec.is_none() {
+            same_spec = Some(k.to_string());
+        }
+    }
+    Ok(same_spec.unwrap_or(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn spec(secret: &str) -> VolumeSpec {
+        VolumeSpec::new(
+            "s3://bucket/data".into(),
+            HashMap::new(),
+            HashMap::from([
+                ("accessKeyId".to_string(), "AK".to_string()),
+                ("secretAccessKey".to_string(), secret.to_string()),
+            ]),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_name_is_reused_only_with_its_whole_spec() {
+        let (victim, attacker) = (spec("victim-secret"), spec("forged"));
+        let running = [("k1", &victim)];
+        // Same spec, same name: reused.
+        assert_eq!(
+            reuse(running.into_iter(), "k1".into(), &victim).unwrap(),
+            "k1"
+        );
+        // A spec that made the victim's name (a forged collision) never gets the victim's mount.
+        assert!(matches!(
+            reuse(running.into_iter(), "k1".into(), &attacker),
+            Err(VolumeError::Internal(_))
+        ));
+        // A volume restored under its old name is found by its spec.
+        let legacy = [("0123456789abcdef", &victim)];
+        assert_eq!(
+            reuse(legacy.into_iter(), "new".into(), &victim).unwrap(),
+            "0123456789abcdef"
+        );
+        assert_eq!(
+            reuse(legacy.into_iter(), "new".into(), &attacker).unwrap(),
+            "new"
+        );
+    }
 }

@@ -19,6 +19,7 @@ impl From<VolumeError> for Status {
             VolumeError::AlreadyExists(m) => Status::already_exists(m),
             VolumeError::NotFound(m) => Status::not_found(m),
             VolumeError::FailedPrecondition(m) => Status::failed_precondition(m),
+            VolumeError::PermissionDenied(m) => Status::permission_denied(m),
             VolumeError::Internal(m) => Status::internal(m),
         }
     }

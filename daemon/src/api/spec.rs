@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::sys::files::Fnv1a;
+use crate::sys::files::{Fnv1a, NodeKey};
 
 /// `berth mount` flags a client may set, taking a value (the CLI's `--socket` mode sends the
 /// flags it is given from this list; see `crate::cli::client`).
@@ -53,6 +53,8 @@ pub enum VolumeError {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -133,6 +135,10 @@ impl VolumeSpec {
                 )));
             }
         }
+        if let Some(url) = options.get("endpoint-url") {
+            crate::volume::check_endpoint(url)
+                .map_err(|e| VolumeError::InvalidArgument(format!("option endpoint-url: {e:#}")))?;
+        }
         Ok(VolumeSpec {
             source,
             options: options.into_iter().collect(),
@@ -140,9 +146,24 @@ impl VolumeSpec {
         })
     }
 
-    /// A stable digest (FNV-1a 64) of everything that makes the volume; the secrets are part
-    /// of it but cannot be recovered from it.
-    pub fn key(&self) -> String {
+    /// The volume's name: an HMAC under the node's secret of everything that makes the
+    /// volume. It is stable for the node, says nothing about the credentials to whoever reads
+    /// it (ListVolumes, metrics, `<state-dir>/volumes/`), and cannot be forged: a caller
+    /// cannot choose credentials whose volume takes the name of someone else's.
+    pub fn key(&self, node: &NodeKey) -> String {
+        let mut parts: Vec<&[u8]> = vec![b"berth volume v2", self.source.as_bytes()];
+        for (k, v) in &self.options {
+            parts.extend([b"o".as_slice(), k.as_bytes(), v.as_bytes()]);
+        }
+        for (k, v) in &self.secrets.0 {
+            parts.extend([b"s".as_slice(), k.as_bytes(), v.as_bytes()]);
+        }
+        node.sign(parts)
+    }
+
+    /// The name berth versions before [`Self::key`] gave the volume (FNV-1a of the same
+    /// fields): a restarted daemon still finds the volumes an older one recorded.
+    pub fn legacy_key(&self) -> String {
         let mut h = Fnv1a::new();
         let mut eat = |s: &str| h = h.write(s.as_bytes()).write(&[0]);
         eat(&self.source);
@@ -177,6 +198,14 @@ impl VolumeSpec {
 /// Settings of the daemon that every mount process gets.
 #[derive(Clone, Debug)]
 pub struct NodeSettings {
+    /// Names volumes (see [`VolumeSpec::key`]).
+    pub node_key: NodeKey,
+    /// Where share sockets may be (canonical): CreateShare refuses any other place.
+    pub share_dirs: Vec<PathBuf>,
+    /// Local directories a volume may serve (canonical); none: only s3:// sources.
+    pub local_sources: Vec<PathBuf>,
+    /// Who may connect to the volumes' vhost-user sockets.
+    pub share_peers: crate::sys::sockets::Peers,
     pub berth_bin: PathBuf,
     pub state_dir: PathBuf,
     /// The node cache every mount process uses (`--cache-socket`), if the daemon has one.
@@ -203,6 +232,57 @@ impl std::fmt::Debug for SharedCache {
 }
 
 impl NodeSettings {
+    /// A local-directory source must be inside one of `--allow-local-source`: through the
+    /// daemon, anyone who can reach its socket could otherwise serve `/` to a pod.
+    pub fn check_source(&self, spec: &VolumeSpec) -> Result<(), VolumeError> {
+        let Ok(crate::volume::Source::Local(dir)) = crate::volume::Source::parse(&spec.source)
+        else {
+            return Ok(());
+        };
+        let refused = || {
+            VolumeError::PermissionDenied(format!(
+                "local source {} is not inside a directory the daemon allows \
+                 (`berth daemon --allow-local-source DIR`)",
+                dir.display()
+            ))
+        };
+        let canonical = dir.canonicalize().map_err(|_| refused())?;
+        if self.local_sources.iter().any(|a| canonical.starts_with(a)) {
+            Ok(())
+        } else {
+            Err(refused())
+        }
+    }
+
+    /// A share socket must be inside one of `--share-dir` (checked on the path as given and
+    /// on its parent once it exists, so a symlink cannot lead out).
+    pub fn check_share_socket(&self, socket: &std::path::Path) -> Result<(), VolumeError> {
+        let inside = |p: &std::path::Path| self.share_dirs.iter().any(|d| p.starts_with(d));
+        let refused = || {
+            VolumeError::PermissionDenied(format!(
+                "share socket {} is not inside a share directory of the daemon \
+                 (`berth daemon --share-dir DIR`: {})",
+                socket.display(),
+                self.share_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        };
+        if !inside(socket) {
+            return Err(refused());
+        }
+        if let Some(parent) = socket.parent() {
+            if let Ok(real) = parent.canonicalize() {
+                if !inside(&real) {
+                    return Err(refused());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// With a node cache, its size and block size are the node's: a volume cannot bring its
     /// own (it would silently not apply, or could not share the cache's blocks).
     pub fn check_cache_options(&self, spec: &VolumeSpec) -> Result<(), VolumeError> {
@@ -277,8 +357,15 @@ mod tests {
     fn the_key_depends_on_credentials_and_debug_hides_them() {
         let a = spec(&[], &[("accessKeyId", "AK"), ("secretAccessKey", "S1")]).unwrap();
         let b = spec(&[], &[("accessKeyId", "AK"), ("secretAccessKey", "S2")]).unwrap();
-        assert_ne!(a.key(), b.key());
-        assert_eq!(a.key(), a.clone().key());
+        let node = NodeKey::for_tests(7);
+        assert_ne!(a.key(&node), b.key(&node));
+        assert_eq!(a.key(&node), a.clone().key(&node));
+        assert_ne!(
+            a.key(&node),
+            a.key(&NodeKey::for_tests(8)),
+            "another node, another name"
+        );
+        assert_ne!(a.legacy_key(), b.legacy_key());
         let dbg = format!("{a:?}");
         assert!(!dbg.contains("S1"), "{dbg}");
     }

@@ -64,7 +64,7 @@ pub struct Running {
 
 /// Asks the holder of the volume mounted at `mountpoint` to serve a share.
 pub async fn add_share(
-    state_dir: &Path,
+    node: &NodeSettings,
     mountpoint: &Path,
     share: &ShareSpec,
 ) -> Result<(), VolumeError> {
@@ -72,8 +72,9 @@ pub async fn add_share(
         socket: share.socket.clone(),
         request_queues: share.request_queues,
         queue_size: share.queue_size,
+        group: node.share_peers.group,
     };
-    ask_holder(state_dir, mountpoint, request).await
+    ask_holder(&node.state_dir, mountpoint, request).await
 }
 
 /// Sends a control request to a mount process (blocking socket I/O, off the runtime).
@@ -427,7 +428,7 @@ impl Supervisor {
             .map(|s| s.values().cloned().collect())
             .unwrap_or_default();
         for share in shares {
-            match add_share(&self.node.state_dir, &self.mountpoint, &share).await {
+            match add_share(&self.node, &self.mountpoint, &share).await {
                 Ok(()) => {
                     tracing::info!(volume = %self.key, socket = %share.socket.display(), "share served again after a restart")
                 }

@@ -16,7 +16,7 @@ pub(super) struct Disk {
 
 impl Disk {
     pub(super) fn open(dir: &Path, size: u64, block_size: u64) -> std::io::Result<Disk> {
-        std::fs::create_dir_all(dir)?;
+        crate::sys::files::private_dir(dir)?;
         let lock = lock_dir(dir)?;
         let slots = (size / block_size).min(u32::MAX as u64) as u32;
         if slots == 0 {

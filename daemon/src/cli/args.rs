@@ -169,6 +169,11 @@ pub struct ShareArgs {
     /// Where the engine keeps its state (inode journal, status file).
     #[arg(long, value_name = "DIR", default_value = "/run/berth")]
     pub state_dir: PathBuf,
+
+    /// A group (name or number) whose processes (a VMM not running as root) may connect to
+    /// the share's socket, besides root. Without it only root may connect.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -400,6 +405,22 @@ pub struct DaemonArgs {
     /// start in either mode (after a crash, too).
     #[arg(long, value_enum, value_name = "WHAT", default_value = "unmount")]
     pub on_exit: OnExit,
+
+    /// A group (name or number) whose processes may use the API socket and the volumes'
+    /// virtio-fs share sockets, besides root. Without it only root may connect.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// A directory in which CreateShare may put vhost-user sockets; repeatable. Sockets
+    /// elsewhere are refused. [default: <state-dir>/shares]
+    #[arg(long = "share-dir", value_name = "DIR")]
+    pub share_dirs: Vec<PathBuf>,
+
+    /// A local directory whose subdirectories volumes may serve (MountVolume or CreateShare
+    /// with a local source); repeatable. Without it, only s3:// sources are accepted: whoever
+    /// can use the API could otherwise serve any directory of the node to a pod.
+    #[arg(long = "allow-local-source", value_name = "DIR")]
+    pub local_sources: Vec<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,6 +18,7 @@ use crate::heal::handoff::ShareSocket;
 use crate::heal::holder::HolderConfig;
 use crate::prefetch::PrefetchConfig;
 use crate::share::ShareConfig;
+use crate::sys::sockets::{self, Peers};
 use crate::volume::{Source, StoreConfig, Target, VolumeConfig};
 use crate::warm::WarmConfig;
 
@@ -31,14 +32,28 @@ const DEFAULT_METADATA_TTL: Duration = Duration::from_secs(1);
 /// request may legitimately take the whole deadline.
 const HANG_MARGIN: Duration = Duration::from_secs(10);
 
+/// Root and, if named, one group.
+fn peers(group: Option<&str>) -> anyhow::Result<Peers> {
+    let group = match group {
+        None => None,
+        Some(name) => Some(
+            sockets::group_id(name).map_err(|e| anyhow::anyhow!("--socket-group {name}: {e}"))?,
+        ),
+    };
+    Ok(Peers { group })
+}
+
 impl StoreArgs {
-    pub fn store_config(&self) -> StoreConfig {
-        StoreConfig {
+    pub fn store_config(&self) -> anyhow::Result<StoreConfig> {
+        if let Some(url) = &self.endpoint_url {
+            crate::volume::check_endpoint(url)?;
+        }
+        Ok(StoreConfig {
             endpoint_url: self.endpoint_url.clone(),
             region: self.region.clone(),
             virtual_hosted: self.virtual_hosted,
             request_deadline: self.request_deadline,
-        }
+        })
     }
 }
 
@@ -92,7 +107,7 @@ fn volume_config(
         None => Some(DEFAULT_METADATA_TTL),
     };
     Ok(VolumeConfig {
-        store: store.store_config(),
+        store: store.store_config()?,
         cache: cache_config,
         fs: FsConfig {
             read_only,
@@ -187,10 +202,12 @@ impl MountArgs {
 
 impl ShareArgs {
     pub fn share_config(&self) -> anyhow::Result<ShareConfig> {
+        let peers = peers(self.socket_group.as_deref())?;
         let socket = ShareSocket {
             socket: self.socket.clone(),
             request_queues: self.request_queues,
             queue_size: self.queue_size,
+            group: peers.group,
         };
         if let Some(mountpoint) = &self.mount {
             if self.remove {
@@ -225,6 +242,7 @@ impl ShareArgs {
             target: target(text, self.socket.clone(), &volume)?,
             socket,
             volume: Box::new(volume),
+            peers,
         })
     }
 }
@@ -237,7 +255,7 @@ impl WarmArgs {
         Ok(WarmConfig {
             paths: self.paths.clone(),
             concurrency: self.concurrency,
-            store: self.store.store_config(),
+            store: self.store.store_config()?,
             cache: self.cache.cache_config(true)?,
         })
     }
@@ -258,6 +276,9 @@ impl DaemonArgs {
             }),
             metrics_addr: self.metrics_addr,
             keep_on_exit: self.on_exit == OnExit::Keep,
+            peers: peers(self.socket_group.as_deref())?,
+            share_dirs: self.share_dirs.clone(),
+            local_sources: self.local_sources.clone(),
         })
     }
 }
@@ -330,6 +351,7 @@ mod tests {
             target,
             socket,
             volume,
+            peers,
         } = served
         else {
             panic!("not a standalone share");
@@ -337,6 +359,17 @@ mod tests {
         assert_eq!(target.mountpoint, PathBuf::from("/run/b.sock"));
         assert_eq!(socket.request_queues, 1);
         assert!(volume.fs.read_only);
+        assert_eq!(peers, Peers::ROOT);
+        let grouped = share(&["s3://b", "--socket", "/s", "--socket-group", "0"]).unwrap();
+        assert!(matches!(grouped, ShareConfig::Serve { peers, .. } if peers.group == Some(0)));
+        assert!(share(&[
+            "s3://b",
+            "--socket",
+            "/s",
+            "--socket-group",
+            "no-such-group-x"
+        ])
+        .is_err());
         assert!(matches!(
             share(&["--mount", "/m", "--socket", "/s"]).unwrap(),
             ShareConfig::Attach { .. }

@@ -28,6 +28,9 @@ pub enum ControlRequest {
         socket: PathBuf,
         request_queues: usize,
         queue_size: u16,
+        /// A group whose processes may connect to it besides root.
+        #[serde(default)]
+        group: Option<u32>,
     },
     /// Stop serving a share (idempotent).
     RemoveShare {
@@ -110,6 +113,7 @@ mod tests {
             socket: "/run/vm.sock".into(),
             request_queues: 2,
             queue_size: 512,
+            group: None,
         };
         let mut line = serde_json::to_vec(&request).unwrap();
         line.push(b'\n');

@@ -40,6 +40,10 @@ pub struct MountHandoff {
     /// region, in order.
     #[serde(default)]
     pub shares: Vec<ShareSocket>,
+    /// The mount's state directory (inode journal, status file). Holders before per-mount
+    /// digests sent none; the engine then uses the old name (`state::legacy_mount_dir`).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A vhost-user socket the holder bound (and keeps) for a share of a mount's volume: the
@@ -49,6 +53,9 @@ pub struct ShareSocket {
     pub socket: PathBuf,
     pub request_queues: usize,
     pub queue_size: u16,
+    /// A group whose processes may connect besides root (`--socket-group`).
+    #[serde(default)]
+    pub group: Option<u32>,
 }
 
 /// Most request queues a share offers (virtio-fs: one high-priority queue + up to 63).
@@ -269,7 +276,9 @@ mod tests {
                     socket: "/run/vm.sock".into(),
                     request_queues: 2,
                     queue_size: 512,
+                    group: None,
                 }],
+                state_dir: Some("/run/berth/mounts/0123".into()),
             }],
         });
         send(&a, &hello, &[f.as_raw_fd()]).unwrap();

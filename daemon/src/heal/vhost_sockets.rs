@@ -4,13 +4,13 @@
 //! upgrades (a VMM that reconnects finds the successor; one that does not sees its device go
 //! away, as with any vhost-user backend that dies).
 
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
 use super::handoff::ShareSocket;
+use crate::sys::sockets::{self, Peers};
 
 pub struct HeldShare {
     pub spec: ShareSocket,
@@ -18,8 +18,8 @@ pub struct HeldShare {
 }
 
 impl HeldShare {
-    /// Binds `spec.socket`: its directory is created, a stale socket replaced, anything else
-    /// that is not a socket refused.
+    /// Binds `spec.socket`, open to root and `spec.group` only: its directory is created, a
+    /// stale socket replaced; a live socket, or anything that is not a socket, is refused.
     pub fn bind(spec: ShareSocket) -> anyhow::Result<HeldShare> {
         check(&spec)?;
         let socket = &spec.socket;
@@ -27,18 +27,7 @@ impl HeldShare {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the socket directory {}", dir.display()))?;
         }
-        match std::fs::symlink_metadata(socket) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                std::fs::remove_file(socket)
-                    .with_context(|| format!("replacing the stale socket {}", socket.display()))?;
-            }
-            Ok(_) => bail!(
-                "{} exists and is not a socket; refusing to replace it",
-                socket.display()
-            ),
-            Err(_) => {}
-        }
-        let listener = UnixListener::bind(socket)
+        let listener = sockets::listen(socket, Peers { group: spec.group })
             .with_context(|| format!("listening on {}", socket.display()))?;
         Ok(HeldShare { spec, listener })
     }
@@ -78,6 +67,7 @@ mod tests {
             socket,
             request_queues: 1,
             queue_size: 1024,
+            group: None,
         }
     }
 

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -86,12 +87,14 @@ impl InodeTable {
         let journal = match journal {
             Some(path) => {
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
+                    crate::sys::files::private_dir(dir)?;
                 }
+                // It lists every object name the kernel was told of: root only.
                 let mut f = OpenOptions::new()
                     .create(true)
                     .write(true)
                     .truncate(true)
+                    .mode(0o600)
                     .open(path)?;
                 f.write_all(MAGIC)?;
                 f.write_all(&VERSION.to_le_bytes())?;

@@ -80,7 +80,8 @@ mod hostile_guest {
             mountpoint: dir.path().join("fs.sock"),
         };
         let engine =
-            volume::build_volume(&rt, &config, &target, Opening::FRESH, &memory, None).unwrap();
+            volume::build_volume(&rt, &config, &target, &state, Opening::FRESH, &memory, None)
+                .unwrap();
         let server = Server::new(engine.fs.clone());
         let mut queue = TestQueue::new();
         let mut init = Vec::new();

@@ -18,6 +18,8 @@ use crate::cache::generations::Generations;
 use crate::cache::index::{BlockKey, Index};
 use crate::cache::lock;
 use crate::cache::stats::Summary;
+use crate::sys::sockets::Peers;
+use std::os::fd::AsRawFd as _;
 
 /// The daemon's side: the one index of the node cache, served to mount processes.
 pub struct CacheServer {
@@ -92,7 +94,9 @@ impl CacheServer {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(self.clone().converse(stream));
+                    if Peers::ROOT.allow(stream.as_raw_fd(), "node cache") {
+                        tokio::spawn(self.clone().converse(stream));
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "node cache: accept failed");

@@ -84,6 +84,7 @@ impl Holder {
                 // A fresh connection (first engine, or after a remount) has nothing to resend.
                 resend: resend && m.init_capable.is_some(),
                 shares: m.shares.iter().map(|s| s.spec.clone()).collect(),
+                state_dir: m.state.as_ref().map(|d| d.path.clone()),
             });
         }
         let hello = Hello {

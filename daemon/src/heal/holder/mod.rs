@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -35,6 +35,8 @@ use crate::fuse::connection_state::ConnectionState;
 use crate::fuse::{self, FuseMount};
 use crate::state;
 use crate::status::HolderFacts;
+use crate::sys::files::private_dir;
+use crate::sys::sockets::{self, Peers};
 use crate::volume::Target;
 
 const TICK: Duration = Duration::from_millis(100);
@@ -79,6 +81,8 @@ struct HeldMount {
     gone: bool,
     /// virtio-fs shares of this mount's volume (served by the same engine).
     shares: Vec<HeldShare>,
+    /// Its state directory (inode journal, status), held for the holder's life.
+    state: Option<state::MountDir>,
 }
 
 struct Engine {
@@ -113,6 +117,8 @@ pub fn run(config: HolderConfig) -> anyhow::Result<()> {
         bail!("berth mount needs root (CAP_SYS_ADMIN) to mount FUSE filesystems");
     }
     fuse::ensure_fusectl();
+    private_dir(&config.state_dir)
+        .with_context(|| format!("creating the state dir {}", config.state_dir.display()))?;
     let hang_timeout = config.hang_timeout;
     let detector = Detector::start(config.no_ebpf, hang_timeout, sender.clone());
     let wanted = config.targets.clone();
@@ -472,11 +478,13 @@ impl Holder {
                 socket,
                 request_queues,
                 queue_size,
+                group,
             } => {
                 let spec = ShareSocket {
                     socket,
                     request_queues,
                     queue_size,
+                    group,
                 };
                 ControlReply::from_result(self.add_share(mount, spec), self.generation)
             }
@@ -547,12 +555,7 @@ impl Holder {
     /// open writes are closed), the new one takes the connections and asks for a RESEND.
     fn upgrade(&mut self, binary: Option<PathBuf>) -> anyhow::Result<Duration> {
         let binary = binary.unwrap_or_else(|| self.binary.clone());
-        let meta = std::fs::metadata(&binary)
-            .with_context(|| format!("new engine binary {}", binary.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-            bail!("{} is not an executable file", binary.display());
-        }
+        check_engine_binary(&binary)?;
         let Some(engine) = &self.engine else {
             bail!("no engine is running");
         };
@@ -592,8 +595,8 @@ impl Holder {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating state dir {}", dir.display()))?;
             }
-            let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path).with_context(|| {
+            // It replaces the engine: root only.
+            let listener = sockets::listen(&path, Peers::ROOT).with_context(|| {
                 format!(
                     "listening on {} (a --state-dir path this long leaves no room for socket names)",
                     path.display()
@@ -604,6 +607,9 @@ impl Holder {
                 .name("holder-control".into())
                 .spawn(move || {
                     for conn in listener.incoming().flatten() {
+                        if !Peers::ROOT.allow(conn.as_raw_fd(), "holder control") {
+                            continue;
+                        }
                         if let Err(e) = serve_control(mount, conn, &events) {
                             tracing::warn!(error = %e, "control request failed");
                         }
@@ -612,6 +618,29 @@ impl Holder {
         }
         Ok(())
     }
+}
+
+/// The engine binary an upgrade runs: it runs as root with the volume's credentials and the
+/// FUSE connections, so it must be root's own: a regular executable file owned by root that
+/// neither its group nor others may write.
+fn check_engine_binary(binary: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(binary)
+        .with_context(|| format!("new engine binary {}", binary.display()))?;
+    let mode = meta.permissions().mode();
+    if !meta.is_file() || mode & 0o111 == 0 {
+        bail!("{} is not an executable file", binary.display());
+    }
+    if meta.uid() != 0 || mode & 0o022 != 0 {
+        bail!(
+            "{} must be owned by root and writable by nobody else (it is uid {}, mode {:o}); \
+             refusing to run it as the engine",
+            binary.display(),
+            meta.uid(),
+            mode & 0o7777
+        );
+    }
+    Ok(())
 }
 
 /// Answers one control connection: its request goes to the holder's loop as an event, the
@@ -630,4 +659,36 @@ fn serve_control(mount: usize, conn: UnixStream, events: &Sender<Event>) -> anyh
         .recv_timeout(STOP_TIMEOUT + SUCCESSOR_START_TIMEOUT + Duration::from_secs(10))
         .context("no answer from the holder")?;
     control::write_reply(&conn, &reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn only_roots_own_executables_become_engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("berth");
+        std::fs::write(&bin, b"#!/bin/sh\n").unwrap();
+        let set = |mode| std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(mode));
+        set(0o755).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert_eq!(check_engine_binary(&bin).is_ok(), root);
+        set(0o775).unwrap();
+        assert!(check_engine_binary(&bin).is_err(), "group-writable");
+        set(0o757).unwrap();
+        assert!(check_engine_binary(&bin).is_err(), "world-writable");
+        set(0o644).unwrap();
+        assert!(check_engine_binary(&bin).is_err(), "not executable");
+        if root {
+            set(0o755).unwrap();
+            // SAFETY: chown of a file the test made.
+            let c = std::ffi::CString::new(bin.to_str().unwrap()).unwrap();
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+            assert!(check_engine_binary(&bin).is_err(), "owned by nobody");
+        }
+        assert!(check_engine_binary(dir.path()).is_err(), "a directory");
+    }
 }

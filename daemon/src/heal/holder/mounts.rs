@@ -12,7 +12,7 @@ use crate::fuse::{FuseMount, MountOptions};
 use crate::heal::detect::HangWatch;
 use crate::heal::remount::{self, BindTarget};
 use crate::heal::vhost_sockets::HeldShare;
-use crate::state;
+use crate::state::{self, MountDir};
 use crate::sys::mounts;
 use crate::volume::{self, Source};
 
@@ -66,6 +66,8 @@ impl Holder {
         mountpoint: &Path,
     ) -> anyhow::Result<()> {
         let fsname = format!("berth:{}", volume::describe(source));
+        let state = MountDir::claim(&self.config.state_dir, mountpoint)
+            .context("claiming the mount's state directory")?;
         let fuse = FuseMount::mount(
             mountpoint,
             &MountOptions {
@@ -75,7 +77,8 @@ impl Holder {
             },
         )
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
-        let held = self.hold(text, fsname, fuse)?;
+        let mut held = self.hold(text, fsname, fuse)?;
+        held.state = Some(state);
         self.mounts.push(held);
         Ok(())
     }
@@ -105,6 +108,7 @@ impl Holder {
             hang: HangWatch::new(),
             gone: false,
             shares: Vec::new(),
+            state: None,
         })
     }
 
@@ -138,22 +142,21 @@ impl Holder {
         )?;
         let mut held = held;
         held.shares = std::mem::take(&mut self.mounts[i].shares);
+        held.state = self.mounts[i].state.take();
         self.mounts[i] = held;
         Ok(targets)
     }
 
     /// Removes what this holder put in the state dir.
-    pub(super) fn cleanup_state(&self) {
-        for m in &self.mounts {
-            let dir = state::mount_dir(&self.config.state_dir, m.fuse.mountpoint());
-            for name in ["status.json", "inodes"] {
-                let _ = std::fs::remove_file(dir.join(name));
+    pub(super) fn cleanup_state(&mut self) {
+        for m in &mut self.mounts {
+            if let Some(dir) = m.state.take() {
+                dir.remove();
             }
             let _ = std::fs::remove_file(state::control_socket(
                 &self.config.state_dir,
                 m.fuse.mountpoint(),
             ));
-            let _ = std::fs::remove_dir(dir);
             m.shares.iter().for_each(HeldShare::unlink);
         }
     }

@@ -1,6 +1,7 @@
 //! The node daemon's own behaviour (its shares are in `shares`): volumes survive a restart
 //! of the daemon with `--on-exit keep`.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,11 @@ impl Daemon {
             .arg(dir.join("state"))
             .arg("--cache-dir")
             .arg(dir.join("cache"))
+            // The test's own directory holds its local sources and share sockets.
+            .arg("--allow-local-source")
+            .arg(dir)
+            .arg("--share-dir")
+            .arg(dir)
             .args(flags)
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
@@ -305,4 +311,76 @@ fn node_cache_flow(dir: &Path) -> Result<()> {
         daemon.volumes()?
     );
     Ok(())
+}
+
+/// What a caller of the daemon API cannot do: serve a local directory the daemon was not
+/// told to allow (say `/`), put a share socket outside the share directories, take over a
+/// live socket, or talk to the daemon at all without being root.
+pub fn api_refuses_what_it_was_not_allowed() -> Result<()> {
+    fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<tonic::Code> {
+        r.err().map(|s| s.code())
+    }
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().canonicalize()?;
+    let result = (|| -> Result<()> {
+        let daemon = Daemon::start(&dir, &[])?;
+        let mut c = daemon.client()?;
+        let outside = tempfile::tempdir()?;
+        for source in ["/", "/etc"] {
+            let mounted =
+                rt().block_on(c.mount_volume(mount_req(Path::new(source), &dir.join("t1"), &[])));
+            ensure!(
+                code(mounted) == Some(tonic::Code::PermissionDenied),
+                "a local source {source} outside --allow-local-source was not refused"
+            );
+        }
+        ensure!(
+            !berth::sys::mounts::is_mountpoint(&dir.join("t1"))?,
+            "a refused mount left a mount behind"
+        );
+        let src = dir.join("store");
+        std::fs::create_dir_all(&src)?;
+        let share = |socket: &Path| pb::CreateShareRequest {
+            source: src.display().to_string(),
+            socket_path: socket.display().to_string(),
+            share_id: "s".into(),
+            ..Default::default()
+        };
+        let elsewhere = outside.path().join("vm.sock");
+        ensure!(
+            code(rt().block_on(c.create_share(share(&elsewhere))))
+                == Some(tonic::Code::PermissionDenied),
+            "a share socket outside --share-dir was not refused"
+        );
+        ensure!(!elsewhere.exists(), "a refused share created its socket");
+        // A live socket of someone else in the share dir is never replaced.
+        let live_path = dir.join("live.sock");
+        let live = std::os::unix::net::UnixListener::bind(&live_path)?;
+        let taken = rt().block_on(c.create_share(share(&live_path)));
+        ensure!(taken.is_err(), "a live socket was taken over");
+        ensure!(
+            std::os::unix::net::UnixStream::connect(&live_path).is_ok(),
+            "the live socket no longer reaches its owner"
+        );
+        drop(live);
+        // The API socket is root's: nobody else may even connect.
+        let mode = std::fs::metadata(&daemon.socket)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "daemon.sock is {mode:o}");
+        let as_nobody = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_berth"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .arg("volumes")
+            .output()
+            .context("running berth as nobody (setpriv)")?;
+        ensure!(
+            !as_nobody.status.success(),
+            "a non-root client used the daemon API: {}",
+            String::from_utf8_lossy(&as_nobody.stdout)
+        );
+        Ok(())
+    })();
+    berth::sys::mounts::unmount_below(&dir);
+    result
 }

@@ -45,6 +45,11 @@ impl Daemon {
             .arg(root.join("state"))
             .arg("--cache-dir")
             .arg(root.join("cache"))
+            // The test's own directory holds its local sources and share sockets.
+            .arg("--allow-local-source")
+            .arg(&root)
+            .arg("--share-dir")
+            .arg(&root)
             .stdout(out.try_clone()?)
             .stderr(out);
         // SAFETY: prctl is async-signal-safe; the daemon dies with the test.

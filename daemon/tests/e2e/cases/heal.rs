@@ -701,3 +701,83 @@ fn with_shared_root(scenario: impl FnOnce(&Path, &Path) -> Result<()>) -> Result
     let _ = sh(&format!("umount -R -l '{}'", root_path.display()));
     result
 }
+
+/// Two mountpoints whose names differ only in punctuation (`a-b`, `a_b`) are served by one
+/// holder: each keeps an inode journal of its own, so after the engine is killed the
+/// successor answers each mount's open files from the right journal. (The state directory
+/// used to be the path with every non-alphanumeric character made `_`: both mounts wrote
+/// one journal, and a successor served the wrong file or none.) The state is root's only.
+pub fn lookalike_mountpoints_keep_their_own_journals() -> Result<()> {
+    use std::io::{Read, Seek};
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::Builder::new()
+        .prefix("berth-e2e-lookalike-")
+        .tempdir()?;
+    let result = (|| {
+        let root = tmp.path().canonicalize()?;
+        let (src_a, src_b) = (root.join("src-a"), root.join("src-b"));
+        let (mnt_a, mnt_b) = (root.join("a-b"), root.join("a_b"));
+        for d in [&src_a, &src_b, &mnt_a, &mnt_b] {
+            std::fs::create_dir_all(d)?;
+        }
+        // Different names, so that a mixed-up journal cannot resolve to the same key.
+        std::fs::write(src_a.join("only-in-a"), b"data of a")?;
+        std::fs::write(src_b.join("only-in-b"), b"data of b")?;
+        let also = [
+            "--also".to_string(),
+            src_b.display().to_string(),
+            mnt_b.display().to_string(),
+            "--no-ebpf".to_string(),
+        ];
+        let m = Mount::local(
+            &src_a,
+            MountOpts {
+                at: Some(mnt_a.clone()),
+                extra: also.to_vec(),
+                ..MountOpts::default()
+            },
+        )?;
+        let mut fa = std::fs::File::open(mnt_a.join("only-in-a"))?;
+        let mut fb = std::fs::File::open(mnt_b.join("only-in-b"))?;
+        let state = m.state_dir();
+        let mode =
+            |p: &Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o777) };
+        ensure!(mode(&state)? == 0o700, "state dir is {:o}", mode(&state)?);
+        let dirs: Vec<PathBuf> = std::fs::read_dir(state.join("mounts"))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        ensure!(dirs.len() == 2, "one state dir per mount, got {dirs:?}");
+        for d in &dirs {
+            ensure!(mode(d)? == 0o700, "{} is {:o}", d.display(), mode(d)?);
+            ensure!(
+                mode(&d.join("inodes"))? == 0o600,
+                "{} journal is {:o}",
+                d.display(),
+                mode(&d.join("inodes"))?
+            );
+        }
+        let before = heal_status(&m)?;
+        kill(before.engine_pid, libc::SIGKILL)?;
+        wait_generation(&m, before.generation, Duration::from_secs(20))?;
+        for (file, want) in [(&mut fa, &b"data of a"[..]), (&mut fb, &b"data of b"[..])] {
+            file.rewind()?;
+            let mut got = Vec::new();
+            file.read_to_end(&mut got)
+                .context("reading an open file after the takeover")?;
+            ensure!(
+                got == want,
+                "after the takeover an open file read {:?}, want {:?}",
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(want)
+            );
+        }
+        // Paths the kernel cached keep naming their own files too.
+        ensure!(std::fs::read(mnt_b.join("only-in-b"))? == b"data of b");
+        drop((fa, fb));
+        // The holder exits once both of its mounts are gone.
+        crate::mount::unmount(&mnt_b)?;
+        m.finish()
+    })();
+    berth::sys::mounts::unmount_below(tmp.path());
+    result
+}

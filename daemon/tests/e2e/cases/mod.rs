@@ -109,6 +109,11 @@ pub fn all() -> Vec<Case> {
             daemon::volumes_share_the_node_cache,
         ),
         case(
+            "daemon::api_refuses_what_it_was_not_allowed",
+            Needs::FUSE,
+            daemon::api_refuses_what_it_was_not_allowed,
+        ),
+        case(
             "shares::daemon_shares_use_the_volume_engine",
             Needs::FUSE,
             shares::daemon_shares_use_the_volume_engine,
@@ -170,6 +175,11 @@ pub fn all() -> Vec<Case> {
             "heal::aborted_connection_remounts",
             Needs::FUSE,
             heal::aborted_connection_remounts,
+        ),
+        case(
+            "heal::lookalike_mountpoints_keep_their_own_journals",
+            Needs::FUSE,
+            heal::lookalike_mountpoints_keep_their_own_journals,
         ),
     ];
     // The block cache suite, once per I/O engine.

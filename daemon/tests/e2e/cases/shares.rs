@@ -29,6 +29,7 @@ fn add(m: &Mount, socket: &Path) -> Result<ControlReply> {
             socket: socket.to_path_buf(),
             request_queues: 1,
             queue_size: 1024,
+            group: None,
         },
     )
 }
