@@ -189,6 +189,12 @@ impl Root {
         walk(dir, &names, flags)
     }
 
+    /// Whether the root can be read (listed).
+    pub fn check(&self) -> io::Result<()> {
+        self.open_in(self.root(), &[], libc::O_RDONLY | libc::O_DIRECTORY)
+            .map(drop)
+    }
+
     /// `rel` below the root as an `O_PATH` fd of a directory: ELOOP if it is a symlink,
     /// ENOTDIR if it is anything else.
     pub fn open_dir(&self, rel: &[&str]) -> io::Result<OwnedFd> {

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -39,7 +39,6 @@ pub const UPLOADS_DIR: &str = ".berth-uploads";
 pub struct LocalStore {
     path: PathBuf,
     root: Arc<Root>,
-    next_upload: AtomicU64,
 }
 
 /// What a key is wanted for: reads of a reserved or unsafe key find nothing, writes are
@@ -72,7 +71,6 @@ impl LocalStore {
         Ok(LocalStore {
             path,
             root: Arc::new(root),
-            next_upload: AtomicU64::new(0),
         })
     }
 
@@ -80,14 +78,26 @@ impl LocalStore {
     pub fn resolver(&self) -> Resolver {
         self.root.resolver()
     }
+}
 
-    fn staging_name(&self, what: &str) -> String {
-        format!(
-            "{what}-{}-{}",
-            std::process::id(),
-            self.next_upload.fetch_add(1, Ordering::Relaxed)
-        )
-    }
+/// A name for a new staging file or upload directory, unique among every store of every
+/// process that may share the directory: the pid, a random number drawn once per process
+/// (processes in other pid namespaces can have the same pid) and a counter. The files are
+/// created `O_EXCL` all the same, so a collision would fail a write, never mix two.
+fn staging_name(what: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static NONCE: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nonce = NONCE.get_or_init(|| {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    });
+    format!(
+        "{what}-{}-{nonce:016x}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Splits a key into path components below the root, refusing anything that could step
@@ -270,11 +280,7 @@ impl ObjectStore for LocalStore {
 
     async fn check(&self, _prefix: &str) -> StoreResult<()> {
         let root = self.root.clone();
-        blocking(move || {
-            root.list(&[]).map_err(|e| io_err("read root", e))?;
-            Ok(())
-        })
-        .await
+        blocking(move || root.check().map_err(|e| io_err("read root", e))).await
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
@@ -356,7 +362,7 @@ impl ObjectStore for LocalStore {
             })
             .await;
         }
-        let name = self.staging_name("put");
+        let name = staging_name("put");
         blocking(move || {
             let stage = staging_dir(&root)?;
             let meta = land(&root, &stage, &name, &parts, |f| f.write_all(&body))?;
@@ -367,7 +373,7 @@ impl ObjectStore for LocalStore {
 
     async fn create_upload(&self, key: &str) -> StoreResult<String> {
         components(key, Access::Write)?;
-        let id = self.staging_name("mpu");
+        let id = staging_name("mpu");
         let root = self.root.clone();
         blocking(move || {
             root.mkdir_all(&[UPLOADS_DIR, &id])
@@ -387,7 +393,7 @@ impl ObjectStore for LocalStore {
         check_upload_id(upload_id)?;
         let id = upload_id.to_string();
         let root = self.root.clone();
-        let staged = self.staging_name("part");
+        let staged = staging_name("part");
         blocking(move || {
             let dir = root
                 .open_dir(&[UPLOADS_DIR, &id])
@@ -493,7 +499,7 @@ impl ObjectStore for LocalStore {
         let target = components(to, Access::Write)?;
         let root = self.root.clone();
         let from = from.to_string();
-        let name = self.staging_name("copy");
+        let name = staging_name("copy");
         blocking(move || {
             let (mut src, _) = open_object(&root, &from, &source, None)?;
             let stage = staging_dir(&root)?;
