@@ -127,6 +127,7 @@ mod tests {
             objects: objects.iter().map(|k| obj(k)).collect(),
             prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
             next_token: None,
+            skipped: 0,
         }
     }
 

@@ -96,7 +96,8 @@ impl Namespace {
         &self.store
     }
 
-    /// Keys skipped so far because they cannot be paths.
+    /// Keys skipped so far in listings: those that cannot be paths, and entries the store
+    /// does not serve (a local directory's symlinks, FIFOs, sockets and device nodes).
     pub fn skipped_keys(&self) -> u64 {
         self.skipped_keys.load(Ordering::Relaxed)
     }
@@ -165,6 +166,9 @@ impl Namespace {
         }
         let key = keys::join(&dir.key, name);
         let object_key = format!("{}{}", self.prefix, key);
+        if self.store.is_reserved(&object_key) {
+            return Err(errno(libc::ENOENT));
+        }
         let dir_prefix = format!("{object_key}/");
         let (head, list) = tokio::join!(
             self.store.head(&object_key),
@@ -226,9 +230,14 @@ impl Namespace {
         name: &str,
         written: Arc<AtomicU64>,
     ) -> io::Result<Node> {
-        self.dir_node(parent)?;
+        let dir = self.dir_node(parent)?;
         if !keys::is_valid_name(name) {
             return Err(errno(libc::EINVAL));
+        }
+        let object_key = format!("{}{}", self.prefix, keys::join(&dir.key, name));
+        if self.store.is_reserved(&object_key) {
+            tracing::info!(key = %object_key, "refused: the name is reserved by the store");
+            return Err(errno(libc::EACCES));
         }
         if let Some(existing) = self.table.child(parent, name) {
             if existing.kind == Kind::Dir {
@@ -321,20 +330,33 @@ impl Namespace {
         stream.token = page.next_token.clone();
         let mut listed = VecDeque::new();
         let skipped_before = stream.merger.skipped;
+        // Entries the store itself left out (a local directory's symlinks and special files).
+        let not_served = page.skipped;
         stream.merger.push_page(&stream.prefix, page, &mut listed);
         if stream.token.is_none() {
             stream.merger.finish(&mut listed);
             stream.done = true;
         }
-        let skipped = stream.merger.skipped - skipped_before;
+        let odd = stream.merger.skipped - skipped_before;
+        let skipped = odd + not_served;
         if skipped > 0 {
             let total = self.skipped_keys.fetch_add(skipped, Ordering::Relaxed) + skipped;
-            tracing::warn!(
-                prefix = %stream.prefix,
-                skipped,
-                total,
-                "skipped keys that cannot be paths (empty, '.', '..' or over-long components, NUL)"
-            );
+            if odd > 0 {
+                tracing::warn!(
+                    prefix = %stream.prefix,
+                    skipped = odd,
+                    total,
+                    "skipped keys that cannot be paths (empty, '.', '..' or over-long components, NUL)"
+                );
+            }
+            if not_served > 0 {
+                tracing::info!(
+                    prefix = %stream.prefix,
+                    skipped = not_served,
+                    total,
+                    "skipped entries the store does not serve (symlinks, FIFOs, sockets, devices)"
+                );
+            }
         }
         let now = SystemTime::now();
         let updates: Vec<ChildUpdate> = listed
@@ -467,5 +489,57 @@ impl DirStream {
         if self.ready.pop_front().is_some() {
             self.position += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    async fn names(ns: &Namespace, ino: u64) -> Vec<String> {
+        let mut stream = ns.open_dir(ino).unwrap();
+        let mut out = Vec::new();
+        while let Some(item) = stream.peek(ns).await.unwrap() {
+            out.push(item.name.to_string());
+            stream.advance();
+        }
+        out
+    }
+
+    /// What a local store leaves out of a listing (symlinks, special files) is counted with
+    /// the odd keys, and its staging directory is no name a client can look up or create.
+    #[tokio::test]
+    async fn store_skips_are_counted_and_reserved_names_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("ok"), b"ok").unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
+        std::os::unix::fs::symlink("ok", root.join("link")).unwrap();
+        std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
+        std::fs::create_dir_all(root.join(".berth-uploads/mpu-1")).unwrap();
+        std::fs::write(root.join(".berth-uploads/mpu-1/00001"), b"staged").unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(root).unwrap());
+        let ns = Namespace::new(store, String::new(), Some(Duration::from_secs(60)), None).unwrap();
+        assert_eq!(names(&ns, ROOT_INO).await, [".", "..", "ok"]);
+        assert_eq!(ns.skipped_keys(), 3, "etc, link and sock");
+        for name in ["etc", "link", "sock", ".berth-uploads"] {
+            let err = ns.lookup(ROOT_INO, name).await.unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{name}");
+        }
+        let err = ns
+            .begin_write(ROOT_INO, ".berth-uploads", Arc::new(AtomicU64::new(0)))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+        // Deeper down the name is an ordinary one.
+        let sub = ns
+            .begin_write(ROOT_INO, "ok2", Arc::new(AtomicU64::new(0)))
+            .unwrap();
+        ns.end_write(sub.ino, None);
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::create_dir(root.join("d/.berth-uploads")).unwrap();
+        std::fs::write(root.join("d/.berth-uploads/f"), b"mine").unwrap();
+        let d = ns.lookup(ROOT_INO, "d").await.unwrap();
+        ns.lookup(d.ino, ".berth-uploads").await.unwrap();
     }
 }

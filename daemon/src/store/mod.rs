@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use local::LocalStore;
+pub use local::{openat2_supported, LocalStore, Resolver as LocalResolver};
 pub use retry::{RetryPolicy, RetryingStore};
 pub use s3::{S3Options, S3Store};
 
@@ -36,6 +36,9 @@ pub struct ListPage {
     pub prefixes: Vec<String>,
     /// Token for the next page; `None` when the listing is complete.
     pub next_token: Option<String>,
+    /// Entries the store left out of this page because it does not serve them (a local
+    /// directory's symlinks, FIFOs, sockets and device nodes); counted like odd keys.
+    pub skipped: u64,
 }
 
 /// A part of a multipart upload that the store accepted.
@@ -92,6 +95,13 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait ObjectStore: Send + Sync + 'static {
     /// Human-readable name for logs, e.g. `s3://bucket` or `/srv/data`.
     fn describe(&self) -> String;
+
+    /// Whether `key` is the store's own (a local directory's staging area): no client may
+    /// look it up, list it or create it. The store refuses such keys itself; this lets the
+    /// namespace refuse them before asking.
+    fn is_reserved(&self, _key: &str) -> bool {
+        false
+    }
 
     /// Cheap check that the store is reachable and usable (bucket exists, credentials work).
     async fn check(&self, prefix: &str) -> StoreResult<()>;

@@ -87,6 +87,10 @@ impl ObjectStore for RetryingStore {
         self.inner.describe()
     }
 
+    fn is_reserved(&self, key: &str) -> bool {
+        self.inner.is_reserved(key)
+    }
+
     /// Local files need no retries: opening one either works or fails for good.
     fn open_local(&self, key: &str, etag: Option<&str>) -> Option<StoreResult<std::fs::File>> {
         self.inner.open_local(key, etag)

@@ -248,6 +248,7 @@ impl ObjectStore for S3Store {
             objects,
             prefixes,
             next_token,
+            skipped: 0,
         })
     }
 

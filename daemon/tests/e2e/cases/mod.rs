@@ -93,6 +93,12 @@ pub fn all() -> Vec<Case> {
             Needs::FUSE,
             local::local_directory_store,
         ),
+        case("local::hostile_directory::openat2", Needs::FUSE, || {
+            local::hostile_directory(false)
+        }),
+        case("local::hostile_directory::walk", Needs::FUSE, || {
+            local::hostile_directory(true)
+        }),
         case(
             "shares::served_by_the_mount_engine",
             Needs::FUSE,
