@@ -96,6 +96,17 @@ fn want_code<T: std::fmt::Debug>(
     }
 }
 
+/// `answer`, unless something connected to `listener` (the refused endpoint) meanwhile.
+fn unreached<T>(listener: &TcpListener, what: &str, answer: Result<T>) -> Result<T> {
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => answer,
+        Ok((_, from)) => {
+            bail!("{what}: a connection reached the refused endpoint's listener (from {from})")
+        }
+        Err(e) => bail!("accept on the refused endpoint's listener: {e}"),
+    }
+}
+
 fn create_req(
     name: &str,
     bucket: &str,
@@ -343,20 +354,22 @@ fn no_ambient_credentials() -> Result<()> {
         ("secretAccessKey".to_string(), String::new()),
     ]);
     for (what, s) in [("no secrets", HashMap::new()), ("empty secrets", empty)] {
+        let answer = call("delete", c.delete_volume(delete_req(&id, s)))?;
+        // First what is in the store, then the answer.
+        ensure!(
+            bucket.exists("pvs/pvc-env/data.bin")?
+                && bucket.exists(".berth-csi/volumes/pvs/pvc-env")?,
+            "DeleteVolume with {what} deleted the volume with the plugin's own credentials"
+        );
         let status = want_code(
             &format!("DeleteVolume with {what}"),
-            call("delete", c.delete_volume(delete_req(&id, s)))?,
+            answer,
             Code::InvalidArgument,
         )?;
         ensure!(
             status.message().contains("no S3 credentials"),
             "{}",
             status.message()
-        );
-        ensure!(
-            bucket.exists("pvs/pvc-env/data.bin")?
-                && bucket.exists(".berth-csi/volumes/pvs/pvc-env")?,
-            "DeleteVolume with {what} deleted the volume with the plugin's own credentials"
         );
     }
     let mut no_secrets = create_req("pvc-nosecret", &bucket.name, &endpoint, &[]);
@@ -433,12 +446,13 @@ fn allowlist() -> Result<()> {
     ];
     for (i, url) in refused.iter().enumerate() {
         let name = format!("pvc-refused-{i}");
+        let answer = call(
+            url,
+            c.create_volume(create_req(&name, &bucket.name, url, &[])),
+        );
         let status = want_code(
             &format!("CreateVolume with endpoint {url}"),
-            call(
-                url,
-                c.create_volume(create_req(&name, &bucket.name, url, &[])),
-            )?,
+            unreached(&listener, url, answer)?,
             Code::InvalidArgument,
         )?;
         ensure!(
@@ -447,37 +461,39 @@ fn allowlist() -> Result<()> {
             status.message()
         );
         let id = format!("{}/victim?e={}&d=1", bucket.name, enc(url));
+        let answer = call(&id, c.delete_volume(delete_req(&id, secrets())));
         want_code(
             &format!("DeleteVolume {id}"),
-            call(&id, c.delete_volume(delete_req(&id, secrets())))?,
+            unreached(&listener, &id, answer)?,
             Code::FailedPrecondition,
         )?;
+        let answer = call(
+            &id,
+            c.validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![mount_cap(Mode::MultiNodeReaderOnly)],
+                secrets: secrets(),
+                ..Default::default()
+            }),
+        );
         want_code(
             &format!("ValidateVolumeCapabilities {id}"),
-            call(
-                &id,
-                c.validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
-                    volume_id: id.clone(),
-                    volume_capabilities: vec![mount_cap(Mode::MultiNodeReaderOnly)],
-                    secrets: secrets(),
-                    ..Default::default()
-                }),
-            )?,
+            unreached(&listener, &id, answer)?,
             Code::FailedPrecondition,
         )?;
-        let static_id = format!("{}/victim", bucket.name);
+        let answer = call(
+            url,
+            c.validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
+                volume_id: format!("{}/victim", bucket.name),
+                volume_context: HashMap::from([("endpoint".to_string(), url.clone())]),
+                volume_capabilities: vec![mount_cap(Mode::MultiNodeReaderOnly)],
+                secrets: secrets(),
+                ..Default::default()
+            }),
+        );
         want_code(
             &format!("ValidateVolumeCapabilities of a static handle at {url}"),
-            call(
-                url,
-                c.validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
-                    volume_id: static_id,
-                    volume_context: HashMap::from([("endpoint".to_string(), url.clone())]),
-                    volume_capabilities: vec![mount_cap(Mode::MultiNodeReaderOnly)],
-                    secrets: secrets(),
-                    ..Default::default()
-                }),
-            )?,
+            unreached(&listener, url, answer)?,
             Code::FailedPrecondition,
         )?;
     }
@@ -495,11 +511,7 @@ fn allowlist() -> Result<()> {
         )?,
         Code::InvalidArgument,
     )?;
-    match listener.accept() {
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-        Ok((_, from)) => bail!("something connected to the refused endpoint (from {from})"),
-        Err(e) => bail!("accept: {e}"),
-    }
+    unreached(&listener, "all of the above", Ok(()))?;
     // The allowed endpoint in other spellings is the same endpoint.
     let upper = format!("HTTP://127.0.0.1:{s3_port}/");
     let vol = call(
