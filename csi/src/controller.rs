@@ -3,18 +3,30 @@
 //! StorageClass parameters: `bucket` (required), `endpoint`, `prefix` (parent of every volume's
 //! prefix), `region`, `onDelete` (`retain`, the default, or `delete`), and `berth mount`
 //! options (see [`crate::node::is_mount_option`]) that go to the volume context.
+//!
+//! The controller sends requests only to endpoints of its allowlist ([`Allowlist`]), only with
+//! the credentials of the request, and DeleteVolume deletes only what CreateVolume recorded
+//! ([`crate::record`]).
 
 use std::collections::HashMap;
 
 use tonic::{Request, Response, Status};
 
+use crate::endpoint::{Allowed, Allowlist};
 use crate::node::is_mount_option;
 use crate::pb;
+use crate::record::{self, OnDelete, Plan, Record, Stored};
 use crate::s3;
 use crate::volume_id::{valid_bucket, VolumeRef};
 use crate::{check_capability, required};
 
-pub struct ControllerService;
+pub struct ControllerService {
+    /// The S3 endpoints the controller may talk to (`--allowed-endpoint`).
+    pub allowed: Allowlist,
+}
+
+/// The top-level directory of the provisioning records: no volume may live there.
+const RECORDS_TOP: &str = ".berth-csi";
 
 /// Parameters the controller itself uses.
 const OWN_PARAMS: &[&str] = &[
@@ -44,6 +56,11 @@ fn volume_ref(name: &str, params: &HashMap<String, String>) -> Result<VolumeRef,
         return Err(Status::invalid_argument(
             "`?` is not allowed in the prefix, nor `/` or `?` in the volume name",
         ));
+    }
+    if parent.split('/').next() == Some(RECORDS_TOP) || (parent.is_empty() && name == RECORDS_TOP) {
+        return Err(Status::invalid_argument(format!(
+            "volumes cannot live under {RECORDS_TOP}/, where berth-csi keeps its records"
+        )));
     }
     let prefix = if parent.is_empty() {
         name.to_string()
@@ -100,6 +117,36 @@ fn volume_context(vol: &VolumeRef, params: &HashMap<String, String>) -> HashMap<
     ctx
 }
 
+impl ControllerService {
+    /// Where the requests for an endpoint and region taken from a volume id or context may
+    /// go; FAILED_PRECONDITION when they may not (the volume exists in the cluster, the
+    /// controller is not configured to reach it).
+    fn allowed_for_id(
+        &self,
+        endpoint: Option<&str>,
+        region: Option<&str>,
+    ) -> Result<Allowed, Status> {
+        self.allowed
+            .check(endpoint, region)
+            .map_err(|e| Status::failed_precondition(format!("{e}; nothing was sent")))
+    }
+}
+
+/// The record CreateVolume writes for `vol`.
+fn new_record(allowed: &Allowed, vol: &VolumeRef, capacity: i64) -> Record {
+    Record {
+        version: record::VERSION,
+        capacity_bytes: capacity,
+        endpoint: allowed.endpoint().map(|e| e.url()),
+        region: allowed.region().map(str::to_string),
+        on_delete: if vol.delete_on_delete {
+            OnDelete::Delete
+        } else {
+            OnDelete::Retain
+        },
+    }
+}
+
 #[tonic::async_trait]
 impl pb::controller_server::Controller for ControllerService {
     async fn create_volume(
@@ -134,15 +181,26 @@ impl pb::controller_server::Controller for ControllerService {
         };
         let vol = volume_ref(name, &r.parameters)?;
         crate::kata::wants_share(&r.parameters)?;
-        let client = s3::client(&vol, &r.secrets)?;
-        match s3::marker_capacity(&client, &vol).await? {
-            Some(existing) if existing != capacity => {
+        let allowed = self
+            .allowed
+            .check(vol.endpoint.as_deref(), vol.region.as_deref())
+            .map_err(|e| Status::invalid_argument(format!("parameter `endpoint`/`region`: {e}")))?;
+        let client = s3::client(&allowed, &r.secrets)?;
+        let want = new_record(&allowed, &vol, capacity);
+        match s3::read_record(&client, &vol).await? {
+            Some(existing) if existing.capacity_bytes() != capacity => {
                 return Err(Status::already_exists(format!(
-                    "volume {name} exists with capacity {existing}, not {capacity}"
+                    "volume {name} exists with capacity {}, not {capacity}",
+                    existing.capacity_bytes()
+                )))
+            }
+            Some(Stored::Current(existing)) if existing != want => {
+                return Err(Status::already_exists(format!(
+                    "volume {name} exists, created with another endpoint, region or onDelete"
                 )))
             }
             Some(_) => {}
-            None => s3::create_marker(&client, &vol, capacity).await?,
+            None => s3::create_volume(&client, &vol, &want).await?,
         }
         tracing::info!(volume = %vol.id(), "volume created");
         Ok(Response::new(pb::CreateVolumeResponse {
@@ -162,25 +220,49 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let r = request.into_inner();
         let id = required(&r.volume_id, "volume_id")?;
+        let nothing = |why: &str| {
+            tracing::info!(volume = %id, "DeleteVolume: nothing deleted: {why}");
+            Ok(Response::new(pb::DeleteVolumeResponse {}))
+        };
         // An id we never made names no volume: deleting it succeeds (idempotent).
         let Ok(vol) = VolumeRef::parse(id) else {
-            return Ok(Response::new(pb::DeleteVolumeResponse {}));
+            return nothing("not a volume id of this driver");
         };
-        if vol.delete_on_delete {
-            let client = s3::client(&vol, &r.secrets)?;
-            let n = s3::delete_prefix(&client, &vol).await?;
-            s3::delete_record(&client, &vol).await?;
-            tracing::info!(volume = %id, objects = n, "volume deleted with its data");
-        } else if vol.dynamic {
-            // The record goes (so the name can be created again with another size); the
-            // data stays.
-            let client = s3::client(&vol, &r.secrets)?;
-            s3::delete_record(&client, &vol).await?;
-            tracing::info!(volume = %id, "volume deleted; its data is retained");
-        } else {
-            tracing::info!(volume = %id, "volume deleted; its data is retained");
+        if !vol.dynamic {
+            // CreateVolume always makes ids with a query: this is a static PV's handle.
+            return nothing(
+                "a static volume handle (BUCKET/PREFIX), not a volume CreateVolume made",
+            );
         }
-        Ok(Response::new(pb::DeleteVolumeResponse {}))
+        // The id only says where to look; the record says what there is to delete.
+        let allowed = self.allowed_for_id(vol.endpoint.as_deref(), vol.region.as_deref())?;
+        let client = s3::client(&allowed, &r.secrets)?;
+        let stored = s3::read_record(&client, &vol).await?;
+        let plan = record::plan_delete(allowed.endpoint(), allowed.region(), stored.as_ref())
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        match plan {
+            Plan::Nothing => nothing(
+                "no provisioning record in the bucket (a hand-made handle, or deleted before)",
+            ),
+            Plan::KeepData { legacy } => {
+                // The record goes (so the name can be created again with another size); the
+                // data stays.
+                s3::delete_record(&client, &vol).await?;
+                if legacy {
+                    tracing::info!(volume = %id, "volume deleted; its data is retained (its record, from an older berth-csi, holds no delete policy)");
+                } else {
+                    tracing::info!(volume = %id, "volume deleted; its data is retained (onDelete: retain)");
+                }
+                Ok(Response::new(pb::DeleteVolumeResponse {}))
+            }
+            Plan::DeleteData => {
+                let n = s3::delete_prefix(&client, &vol).await?;
+                // Last, so that a failed delete is retried (the record still says delete).
+                s3::delete_record(&client, &vol).await?;
+                tracing::info!(volume = %id, objects = n, "volume deleted with its data (onDelete: delete)");
+                Ok(Response::new(pb::DeleteVolumeResponse {}))
+            }
+        }
     }
 
     async fn validate_volume_capabilities(
@@ -194,19 +276,11 @@ impl pb::controller_server::Controller for ControllerService {
         }
         let mut vol = VolumeRef::parse(id).map_err(|e| Status::not_found(e.to_string()))?;
         if vol.dynamic {
-            // Made by CreateVolume: its record says it exists.
-            let client = s3::client(&vol, &r.secrets)?;
-            // A bucket that is gone holds no volume: NOT_FOUND, not FAILED_PRECONDITION.
-            let capacity = s3::marker_capacity(&client, &vol).await.or_else(|e| {
-                if e.code() == tonic::Code::FailedPrecondition
-                    && e.message().contains("NoSuchBucket")
-                {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            })?;
-            if capacity.is_none() {
+            // Made by CreateVolume: its record says it exists (a bucket that is gone holds no
+            // record: NOT_FOUND, not FAILED_PRECONDITION).
+            let allowed = self.allowed_for_id(vol.endpoint.as_deref(), vol.region.as_deref())?;
+            let client = s3::client(&allowed, &r.secrets)?;
+            if s3::read_record(&client, &vol).await?.is_none() {
                 return Err(Status::not_found(format!("volume {id} does not exist")));
             }
         } else {
@@ -219,7 +293,8 @@ impl pb::controller_server::Controller for ControllerService {
             };
             vol.endpoint = Some(endpoint.clone());
             vol.region = r.volume_context.get("region").cloned();
-            let client = s3::client(&vol, &r.secrets)?;
+            let allowed = self.allowed_for_id(vol.endpoint.as_deref(), vol.region.as_deref())?;
+            let client = s3::client(&allowed, &r.secrets)?;
             if !s3::prefix_exists(&client, &vol).await? {
                 return Err(Status::not_found(format!("volume {id} does not exist")));
             }

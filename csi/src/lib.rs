@@ -1,18 +1,21 @@
 //! berth-csi: the CSI plugin of berth.
 //!
 //! - [`identity`]: plugin name, capabilities, probe;
-//! - [`controller`]: CreateVolume/DeleteVolume as prefixes in a bucket (talks to S3 itself);
+//! - [`controller`]: CreateVolume/DeleteVolume as prefixes in a bucket (talks to S3 itself,
+//!   only to the endpoints of [`endpoint::Allowlist`]), each recorded in a [`record`];
 //! - [`node`]: stage = ask the node daemon to mount, publish = bind-mount to the pod's target;
 //! - [`recovery`]: re-binds publish targets after the daemon reports a last-resort remount,
 //!   and [`events`] records it as a Kubernetes Event on the pods that use the volume;
 //! - [`volume_id`]: what a volume id carries.
 
 pub mod controller;
+pub mod endpoint;
 pub mod events;
 pub mod identity;
 pub mod kata;
 pub mod node;
 pub mod published;
+pub mod record;
 pub mod recovery;
 pub mod s3;
 pub mod volume_id;
@@ -100,6 +103,18 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub state_file: Option<PathBuf>,
 
+    /// An S3 endpoint the controller may send requests to (repeat the flag; in the variable,
+    /// separate them with commas). CreateVolume refuses a StorageClass `endpoint` that is not
+    /// listed, DeleteVolume and ValidateVolumeCapabilities an id or context naming one. Without
+    /// any, only AWS's own endpoint (no `endpoint` parameter) is allowed, which always is.
+    #[arg(
+        long = "allowed-endpoint",
+        env = "BERTH_CSI_ALLOWED_ENDPOINTS",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub allowed_endpoints: Vec<String>,
+
     /// Record a Kubernetes Event on pods whose volume was remounted (needs the in-cluster
     /// API or a kubeconfig; off when neither is there).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -136,8 +151,15 @@ pub async fn serve(
     let mut router = tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(identity));
     if args.mode.controller() {
+        let allowed = endpoint::Allowlist::new(&args.allowed_endpoints)
+            .context("--allowed-endpoint / BERTH_CSI_ALLOWED_ENDPOINTS")?;
+        let list: Vec<String> = allowed.endpoints().iter().map(|e| e.url()).collect();
+        tracing::info!(
+            allowed_endpoints = ?list,
+            "the controller talks to these S3 endpoints (and AWS's own)"
+        );
         router = router.add_service(pb::controller_server::ControllerServer::new(
-            controller::ControllerService,
+            controller::ControllerService { allowed },
         ));
     }
     if args.mode.node() {

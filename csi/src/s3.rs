@@ -1,46 +1,40 @@
-//! The controller's S3 calls: a prefix's marker object (created with the volume, carrying its
-//! capacity so that a repeated CreateVolume can be checked), and deleting a prefix.
+//! The controller's S3 calls: a volume's provisioning record (see [`crate::record`]) and
+//! its prefix's directory marker, made by CreateVolume; deleting a prefix.
+//!
+//! A client is built only from an [`Allowed`] endpoint (checked against the allowlist) and
+//! the credentials in the CSI request: never from the plugin's own environment.
 
 use std::collections::HashMap;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::ProvideErrorMetadata as _;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use aws_sdk_s3::Client;
 use tonic::Status;
 
+use crate::endpoint::Allowed;
+use crate::record::{self, Record, Stored};
 use crate::volume_id::VolumeRef;
 
-/// A client for the store of `vol`, with the credentials of the CSI request (or, without
-/// them, the standard AWS environment variables of the plugin).
-pub fn client(vol: &VolumeRef, secrets: &HashMap<String, String>) -> Result<Client, Status> {
-    let key = secrets
-        .get("accessKeyId")
-        .cloned()
-        .or_else(|| std::env::var("AWS_ACCESS_KEY_ID").ok());
-    let secret = secrets
-        .get("secretAccessKey")
-        .cloned()
-        .or_else(|| std::env::var("AWS_SECRET_ACCESS_KEY").ok());
-    let token = secrets
-        .get("sessionToken")
-        .cloned()
-        .or_else(|| std::env::var("AWS_SESSION_TOKEN").ok());
-    let (Some(key), Some(secret)) = (key, secret) else {
+/// A client for an allowed store, with the credentials of the CSI request only. A request
+/// without them is INVALID_ARGUMENT: the plugin's AWS_* variables, profiles or instance role
+/// are never used (they are the controller's, not the caller's).
+pub fn client(store: &Allowed, secrets: &HashMap<String, String>) -> Result<Client, Status> {
+    let given = |k: &str| secrets.get(k).filter(|v| !v.is_empty()).cloned();
+    let (Some(key), Some(secret)) = (given("accessKeyId"), given("secretAccessKey")) else {
         return Err(Status::invalid_argument(
-            "no S3 credentials: give the secrets accessKeyId and secretAccessKey",
+            "no S3 credentials: give the secrets accessKeyId and secretAccessKey \
+             (csi.storage.k8s.io/provisioner-secret-*); berth-csi does not use its own",
         ));
     };
-    let region = vol
-        .region
-        .clone()
-        .or_else(|| std::env::var("AWS_REGION").ok())
-        .unwrap_or_else(|| "us-east-1".into());
+    let token = given("sessionToken");
+    let region = store.region().unwrap_or("us-east-1").to_string();
     let mut conf = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(region))
         .credentials_provider(Credentials::new(key, secret, token, None, "berth-csi"));
-    if let Some(endpoint) = &vol.endpoint {
-        conf = conf.endpoint_url(endpoint).force_path_style(true);
+    if let Some(endpoint) = store.endpoint() {
+        conf = conf.endpoint_url(endpoint.url()).force_path_style(true);
     }
     Ok(Client::from_conf(conf.build()))
 }
@@ -63,49 +57,63 @@ fn store_error(what: &str, e: impl std::error::Error) -> Status {
 }
 
 /// The key of a volume's record: outside the volume's prefix (so no pod sees it), under
-/// `.berth-csi/` at the top of the bucket. It holds the capacity asked for, so a repeated
-/// CreateVolume can be told from a conflicting one. (Stores such as SeaweedFS keep no user
-/// metadata on `dir/` markers, so the marker itself cannot carry it.)
+/// `.berth-csi/` at the top of the bucket. (Stores such as SeaweedFS keep no user metadata on
+/// `dir/` markers, so the marker itself cannot carry it.) None for a whole bucket, which
+/// CreateVolume never makes.
 fn record_key(vol: &VolumeRef) -> Option<String> {
     (!vol.prefix.is_empty()).then(|| format!("{RECORD_DIR}{}", vol.prefix))
 }
 
 const RECORD_DIR: &str = ".berth-csi/volumes/";
 
-/// The capacity recorded for the volume, if it exists.
-pub async fn marker_capacity(client: &Client, vol: &VolumeRef) -> Result<Option<i64>, Status> {
+/// The volume's record, or None when there is none (no such key, no such bucket, or a whole
+/// bucket). A record that is not one berth-csi writes is FAILED_PRECONDITION.
+pub async fn read_record(client: &Client, vol: &VolumeRef) -> Result<Option<Stored>, Status> {
     let Some(key) = record_key(vol) else {
-        return Ok(Some(0));
+        return Ok(None);
     };
-    match client
+    let obj = match client
         .get_object()
         .bucket(&vol.bucket)
         .key(&key)
         .send()
         .await
     {
-        Ok(obj) => {
-            let body = obj
-                .body
-                .collect()
-                .await
-                .map_err(|e| Status::unavailable(format!("reading the volume record: {e}")))?;
-            Ok(Some(
-                String::from_utf8_lossy(&body.into_bytes())
-                    .trim()
-                    .parse()
-                    .unwrap_or(0),
-            ))
+        Ok(obj) => obj,
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_no_such_key() || s.code() == Some("NoSuchBucket")) =>
+        {
+            return Ok(None)
         }
-        Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-        Err(e) => Err(store_error("reading the volume record", e)),
+        Err(e) => return Err(store_error("reading the volume record", e)),
+    };
+    if obj
+        .content_length()
+        .is_some_and(|n| n > record::MAX_LEN as i64)
+    {
+        return Err(Status::failed_precondition(
+            record::BadRecord::TooLong(obj.content_length().unwrap_or(0) as usize).to_string(),
+        ));
     }
+    let body = obj
+        .body
+        .collect()
+        .await
+        .map_err(|e| Status::unavailable(format!("reading the volume record: {e}")))?;
+    Stored::parse(&body.into_bytes())
+        .map(Some)
+        .map_err(|e| Status::failed_precondition(format!("{key}: {e}")))
 }
 
 /// Creates the prefix's directory marker and the volume's record.
-pub async fn create_marker(client: &Client, vol: &VolumeRef, capacity: i64) -> Result<(), Status> {
-    let (Some(marker), Some(record)) = (vol.marker(), record_key(vol)) else {
-        return Ok(());
+pub async fn create_volume(
+    client: &Client,
+    vol: &VolumeRef,
+    record: &Record,
+) -> Result<(), Status> {
+    let (Some(marker), Some(key)) = (vol.marker(), record_key(vol)) else {
+        return Err(Status::invalid_argument("a volume needs a prefix"));
     };
     client
         .put_object()
@@ -118,8 +126,9 @@ pub async fn create_marker(client: &Client, vol: &VolumeRef, capacity: i64) -> R
     client
         .put_object()
         .bucket(&vol.bucket)
-        .key(&record)
-        .body(capacity.to_string().into_bytes().into())
+        .key(&key)
+        .content_type("application/json")
+        .body(record.to_json().into())
         .send()
         .await
         .map_err(|e| store_error("writing the volume record", e))?;

@@ -1,11 +1,14 @@
-//! Volume ids. A CSI volume id must carry everything DeleteVolume needs, because DeleteVolume
-//! gets nothing else (only the id and the secrets):
+//! Volume ids. A CSI volume id is all DeleteVolume gets besides the secrets, and anyone who
+//! may create PVs can write one, so an id only says *where* a volume is; what to delete is
+//! the provisioning record's to say ([`crate::record`]):
 //!
 //! - static PVs: `BUCKET/PREFIX` (or `BUCKET`); endpoint and region come from the PV's
 //!   volumeAttributes;
 //! - dynamic volumes: `BUCKET/PREFIX?e=ENDPOINT&r=REGION&d=1`, where the query part is
-//!   percent-encoded and `d=1` means "delete the prefix on DeleteVolume" (`d=0`: retain).
-//!   `d` is always there, so an id with a query is one CreateVolume made.
+//!   percent-encoded and `d` is the delete policy the volume was created with (`1`: delete,
+//!   `0`: retain), kept for people reading the id and for ids made before records had one:
+//!   DeleteVolume ignores it. `d` is always there, so an id with a query is in the form
+//!   CreateVolume makes.
 
 use std::fmt::Write as _;
 
@@ -16,8 +19,10 @@ pub struct VolumeRef {
     pub prefix: String,
     pub endpoint: Option<String>,
     pub region: Option<String>,
+    /// `d=1`: informational in ids (DeleteVolume takes the policy from the record); in
+    /// CreateVolume, the StorageClass's `onDelete: delete`.
     pub delete_on_delete: bool,
-    /// Made by CreateVolume (it has a record in the bucket); false for static handles.
+    /// In the form CreateVolume makes (a query); false for static handles.
     pub dynamic: bool,
 }
 

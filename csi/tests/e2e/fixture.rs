@@ -1,6 +1,9 @@
 //! A node under test: `berth daemon` + `berth-csi --mode all` on sockets in a temp dir whose
 //! root is a shared mount (like the kubelet directory), with their logs captured to files.
+//! berth-csi may talk to the test SeaweedFS only (`--allowed-endpoint`), unless a test says
+//! otherwise ([`CsiOptions`]).
 
+use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,6 +50,16 @@ pub struct Node {
     pub daemon_socket: PathBuf,
     pub csi_socket: PathBuf,
     pub metrics_port: u16,
+    allowed_endpoints: Vec<String>,
+}
+
+/// How berth-csi is started.
+#[derive(Default)]
+pub struct CsiOptions {
+    /// Extra environment (set after the caller's AWS_* variables are removed).
+    pub env: Vec<(String, OsString)>,
+    /// The `--allowed-endpoint` values; None: the test SeaweedFS's endpoint.
+    pub allowed_endpoints: Option<Vec<String>>,
 }
 
 fn free_port() -> Result<u16> {
@@ -55,7 +68,7 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
+fn spawn(cmd: &mut Command, log: &Path, env: Vec<(String, OsString)>) -> Result<Child> {
     // No AWS_* of the caller's: the mounts' credentials are the volumes' secrets.
     for (name, _) in std::env::vars_os() {
         if name.as_encoded_bytes().starts_with(b"AWS_") {
@@ -67,7 +80,9 @@ fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
         .env(
             "AWS_SHARED_CREDENTIALS_FILE",
             log.with_file_name("no-aws-credentials"),
-        );
+        )
+        // The test's own, after the removal (a test may give AWS_* on purpose).
+        .envs(env);
     let log = std::fs::File::options()
         .create(true)
         .append(true)
@@ -116,6 +131,18 @@ impl Node {
         tag: &str,
         csi_env: impl FnOnce(&Path) -> Vec<(String, PathBuf)>,
     ) -> Result<Node> {
+        Node::start_opts(tag, |dir| CsiOptions {
+            env: csi_env(dir)
+                .into_iter()
+                .map(|(k, v)| (k, v.into_os_string()))
+                .collect(),
+            allowed_endpoints: None,
+        })
+    }
+
+    /// Like [`Node::start`], with berth-csi started as `csi` says (made from the node's
+    /// directory).
+    pub fn start_opts(tag: &str, csi: impl FnOnce(&Path) -> CsiOptions) -> Result<Node> {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("berth-csi-{tag}-"))
             .tempdir()?;
@@ -140,6 +167,7 @@ impl Node {
             csi_socket: csi_socket.clone(),
             metrics_port,
             dir: dir.clone(),
+            allowed_endpoints: Vec::new(),
         };
         let daemon_log = dir.join("daemon.log");
         let mut daemon = spawn(
@@ -159,20 +187,29 @@ impl Node {
                 .arg("--metrics-addr")
                 .arg(format!("127.0.0.1:{metrics_port}")),
             &daemon_log,
+            Vec::new(),
         )?;
         let ready = wait_socket(&daemon_socket, &mut daemon, &daemon_log);
         node.daemon = Some(daemon);
         ready.context("berth daemon")?;
-        node.start_csi(csi_env(&dir))?;
+        let opts = csi(&dir);
+        node.allowed_endpoints = match opts.allowed_endpoints {
+            Some(list) => list,
+            None => vec![crate::server()?.endpoint()],
+        };
+        node.start_csi(opts.env)?;
         Ok(node)
     }
 
     /// Starts berth-csi (`--mode all`) on the node's sockets, its log appended to csi.log.
-    fn start_csi(&mut self, env: Vec<(String, PathBuf)>) -> Result<()> {
+    fn start_csi(&mut self, env: Vec<(String, OsString)>) -> Result<()> {
         let csi_log = self.dir.join("csi.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth-csi"));
+        for url in &self.allowed_endpoints {
+            cmd.arg("--allowed-endpoint").arg(url);
+        }
         let mut csi = spawn(
-            Command::new(env!("CARGO_BIN_EXE_berth-csi"))
-                .arg("--endpoint")
+            cmd.arg("--endpoint")
                 .arg(format!("unix://{}", self.csi_socket.display()))
                 .arg("--node-id")
                 .arg("test-node")
@@ -182,9 +219,9 @@ impl Node {
                 .arg("all")
                 .arg("--recovery-interval-ms")
                 .arg("200")
-                .args(["--kube-events", "false"])
-                .envs(env),
+                .args(["--kube-events", "false"]),
             &csi_log,
+            env,
         )?;
         let ready = wait_socket(&self.csi_socket, &mut csi, &csi_log);
         self.csi = Some(csi);
@@ -198,7 +235,8 @@ impl Node {
         }
     }
 
-    /// Starts berth-csi again (without extra environment) after [`Node::stop_csi`].
+    /// Starts berth-csi again (without extra environment, with the same allowlist) after
+    /// [`Node::stop_csi`].
     pub fn start_csi_again(&mut self) -> Result<()> {
         self.start_csi(Vec::new())
     }

@@ -21,6 +21,7 @@ mod util;
 
 mod cases;
 mod fixture;
+mod guard;
 mod kata;
 mod sanity;
 
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
         .into_iter()
         .chain(sanity::all())
         .chain(kata::all())
+        .chain(guard::all())
     {
         let mut missing: Vec<String> = reqs
             .missing(case.needs)
