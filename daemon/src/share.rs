@@ -23,6 +23,7 @@ use crate::state::MountDir;
 use crate::status::{HolderFacts, Publisher, Reported};
 use crate::sys::files::private_dir;
 use crate::sys::sockets::{self, Peers};
+use crate::virtiofs::door_tag;
 use crate::volume::{self, Opening, Target, VolumeConfig};
 
 /// What `berth share` does.
@@ -116,13 +117,14 @@ fn serve(
         &memory,
         cache.clone(),
     )?;
+    let fs = volume.fs.clone();
     let share = Share::new(
-        volume.fs.clone(),
         VhostConfig {
             socket: socket_file.clone(),
             request_queues: socket.request_queues,
             queue_size: socket.queue_size,
         },
+        move |connection| fs.door(door_tag(connection)),
     );
 
     // Born open to root and the configured group only; a live socket is never taken over.

@@ -54,39 +54,29 @@ pub struct ShareConfig {
     pub queue_size: u16,
 }
 
+/// Makes the filesystem one connection is served by (its argument: the connection's number,
+/// from 1). Each VMM gets a filesystem of its own, so what one guest opened is its own and
+/// goes away with it.
+pub type FsFactory<F> = Box<dyn Fn(u64) -> F + Send + Sync>;
+
 /// One filesystem served over one vhost-user socket.
 pub struct Share<F: FileSystem + Send + Sync + 'static> {
-    server: Arc<Server<F>>,
+    new_fs: FsFactory<F>,
     config: ShareConfig,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> Share<F> {
-    pub fn new(fs: F, config: ShareConfig) -> Self {
+    /// A share whose connections are served by `new_fs(connection)`; the filesystem is
+    /// dropped when its VMM leaves.
+    pub fn new(config: ShareConfig, new_fs: impl Fn(u64) -> F + Send + Sync + 'static) -> Self {
         Share {
-            server: Arc::new(Server::new(fs)),
+            new_fs: Box::new(new_fs),
             config,
         }
     }
 
     pub fn socket(&self) -> &Path {
         &self.config.socket
-    }
-
-    /// Binds the socket (replacing a stale one) and serves VMMs one after another, forever.
-    /// `on_listen` is called once the socket exists; `on_connection_end` after each VMM left.
-    pub fn serve(
-        &self,
-        on_listen: impl FnOnce(),
-        on_connection_end: impl FnMut(u64),
-    ) -> Result<(), Error> {
-        let path = &self.config.socket;
-        let listener = Listener::new(path, true).map_err(|source| Error::Listen {
-            path: path.clone(),
-            source,
-        })?;
-        on_listen();
-        self.serve_on(listener, &AtomicBool::new(false), on_connection_end);
-        Ok(())
     }
 
     /// Serves VMMs on a socket someone else bound (a process that outlives this one keeps
@@ -125,11 +115,11 @@ impl<F: FileSystem + Send + Sync + 'static> Share<F> {
     }
 
     /// Accepts one VMM and serves it until it disconnects. Every connection gets a fresh
-    /// backend (guest memory, queue state, worker threads); the FUSE server and the
-    /// filesystem behind it (inode numbers, caches) carry over.
+    /// backend (guest memory, queue state, worker threads) and a filesystem of its own from
+    /// the factory, dropped when the VMM leaves.
     fn serve_one(&self, listener: &mut Listener, connection: u64) -> Result<(), Error> {
         let backend = Arc::new(FsBackend::new(
-            self.server.clone(),
+            Arc::new(Server::new((self.new_fs)(connection))),
             self.config.request_queues,
             self.config.queue_size,
         ));
@@ -185,12 +175,12 @@ mod tests {
         let socket = UnixListener::bind(&path).unwrap();
         let ours = socket.try_clone().unwrap();
         let share = Share::new(
-            Empty,
             ShareConfig {
                 socket: path.clone(),
                 request_queues: 1,
                 queue_size: 64,
             },
+            |_| Empty,
         );
         let stop = Arc::new(AtomicBool::new(false));
         let (ended_tx, ended_rx) = mpsc::channel();

@@ -16,6 +16,10 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::DescriptorChain;
 use vm_memory::{ByteValued, GuestMemory};
 
+/// The longest request a guest may send: a header, a WRITE's fixed part and 1 MiB of data,
+/// with room to spare.
+pub const MAX_REQUEST: usize = (1 << 20) + (64 << 10);
+
 /// Serves one request chain and returns the number of bytes written into the guest's
 /// writable buffers (the length to put in the used ring).
 pub fn handle_chain<F, M>(server: &Server<F>, mem: &M::Target, chain: DescriptorChain<M>) -> u32
@@ -64,6 +68,15 @@ where
 {
     let reader = Reader::from_descriptor_chain(mem, chain.clone())
         .map_err(|e| format!("bad readable buffers: {e}"))?;
+    // A request is a header and at most MAX_REQUEST bytes: anything longer is a guest
+    // lying (descriptors may alias the same pages), and the FUSE server would allocate what
+    // the request asks for (an IOCTL's in_size) before any filesystem could refuse it.
+    if reader.available_bytes() > MAX_REQUEST {
+        return Err(format!(
+            "a request of {} bytes is longer than any FUSE request ({MAX_REQUEST})",
+            reader.available_bytes()
+        ));
+    }
     let writer =
         VirtioFsWriter::new(mem, chain).map_err(|e| format!("bad writable buffers: {e}"))?;
     server

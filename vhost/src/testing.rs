@@ -125,6 +125,13 @@ impl TestQueue {
         (len, reply)
     }
 
+    /// Writes `bytes` into guest memory at `at` (for chains built by hand).
+    pub fn write_buffer(&self, at: u64, bytes: &[u8]) {
+        self.mem
+            .write_slice(bytes, GuestAddress(at))
+            .expect("buffer fits in test memory");
+    }
+
     fn write<T: vm_memory::ByteValued>(&self, value: T, at: u64) {
         self.mem
             .write_obj(value, GuestAddress(at))

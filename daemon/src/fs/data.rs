@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use fuse_backend_rs::api::filesystem::{ZeroCopyReader, ZeroCopyWriter};
 
 use super::handles::Handle;
-use super::{errno, unsupported, BerthFs};
+use super::{errno, unsupported, BerthFs, MAX_IO};
 use crate::namespace::{store_error, Node};
 use crate::prefetch::ObjectReader;
 use crate::upload::Upload;
@@ -18,13 +18,13 @@ use crate::upload::Upload;
 fn read_local(
     w: &mut dyn ZeroCopyWriter,
     file: &std::fs::File,
-    size: u32,
+    size: usize,
     offset: u64,
 ) -> io::Result<usize> {
     // `write_from` takes `&mut`; the reads are positional (preadv), so a second descriptor
     // of the same open file is as good as the shared one.
     let mut file = file.try_clone()?;
-    let want = (size as usize).min(w.available_bytes());
+    let want = size.min(w.available_bytes());
     let mut total = 0;
     while total < want {
         match w.write_from(&mut file, want - total, offset + total as u64) {
@@ -60,7 +60,7 @@ impl BerthFs {
         offset: u64,
     ) -> io::Result<usize> {
         let reader = match handle {
-            Handle::Read(reader) => reader,
+            Handle::Read { reader, .. } => reader,
             Handle::Write { upload, .. } => {
                 return Err(unsupported(
                     "read",
@@ -69,8 +69,11 @@ impl BerthFs {
                     libc::EOPNOTSUPP,
                 ));
             }
-            Handle::Dir(_) => return Err(errno(libc::EISDIR)),
+            Handle::Dir { .. } => return Err(errno(libc::EISDIR)),
         };
+        // Never more than the reply can hold or berth negotiated: a guest's READ of 4 GiB
+        // with a 4 KiB buffer fetches 4 KiB.
+        let size = (size as usize).min(w.available_bytes()).min(MAX_IO);
         if let Some(file) = reader.local_file() {
             return read_local(w, file, size, offset);
         }
@@ -102,14 +105,21 @@ impl BerthFs {
                 libc::EOPNOTSUPP,
             ));
         };
+        // Refused before anything is allocated: the kernel never sends more than it was told
+        // at FUSE INIT. (A guest whose buffers hold less than it claims fails its own write.)
+        let size = size as usize;
+        if size > MAX_IO {
+            tracing::warn!(size, "WRITE larger than negotiated; refused");
+            return Err(errno(libc::EINVAL));
+        }
         if upload.written().load(Ordering::Acquire) == 0
             && self.rt.block_on(upload.reopen_if_empty())
         {
             self.ns.resume_write(*ino, upload.written());
         }
-        let mut data = vec![0u8; size as usize];
-        r.read_exact(&mut data)?;
-        self.rt.block_on(upload.write(offset, &data))
+        // The bytes go from the request's buffers straight into the part buffer.
+        self.rt
+            .block_on(upload.write_with(offset, size, |buf| r.read_exact(buf)))
     }
 
     /// Commits an upload and tells the namespace how it ended.
@@ -125,19 +135,32 @@ impl BerthFs {
         result.map(|_| ())
     }
 
-    /// Commits every upload still open; called once the mount is gone, so that data written
-    /// and closed just before an unmount is never lost.
+    /// Closes every handle of this door; called once the door is gone (the mount unmounted,
+    /// `berth share` stopped, the VMM left). A file still being written, with data since its
+    /// last flush (close) or fsync, was never finished by its writer: its upload is aborted
+    /// and the object stays as it was. What was flushed is committed already.
     pub fn shutdown(&self) {
-        let open = self.handles.drain();
-        for handle in open {
-            if let Handle::Write { ino, upload } = &*handle {
-                if self.rt.block_on(upload.is_open()) {
-                    tracing::info!(
-                        key = upload.key(),
-                        "committing a file still open at unmount"
-                    );
-                    let _ = self.commit(*ino, upload);
+        for handle in self.handles.drain() {
+            let Handle::Write { ino, .. } = &*handle else {
+                continue;
+            };
+            // The file is no longer busy for the other doors, whatever the store says.
+            self.ns.end_write(*ino, None);
+            let abort = async move {
+                if let Handle::Write { upload, .. } = &*handle {
+                    if upload.abort_if_open().await {
+                        tracing::warn!(
+                            key = upload.key(),
+                            "a file was still being written when its door closed; its upload was aborted and the object NOT changed"
+                        );
+                    }
                 }
+            };
+            // Dropped on a runtime thread, a door cannot block: the abort goes on there.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                self.rt.spawn(abort);
+            } else {
+                self.rt.block_on(abort);
             }
         }
     }
@@ -155,10 +178,12 @@ impl BerthFs {
             self.config.part_size,
         );
         let node = self.ns.begin_write(parent, name, upload.written())?;
-        let fh = self.add_handle(Handle::Write {
-            ino: node.ino,
-            upload,
-        });
+        let fh = self
+            .add_handle(Handle::Write {
+                ino: node.ino,
+                upload,
+            })
+            .inspect_err(|_| self.ns.end_write(node.ino, None))?;
         Ok((node, fh))
     }
 }

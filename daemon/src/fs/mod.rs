@@ -8,6 +8,8 @@
 
 mod attr;
 mod data;
+#[cfg(test)]
+mod guest_tests;
 mod handles;
 #[cfg(test)]
 mod read_tests;
@@ -28,7 +30,18 @@ use crate::memory::MemoryLimiter;
 use crate::namespace::{store_error, Kind, Namespace, Node};
 use crate::prefetch::{Fetcher, ObjectReader};
 pub use attr::AttrConfig;
-use handles::{Handle, HandleKind, HandleTable};
+use handles::{Handle, HandleKind, HandleTable, FUSE_DOOR};
+
+/// Most handles the FUSE door holds at once (the kernel's open files of every application).
+const MAX_FUSE_HANDLES: usize = 1 << 20;
+/// Most handles one virtio-fs connection holds at once (a guest's open files). A handle of a
+/// local-directory store holds a file descriptor: well below the engine's fd limit, so that
+/// a guest cannot starve the other doors of descriptors.
+const MAX_GUEST_HANDLES: usize = 4096;
+/// The largest READ or WRITE payload berth accepts (what it negotiates at FUSE INIT,
+/// fuse-backend-rs's max_write and berth's max_read mount option): a guest asking for more
+/// gets less (READ) or EINVAL (WRITE), before anything is fetched or allocated.
+pub const MAX_IO: usize = 1 << 20;
 
 /// Largest object a server-side copy (rename) can handle in one request.
 const MAX_COPY_SIZE: u64 = 5 << 30;
@@ -42,6 +55,9 @@ pub struct FsConfig {
     pub attr: AttrConfig,
 }
 
+/// One door of the filesystem: the FUSE door, or one virtio-fs connection. Doors share the
+/// namespace, readers' fetcher, memory budget and settings; each has its own handles (see
+/// [`BerthFs::door`]).
 pub struct BerthFs {
     rt: tokio::runtime::Handle,
     ns: Arc<Namespace>,
@@ -49,6 +65,7 @@ pub struct BerthFs {
     memory: Arc<MemoryLimiter>,
     config: FsConfig,
     handles: HandleTable,
+    generation: u64,
     /// The capability flags the kernel offered at FUSE INIT (0 until then).
     init_capable: AtomicU64,
 }
@@ -89,7 +106,8 @@ impl BerthFs {
             fetcher,
             memory,
             config,
-            handles: HandleTable::new(1),
+            handles: HandleTable::new(1, FUSE_DOOR, MAX_FUSE_HANDLES),
+            generation: 1,
             init_capable: AtomicU64::new(0),
         }
     }
@@ -97,8 +115,25 @@ impl BerthFs {
     /// Serve as engine generation `generation` (a successor's handles never collide with the
     /// ones its predecessors gave the kernel).
     pub fn with_generation(mut self, generation: u64) -> BerthFs {
-        self.handles = HandleTable::new(generation);
+        self.handles = HandleTable::new(generation, FUSE_DOOR, MAX_FUSE_HANDLES);
+        self.generation = generation;
         self
+    }
+
+    /// Another door onto the same filesystem, for virtio-fs connection `tag` (1..=255): same
+    /// namespace and caches, its own handles and FUSE INIT. When it is dropped (the VMM left),
+    /// the files it was writing are aborted, never committed half-written.
+    pub fn door(&self, tag: u8) -> BerthFs {
+        BerthFs {
+            rt: self.rt.clone(),
+            ns: self.ns.clone(),
+            fetcher: self.fetcher.clone(),
+            memory: self.memory.clone(),
+            config: self.config.clone(),
+            handles: HandleTable::new(self.generation, tag.max(1), MAX_GUEST_HANDLES),
+            generation: self.generation,
+            init_capable: AtomicU64::new(0),
+        }
     }
 
     /// What the kernel offered at FUSE INIT, once it has been answered.
@@ -130,7 +165,7 @@ impl BerthFs {
         self.ns.ttl().unwrap_or(INDEFINITE)
     }
 
-    fn add_handle(&self, handle: Handle) -> u64 {
+    fn add_handle(&self, handle: Handle) -> io::Result<u64> {
         self.handles.add(handle)
     }
 
@@ -138,15 +173,21 @@ impl BerthFs {
     /// over on first use: reads and directory listings go on where they were; a file that was
     /// being written lost its unsaved data with that engine, which is reported as EIO.
     fn handle(&self, ino: u64, fh: u64) -> io::Result<Arc<Handle>> {
-        if let Some(h) = self.handles.get(fh) {
+        if let Some(h) = self.handles.get(fh, ino) {
             return Ok(h);
         }
         let Some(kind) = self.handles.predecessors(fh) else {
             return Err(errno(libc::EBADF));
         };
         let adopted = match kind {
-            HandleKind::Read => Handle::Read(self.reader_for(ino)?),
-            HandleKind::Dir => Handle::Dir(Mutex::new(self.ns.open_dir(ino)?)),
+            HandleKind::Read => Handle::Read {
+                ino,
+                reader: self.reader_for(ino)?,
+            },
+            HandleKind::Dir => Handle::Dir {
+                ino,
+                stream: Mutex::new(self.ns.open_dir(ino)?),
+            },
             HandleKind::Write => {
                 tracing::error!(
                     ino,
@@ -156,7 +197,7 @@ impl BerthFs {
             }
         };
         tracing::debug!(ino, fh, ?kind, "took over a handle of an earlier engine");
-        Ok(self.handles.adopt(fh, adopted))
+        self.handles.adopt(fh, adopted)
     }
 
     fn entry(&self, node: &Node) -> Entry {
@@ -192,7 +233,7 @@ impl BerthFs {
         mut emit: impl FnMut(&crate::namespace::DirItem, u64) -> io::Result<usize>,
     ) -> io::Result<()> {
         let handle = self.handle(ino, fh)?;
-        let Handle::Dir(stream) = &*handle else {
+        let Handle::Dir { stream, .. } = &*handle else {
             return Err(errno(libc::EBADF));
         };
         let mut stream = stream.lock().unwrap_or_else(|e| e.into_inner());
@@ -209,6 +250,16 @@ impl BerthFs {
                 stream.advance();
             }
         })
+    }
+}
+
+impl Drop for BerthFs {
+    /// A virtio-fs door goes when its VMM leaves: what it was writing is aborted and no
+    /// longer busy for the other doors. (The FUSE door is shut down by its engine.)
+    fn drop(&mut self) {
+        if !self.handles.is_fuse_door() {
+            self.shutdown();
+        }
     }
 }
 
@@ -557,7 +608,7 @@ impl FileSystem for BerthFs {
             node.stat.etag.as_deref(),
             node.stat.size,
         );
-        let fh = self.add_handle(Handle::Read(reader));
+        let fh = self.add_handle(Handle::Read { ino: inode, reader })?;
         let opts = if self.ns.ttl().is_none() {
             OpenOptions::KEEP_CACHE
         } else {
@@ -568,16 +619,26 @@ impl FileSystem for BerthFs {
 
     fn create(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         parent: u64,
         name: &CStr,
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.read_only_guard("create")?;
         let name = name_of(name)?;
-        if args.flags as i32 & libc::O_EXCL != 0 {
+        let flags = args.flags as i32;
+        // The kernel sends CREATE while its negative dentry is cached (for the metadata
+        // TTL): another client may have made the object since. Without O_TRUNC a create
+        // must not replace it: ask the store, and open what is there.
+        if flags & libc::O_TRUNC == 0 || flags & libc::O_EXCL != 0 {
             match self.rt.block_on(self.ns.lookup(parent, name)) {
-                Ok(_) => return Err(errno(libc::EEXIST)),
+                Ok(_) if flags & libc::O_EXCL != 0 => return Err(errno(libc::EEXIST)),
+                Ok(node) if node.kind == Kind::Dir => return Err(errno(libc::EISDIR)),
+                Ok(node) => {
+                    tracing::debug!(path = %node.key, "create of an object that exists: opened");
+                    let (fh, opts, _) = self.open(ctx, node.ino, args.flags, args.fuse_flags)?;
+                    return Ok((self.entry(&node), fh, opts, None));
+                }
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(e),
             }
@@ -659,14 +720,14 @@ impl FileSystem for BerthFs {
     fn release(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         _flags: u32,
         handle: u64,
         _flush: bool,
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        let removed = self.handles.remove(handle);
+        let removed = self.handles.remove(handle, inode);
         match removed {
             Some(handle) => {
                 if let Handle::Write { ino, upload } = &*handle {
@@ -696,10 +757,11 @@ impl FileSystem for BerthFs {
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let stream = self.ns.open_dir(inode)?;
-        Ok((
-            Some(self.add_handle(Handle::Dir(Mutex::new(stream)))),
-            OpenOptions::empty(),
-        ))
+        let fh = self.add_handle(Handle::Dir {
+            ino: inode,
+            stream: Mutex::new(stream),
+        })?;
+        Ok((Some(fh), OpenOptions::empty()))
     }
 
     fn readdir(
@@ -743,8 +805,8 @@ impl FileSystem for BerthFs {
         })
     }
 
-    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
-        self.handles.remove(handle);
+    fn releasedir(&self, _ctx: &Context, inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
+        self.handles.remove(handle, inode);
         Ok(())
     }
 }

@@ -92,6 +92,26 @@ impl Upload {
 
     /// Appends `data` at `offset`, which must be where the previous write ended.
     pub async fn write(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
+        let mut rest = data;
+        self.write_with(offset, data.len(), |buf| {
+            let (now, later) = rest.split_at(buf.len());
+            buf.copy_from_slice(now);
+            rest = later;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Appends `len` bytes at `offset`, which `fill` copies straight into the part buffer, a
+    /// piece at a time (one copy from the request's buffers, no staging allocation). If
+    /// `fill` fails before any byte went in, nothing changed; after, the upload fails (its
+    /// parts cannot be taken back) and is aborted.
+    pub async fn write_with(
+        &self,
+        offset: u64,
+        len: usize,
+        mut fill: impl FnMut(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<usize> {
         let mut st = self.state.lock().await;
         match st.status {
             Status::Open => {}
@@ -106,8 +126,8 @@ impl Upload {
             tracing::warn!(key = %self.key, offset, expected = written, "non-sequential write refused: objects are written front to back");
             return Err(errno(libc::EINVAL));
         }
-        let mut rest = data;
-        while !rest.is_empty() {
+        let mut left = len;
+        while left > 0 {
             if st.buf_memory.is_none() {
                 let r = self
                     .memory
@@ -117,9 +137,19 @@ impl Upload {
                 st.buf.reserve(self.part_size);
             }
             let room = self.part_size - st.buf.len();
-            let take = room.min(rest.len());
-            st.buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
+            let take = room.min(left);
+            let start = st.buf.len();
+            st.buf.resize(start + take, 0);
+            if let Err(e) = fill(&mut st.buf[start..]) {
+                st.buf.truncate(start);
+                if left < len {
+                    tracing::error!(key = %self.key, error = %e, "a write failed half-way; the file is NOT saved");
+                    st.status = Status::Failed(libc::EIO);
+                    self.abort(&mut st).await;
+                }
+                return Err(e);
+            }
+            left -= take;
             if st.buf.len() == self.part_size {
                 if let Err(e) = self.send_part(&mut st).await {
                     st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
@@ -128,8 +158,8 @@ impl Upload {
                 }
             }
         }
-        self.written.fetch_add(data.len() as u64, Ordering::AcqRel);
-        Ok(data.len())
+        self.written.fetch_add(len as u64, Ordering::AcqRel);
+        Ok(len)
     }
 
     /// Uploads the buffer as the next part, waiting first if too many parts are in flight.
@@ -266,6 +296,18 @@ impl Upload {
         }
     }
 
+    /// Aborts the upload if it is still open (data written since its last commit); the
+    /// object in the store is left as it was. Returns whether it aborted.
+    pub async fn abort_if_open(&self) -> bool {
+        let mut st = self.state.lock().await;
+        if !matches!(st.status, Status::Open) {
+            return false;
+        }
+        st.status = Status::Failed(libc::EIO);
+        self.abort(&mut st).await;
+        true
+    }
+
     /// Whether the upload committed (or failed) already.
     pub async fn is_open(&self) -> bool {
         matches!(self.state.lock().await.status, Status::Open)
@@ -343,5 +385,73 @@ mod tests {
         let (up, _m, dir) = setup(1000);
         up.commit().await.unwrap();
         assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn writes_fill_the_part_buffer_directly_and_a_failed_fill_changes_nothing() {
+        let (up, _m, dir) = setup(4);
+        let e = up
+            .write_with(0, 3, |_| Err(io::Error::from_raw_os_error(libc::EFAULT)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
+        assert_eq!(up.written().load(Ordering::Acquire), 0, "nothing went in");
+        let mut calls = 0;
+        up.write_with(0, 10, |buf| {
+            calls += 1;
+            buf.fill(b'a' + calls);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(calls, 3, "one fill per part-buffer piece (4 + 4 + 2)");
+        up.commit().await.unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("out/file")).unwrap(),
+            b"bbbbccccdd"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fill_failing_half_way_fails_the_upload_and_commits_nothing() {
+        let (up, _m, dir) = setup(4);
+        let mut calls = 0;
+        let e = up
+            .write_with(0, 10, |buf| {
+                calls += 1;
+                if calls == 2 {
+                    return Err(io::Error::from_raw_os_error(libc::EFAULT));
+                }
+                buf.fill(b'x');
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
+        assert!(
+            up.commit().await.is_err(),
+            "a half-written file is never committed"
+        );
+        assert!(!dir.path().join("out/file").exists());
+    }
+
+    #[tokio::test]
+    async fn an_open_upload_is_aborted_and_a_committed_one_is_left() {
+        let (up, _m, dir) = setup(1000);
+        up.write(0, b"half").await.unwrap();
+        assert!(up.abort_if_open().await);
+        assert!(up.commit().await.is_err());
+        assert!(
+            !dir.path().join("out/file").exists(),
+            "nothing half-written was committed"
+        );
+        let (done, _m2, dir2) = setup(1000);
+        done.write(0, b"whole").await.unwrap();
+        done.commit().await.unwrap();
+        assert!(!done.abort_if_open().await);
+        assert_eq!(
+            std::fs::read(dir2.path().join("out/file")).unwrap(),
+            b"whole"
+        );
     }
 }

@@ -28,6 +28,11 @@ pub struct EngineShare {
     waker: UnixListener,
 }
 
+/// The door tag of virtio-fs connection `connection` (1..=255, cycling).
+pub fn door_tag(connection: u64) -> u8 {
+    ((connection.saturating_sub(1) % 255) + 1) as u8
+}
+
 impl EngineShare {
     /// Serves `fs` to VMMs connecting on `listener`, on a thread of its own.
     pub fn start(
@@ -38,12 +43,12 @@ impl EngineShare {
         let waker = listener.try_clone().context("copying the share listener")?;
         let stop = Arc::new(AtomicBool::new(false));
         let share = Share::new(
-            fs,
             ShareConfig {
                 socket: spec.socket.clone(),
                 request_queues: spec.request_queues,
                 queue_size: spec.queue_size,
             },
+            move |connection| fs.door(door_tag(connection)),
         );
         let flag = stop.clone();
         let socket = spec.socket.clone();
