@@ -518,3 +518,26 @@ fn a_create_never_replaces_an_object_that_appeared_meanwhile() {
     pod.flush(ino, fh).unwrap();
     assert_eq!(std::fs::read(s.dir.path().join("log")).unwrap(), b"new");
 }
+
+#[test]
+fn a_guest_cannot_lose_a_file_by_renaming_it_onto_itself_or_hide_one_under_a_name() {
+    let s = setup(1 << 30, false);
+    std::fs::write(s.dir.path().join("f"), b"keep").unwrap();
+    let guest = s.fs.door(1);
+    let ctx = fuse_backend_rs::api::filesystem::Context::default();
+    let ino = guest.lookup(&ctx, 1, c"f").unwrap().inode;
+    guest.rename(&ctx, 1, c"f", 1, c"f", 0).unwrap();
+    assert_eq!(std::fs::read(s.dir.path().join("f")).unwrap(), b"keep");
+    // A file is no directory: nothing is made below it (it would vanish from view).
+    let err = guest.mkdir(&ctx, ino, c"sub", 0o755, 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+    let args = fuse_backend_rs::abi::fuse_abi::CreateIn {
+        flags: (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u32,
+        mode: 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let err = guest.create(&ctx, ino, c"sub", args).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+    assert!(s.dir.path().join("f").is_file(), "the file is still a file");
+}

@@ -436,7 +436,7 @@ impl FileSystem for BerthFs {
     ) -> io::Result<Entry> {
         self.read_only_guard("mkdir")?;
         let name = name_of(name)?;
-        let dir = self.ns.node(parent)?;
+        let dir = self.ns.dir_node(parent)?;
         let marker = format!("{}{name}/", self.ns.dir_prefix(&dir));
         self.rt
             .block_on(self.ns.store().put(&marker, bytes::Bytes::new()))
@@ -541,9 +541,13 @@ impl FileSystem for BerthFs {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
-        let target_dir = self.ns.node(newdir)?;
+        let target_dir = self.ns.dir_node(newdir)?;
         let from = self.ns.object_key(&node);
         let to = format!("{}{newname}", self.ns.dir_prefix(&target_dir));
+        if from == to {
+            // rename(2) onto itself does nothing (a copy then a delete would lose the file).
+            return Ok(());
+        }
         // Not atomic: copy, then delete. A crash in between leaves both names, never neither.
         self.rt
             .block_on(self.ns.store().copy(&from, &to))
@@ -643,7 +647,7 @@ impl FileSystem for BerthFs {
                 Err(e) => return Err(e),
             }
         }
-        let dir = self.ns.node(parent)?;
+        let dir = self.ns.dir_node(parent)?;
         let key = format!("{}{name}", self.ns.dir_prefix(&dir));
         let (node, fh) = self.open_upload(parent, name, key)?;
         Ok((self.entry(&node), Some(fh), OpenOptions::empty(), None))

@@ -180,7 +180,12 @@ impl ConnectionState {
                     return None;
                 }
                 let len = ((*slot).len.load(Ordering::Relaxed) as usize).min(SLOT_DATA);
-                let data = (&(*slot).data)[..len].to_vec();
+                // Volatile reads, byte by byte, and no reference to the bytes: another engine
+                // generation may be writing this slot (a torn copy fails the checksum).
+                let bytes = std::ptr::addr_of!((*slot).data).cast::<u8>();
+                let data: Vec<u8> = (0..len)
+                    .map(|i| std::ptr::read_volatile(bytes.add(i)))
+                    .collect();
                 let crc = (*slot).crc.load(Ordering::Relaxed) as u32;
                 (crc == checksum(request, &data)).then_some(data)
             }

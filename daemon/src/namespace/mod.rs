@@ -121,7 +121,8 @@ impl Namespace {
         self.table.get(ino).ok_or_else(|| errno(libc::ESTALE))
     }
 
-    fn dir_node(&self, ino: u64) -> io::Result<Node> {
+    /// Node `ino`, which must be a directory (ENOTDIR otherwise).
+    pub fn dir_node(&self, ino: u64) -> io::Result<Node> {
         let node = self.node(ino)?;
         match node.kind {
             Kind::Dir => Ok(node),
