@@ -37,6 +37,8 @@ pub struct Build {
     pub berth: PathBuf,
     /// The `bench_s3` example (the bench's SDK helper).
     pub bench_s3: Option<PathBuf>,
+    /// The `fuzz_guest` example (`cargo xtask fuzz-guest`).
+    pub fuzz_guest: Option<PathBuf>,
 }
 
 /// Builds the workspace as `cargo xtask test` does, without running a test, and returns
@@ -73,6 +75,7 @@ pub fn build(quiet: bool) -> Result<Build> {
     Ok(Build {
         berth,
         bench_s3: executable(&messages, "example", "bench_s3"),
+        fuzz_guest: executable(&messages, "example", "fuzz_guest"),
     })
 }
 

@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 
 mod bench;
 mod berth;
+mod fuzz;
 mod seaweed;
 mod setup;
 mod sh;
@@ -47,8 +48,14 @@ COMMANDS:
                                  cargo xtask test -- --test e2e -- listing
     ci                         cargo fmt --all -- --check
                                cargo clippy --release --workspace --all-targets -- -D warnings
-                               then `test`. With CI=true the e2e tests fail instead of
-                               skipping when root, /dev/fuse or weed is missing.
+                               then `test`, `vm-test` and a 2-minute `fuzz-guest`. With
+                               CI=true the e2e tests fail instead of skipping when root,
+                               /dev/fuse or weed is missing.
+    fuzz-guest [--minutes N]   A hostile guest against the virtio-fs request path (random
+                               and malformed requests and descriptor tables into a real
+                               BerthFs, over a local store, then over SeaweedFS, 64 MiB
+                               memory budget), N minutes in all (default 2); prints
+                               requests served, crashes and peak RSS; fails on a crash.
     vm-test                    Boot a QEMU guest (TCG) that mounts a `berth share` of a
                                SeaweedFS bucket over virtio-fs and runs checks; prints
                                `vm-test: N passed, M failed`. Skips (fails with CI=true)
@@ -116,6 +123,7 @@ fn run(args: &[String]) -> Result<()> {
             _ => bail!("`cargo xtask vm-test` takes only --crash; see `cargo xtask --help`"),
         },
         "bench" => bench::run(rest),
+        "fuzz-guest" => fuzz::run(rest),
         other => {
             eprint!("{USAGE}");
             bail!("unknown command {other:?}")

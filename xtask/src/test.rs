@@ -90,7 +90,8 @@ pub fn ci() -> Result<()> {
     ]))?;
     let strict = strict_env();
     test(false, &[], strict)?;
-    vm::run(strict, false)
+    vm::run(strict, false)?;
+    crate::fuzz::run(&[])
 }
 
 /// `cargo test --release -p berth-csi --test deploy`: every kustomization under deploy/
