@@ -232,7 +232,11 @@ impl ObjectReader {
                 let block_start = first * bs;
                 let range = (offset - block_start) as usize..(end - block_start) as usize;
                 if let Some(node) = &self.fetcher.cache {
-                    if let Some(bytes) = node.cache.read_cached_range(&id, first, range).await {
+                    let served = node
+                        .cache
+                        .read_cached_range(&id, first, range, async { Ok(()) })
+                        .await?;
+                    if let Some(bytes) = served {
                         if bytes.len() as u64 == end - offset {
                             return Ok(vec![bytes]);
                         }
