@@ -23,6 +23,7 @@ mod slots;
 mod stats;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +92,14 @@ pub fn nth_block(run: &Bytes, n: usize, block_size: u64) -> Bytes {
     let from = (n * block_size as usize).min(run.len());
     let to = (from + block_size as usize).min(run.len());
     run.slice(from..to)
+}
+
+/// Awaits a caller's permit the first time it is needed; later calls pass at once.
+async fn consent<P: Future<Output = StoreResult<()>>>(permit: &mut Option<P>) -> StoreResult<()> {
+    match permit.take() {
+        Some(permit) => permit.await,
+        None => Ok(()),
+    }
 }
 
 type Waiter = Shared<BoxFuture<'static, Option<Bytes>>>;
@@ -244,39 +253,71 @@ impl BlockCache {
     where
         F: Fn(Range<u64>) -> BoxFuture<'static, StoreResult<Bytes>>,
     {
+        self.read_blocks_gated(obj, first, count, size, fetch, async { Ok(()) })
+            .await
+    }
+
+    /// [`Self::read_blocks`] for a caller that may be given a block it did not fetch itself
+    /// only with `permit`'s consent. `permit` is awaited at most once, before the first such
+    /// block (a hit in either tier, or a block another reader was fetching) is read from disk,
+    /// counted or returned; if it fails, the call fails with its error and returns nothing
+    /// from the cache. Blocks the caller's own `fetch` brought need no permit, and a call that
+    /// finds nothing cached never awaits it. What `permit` checks is the caller's business
+    /// (the prefetcher: that its credentials may read the object), not the cache's.
+    pub async fn read_blocks_gated<F, P>(
+        self: &Arc<Self>,
+        obj: &ObjectId,
+        first: u64,
+        count: u64,
+        size: u64,
+        fetch: F,
+        permit: P,
+    ) -> StoreResult<Vec<Bytes>>
+    where
+        F: Fn(Range<u64>) -> BoxFuture<'static, StoreResult<Bytes>>,
+        P: Future<Output = StoreResult<()>>,
+    {
+        let mut permit = Some(permit);
         let keys: Vec<BlockKey> = (first..first + count).map(|i| obj.block_key(i)).collect();
         let mut out: Vec<Option<Bytes>> = vec![None; keys.len()];
-        self.fill_from_memory(&keys, &mut out);
-        self.fill_from_disk(&keys, &mut out).await;
+        let hot = self.peek_memory(&keys);
+        let on_disk = self.lookup_disk(&keys, &hot).await;
+        let cached = (0..keys.len()).any(|i| hot[i].is_some() || on_disk[i].is_some());
 
-        // Misses: wait for a fetch someone else started, or start our own.
-        let mut waiting = Vec::new();
-        let mut mine = Vec::new();
-        {
-            let mut inflight = lock(&self.inflight);
-            for (i, key) in keys.iter().enumerate() {
-                if out[i].is_some() {
-                    continue;
-                }
-                if let Some(w) = inflight.get(key) {
-                    waiting.push((i, w.clone()));
-                } else {
-                    let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
-                    inflight.insert(key.clone(), rx.map(Result::ok).boxed().shared());
-                    mine.push((i, tx));
-                }
-            }
-        }
-        self.counters
-            .coalesced
-            .fetch_add(waiting.len() as u64, Ordering::Relaxed);
-        let fetched = self.fetch_runs(&keys, first, size, mine, &fetch).await;
-        for (i, bytes) in fetched? {
+        // Misses first: a fetch of our own that succeeds may be what the permit wants to
+        // know, so a run that is partly cached costs no more than its GET.
+        let uncached: Vec<usize> = (0..keys.len())
+            .filter(|&i| hot[i].is_none() && on_disk[i].is_none())
+            .collect();
+        let (mut waiting, mine) = self.claim(&keys, &uncached);
+        for (i, bytes) in self.fetch_runs(&keys, first, size, mine, &fetch).await? {
             out[i] = Some(bytes);
+        }
+        if cached {
+            consent(&mut permit).await?;
+            self.take_from_memory(hot, &mut out);
+            self.fill_from_disk(&keys, on_disk, &mut out).await;
+            // Blocks the disk tier could not give back after all (a slot that changed hands,
+            // a failed checksum) are misses too.
+            let lost: Vec<usize> = (0..keys.len())
+                .filter(|&i| out[i].is_none() && !waiting.iter().any(|(w, _)| *w == i))
+                .collect();
+            let (more_waiting, more_mine) = self.claim(&keys, &lost);
+            waiting.extend(more_waiting);
+            for (i, bytes) in self
+                .fetch_runs(&keys, first, size, more_mine, &fetch)
+                .await?
+            {
+                out[i] = Some(bytes);
+            }
         }
         for (i, w) in waiting {
             out[i] = match w.await {
-                Some(bytes) => Some(bytes),
+                // Another reader's fetch: not ours, so it needs the permit too.
+                Some(bytes) => {
+                    consent(&mut permit).await?;
+                    Some(bytes)
+                }
                 // The fetch we waited for failed or was cancelled: fetch it ourselves.
                 None => {
                     let range = self.block_range(first + i as u64, size);
@@ -287,15 +328,52 @@ impl BlockCache {
         Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
+    /// For the blocks `indices` of `keys` (misses): the ones another reader is fetching, to
+    /// wait for, and the ones now registered as fetched by us.
+    #[allow(clippy::type_complexity)]
+    fn claim(
+        &self,
+        keys: &[BlockKey],
+        indices: &[usize],
+    ) -> (
+        Vec<(usize, Waiter)>,
+        Vec<(usize, tokio::sync::oneshot::Sender<Bytes>)>,
+    ) {
+        let mut waiting = Vec::new();
+        let mut mine = Vec::new();
+        let mut inflight = lock(&self.inflight);
+        for &i in indices {
+            let key = &keys[i];
+            if let Some(w) = inflight.get(key) {
+                waiting.push((i, w.clone()));
+            } else {
+                let (tx, rx) = tokio::sync::oneshot::channel::<Bytes>();
+                inflight.insert(key.clone(), rx.map(Result::ok).boxed().shared());
+                mine.push((i, tx));
+            }
+        }
+        drop(inflight);
+        self.counters
+            .coalesced
+            .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+        (waiting, mine)
+    }
+
     fn block_range(&self, index: u64, size: u64) -> Range<u64> {
         let start = index * self.block_size;
         start..(start + self.block_size).min(size)
     }
 
-    fn fill_from_memory(&self, keys: &[BlockKey], out: &mut [Option<Bytes>]) {
+    /// The blocks of `keys` the memory tier holds, not yet counted as hits.
+    fn peek_memory(&self, keys: &[BlockKey]) -> Vec<Option<Bytes>> {
         let mut hot = lock(&self.hot);
-        for (i, key) in keys.iter().enumerate() {
-            if let Some(bytes) = hot.get(key) {
+        keys.iter().map(|key| hot.get(key)).collect()
+    }
+
+    /// Counts the memory tier's blocks as hits and puts them in `out`.
+    fn take_from_memory(&self, hot: Vec<Option<Bytes>>, out: &mut [Option<Bytes>]) {
+        for (i, bytes) in hot.into_iter().enumerate() {
+            if let Some(bytes) = bytes {
                 self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .bytes_from_memory
@@ -305,19 +383,37 @@ impl BlockCache {
         }
     }
 
-    async fn fill_from_disk(&self, keys: &[BlockKey], out: &mut [Option<Bytes>]) {
-        let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+    /// Where the disk tier has the blocks of `keys` that are not in `hot` (nothing is read).
+    async fn lookup_disk(
+        &self,
+        keys: &[BlockKey],
+        hot: &[Option<Bytes>],
+    ) -> Vec<Option<SlotEntry>> {
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| hot[i].is_none()).collect();
+        let mut entries = vec![None; keys.len()];
         if missing.is_empty() {
-            return;
+            return entries;
         }
         let asked: Vec<&BlockKey> = missing.iter().map(|&i| &keys[i]).collect();
         let found = self.slots.lookup(&asked).await;
-        let wanted = missing
+        for (i, entry) in missing.into_iter().zip(found) {
+            entries[i] = entry;
+        }
+        entries
+    }
+
+    /// Reads the blocks `lookup_disk` found into `out`; one that cannot be trusted stays a
+    /// miss.
+    async fn fill_from_disk(
+        &self,
+        keys: &[BlockKey],
+        on_disk: Vec<Option<SlotEntry>>,
+        out: &mut [Option<Bytes>],
+    ) {
+        let reads = on_disk
             .into_iter()
-            .zip(found)
-            .filter_map(|(i, entry)| entry.map(|e| (i, e)));
-        let reads = wanted
-            .into_iter()
+            .enumerate()
+            .filter_map(|(i, entry)| entry.map(|e| (i, e)))
             .map(|(i, entry)| async move { (i, self.read_slot(&keys[i], entry).await) });
         for (i, bytes) in futures::future::join_all(reads).await {
             if let Some(bytes) = bytes {
@@ -383,34 +479,47 @@ impl BlockCache {
     }
 
     /// `range` of block `index` if the block is cached, reading only the chunks it covers from
-    /// disk: small random reads must not pay for the whole block. `None` on a miss.
-    pub async fn read_cached_range(
+    /// disk: small random reads must not pay for the whole block. `Ok(None)` on a miss. A hit
+    /// is read and returned only once `permit` (awaited only on a hit) said yes; its error is
+    /// the call's (see [`Self::read_blocks_gated`]).
+    pub async fn read_cached_range<P>(
         &self,
         obj: &ObjectId,
         index: u64,
         range: Range<usize>,
-    ) -> Option<Bytes> {
+        permit: P,
+    ) -> StoreResult<Option<Bytes>>
+    where
+        P: Future<Output = StoreResult<()>>,
+    {
         let key = obj.block_key(index);
-        if let Some(block) = lock(&self.hot).get(&key) {
+        let hot = lock(&self.hot).get(&key);
+        if let Some(block) = hot {
             let to = range.end.min(block.len());
             if range.start < to {
+                permit.await?;
                 self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .bytes_from_memory
                     .fetch_add((to - range.start) as u64, Ordering::Relaxed);
-                return Some(block.slice(range.start..to));
+                return Ok(Some(block.slice(range.start..to)));
             }
         }
-        let entry = self.slots.lookup(&[&key]).await.pop().flatten()?;
+        let Some(entry) = self.slots.lookup(&[&key]).await.pop().flatten() else {
+            return Ok(None);
+        };
         if range.start >= entry.len as usize {
-            return None;
+            return Ok(None);
         }
-        let bytes = self.read_slot_range(&key, &entry, range).await?;
+        permit.await?;
+        let Some(bytes) = self.read_slot_range(&key, &entry, range).await else {
+            return Ok(None);
+        };
         self.counters.disk_hits.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_from_disk
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Some(bytes)
+        Ok(Some(bytes))
     }
 
     /// Fetches our misses in runs of consecutive blocks, wakes the waiters, caches the blocks.
@@ -637,6 +746,72 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_gated_read_asks_its_permit_only_for_what_it_did_not_fetch() {
+        use crate::store::StoreError;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), EnginePreference::ThreadPool);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let permit = |answer: StoreResult<()>| {
+            let asked = asked.clone();
+            async move {
+                asked.fetch_add(1, Ordering::SeqCst);
+                answer
+            }
+        };
+        let denied = || Err(StoreError::AccessDenied("403".into()));
+        let obj = object();
+        // Nothing cached: the permit is never asked (a refusing one changes nothing).
+        let got = cache
+            .read_blocks_gated(&obj, 0, 2, 10_000, source(calls.clone()), permit(denied()))
+            .await
+            .unwrap();
+        assert_eq!(got.concat().len(), 2 * 4096);
+        assert_eq!(asked.load(Ordering::SeqCst), 0);
+        // Cached: refused, nothing is returned and no hit is counted, in either call.
+        let before = cache.stats();
+        let err = cache
+            .read_blocks_gated(&obj, 0, 3, 10_000, source(calls.clone()), permit(denied()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AccessDenied(_)), "{err:?}");
+        let err = cache
+            .read_cached_range(&obj, 1, 10..20, permit(denied()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AccessDenied(_)), "{err:?}");
+        let after = cache.stats();
+        assert_eq!(
+            (after.memory_hits, after.disk_hits, after.bytes_from_memory),
+            (
+                before.memory_hits,
+                before.disk_hits,
+                before.bytes_from_memory
+            )
+        );
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+        // Allowed: asked once per call, however many blocks are cached.
+        let got = cache
+            .read_blocks_gated(&obj, 0, 2, 10_000, source(calls.clone()), permit(Ok(())))
+            .await
+            .unwrap();
+        assert_eq!(got.concat().len(), 2 * 4096);
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+        let range = cache
+            .read_cached_range(&obj, 1, 10..20, permit(Ok(())))
+            .await
+            .unwrap();
+        assert_eq!(range.unwrap().len(), 10);
+        // A miss of the cached-range path asks nothing.
+        let miss = cache
+            .read_cached_range(&obj, 7, 0..10, permit(denied()))
+            .await
+            .unwrap();
+        assert!(miss.is_none());
+        assert_eq!(asked.load(Ordering::SeqCst), 4);
     }
 
     #[test]

@@ -124,6 +124,8 @@ fn volume_config(
             block_size: cache.block_size,
             max_window: engine.max_prefetch,
             max_concurrent_gets: engine.max_gets,
+            // Cached blocks are served for as long as what the store said is trusted.
+            read_proof_ttl: metadata_ttl,
             ..PrefetchConfig::default()
         },
         metadata_ttl,

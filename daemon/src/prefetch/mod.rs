@@ -6,12 +6,18 @@
 //! concurrently in the background, as many as the window says and the memory budget allows.
 //! Blocks a reader has passed are dropped at once, and a handle's in-flight GETs are cancelled
 //! when it is closed.
+//!
+//! Blocks the node cache holds may have been cached by another volume, with other credentials:
+//! they are served only once this volume's own credentials read that object version (see
+//! [`proofs`]).
 
+mod proofs;
 mod window;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -21,6 +27,7 @@ use tokio::task::AbortHandle;
 use crate::cache::{nth_block, BlockCache, ObjectId};
 use crate::memory::{MemoryLimiter, Reservation};
 use crate::store::{ObjectStore, StoreError, StoreResult};
+use proofs::{ReadProofs, Version, MAX_PROOFS};
 pub use window::{Access, Window};
 
 #[derive(Clone, Debug)]
@@ -32,6 +39,10 @@ pub struct PrefetchConfig {
     pub max_concurrent_gets: usize,
     /// Consecutive blocks wanted at once are fetched with one GET of up to this size.
     pub max_get_size: u64,
+    /// How long a proof that this volume may read an object version lets it be served that
+    /// version's blocks from the node cache: the metadata TTL (`None`: forever, as in
+    /// read-only dataset mode).
+    pub read_proof_ttl: Option<Duration>,
 }
 
 impl Default for PrefetchConfig {
@@ -41,6 +52,8 @@ impl Default for PrefetchConfig {
             max_window: 64 << 20,
             max_concurrent_gets: 32,
             max_get_size: 8 << 20,
+            // The default metadata TTL.
+            read_proof_ttl: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -52,6 +65,8 @@ pub struct Fetcher {
     gets: Arc<Semaphore>,
     config: PrefetchConfig,
     cache: Option<NodeCache>,
+    /// The object versions this volume's credentials were seen reading.
+    proofs: ReadProofs,
 }
 
 /// The node cache and the name this store has in it.
@@ -73,6 +88,7 @@ impl Fetcher {
             store,
             memory,
             gets: Arc::new(Semaphore::new(config.max_concurrent_gets.max(1))),
+            proofs: ReadProofs::new(config.read_proof_ttl, MAX_PROOFS),
             config,
             cache,
         })
@@ -89,7 +105,9 @@ impl Fetcher {
     }
 
     /// Blocks `first..first + count` of an object: through the node cache when there is one
-    /// (and the object has an ETag to key it by), else with one GET split into blocks.
+    /// (and the object has an ETag to key it by), else with one GET split into blocks. Blocks
+    /// this call did not fetch itself come from the cache only with a read proof (see
+    /// [`Self::permit`]); a GET of ours that succeeds is one.
     async fn blocks(
         self: Arc<Self>,
         key: Arc<str>,
@@ -107,11 +125,17 @@ impl Fetcher {
             };
             let fetch = |range: Range<u64>| {
                 let (me, key, etag) = (self.clone(), key.clone(), etag.clone());
-                async move { me.get(&key, range, Some(&etag)).await }.boxed()
+                async move {
+                    let bytes = me.get(&key, range, Some(&etag)).await?;
+                    me.proofs.record((key, etag));
+                    Ok(bytes)
+                }
+                .boxed()
             };
+            let permit = self.clone().permit(key.clone(), etag.clone());
             let blocks = node
                 .cache
-                .read_blocks(&obj, first, count, size, fetch)
+                .read_blocks_gated(&obj, first, count, size, fetch, permit)
                 .await?;
             return Ok(Arc::new(blocks));
         }
@@ -121,6 +145,49 @@ impl Fetcher {
             .map(|n| nth_block(&whole, n, bs))
             .collect();
         Ok(Arc::new(blocks))
+    }
+
+    /// `range` of block `index` of `id` if the node cache holds it (`Ok(None)` on a miss),
+    /// served only with a read proof, like [`Self::blocks`].
+    async fn cached_range(
+        self: &Arc<Self>,
+        id: &ObjectId,
+        index: u64,
+        range: Range<usize>,
+    ) -> StoreResult<Option<Bytes>> {
+        let Some(node) = &self.cache else {
+            return Ok(None);
+        };
+        let permit = self.clone().permit(id.key.clone(), id.etag.clone());
+        node.cache.read_cached_range(id, index, range, permit).await
+    }
+
+    /// Succeeds once this volume's credentials are known to read `key` at `etag`: at once
+    /// with a fresh proof (an earlier GET of ours, or an earlier proof), else after one
+    /// conditional GET of the object's first byte (If-Match `etag`), shared by every reader
+    /// asking at the same time. A GET, not a HEAD: it is the very permission a cache miss
+    /// would need, whatever the store thinks HEAD requires. Refused (AccessDenied: EACCES
+    /// above) or changed (a new ETag: `Changed`), nothing from the cache is served.
+    async fn permit(self: Arc<Self>, key: Arc<str>, etag: Arc<str>) -> StoreResult<()> {
+        let version: Version = (key, etag);
+        let me = self.clone();
+        let (key, etag) = version.clone();
+        self.proofs
+            .ensure(&version, move || {
+                async move {
+                    let result = me.get(&key, 0..1, Some(&etag)).await.map(|_| ());
+                    if let Err(StoreError::AccessDenied(detail)) = &result {
+                        tracing::warn!(
+                            key = %key,
+                            detail = %detail,
+                            "this volume's credentials may not read the object: blocks other volumes cached are not served"
+                        );
+                    }
+                    result
+                }
+                .boxed()
+            })
+            .await
     }
 }
 
@@ -231,11 +298,9 @@ impl ObjectReader {
                 // A small random read of a cached block: read just its bytes.
                 let block_start = first * bs;
                 let range = (offset - block_start) as usize..(end - block_start) as usize;
-                if let Some(node) = &self.fetcher.cache {
-                    if let Some(bytes) = node.cache.read_cached_range(&id, first, range).await {
-                        if bytes.len() as u64 == end - offset {
-                            return Ok(vec![bytes]);
-                        }
+                if let Some(bytes) = self.fetcher.cached_range(&id, first, range).await? {
+                    if bytes.len() as u64 == end - offset {
+                        return Ok(vec![bytes]);
                     }
                 }
                 self.demand_blocks(first, last)
@@ -445,6 +510,7 @@ mod tests {
             max_window: 64 * 4096,
             max_concurrent_gets: 4,
             max_get_size: 4 * 4096,
+            ..PrefetchConfig::default()
         };
         let fetcher = Fetcher::new(store, memory.clone(), config, None);
         let reader = ObjectReader::new(fetcher, "obj", info.etag.as_deref(), info.size);
@@ -502,11 +568,40 @@ mod tests {
         assert_eq!(memory.used(), 0, "closing the handle frees everything");
     }
 
-    /// A remote-like store over a local directory: no `open_local`, and it counts the bytes
-    /// its GETs return.
+    /// A remote-like store over a local directory: no `open_local`; it counts the bytes its
+    /// GETs return, its block GETs and its read proofs (GETs of the first byte), and refuses
+    /// every GET (AccessDenied) while `deny` is set: the credentials of a volume that may list
+    /// the bucket but not read its objects.
     struct Counting {
         inner: Arc<dyn ObjectStore>,
         bytes: std::sync::atomic::AtomicU64,
+        gets: std::sync::atomic::AtomicU64,
+        proofs: std::sync::atomic::AtomicU64,
+        deny: std::sync::atomic::AtomicBool,
+    }
+
+    impl Counting {
+        fn over(inner: Arc<dyn ObjectStore>) -> Arc<Counting> {
+            Arc::new(Counting {
+                inner,
+                bytes: Default::default(),
+                gets: Default::default(),
+                proofs: Default::default(),
+                deny: Default::default(),
+            })
+        }
+
+        fn denying(inner: Arc<dyn ObjectStore>) -> Arc<Counting> {
+            let store = Counting::over(inner);
+            store.deny.store(true, std::sync::atomic::Ordering::SeqCst);
+            store
+        }
+
+        /// (block GETs, proofs) so far.
+        fn calls(&self) -> (u64, u64) {
+            use std::sync::atomic::Ordering::SeqCst;
+            (self.gets.load(SeqCst), self.proofs.load(SeqCst))
+        }
     }
 
     #[async_trait::async_trait]
@@ -526,6 +621,16 @@ mod tests {
             range: Range<u64>,
             etag: Option<&str>,
         ) -> StoreResult<Bytes> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let counter = if range == (0..1) {
+                &self.proofs
+            } else {
+                &self.gets
+            };
+            counter.fetch_add(1, SeqCst);
+            if self.deny.load(SeqCst) {
+                return Err(StoreError::AccessDenied("HTTP 403 AccessDenied".into()));
+            }
             let got = self.inner.get_range(key, range, etag).await?;
             self.bytes
                 .fetch_add(got.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -579,10 +684,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("obj"), &data).unwrap();
         let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let store = Arc::new(Counting {
-            inner: local,
-            bytes: Default::default(),
-        });
+        let store = Counting::over(local);
         let info = store.head("obj").await.unwrap();
         let config = PrefetchConfig {
             block_size: 64 << 10,
@@ -639,5 +741,242 @@ mod tests {
         std::fs::write(dir.path().join("obj"), pattern(100_001)).unwrap();
         let err = reader.read(50_000, 10).await.unwrap_err();
         assert!(matches!(err, StoreError::Changed), "{err:?}");
+    }
+
+    /// One node cache (memory tier of `memory` bytes, a disk tier) over one local object
+    /// "obj", and volumes made of stores over it: every volume sees the same cache keys, as
+    /// volumes of one bucket do on a node.
+    struct Node {
+        cache: Arc<BlockCache>,
+        local: Arc<dyn ObjectStore>,
+        data: Vec<u8>,
+        etag: String,
+        dirs: (tempfile::TempDir, tempfile::TempDir),
+    }
+
+    const BS: u64 = 4096;
+
+    impl Node {
+        async fn new(memory: u64) -> Node {
+            let src = tempfile::tempdir().unwrap();
+            let data = pattern(10 * BS as usize + 1234);
+            std::fs::write(src.path().join("obj"), &data).unwrap();
+            let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(src.path()).unwrap());
+            let etag = local.head("obj").await.unwrap().etag.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let cache = BlockCache::open(&crate::cache::CacheConfig {
+                disk: crate::cache::DiskTier::Dir {
+                    dir: dir.path().to_path_buf(),
+                    size: 64 * BS,
+                },
+                block_size: BS,
+                memory,
+                engine: crate::cache::EnginePreference::ThreadPool,
+                wait_for_disk: true,
+            })
+            .unwrap();
+            Node {
+                cache,
+                local,
+                data,
+                etag,
+                dirs: (src, dir),
+            }
+        }
+
+        fn volume(&self, store: Arc<Counting>, ttl: Option<Duration>) -> Arc<Fetcher> {
+            let config = PrefetchConfig {
+                block_size: BS,
+                max_window: 16 * BS,
+                max_concurrent_gets: 4,
+                max_get_size: 4 * BS,
+                read_proof_ttl: ttl,
+            };
+            let node = NodeCache {
+                cache: self.cache.clone(),
+                store_id: Arc::from("s3|http://store|bucket"),
+            };
+            Fetcher::new(store, MemoryLimiter::new(1 << 30), config, Some(node))
+        }
+
+        fn open(&self, volume: &Arc<Fetcher>) -> ObjectReader {
+            let size = self.data.len() as u64;
+            ObjectReader::new(volume.clone(), "obj", Some(&self.etag), size)
+        }
+
+        /// Reads the whole object through a new handle of `volume`, 10 000 bytes at a time.
+        async fn read_all(&self, volume: &Arc<Fetcher>) -> StoreResult<Vec<u8>> {
+            let reader = self.open(volume);
+            let mut out = Vec::new();
+            while (out.len() as u64) < reader.size() {
+                out.extend(concat(reader.read(out.len() as u64, 10_000).await?));
+            }
+            Ok(out)
+        }
+
+        /// Blocks and bytes the cache served from either tier so far.
+        fn served(&self) -> (u64, u64) {
+            let s = self.cache.stats();
+            (
+                s.memory_hits + s.disk_hits,
+                s.bytes_from_memory + s.bytes_from_disk,
+            )
+        }
+    }
+
+    const TTL: Option<Duration> = Some(Duration::from_secs(60));
+
+    #[tokio::test]
+    async fn another_volume_is_served_cached_blocks_after_one_proof_of_its_own() {
+        let node = Node::new(1 << 20).await;
+        let a_store = Counting::over(node.local.clone());
+        let a = node.volume(a_store.clone(), TTL);
+        assert_eq!(node.read_all(&a).await.unwrap(), node.data);
+        let (a_gets, a_proofs) = a_store.calls();
+        assert!(a_gets > 0, "the first reader fetches from the store");
+        // A volume that fetched the blocks itself needs no proof to be served them again.
+        assert_eq!(node.read_all(&a).await.unwrap(), node.data);
+        let random = node.open(&a).read(5 * BS + 17, 100).await.unwrap();
+        assert_eq!(concat(random), &node.data[5 * BS as usize + 17..][..100]);
+        assert_eq!(a_store.calls(), (a_gets, a_proofs));
+        assert_eq!(a_proofs, 0);
+
+        let b_store = Counting::over(node.local.clone());
+        let b = node.volume(b_store.clone(), TTL);
+        let (one, two) = tokio::join!(node.read_all(&b), node.read_all(&b));
+        assert_eq!(one.unwrap(), node.data);
+        assert_eq!(two.unwrap(), node.data);
+        assert_eq!(
+            b_store.calls(),
+            (0, 1),
+            "one proof, shared, and no block GET"
+        );
+        // The proof is reused within the TTL, on every path that serves cached bytes.
+        assert_eq!(node.read_all(&b).await.unwrap(), node.data);
+        let random = node.open(&b).read(7 * BS + 5, 300).await.unwrap();
+        assert_eq!(concat(random), &node.data[7 * BS as usize + 5..][..300]);
+        let across = node.open(&b).read(3 * BS - 10, 20).await.unwrap();
+        assert_eq!(concat(across), &node.data[3 * BS as usize - 10..][..20]);
+        assert_eq!(b_store.calls(), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_run_partly_cached_is_proved_by_its_own_get() {
+        let node = Node::new(1 << 20).await;
+        // Blocks 0 and 1 cached by someone else (another volume, or `berth warm`).
+        let obj = ObjectId {
+            store: Arc::from("s3|http://store|bucket"),
+            key: Arc::from("obj"),
+            etag: Arc::from(node.etag.as_str()),
+        };
+        let local = node.local.clone();
+        let fetch = move |range: Range<u64>| {
+            let local = local.clone();
+            async move { local.get_range("obj", range, None).await }.boxed()
+        };
+        let size = node.data.len() as u64;
+        node.cache
+            .read_blocks(&obj, 0, 2, size, fetch)
+            .await
+            .unwrap();
+        // One read of blocks 0..4: two cached, two fetched with one GET of b's own, which is
+        // all the proof the cached two need.
+        let b_store = Counting::over(node.local.clone());
+        let b = node.volume(b_store.clone(), TTL);
+        let got = node.open(&b).read(0, 4 * BS).await.unwrap();
+        assert_eq!(concat(got), &node.data[..4 * BS as usize]);
+        let (gets, proofs) = b_store.calls();
+        assert!(gets >= 1, "blocks 2 and 3 come from the store");
+        assert_eq!(proofs, 0, "no proof request on top of b's own GET");
+        assert!(
+            node.cache.stats().memory_hits >= 2,
+            "blocks 0 and 1 came from the cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proof_is_asked_for_again_once_the_ttl_has_passed() {
+        let node = Node::new(1 << 20).await;
+        let a = node.volume(Counting::over(node.local.clone()), TTL);
+        node.read_all(&a).await.unwrap();
+        let b_store = Counting::over(node.local.clone());
+        let b = node.volume(b_store.clone(), Some(Duration::from_millis(200)));
+        node.read_all(&b).await.unwrap();
+        node.read_all(&b).await.unwrap();
+        assert_eq!(b_store.calls(), (0, 1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(node.read_all(&b).await.unwrap(), node.data);
+        assert_eq!(
+            b_store.calls(),
+            (0, 2),
+            "an expired proof is asked for again"
+        );
+        // Without a TTL (read-only dataset mode) a proof lasts.
+        let c_store = Counting::over(node.local.clone());
+        let c = node.volume(c_store.clone(), None);
+        node.read_all(&c).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        node.read_all(&c).await.unwrap();
+        assert_eq!(c_store.calls(), (0, 1));
+    }
+
+    /// A volume whose credentials may list but not read: every read fails with EACCES and no
+    /// byte of what another volume cached reaches it, from the memory tier or the disk tier,
+    /// whichever way the read asks the cache.
+    async fn refused_volume(memory: u64) {
+        let node = Node::new(memory).await;
+        let a = node.volume(Counting::over(node.local.clone()), TTL);
+        assert_eq!(node.read_all(&a).await.unwrap(), node.data);
+        node.cache.drain_writes().await;
+        let served = node.served();
+
+        let b_store = Counting::denying(node.local.clone());
+        let b = node.volume(b_store.clone(), TTL);
+        let reads = [
+            (0, 10_000),         // sequential from the start: whole blocks
+            (6 * BS + 100, 200), // random within one block: just those bytes
+            (2 * BS - 10, 20),   // random across two blocks
+        ];
+        for (offset, len) in reads {
+            let err = node.open(&b).read(offset, len).await.unwrap_err();
+            assert!(matches!(err, StoreError::AccessDenied(_)), "{err:?}");
+            assert_eq!(err.errno(), libc::EACCES);
+        }
+        assert_eq!(node.served(), served, "no cached block was served to b");
+        let (gets, proofs) = b_store.calls();
+        assert!(proofs >= 1, "b asked the store for itself");
+        assert_eq!(gets, 0, "all of it was cached: no block GET was needed");
+        // Refusals are not remembered; the volume that may read still reads.
+        let again = node.open(&b).read(0, 10).await.unwrap_err();
+        assert!(matches!(again, StoreError::AccessDenied(_)), "{again:?}");
+        assert!(b_store.calls().1 > proofs, "a refusal is asked again");
+        assert_eq!(node.read_all(&a).await.unwrap(), node.data);
+    }
+
+    #[tokio::test]
+    async fn a_refused_volume_gets_eacces_and_no_byte_from_the_memory_tier() {
+        refused_volume(1 << 20).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_volume_gets_eacces_and_no_byte_from_the_disk_tier() {
+        refused_volume(0).await;
+    }
+
+    #[tokio::test]
+    async fn a_proof_of_a_changed_object_fails_like_a_read_of_it() {
+        let node = Node::new(1 << 20).await;
+        let a = node.volume(Counting::over(node.local.clone()), TTL);
+        node.read_all(&a).await.unwrap();
+        // The object changes; b still has the old ETag (from a listing, say).
+        std::thread::sleep(Duration::from_millis(10));
+        let src = node.dirs.0.path().join("obj");
+        std::fs::write(src, pattern(node.data.len() + 1)).unwrap();
+        let b_store = Counting::over(node.local.clone());
+        let b = node.volume(b_store.clone(), TTL);
+        let err = node.open(&b).read(0, 100).await.unwrap_err();
+        assert!(matches!(err, StoreError::Changed), "{err:?}");
+        let (gets, proofs) = b_store.calls();
+        assert!(gets == 0 && proofs >= 1, "{gets} GETs, {proofs} proofs");
     }
 }

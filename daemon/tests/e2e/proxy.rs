@@ -1,6 +1,9 @@
 //! A counting TCP proxy in front of the S3 server: forwards bytes both ways untouched and
 //! counts the object GETs it sees (requests with a `Range` header or on an object path, but
 //! not listings), so a test can prove that a read was served without going to the store.
+//! GETs of just the first byte (`Range: bytes=0-0`) are counted apart: they are the read
+//! proofs a volume makes before it is served blocks it did not fetch itself (docs/cache.md),
+//! and carry no block.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -13,6 +16,7 @@ use anyhow::{Context, Result};
 pub struct CountingProxy {
     port: u16,
     gets: Arc<AtomicU64>,
+    proofs: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
 }
@@ -27,23 +31,25 @@ impl CountingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the proxy")?;
         let port = listener.local_addr()?.port();
         let gets = Arc::new(AtomicU64::new(0));
+        let proofs = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (g, s) = (gets.clone(), stop.clone());
+        let (g, p, s) = (gets.clone(), proofs.clone(), stop.clone());
         let accept = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Acquire) {
                     return;
                 }
                 let Ok(client) = conn else { continue };
-                let (target, g) = (target.clone(), g.clone());
+                let (target, g, p) = (target.clone(), g.clone(), p.clone());
                 std::thread::spawn(move || {
-                    let _ = relay(client, &target, &g);
+                    let _ = relay(client, &target, &g, &p);
                 });
             }
         });
         Ok(CountingProxy {
             port,
             gets,
+            proofs,
             stop,
             accept: Some(accept),
         })
@@ -53,9 +59,14 @@ impl CountingProxy {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Object GETs seen so far.
+    /// Object GETs seen so far, read proofs not included.
     pub fn gets(&self) -> u64 {
         self.gets.load(Ordering::Acquire)
+    }
+
+    /// Read proofs (GETs of an object's first byte only) seen so far.
+    pub fn proofs(&self) -> u64 {
+        self.proofs.load(Ordering::Acquire)
     }
 }
 
@@ -71,7 +82,7 @@ impl Drop for CountingProxy {
 }
 
 /// Copies server -> client raw; parses client -> server requests to count GETs.
-fn relay(client: TcpStream, target: &str, gets: &AtomicU64) -> Result<()> {
+fn relay(client: TcpStream, target: &str, gets: &AtomicU64, proofs: &AtomicU64) -> Result<()> {
     let server = TcpStream::connect(target)?;
     let (mut server_r, mut client_w) = (server.try_clone()?, client.try_clone()?);
     let back = std::thread::spawn(move || {
@@ -84,6 +95,7 @@ fn relay(client: TcpStream, target: &str, gets: &AtomicU64) -> Result<()> {
         let mut head = Vec::new();
         let mut content_length = 0usize;
         let mut is_get = false;
+        let mut first_byte_only = false;
         let mut first = true;
         loop {
             let mut line = String::new();
@@ -104,12 +116,17 @@ fn relay(client: TcpStream, target: &str, gets: &AtomicU64) -> Result<()> {
             if let Some(v) = lower.strip_prefix("content-length:") {
                 content_length = v.trim().parse().unwrap_or(0);
             }
+            if let Some(v) = lower.strip_prefix("range:") {
+                first_byte_only = v.trim() == "bytes=0-0";
+            }
             head.extend_from_slice(line.as_bytes());
             if line == "\r\n" {
                 break;
             }
         }
-        if is_get {
+        if is_get && first_byte_only {
+            proofs.fetch_add(1, Ordering::AcqRel);
+        } else if is_get {
             gets.fetch_add(1, Ordering::AcqRel);
         }
         server_w.write_all(&head)?;

@@ -17,6 +17,10 @@ use crate::util::{self, tail_file};
 
 pub const ACCESS_KEY: &str = "berthe2eaccess";
 pub const SECRET_KEY: &str = "berthe2esecretkey0123456789";
+/// A second identity that may list every bucket but read no object (SeaweedFS action `List`
+/// only; HEAD and GET of an object are refused with 403 AccessDenied).
+pub const LIST_ONLY_ACCESS_KEY: &str = "berthe2elistonly";
+pub const LIST_ONLY_SECRET_KEY: &str = "berthe2elistonlysecret98765";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -327,7 +331,7 @@ impl Drop for Seaweed {
 
 fn s3_config() -> String {
     format!(
-        r#"{{"identities":[{{"name":"berth-e2e","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+        r#"{{"identities":[{{"name":"berth-e2e","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}},{{"name":"berth-e2e-list-only","credentials":[{{"accessKey":"{LIST_ONLY_ACCESS_KEY}","secretKey":"{LIST_ONLY_SECRET_KEY}"}}],"actions":["List"]}}]}}"#
     )
 }
 

@@ -601,7 +601,8 @@ pub fn two_mounts_share_blocks() -> Result<()> {
 }
 
 /// `berth warm s3://... --cache-socket` fills a daemon's node cache: a volume the daemon mounts
-/// afterwards reads the warmed objects without one object GET.
+/// afterwards reads the warmed objects without one block GET (only the one-byte read proofs
+/// of its own credentials).
 pub fn warm_into_the_node_cache() -> Result<()> {
     let server = shared_server()?;
     let bucket = server.bucket("warm-node")?;
@@ -655,12 +656,173 @@ fn warm_node_flow(
             ..Default::default()
         }),
     )?;
+    let proofs = proxy.proofs();
     for (k, d) in files {
         ensure_same_bytes(k, &read_file(target.join(k))?, d)?;
     }
     no_new_gets(proxy, warmed, "reads after warming the node cache")?;
+    // The volume did not fetch what warm cached: its own credentials were asked, with a
+    // one-byte GET per object, before it was served the blocks.
+    ensure!(
+        proxy.proofs() > proofs,
+        "the volume was served warmed blocks without proving it may read them"
+    );
     crate::util::rt().block_on(c.unmount_volume(pb::UnmountVolumeRequest {
         target_path: target.display().to_string(),
     }))?;
+    Ok(())
+}
+
+/// Audit finding H1: the node cache serves a block to a volume only once that volume's own
+/// credentials were accepted for the object. Two volumes of one bucket through one daemon (one
+/// node cache): `a` may read; `b`'s identity may list the bucket but read no object (SeaweedFS
+/// action `List` only). After `ls`, `b` sees the file `a` cached, with its size, but reading it
+/// fails with EACCES: not one byte comes back, and `b`'s cache serves it no block.
+pub fn list_only_volume_reads_no_cached_block() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("list-only")?;
+    let data = random_bytes(0x1157, 3 * MIB + 5);
+    bucket.put("private.bin", data.clone())?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().canonicalize()?;
+    let result = list_only_flow(&dir, &server.endpoint(), &bucket.name, &data);
+    berth::sys::mounts::unmount_below(&dir);
+    result
+}
+
+fn list_only_flow(dir: &Path, endpoint: &str, bucket: &str, data: &[u8]) -> Result<()> {
+    use super::daemon::{cache_of, status_of, Daemon};
+    use crate::seaweed::{ACCESS_KEY, LIST_ONLY_ACCESS_KEY, LIST_ONLY_SECRET_KEY, SECRET_KEY};
+    use crate::util::rt;
+    use berth::api::pb;
+    use std::io::Read as _;
+    use std::os::unix::fs::FileExt as _;
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+    let daemon = Daemon::start(dir, &["--cache-size", &format!("{CACHE_MIB}MiB")])?;
+    let mut c = daemon.client()?;
+    let mount = |target: &Path, (key, secret): (&str, &str)| pb::MountVolumeRequest {
+        source: format!("s3://{bucket}"),
+        target_path: target.display().to_string(),
+        volume_id: target.display().to_string(),
+        // Read-only: metadata (and read proofs) are trusted for the life of the mount.
+        options: [
+            ("endpoint-url".to_string(), endpoint.to_string()),
+            ("read-only".to_string(), "true".to_string()),
+        ]
+        .into(),
+        secrets: [
+            ("accessKeyId".to_string(), key.to_string()),
+            ("secretAccessKey".to_string(), secret.to_string()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let (a, b) = (dir.join("pods/a"), dir.join("pods/b"));
+    rt().block_on(c.mount_volume(mount(&a, (ACCESS_KEY, SECRET_KEY))))?;
+    rt().block_on(c.mount_volume(mount(&b, (LIST_ONLY_ACCESS_KEY, LIST_ONLY_SECRET_KEY))))?;
+    let volume_at = |target: &Path| -> Result<pb::VolumeInfo> {
+        daemon
+            .volumes()?
+            .into_iter()
+            .find(|v| v.targets == [target.display().to_string()])
+            .with_context(|| format!("no volume at {}", target.display()))
+    };
+    ensure!(
+        volume_at(&a)?.pid != volume_at(&b)?.pid,
+        "two volumes, two mount processes"
+    );
+
+    // a reads the file: the node cache holds its blocks.
+    ensure_same_bytes("a's read", &read_file(a.join("private.bin"))?, data)?;
+    let blocks = data.len().div_ceil(MIB) as u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = rt()
+            .block_on(c.clone().stats(pb::StatsRequest {}))?
+            .into_inner();
+        if stats.cache_blocks >= blocks {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "a's blocks never reached the node cache: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // b lists the bucket and learns the key, the size (and the ETag) from LIST alone.
+    let names: Vec<String> = std::fs::read_dir(&b)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    ensure!(names == ["private.bin"], "b lists {names:?}");
+    let size = std::fs::metadata(b.join("private.bin"))?.len();
+    ensure!(size == data.len() as u64, "b sees size {size}");
+
+    // ... but reading it is refused, from the start and in the middle, and nothing comes back.
+    let mut file = std::fs::File::open(b.join("private.bin"))?;
+    let mut buf = vec![0x5au8; 256 * 1024];
+    let first = file.read(&mut buf);
+    ensure!(
+        first.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EACCES),
+        "b's read from the start: {:?} (want EACCES)",
+        first.map(|n| format!("{n} bytes"))
+    );
+    let middle = file.read_at(&mut buf[..4096], 2 * MIB as u64 + 100);
+    ensure!(
+        middle.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EACCES),
+        "b's read in the middle: {:?} (want EACCES)",
+        middle.map(|n| format!("{n} bytes"))
+    );
+    ensure!(buf.iter().all(|&x| x == 0x5a), "bytes reached b's buffer");
+    drop(file);
+    let whole = std::fs::read(b.join("private.bin"));
+    ensure!(
+        whole.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EACCES),
+        "b read {:?} bytes (want EACCES)",
+        whole.map(|d| d.len())
+    );
+    let refused_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+
+    // b's own counters, published after the refusals: no block served from either tier.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let b_status = loop {
+        let status = status_of(&volume_at(&b)?);
+        if status.as_ref().is_some_and(|s| s.updated_unix > refused_at) {
+            break status.context("no status")?;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "b's status was not refreshed: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let b_cache = b_status.cache.context("volume b reports no cache")?;
+    ensure!(
+        b_cache.memory_hits == 0
+            && b_cache.disk_hits == 0
+            && b_cache.bytes_from_memory == 0
+            && b_cache.bytes_from_disk == 0
+            && b_cache.bytes_from_store == 0,
+        "b was served cached blocks: {b_cache:?}"
+    );
+    let logs = daemon.logs();
+    ensure!(
+        logs.contains("may not read the object") && logs.contains("private.bin"),
+        "the refusal was not logged with its key"
+    );
+    for secret in [SECRET_KEY, LIST_ONLY_SECRET_KEY] {
+        ensure!(!logs.contains(secret), "a secret reached the log");
+    }
+
+    // a is unaffected.
+    ensure_same_bytes("a's second read", &read_file(a.join("private.bin"))?, data)?;
+    let a_cache = cache_of(&volume_at(&a)?).context("volume a reports no cache")?;
+    ensure!(a_cache.bytes_from_store > 0, "{a_cache:?}");
+    for target in [&a, &b] {
+        rt().block_on(c.unmount_volume(pb::UnmountVolumeRequest {
+            target_path: target.display().to_string(),
+        }))?;
+    }
     Ok(())
 }

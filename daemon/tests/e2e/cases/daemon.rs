@@ -188,10 +188,13 @@ fn restart_flow(dir: &Path, src: &Path, target: &Path, publish: &Path) -> Result
 }
 
 /// A volume's cache counters, as its mount process last reported them.
-fn cache_of(v: &pb::VolumeInfo) -> Option<berth::cache::CacheStats> {
-    serde_json::from_str::<berth::status::MountStatus>(&v.status_json)
-        .ok()?
-        .cache
+pub(super) fn cache_of(v: &pb::VolumeInfo) -> Option<berth::cache::CacheStats> {
+    status_of(v)?.cache
+}
+
+/// A volume's status, as its mount process last reported it.
+pub(super) fn status_of(v: &pb::VolumeInfo) -> Option<berth::status::MountStatus> {
+    serde_json::from_str(&v.status_json).ok()
 }
 
 fn mount_req(src: &Path, target: &Path, options: &[(&str, &str)]) -> pb::MountVolumeRequest {

@@ -71,6 +71,11 @@ pub fn all() -> Vec<Case> {
             cache::two_mounts_share_blocks,
         ),
         case(
+            "cache::list_only_volume_reads_no_cached_block",
+            s3,
+            cache::list_only_volume_reads_no_cached_block,
+        ),
+        case(
             "namespace::unlink_mkdir_rmdir",
             s3,
             namespace::unlink_mkdir_rmdir,
