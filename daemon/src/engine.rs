@@ -24,6 +24,7 @@ use crate::fuse::{protocol, worker};
 use crate::heal::handoff::{self, Hello, MountHandoff, ShareSocket, ToEngine, ToHolder};
 use crate::memory::MemoryLimiter;
 use crate::namespace::Namespace;
+use crate::sandbox::{self, SandboxPolicy};
 use crate::state;
 use crate::status::{HolderFacts, Publisher, Reported};
 use crate::virtiofs::EngineShare;
@@ -59,7 +60,7 @@ struct Served {
 
 /// `berth engine` (started by a holder, never by hand): serves the connections the holder
 /// hands over on `handoff_fd`, with the volume settings of the mount's command line.
-pub fn run(handoff_fd: RawFd, config: VolumeConfig) -> anyhow::Result<()> {
+pub fn run(handoff_fd: RawFd, config: VolumeConfig, policy: SandboxPolicy) -> anyhow::Result<()> {
     // SAFETY: the holder passed this fd for us alone (see holder::spawn_engine).
     let sock = UnixStream::from(unsafe { handoff::adopt_fd(handoff_fd) });
     let (message, fds) = handoff::recv::<ToEngine>(&sock).context("reading the holder's hello")?;
@@ -69,6 +70,10 @@ pub fn run(handoff_fd: RawFd, config: VolumeConfig) -> anyhow::Result<()> {
     let started = Instant::now();
     let (events_tx, events) = mpsc::channel();
     let reply = Arc::new(Mutex::new(sock.try_clone()?));
+    // Still one thread: every thread started from here on inherits the dropped capabilities.
+    if let Err(e) = sandbox::drop_privileges(&policy, sandbox::ENGINE_CAPS) {
+        fail(&reply, format!("sandbox: {e}"));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("berth-io")
@@ -77,15 +82,10 @@ pub fn run(handoff_fd: RawFd, config: VolumeConfig) -> anyhow::Result<()> {
     let memory = MemoryLimiter::new(config.memory_limit);
     let facts = Arc::new(Mutex::new(hello.facts.clone()));
     let served = match start(
-        &rt, &config, &hello, fds, &memory, &facts, &reply, &events_tx,
+        &rt, &config, &hello, fds, &memory, &facts, &reply, &events_tx, &policy,
     ) {
         Ok(s) => s,
-        Err(e) => {
-            let error = format!("{e:#}");
-            let _ = send(&reply, &ToHolder::Failed { error });
-            // The holder reports the error; exit without printing it twice.
-            std::process::exit(1);
-        }
+        Err(e) => fail(&reply, format!("{e:#}")),
     };
     for s in &served {
         s.status.spawn_refresh(rt.handle());
@@ -106,6 +106,13 @@ pub fn run(handoff_fd: RawFd, config: VolumeConfig) -> anyhow::Result<()> {
     serve_until_end(served, events, &reply, &facts)
 }
 
+/// Tells the holder why this engine cannot serve, and exits (the holder reports the error;
+/// it is not printed twice).
+fn fail(reply: &Mutex<UnixStream>, error: String) -> ! {
+    let _ = send(reply, &ToHolder::Failed { error });
+    std::process::exit(1);
+}
+
 fn send(reply: &Mutex<UnixStream>, message: &ToHolder) -> anyhow::Result<()> {
     let sock = reply.lock().unwrap_or_else(|e| e.into_inner());
     handoff::send(&sock, message, &[]).context("writing to the holder")
@@ -122,6 +129,7 @@ fn start(
     facts: &Arc<Mutex<HolderFacts>>,
     reply: &Arc<Mutex<UnixStream>>,
     events: &Sender<EngineEvent>,
+    policy: &SandboxPolicy,
 ) -> anyhow::Result<Vec<Served>> {
     let expected: usize = hello
         .mounts
@@ -152,6 +160,14 @@ fn start(
                 .context("resuming FUSE INIT")?;
         }
         prepared.push((index, m, queues, shared, listeners, volume));
+    }
+    // Set up: from here on this engine reads requests, and guest input, in its sandbox.
+    let io_uring = cache
+        .as_ref()
+        .is_some_and(|c| c.stats().engine == format!("{:?}", crate::cache::EngineKind::IoUring));
+    sandbox::enter(policy, sandbox::Uses { io_uring }).context("entering the sandbox")?;
+    if hello.generation == 1 {
+        sandbox::arm_fault_injection();
     }
     // Everything is ready: only now bring back what a predecessor left unanswered, so that
     // nothing is resent while this engine is already serving it.

@@ -13,6 +13,8 @@
 //! - [`virtiofs`]: the virtio-fs door inside an engine (over the `berth-vhost` crate);
 //! - [`engine`]: the replaceable process that serves both doors for a holder;
 //! - [`heal`]: the holder (`berth mount`) that keeps connections alive and replaces engines;
+//! - [`sandbox`]: capabilities, no_new_privs and seccomp for the processes that parse guest
+//!   input (engines, `berth share`);
 //! - [`share`]: `berth share`; [`warm`]: `berth warm`; [`status`]: `berth status` and the
 //!   status files; [`unmount`]: `berth unmount`;
 //! - [`api`]: `berth daemon`, the node daemon (gRPC API, volumes, metrics);
@@ -31,6 +33,7 @@ pub mod heal;
 pub mod memory;
 pub mod namespace;
 pub mod prefetch;
+pub mod sandbox;
 pub mod share;
 pub mod state;
 pub mod status;

@@ -19,6 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::heal::control::{self, ControlRequest};
 use crate::heal::handoff::ShareSocket;
 use crate::memory::MemoryLimiter;
+use crate::sandbox::{self, SandboxPolicy};
 use crate::state::MountDir;
 use crate::status::{HolderFacts, Publisher, Reported};
 use crate::sys::files::private_dir;
@@ -36,6 +37,7 @@ pub enum ShareConfig {
         volume: Box<VolumeConfig>,
         /// Who may connect to the socket.
         peers: Peers,
+        sandbox: SandboxPolicy,
     },
     /// Ask the holder of the mount at `mountpoint` to serve its volume on `socket`.
     Attach {
@@ -58,7 +60,8 @@ pub fn run(config: ShareConfig) -> anyhow::Result<()> {
             socket,
             volume,
             peers,
-        } => serve(target, socket, &volume, peers),
+            sandbox,
+        } => serve(target, socket, &volume, peers, sandbox),
         ShareConfig::Attach {
             mountpoint,
             socket,
@@ -91,7 +94,10 @@ fn serve(
     socket: ShareSocket,
     config: &VolumeConfig,
     peers: Peers,
+    policy: SandboxPolicy,
 ) -> anyhow::Result<()> {
+    // Still one thread: every thread started from here on inherits the dropped capabilities.
+    sandbox::drop_privileges(&policy, sandbox::SHARE_CAPS).context("sandbox")?;
     let socket_file = socket_path(&socket.socket)?;
     let target = Target {
         mountpoint: socket_file.clone(),
@@ -130,6 +136,11 @@ fn serve(
     // Born open to root and the configured group only; a live socket is never taken over.
     let listener = sockets::listen(&socket_file, peers)
         .with_context(|| format!("listening on {}", socket_file.display()))?;
+    // Set up: from here on the share reads guest input, in its sandbox.
+    let io_uring = cache.as_ref().is_some_and(|c| {
+        c.cache.stats().engine == format!("{:?}", crate::cache::EngineKind::IoUring)
+    });
+    sandbox::enter(&policy, sandbox::Uses { io_uring }).context("entering the sandbox")?;
     // The share serves VMMs one after another on its own thread until the process ends.
     let (ended_tx, ended_rx) = mpsc::channel::<anyhow::Result<()>>();
     std::thread::Builder::new()

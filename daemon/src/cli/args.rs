@@ -238,6 +238,23 @@ pub struct EngineFlags {
     /// Permission bits of directories.
     #[arg(long, value_name = "MODE", default_value = "0755", value_parser = parse_mode)]
     pub dir_mode: u32,
+
+    /// Sandbox the process that parses requests (a mount's engines, a standalone share), as
+    /// virtiofsd does: capabilities dropped but file access, no_new_privs, a seccomp allowlist
+    /// (a syscall outside it kills the engine; its holder starts another). `log`: allow and
+    /// log such a syscall (kernel log, audit type 1326) instead. Given explicitly, a kernel
+    /// that refuses a step is an error; by default it is a warning and berth serves
+    /// unsandboxed. [default: on]
+    #[arg(long, value_enum, value_name = "on|off|log", env = "BERTH_SANDBOX")]
+    pub sandbox: Option<SandboxArg>,
+}
+
+/// `--sandbox`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SandboxArg {
+    On,
+    Off,
+    Log,
 }
 
 #[derive(Args, Debug, Clone)]

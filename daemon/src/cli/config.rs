@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::bail;
 
 use super::args::{
-    CacheArgs, DaemonArgs, EngineFlags, MountArgs, OnExit, ShareArgs, StoreArgs, WarmArgs,
+    CacheArgs, DaemonArgs, EngineFlags, MountArgs, OnExit, SandboxArg, ShareArgs, StoreArgs,
+    WarmArgs,
 };
 use crate::api::{DaemonConfig, NodeCacheConfig};
 use crate::cache::{CacheConfig, DiskTier};
@@ -17,6 +18,7 @@ use crate::fs::{AttrConfig, FsConfig};
 use crate::heal::handoff::ShareSocket;
 use crate::heal::holder::HolderConfig;
 use crate::prefetch::PrefetchConfig;
+use crate::sandbox::{SandboxMode, SandboxPolicy};
 use crate::share::ShareConfig;
 use crate::sys::sockets::{self, Peers};
 use crate::volume::{Source, StoreConfig, Target, VolumeConfig};
@@ -81,6 +83,25 @@ impl CacheArgs {
             engine: self.cache_io,
             wait_for_disk,
         }))
+    }
+}
+
+impl EngineFlags {
+    /// How the engine (or the standalone share) is sandboxed: on unless told otherwise;
+    /// required when asked for by name.
+    pub fn sandbox_policy(&self) -> SandboxPolicy {
+        match self.sandbox {
+            None => SandboxPolicy::default(),
+            Some(SandboxArg::Off) => SandboxPolicy::OFF,
+            Some(SandboxArg::On) => SandboxPolicy {
+                mode: SandboxMode::On,
+                required: true,
+            },
+            Some(SandboxArg::Log) => SandboxPolicy {
+                mode: SandboxMode::Log,
+                required: true,
+            },
+        }
     }
 }
 
@@ -245,6 +266,7 @@ impl ShareArgs {
             socket,
             volume: Box::new(volume),
             peers,
+            sandbox: self.engine.sandbox_policy(),
         })
     }
 }
@@ -332,6 +354,22 @@ mod tests {
     }
 
     #[test]
+    fn the_sandbox_is_on_unless_switched_off() {
+        if std::env::var_os("BERTH_SANDBOX").is_some() {
+            return; // the environment decides; the default cannot be seen
+        }
+        let policy = |args: &[&str]| mount(args).engine.sandbox_policy();
+        assert_eq!(policy(&[]), SandboxPolicy::default());
+        assert_eq!(policy(&[]).mode, SandboxMode::On);
+        assert!(!policy(&[]).required, "the default warns when refused");
+        assert!(policy(&["--sandbox", "on"]).required);
+        assert_eq!(policy(&["--sandbox", "off"]), SandboxPolicy::OFF);
+        assert_eq!(policy(&["--sandbox", "log"]).mode, SandboxMode::Log);
+        let argv = ["berth", "mount", "--sandbox", "maybe"];
+        assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
     fn sizes_are_checked_against_each_other() {
         let err = |args: &[&str]| format!("{:#}", mount(args).holder_config(vec![]).unwrap_err());
         assert!(err(&["s3://b", "/m", "--part-size", "1MiB"]).contains("--part-size"));
@@ -354,6 +392,7 @@ mod tests {
             socket,
             volume,
             peers,
+            sandbox,
         } = served
         else {
             panic!("not a standalone share");
@@ -362,6 +401,7 @@ mod tests {
         assert_eq!(socket.request_queues, 1);
         assert!(volume.fs.read_only);
         assert_eq!(peers, Peers::ROOT);
+        assert_eq!(sandbox, SandboxPolicy::default());
         let grouped = share(&["s3://b", "--socket", "/s", "--socket-group", "0"]).unwrap();
         assert!(matches!(grouped, ShareConfig::Serve { peers, .. } if peers.group == Some(0)));
         assert!(share(&[

@@ -49,7 +49,11 @@ fn run_local(command: Command) -> anyhow::Result<()> {
             args.binary.as_deref(),
             &args.state_dir,
         ),
-        Command::Engine(args) => crate::engine::run(args.handoff_fd, args.mount.volume_config()?),
+        Command::Engine(args) => crate::engine::run(
+            args.handoff_fd,
+            args.mount.volume_config()?,
+            args.mount.engine.sandbox_policy(),
+        ),
         Command::Warm(args) => crate::warm::run(args.warm_config()?),
         Command::Status(args) => crate::status::run(
             &needs_mountpoint(args.mountpoint, "status")?,

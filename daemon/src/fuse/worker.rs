@@ -148,6 +148,7 @@ pub fn serve_queue(
             }
             continue;
         }
+        crate::sandbox::forbidden_syscall_if_injected(header.opcode);
         shared.request_started();
         serve_one(fd, &header, bytes, &mut reply, server, shared, &capture);
         shared.request_finished();

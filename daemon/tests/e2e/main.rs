@@ -16,6 +16,7 @@ mod reqs;
 mod s3;
 mod seaweed;
 mod util;
+mod vmm;
 
 use std::process::ExitCode;
 use std::sync::OnceLock;

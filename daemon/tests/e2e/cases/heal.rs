@@ -50,7 +50,7 @@ pub(super) struct Heal {
     pub engine_pid: u32,
     pub generation: u64,
     detector: String,
-    recoveries: u64,
+    pub recoveries: u64,
     last_recovery_kind: Option<String>,
     last_detected_by: Option<String>,
 }
@@ -643,7 +643,7 @@ fn connection_of(mnt: &Path) -> Result<u32> {
     Ok(dev.split(':').nth(1).context("odd device")?.parse()?)
 }
 
-fn wait_for_kind(m: &Mount, kind: &str, timeout: Duration) -> Result<Heal> {
+pub(super) fn wait_for_kind(m: &Mount, kind: &str, timeout: Duration) -> Result<Heal> {
     let deadline = Instant::now() + timeout;
     loop {
         let status = heal_status(m)?;

@@ -13,6 +13,7 @@ mod namespace;
 mod oddkeys;
 mod read;
 mod readonly;
+mod sandbox;
 mod shares;
 mod storedown;
 mod unmount;
@@ -128,6 +129,26 @@ pub fn all() -> Vec<Case> {
             "shares::daemon_shares_use_the_volume_engine",
             Needs::FUSE,
             shares::daemon_shares_use_the_volume_engine,
+        ),
+        case(
+            "sandbox::forbidden_syscall_kills_only_the_engine",
+            Needs::FUSE,
+            sandbox::forbidden_syscall_kills_only_the_engine,
+        ),
+        case(
+            "sandbox::off_leaves_the_engine_unconfined",
+            Needs::FUSE,
+            sandbox::off_leaves_the_engine_unconfined,
+        ),
+        case(
+            "sandbox::mount_engine_serves_a_guest",
+            Needs::FUSE,
+            sandbox::mount_engine_serves_a_guest,
+        ),
+        case(
+            "sandbox::standalone_share_serves_a_guest",
+            Needs::FUSE,
+            sandbox::standalone_share_serves_a_guest,
         ),
         case("unmount::sigterm", s3, unmount::sigterm),
         case("unmount::umount_command", s3, unmount::umount_command),
