@@ -4,11 +4,16 @@
 //! Hello with the queue fds of every connection. A successor (generation > 1) takes over the
 //! inode journal, resumes FUSE INIT from the flags its predecessor saw, asks the kernel to
 //! resend what the predecessor read but never answered, and only then starts reading.
+//!
+//! VMMs of the volume's virtio-fs shares are attached later, one by one
+//! ([`ToEngine::AttachVmm`]): the holder keeps their connections, this engine serves their
+//! queues ([`crate::virtiofs::GuestDoor`]).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,13 +26,13 @@ use crate::fs::BerthFs;
 use crate::fuse::connection_state::ConnectionState;
 use crate::fuse::worker::{QueueControl, WorkerEnd};
 use crate::fuse::{protocol, worker};
-use crate::heal::handoff::{self, Hello, MountHandoff, ShareSocket, ToEngine, ToHolder};
+use crate::heal::handoff::{self, Hello, MountHandoff, ToEngine, ToHolder};
 use crate::memory::MemoryLimiter;
 use crate::namespace::Namespace;
 use crate::sandbox::{self, SandboxPolicy};
 use crate::state;
 use crate::status::{HolderFacts, Publisher, Reported};
-use crate::virtiofs::EngineShare;
+use crate::virtiofs::GuestDoor;
 use crate::volume::{self, Opening, Source, Target, VolumeConfig};
 
 /// How long an upgrade lets open writes finish before stopping anyway.
@@ -35,6 +40,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A predecessor that just died may still hold the cache lock for a moment.
 const CACHE_LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// What the engine's main loop waits for. A few per engine life, so the size of the holder's
+/// messages (a Hello is large) is not worth a box.
+#[allow(clippy::large_enum_variant)]
 enum EngineEvent {
     /// A message of the holder and the fds it carried.
     FromHolder(ToEngine, Vec<File>),
@@ -54,8 +62,8 @@ struct Served {
     workers: usize,
     ended: usize,
     status: Arc<Publisher>,
-    /// virtio-fs shares of this volume served by this engine.
-    shares: Vec<EngineShare>,
+    /// VMMs attached to shares of this volume, served by this engine.
+    vmms: Vec<GuestDoor>,
 }
 
 /// `berth engine` (started by a holder, never by hand): serves the connections the holder
@@ -131,10 +139,12 @@ fn start(
     events: &Sender<EngineEvent>,
     policy: &SandboxPolicy,
 ) -> anyhow::Result<Vec<Served>> {
+    // Holders before the VMM front sent a share's listening socket after each mount's fds.
+    let legacy_listeners = |m: &MountHandoff| if hello.vmm_front { 0 } else { m.shares.len() };
     let expected: usize = hello
         .mounts
         .iter()
-        .map(|m| m.queues + 1 + m.shares.len())
+        .map(|m| m.queues + 1 + legacy_listeners(m))
         .sum();
     if fds.len() != expected {
         bail!("the holder sent {} fds, expected {expected}", fds.len());
@@ -147,11 +157,15 @@ fn start(
         let shared_file = fds.next().context("missing shared state fd")?;
         let shared =
             Arc::new(ConnectionState::open(shared_file).context("mapping the shared state")?);
-        let listeners: Vec<UnixListener> = fds
-            .by_ref()
-            .take(m.shares.len())
-            .map(|f| UnixListener::from(OwnedFd::from(f)))
-            .collect();
+        let legacy = fds.by_ref().take(legacy_listeners(m)).count();
+        if legacy > 0 {
+            tracing::error!(
+                mountpoint = %m.mountpoint.display(),
+                shares = legacy,
+                "this holder predates the VMM front and hands share sockets to the engine; \
+                 this engine no longer serves them: restart the mount with this berth to serve its VMs"
+            );
+        }
         let volume = build(rt, config, hello.generation, m, memory, &cache)?;
         if let Some(capable) = m.init_capable {
             volume
@@ -159,7 +173,7 @@ fn start(
                 .resume_init(capable)
                 .context("resuming FUSE INIT")?;
         }
-        prepared.push((index, m, queues, shared, listeners, volume));
+        prepared.push((index, m, queues, shared, volume));
     }
     // Set up: from here on this engine reads requests, and guest input, in its sandbox.
     let io_uring = cache
@@ -179,7 +193,7 @@ fn start(
         }
     }
     let mut served = Vec::new();
-    for (index, m, queues, shared, listeners, volume) in prepared {
+    for (index, m, queues, shared, volume) in prepared {
         let control = QueueControl::new(init_reporter(index, &volume.fs, reply))?;
         let server = Arc::new(Server::new(volume.fs.clone()));
         let workers = queues.len();
@@ -201,12 +215,6 @@ fn start(
         if let Some(conn) = m.conn {
             tune_readahead(conn);
         }
-        let shares = m
-            .shares
-            .iter()
-            .zip(listeners)
-            .map(|(spec, listener)| EngineShare::start(volume.fs.clone(), spec, listener))
-            .collect::<anyhow::Result<Vec<_>>>()?;
         let status = Publisher::new(
             &mount_dir(config, m),
             Reported {
@@ -227,7 +235,7 @@ fn start(
             workers,
             ended: 0,
             status,
-            shares,
+            vmms: Vec::new(),
         });
     }
     Ok(served)
@@ -243,7 +251,8 @@ fn build(
 ) -> anyhow::Result<volume::Volume> {
     let source = Source::parse(&m.source)?;
     let node_cache = volume::node_cache(cache, &config.store, &source);
-    let takeover = m.init_capable.is_some();
+    // A mount whose kernel saw INIT, or a share-only volume a predecessor served.
+    let takeover = m.init_capable.is_some() || m.takeover;
     volume::build_volume(
         rt,
         config,
@@ -337,12 +346,16 @@ fn serve_until_end(
     reply: &Mutex<UnixStream>,
     facts: &Mutex<HolderFacts>,
 ) -> anyhow::Result<()> {
+    // Set while stopping for an upgrade: guests' opens for writing are left to the successor.
+    let draining = &Arc::new(AtomicBool::new(false));
     loop {
         let Ok(event) = events.recv() else {
             bail!("engine event channel closed");
         };
         match event {
-            EngineEvent::FromHolder(ToEngine::Stop, _) => return stop(&mut served, &events, reply),
+            EngineEvent::FromHolder(ToEngine::Stop, _) => {
+                return stop(&mut served, &events, reply, draining)
+            }
             EngineEvent::FromHolder(ToEngine::Facts(f), _) => {
                 *facts.lock().unwrap_or_else(|e| e.into_inner()) = f;
                 served.iter().for_each(|s| s.status.refresh());
@@ -350,21 +363,23 @@ fn serve_until_end(
             EngineEvent::FromHolder(ToEngine::Hello(_), _) => {
                 tracing::warn!("unexpected second hello from the holder; ignored")
             }
-            EngineEvent::FromHolder(ToEngine::AddShare { mount, share }, fds) => {
-                if let Err(e) = add_share(&mut served, mount, &share, fds) {
-                    tracing::error!(socket = %share.socket.display(), error = %format!("{e:#}"), "could not serve the share");
+            EngineEvent::FromHolder(
+                ToEngine::AttachVmm {
+                    mount,
+                    socket,
+                    connection,
+                },
+                fds,
+            ) => {
+                if let Err(e) = attach_vmm(&mut served, mount, connection, fds, draining) {
+                    tracing::error!(socket = %socket.display(), connection, error = %format!("{e:#}"), "could not serve the VMM");
                 }
             }
-            EngineEvent::FromHolder(ToEngine::RemoveShare { mount, socket }, _) => {
-                if let Some(s) = served.get_mut(mount) {
-                    s.shares.retain(|share| {
-                        let keep = share.socket != socket;
-                        if !keep {
-                            share.stop();
-                        }
-                        keep
-                    });
-                }
+            EngineEvent::FromHolder(
+                ToEngine::AddShare { .. } | ToEngine::RemoveShare { .. },
+                _,
+            ) => {
+                tracing::warn!("share request of a holder before the VMM front; ignored")
             }
             EngineEvent::HolderGone => {
                 // Without the holder nobody could hand this connection over; end now (the
@@ -390,23 +405,29 @@ fn serve_until_end(
     }
 }
 
-fn add_share(
+/// Serves the queues of a VMM the holder attached (fds: link socket, queue state, journal).
+fn attach_vmm(
     served: &mut [Served],
     mount: usize,
-    share: &ShareSocket,
+    connection: u64,
     fds: Vec<File>,
+    draining: &Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let s = served.get_mut(mount).context("no such mount")?;
-    let listener = fds
-        .into_iter()
-        .next()
-        .context("the holder sent no socket")?;
-    let running = EngineShare::start(
-        s.fs.clone(),
-        share,
-        UnixListener::from(OwnedFd::from(listener)),
+    let [link, inflight, journal]: [File; 3] = fds.try_into().map_err(|f: Vec<File>| {
+        anyhow::anyhow!("the holder sent {} fds with a VMM, not 3", f.len())
+    })?;
+    // Doors whose link ended (their VMM left, or they were replaced) go now.
+    s.vmms.retain(|d| !d.ended() && d.connection != connection);
+    let door = GuestDoor::attach(
+        &s.fs,
+        connection,
+        UnixStream::from(std::os::fd::OwnedFd::from(link)),
+        inflight,
+        journal,
+        draining.clone(),
     )?;
-    s.shares.push(running);
+    s.vmms.push(door);
     Ok(())
 }
 
@@ -427,18 +448,26 @@ fn stop(
     served: &mut [Served],
     events: &Receiver<EngineEvent>,
     reply: &Mutex<UnixStream>,
+    draining: &AtomicBool,
 ) -> anyhow::Result<()> {
     for s in served.iter() {
         s.control.drain();
     }
+    draining.store(true, Ordering::Release);
     let deadline = Instant::now() + DRAIN_TIMEOUT;
-    let open = |served: &[Served]| served.iter().map(|s| s.fs.open_writes()).sum::<usize>();
+    let open = |served: &[Served]| {
+        served
+            .iter()
+            .map(|s| s.fs.open_writes() + s.vmms.iter().map(GuestDoor::open_writes).sum::<usize>())
+            .sum::<usize>()
+    };
     while open(served) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     let dropped = open(served);
     for s in served.iter() {
         s.control.stop();
+        s.vmms.iter().for_each(GuestDoor::stop);
     }
     let mut running: usize = served.iter().map(|s| s.workers - s.ended).sum();
     while running > 0 {

@@ -1,44 +1,29 @@
 //! `berth share`: the virtio-fs door as a command.
 //!
 //! Two ways to run it:
-//! - `berth share SOURCE --socket PATH`: a process of its own, for a VMM without a node
-//!   daemon (and for the VM test), serving one volume to one VMM at a time;
+//! - `berth share SOURCE --socket PATH`: a holder of its own (as `berth mount` is) with no
+//!   FUSE mount: it keeps the socket and every VMM connection, and an engine it starts (and
+//!   replaces when it dies, hangs or is upgraded) serves the guests' queues;
 //! - `berth share --mount MOUNTPOINT --socket PATH [--remove]`: asks the holder of a running
-//!   `berth mount` to have its engine serve (or stop serving) the VMM, with the same inode
-//!   table and block cache as the mount (see [`crate::virtiofs::EngineShare`]).
+//!   `berth mount` to offer (or stop offering) its volume on the socket, served by the same
+//!   engine, with the same inode table and block cache as the mount.
+//!
+//! Either way the VMM talks to the holder (`heal::vmm`), never to an engine.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context as _};
-use berth_vhost::{Share, ShareConfig as VhostConfig};
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::heal::control::{self, ControlRequest};
 use crate::heal::handoff::ShareSocket;
-use crate::memory::MemoryLimiter;
-use crate::sandbox::{self, SandboxPolicy};
-use crate::state::MountDir;
-use crate::status::{HolderFacts, Publisher, Reported};
-use crate::sys::files::private_dir;
-use crate::sys::sockets::{self, Peers};
-use crate::virtiofs::door_tag;
-use crate::volume::{self, Opening, Target, VolumeConfig};
+use crate::heal::holder::HolderConfig;
 
 /// What `berth share` does.
 #[derive(Clone, Debug)]
 pub enum ShareConfig {
-    /// Serve `target` (its mountpoint is the socket path as given) on `socket`, standalone.
-    Serve {
-        target: Target,
-        socket: ShareSocket,
-        volume: Box<VolumeConfig>,
-        /// Who may connect to the socket.
-        peers: Peers,
-        sandbox: SandboxPolicy,
-    },
+    /// Hold the standalone share(s) of the config (a target's mountpoint is its socket path as
+    /// given) and serve them through engines of their own.
+    Serve(Box<HolderConfig>),
     /// Ask the holder of the mount at `mountpoint` to serve its volume on `socket`.
     Attach {
         mountpoint: PathBuf,
@@ -55,13 +40,15 @@ pub enum ShareConfig {
 
 pub fn run(config: ShareConfig) -> anyhow::Result<()> {
     match config {
-        ShareConfig::Serve {
-            target,
-            socket,
-            volume,
-            peers,
-            sandbox,
-        } => serve(target, socket, &volume, peers, sandbox),
+        ShareConfig::Serve(mut holder) => {
+            // One absolute name for the socket: state files and `berth status SOCKET` agree.
+            for (target, socket) in &mut holder.standalone {
+                let path = socket_path(&socket.socket)?;
+                target.mountpoint = path.clone();
+                socket.socket = path;
+            }
+            crate::heal::holder::run(*holder)
+        }
         ShareConfig::Attach {
             mountpoint,
             socket,
@@ -87,117 +74,6 @@ pub fn run(config: ShareConfig) -> anyhow::Result<()> {
             ask_holder(&state_dir, &mountpoint, &request)
         }
     }
-}
-
-fn serve(
-    target: Target,
-    socket: ShareSocket,
-    config: &VolumeConfig,
-    peers: Peers,
-    policy: SandboxPolicy,
-) -> anyhow::Result<()> {
-    // Still one thread: every thread started from here on inherits the dropped capabilities.
-    sandbox::drop_privileges(&policy, sandbox::SHARE_CAPS).context("sandbox")?;
-    let socket_file = socket_path(&socket.socket)?;
-    let target = Target {
-        mountpoint: socket_file.clone(),
-        ..target
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("berth-io")
-        .build()
-        .context("starting the I/O runtime")?;
-    let memory = MemoryLimiter::new(config.memory_limit);
-    let cache = volume::open_cache(&config.cache, &config.store, &target.source)?;
-    private_dir(&config.state_dir)
-        .with_context(|| format!("creating {}", config.state_dir.display()))?;
-    let state = MountDir::claim(&config.state_dir, &socket_file)
-        .context("claiming the share's state directory")?;
-    let volume = volume::build_volume(
-        &rt,
-        config,
-        &target,
-        &state.path,
-        Opening::FRESH,
-        &memory,
-        cache.clone(),
-    )?;
-    let fs = volume.fs.clone();
-    let share = Share::new(
-        VhostConfig {
-            socket: socket_file.clone(),
-            request_queues: socket.request_queues,
-            queue_size: socket.queue_size,
-        },
-        move |connection| fs.door(door_tag(connection)),
-    );
-
-    // Born open to root and the configured group only; a live socket is never taken over.
-    let listener = sockets::listen(&socket_file, peers)
-        .with_context(|| format!("listening on {}", socket_file.display()))?;
-    // Set up: from here on the share reads guest input, in its sandbox.
-    let io_uring = cache.as_ref().is_some_and(|c| {
-        c.cache.stats().engine == format!("{:?}", crate::cache::EngineKind::IoUring)
-    });
-    sandbox::enter(&policy, sandbox::Uses { io_uring }).context("entering the sandbox")?;
-    // The share serves VMMs one after another on its own thread until the process ends.
-    let (ended_tx, ended_rx) = mpsc::channel::<anyhow::Result<()>>();
-    std::thread::Builder::new()
-        .name("vhost-listener".into())
-        .spawn(move || {
-            share.serve_listener(listener, &AtomicBool::new(false), |connection| {
-                tracing::info!(connection, "listening again for the next VMM")
-            });
-            let _ = ended_tx.send(Err(anyhow::anyhow!("the vhost-user listener ended")));
-        })
-        .context("starting the vhost-user listener")?;
-    // A standalone share is its own holder.
-    let facts = HolderFacts {
-        holder_pid: std::process::id(),
-        ..HolderFacts::default()
-    };
-    let status = Publisher::new(
-        &state.path,
-        Reported {
-            source: target.text.clone(),
-            mountpoint: socket_file.clone(),
-            read_only: config.fs.read_only,
-            ns: volume.ns.clone(),
-            memory: memory.clone(),
-            cache,
-            facts: Arc::new(Mutex::new(facts)),
-        },
-    );
-    let refresh = status.spawn_refresh(rt.handle());
-    println!(
-        "berth: sharing {} on {}",
-        target.text,
-        socket_file.display()
-    );
-    let _ = std::io::stdout().flush();
-    tracing::info!(
-        source = %target.text,
-        socket = %socket_file.display(),
-        request_queues = socket.request_queues,
-        read_only = config.fs.read_only,
-        "serving over vhost-user"
-    );
-
-    let outcome = rt.block_on(wait_for_end(ended_rx));
-    // Commit what is still open (a VMM may still be attached: its later requests fail).
-    refresh.abort();
-    volume.fs.shutdown();
-    let _ = std::fs::remove_file(&socket_file);
-    status.remove();
-    state.remove();
-    tracing::info!(
-        inodes = volume.ns.inode_count(),
-        skipped_keys = volume.ns.skipped_keys(),
-        peak_memory = memory.peak(),
-        "share stopped"
-    );
-    outcome
 }
 
 /// Sends a share request to the holder of a running mount and prints its answer.
@@ -239,24 +115,6 @@ fn socket_path(socket: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     Ok(path)
-}
-
-/// Waits for SIGINT/SIGTERM, or for the listener to fail.
-async fn wait_for_end(listener: mpsc::Receiver<anyhow::Result<()>>) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel(1);
-    std::thread::spawn(move || {
-        if let Ok(Err(e)) = listener.recv() {
-            let _ = fail_tx.blocking_send(e);
-        }
-    });
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM; stopping the share"),
-        _ = int.recv() => tracing::info!("SIGINT; stopping the share"),
-        Some(e) = fail_rx.recv() => return Err(e).context("serving the vhost-user socket"),
-    }
-    Ok(())
 }
 
 #[cfg(test)]

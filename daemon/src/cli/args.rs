@@ -10,6 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::cache::EnginePreference;
 use crate::units::{parse_duration, parse_mode, parse_size, parse_ttl, Ttl};
 
+/// FUSE worker threads of a mount (and of a share's engine) unless --threads says otherwise.
+pub const DEFAULT_THREADS: usize = 4;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "berth",
@@ -159,6 +162,9 @@ pub struct ShareArgs {
     #[command(flatten)]
     pub cache: CacheArgs,
 
+    #[command(flatten)]
+    pub heal: HealArgs,
+
     /// Refuse every change (dataset mode; metadata cached for the life of the share).
     #[arg(long)]
     pub read_only: bool,
@@ -291,7 +297,7 @@ pub struct MountArgs {
     pub engine: EngineFlags,
 
     /// FUSE worker threads, each on its own cloned /dev/fuse queue.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_THREADS)]
     pub threads: usize,
 
     /// Where the engine keeps state a successor can take over (inode journal).

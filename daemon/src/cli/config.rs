@@ -10,7 +10,7 @@ use anyhow::bail;
 
 use super::args::{
     CacheArgs, DaemonArgs, EngineFlags, MountArgs, OnExit, SandboxArg, ShareArgs, StoreArgs,
-    WarmArgs,
+    WarmArgs, DEFAULT_THREADS,
 };
 use crate::api::{DaemonConfig, NodeCacheConfig};
 use crate::cache::{CacheConfig, DiskTier};
@@ -210,6 +210,7 @@ impl MountArgs {
     pub fn holder_config(&self, engine_argv: Vec<OsString>) -> anyhow::Result<HolderConfig> {
         Ok(HolderConfig {
             targets: self.targets()?,
+            standalone: vec![],
             read_only: self.read_only,
             threads: self.threads,
             state_dir: self.state_dir.clone(),
@@ -224,7 +225,10 @@ impl MountArgs {
 }
 
 impl ShareArgs {
-    pub fn share_config(&self) -> anyhow::Result<ShareConfig> {
+    /// What `berth share` does. `share_argv` is its command line after `share`: the engine
+    /// of a standalone share is started with it, less the share-only flags.
+    pub fn share_config(&self, share_argv: &[OsString]) -> anyhow::Result<ShareConfig> {
+        let engine_argv = share_engine_argv(share_argv);
         let peers = peers(self.socket_group.as_deref())?;
         let socket = ShareSocket {
             socket: self.socket.clone(),
@@ -261,14 +265,51 @@ impl ShareArgs {
             self.read_only,
             &self.state_dir,
         )?;
-        Ok(ShareConfig::Serve {
-            target: target(text, self.socket.clone(), &volume)?,
-            socket,
-            volume: Box::new(volume),
-            peers,
-            sandbox: self.engine.sandbox_policy(),
-        })
+        let target = target(text, self.socket.clone(), &volume)?;
+        Ok(ShareConfig::Serve(Box::new(HolderConfig {
+            targets: vec![],
+            standalone: vec![(target, socket)],
+            read_only: self.read_only,
+            threads: DEFAULT_THREADS,
+            state_dir: self.state_dir.clone(),
+            no_ebpf: self.heal.no_ebpf,
+            hang_timeout: self
+                .heal
+                .hang_timeout
+                .unwrap_or(self.store.request_deadline + HANG_MARGIN),
+            engine_argv,
+        })))
     }
+}
+
+/// The flags of `berth share` that only the holder uses (the share's socket): the engine
+/// of a share is started with the rest, which `berth engine` parses as a mount's flags.
+const SHARE_ONLY_FLAGS: [&str; 4] = [
+    "--socket",
+    "--request-queues",
+    "--queue-size",
+    "--socket-group",
+];
+
+/// `berth share`'s arguments (after `share`) without the share-only flags and their values.
+pub fn share_engine_argv(share_argv: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(share_argv.len());
+    let mut args = share_argv.iter();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if SHARE_ONLY_FLAGS.contains(&text.as_ref()) {
+            let _ = args.next();
+            continue;
+        }
+        let joined = SHARE_ONLY_FLAGS.iter().any(|f| {
+            text.strip_prefix(f)
+                .is_some_and(|rest| rest.starts_with('='))
+        });
+        if !joined {
+            out.push(arg.clone());
+        }
+    }
+    out
 }
 
 impl WarmArgs {
@@ -324,7 +365,10 @@ mod tests {
     fn share(args: &[&str]) -> anyhow::Result<ShareConfig> {
         let argv = ["berth", "share"].iter().chain(args).copied();
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Share(s) => s.share_config(),
+            Command::Share(s) => {
+                let argv: Vec<OsString> = args.iter().map(OsString::from).collect();
+                s.share_config(&argv)
+            }
             _ => panic!("parsed as another command"),
         }
     }
@@ -387,23 +431,18 @@ mod tests {
     #[test]
     fn share_commands_become_their_configs() {
         let served = share(&["s3://b", "--socket", "/run/b.sock", "--read-only"]).unwrap();
-        let ShareConfig::Serve {
-            target,
-            socket,
-            volume,
-            peers,
-            sandbox,
-        } = served
-        else {
+        let ShareConfig::Serve(holder) = served else {
             panic!("not a standalone share");
         };
+        assert!(holder.targets.is_empty());
+        let (target, socket) = &holder.standalone[0];
         assert_eq!(target.mountpoint, PathBuf::from("/run/b.sock"));
         assert_eq!(socket.request_queues, 1);
-        assert!(volume.fs.read_only);
-        assert_eq!(peers, Peers::ROOT);
-        assert_eq!(sandbox, SandboxPolicy::default());
+        assert_eq!(socket.group, None);
+        assert!(holder.read_only);
+        assert_eq!(holder.hang_timeout, Duration::from_secs(40));
         let grouped = share(&["s3://b", "--socket", "/s", "--socket-group", "0"]).unwrap();
-        assert!(matches!(grouped, ShareConfig::Serve { peers, .. } if peers.group == Some(0)));
+        assert!(matches!(grouped, ShareConfig::Serve(h) if h.standalone[0].1.group == Some(0)));
         assert!(share(&[
             "s3://b",
             "--socket",
@@ -427,5 +466,69 @@ mod tests {
         assert!(format!("{err:#}").contains("request queues"), "{err:#}");
         let err = share(&["s3://b", "--socket", "/s", "--queue-size", "1000"]).unwrap_err();
         assert!(format!("{err:#}").contains("power of two"), "{err:#}");
+    }
+
+    #[test]
+    fn a_share_engine_parses_the_share_flags_as_a_mount() {
+        let argv = [
+            "s3://b/p",
+            "--socket",
+            "/run/b.sock",
+            "--request-queues=2",
+            "--queue-size",
+            "256",
+            "--socket-group=0",
+            "--read-only",
+            "--part-size",
+            "16MiB",
+            "--hang-timeout",
+            "3s",
+            "--sandbox",
+            "log",
+        ];
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        let engine = share_engine_argv(&argv);
+        let text: Vec<String> = engine.iter().map(|a| a.to_string_lossy().into()).collect();
+        assert_eq!(
+            text,
+            [
+                "s3://b/p",
+                "--read-only",
+                "--part-size",
+                "16MiB",
+                "--hang-timeout",
+                "3s",
+                "--sandbox",
+                "log"
+            ]
+        );
+        let parsed = Cli::try_parse_from(
+            ["berth", "engine", "--handoff-fd", "3"]
+                .iter()
+                .map(OsString::from)
+                .chain(engine),
+        )
+        .unwrap();
+        let Command::Engine(e) = parsed.command else {
+            panic!("parsed as another command");
+        };
+        let from_engine = e.mount.volume_config().unwrap();
+        let Command::Share(s) = Cli::try_parse_from(
+            ["berth", "share"]
+                .iter()
+                .map(OsString::from)
+                .chain(argv.clone()),
+        )
+        .unwrap()
+        .command
+        else {
+            panic!("parsed as another command");
+        };
+        let from_share =
+            volume_config(&s.engine, &s.store, &s.cache, s.read_only, &s.state_dir).unwrap();
+        assert_eq!(format!("{from_engine:?}"), format!("{from_share:?}"));
+        assert_eq!(e.mount.engine.sandbox_policy(), s.engine.sandbox_policy());
+        assert!(from_engine.fs.read_only);
+        assert_eq!(from_engine.fs.part_size, 16 << 20);
     }
 }

@@ -43,7 +43,9 @@ pub fn main() -> ExitCode {
 /// A subcommand without --socket: berth does the work itself.
 fn run_local(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Mount(args) => crate::heal::holder::run(args.holder_config(engine_argv())?),
+        Command::Mount(args) => {
+            crate::heal::holder::run(args.holder_config(argv_after("mount"))?)
+        }
         Command::Upgrade(args) => crate::heal::upgrade::run(
             &needs_mountpoint(args.mountpoint, "upgrade")?,
             args.binary.as_deref(),
@@ -60,7 +62,7 @@ fn run_local(command: Command) -> anyhow::Result<()> {
             &args.state_dir,
             args.json,
         ),
-        Command::Share(args) => crate::share::run(args.share_config()?),
+        Command::Share(args) => crate::share::run(args.share_config(&argv_after("share"))?),
         Command::Daemon(args) => crate::api::run(args.daemon_config()?),
         Command::Volumes(args) => crate::api::print_volumes(&args.socket),
         Command::Unmount(args) => crate::unmount::run(&args.target),
@@ -79,10 +81,11 @@ fn needs_mountpoint(mountpoint: Option<PathBuf>, command: &str) -> anyhow::Resul
     })
 }
 
-/// The arguments after `mount`, given to every engine the holder starts.
-fn engine_argv() -> Vec<std::ffi::OsString> {
+/// The arguments after the subcommand (`mount`, `share`): what every engine the holder
+/// starts is given.
+fn argv_after(command: &str) -> Vec<std::ffi::OsString> {
     let mut args = std::env::args_os().skip(1);
-    let _ = args.by_ref().find(|a| a == "mount");
+    let _ = args.by_ref().find(|a| a == command);
     args.collect()
 }
 

@@ -90,6 +90,11 @@ impl HangWatch {
         }
     }
 
+    /// Starts over (a new engine serves): time stuck counts from now.
+    pub fn reset(&mut self) {
+        self.since = Instant::now();
+    }
+
     /// Feeds one sample (fusectl `waiting`, the engine's finished counter); returns how long
     /// the engine has been stuck once that exceeds `timeout`.
     pub fn check(

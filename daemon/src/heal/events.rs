@@ -28,6 +28,13 @@ pub enum Event {
         generation: u64,
     },
     Detector(DetectorEvent),
+    /// A VMM connected to share `socket` of mount `mount` (its front is in the share's
+    /// connections): the engine is to be attached to it.
+    VmmConnected {
+        mount: usize,
+        socket: std::path::PathBuf,
+        connection: u64,
+    },
     /// A request on the control socket of mount `mount`.
     Control {
         mount: usize,

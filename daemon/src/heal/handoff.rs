@@ -22,6 +22,11 @@ pub struct Hello {
     pub generation: u64,
     pub facts: HolderFacts,
     pub mounts: Vec<MountHandoff>,
+    /// The holder keeps its shares' VMM connections itself (a front per VMM) and attaches
+    /// each to the engine ([`ToEngine::AttachVmm`]); no share listener follows in the hello.
+    /// Older holders handed the listeners to the engine instead.
+    #[serde(default)]
+    pub vmm_front: bool,
 }
 
 /// One connection handed to an engine. Its fds follow in order: `queues` queue fds, then the
@@ -36,10 +41,14 @@ pub struct MountHandoff {
     pub init_capable: Option<u64>,
     /// Requests of a predecessor may be read but unanswered: send FUSE_NOTIFY_RESEND.
     pub resend: bool,
-    /// virtio-fs shares of this volume; one listening socket fd each follows the shared
-    /// region, in order.
+    /// virtio-fs shares of this volume (for the status). Holders before the VMM front
+    /// (`Hello::vmm_front` false) sent one listening socket fd each after the shared region.
     #[serde(default)]
     pub shares: Vec<ShareSocket>,
+    /// A volume without a FUSE connection (a standalone share) a predecessor served: the
+    /// successor recovers its inode table, as for a mount whose INIT was seen.
+    #[serde(default)]
+    pub takeover: bool,
     /// The mount's state directory (inode journal, status file). Holders before per-mount
     /// digests sent none; the engine then uses the old name (`state::legacy_mount_dir`).
     #[serde(default)]
@@ -81,16 +90,40 @@ pub enum ToEngine {
     Stop,
     /// New facts for the status (after a recovery completed).
     Facts(HolderFacts),
-    /// Serve a share of mount `mount`; its listening socket fd is attached.
+    /// From holders before the VMM front: serve a share on the attached listener. Ignored.
     AddShare {
         mount: usize,
         share: ShareSocket,
     },
-    /// Stop accepting VMMs on a share (one still attached is served until it leaves).
+    /// From holders before the VMM front. Ignored.
     RemoveShare {
         mount: usize,
         socket: PathBuf,
     },
+    /// Serve the queues of VMM connection `connection` of share `socket` of mount `mount`.
+    /// Attached: the link socket (the front's [`ToRings`] arrive on it), the virtqueue state
+    /// region and the connection's reply journal.
+    AttachVmm {
+        mount: usize,
+        socket: PathBuf,
+        connection: u64,
+    },
+}
+
+/// What a VMM connection's front tells the engine serving its queues (on the link socket).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ToRings {
+    /// Serve the device as it is now; its fds are attached (`DeviceFds::to_list` order).
+    Update(berth_vhost::device::DeviceState),
+    /// Stop queue `queue` after its current request.
+    Stop { queue: usize },
+}
+
+/// The engine's answer to each [`ToRings`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FromRings {
+    Done,
+    Failed(String),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -258,6 +291,7 @@ mod tests {
         f.write_all(b"hello fd").unwrap();
         let hello = ToEngine::Hello(Hello {
             generation: 3,
+            vmm_front: true,
             facts: HolderFacts {
                 holder_pid: 1,
                 detector: "fallback".into(),
@@ -279,12 +313,21 @@ mod tests {
                     group: None,
                 }],
                 state_dir: Some("/run/berth/mounts/0123".into()),
+                takeover: true,
             }],
         });
+        let attach = ToEngine::AttachVmm {
+            mount: 0,
+            socket: "/run/vm.sock".into(),
+            connection: 7,
+        };
         send(&a, &hello, &[f.as_raw_fd()]).unwrap();
+        send(&a, &attach, &[]).unwrap();
         send(&a, &ToEngine::Stop, &[]).unwrap();
         let (got, mut files): (ToEngine, _) = recv(&b).unwrap();
         assert_eq!(got, hello);
+        let (got, _): (ToEngine, _) = recv(&b).unwrap();
+        assert_eq!(got, attach);
         assert_eq!(files.len(), 1);
         let mut text = String::new();
         files[0].rewind().unwrap();

@@ -7,7 +7,7 @@
 //! - [`control`]: a holder's control socket (`berth upgrade`, shares of a running mount);
 //! - [`detect`] and [`ebpf`]: how a dead or hung engine or a lost connection is noticed;
 //! - [`remount`]: the last resort when a connection itself is gone;
-//! - [`vhost_sockets`]: vhost-user sockets of virtio-fs shares, kept like the FUSE fds;
+//! - [`vmm`]: virtio-fs shares: the VMM connections the holder keeps, a front each;
 //! - [`signals`]: SIGINT/SIGTERM as events;
 //! - [`upgrade`]: `berth upgrade`.
 
@@ -20,4 +20,4 @@ pub mod holder;
 pub mod remount;
 pub mod signals;
 pub mod upgrade;
-pub mod vhost_sockets;
+pub mod vmm;

@@ -33,7 +33,13 @@ const F_WRITE: u16 = 2;
 const FUSE_LOOKUP: u32 = 1;
 const FUSE_OPEN: u32 = 14;
 const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
+const FUSE_RELEASE: u32 = 18;
+const FUSE_FLUSH: u32 = 25;
 const FUSE_INIT: u32 = 26;
+const FUSE_CREATE: u32 = 35;
+/// struct fuse_entry_out: what LOOKUP answers and CREATE answers first.
+const ENTRY_OUT: usize = 128;
 const ROOT: u64 = 1;
 
 /// One guest attached to a share.
@@ -47,6 +53,8 @@ pub struct Guest {
     call: OwnedFd,
     next_avail: u16,
     unique: u64,
+    /// How long a request may wait for its answer.
+    pub patience: Duration,
 }
 
 // SAFETY: the mapping is owned by the Guest and only touched through &mut self.
@@ -167,6 +175,7 @@ impl Guest {
             call,
             next_avail: 0,
             unique: 0,
+            patience: Duration::from_secs(10),
         })
     }
 
@@ -233,7 +242,7 @@ impl Guest {
         // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
         let n = unsafe { libc::write(self.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
         ensure!(n == 8, "kick: {}", std::io::Error::last_os_error());
-        self.wait_used(Duration::from_secs(10))
+        self.wait_used(self.patience)
             .with_context(|| format!("FUSE opcode {opcode}"))?;
         let used = USED_RING + 4 + 8 * u64::from((self.next_avail - 1) % QUEUE_SIZE);
         let entry = self.read_bytes(used, 8);
@@ -305,18 +314,83 @@ impl Guest {
 
     /// OPEN node `nodeid` read-only, READ `size` bytes at 0: what the guest reads.
     pub fn read(&mut self, nodeid: u64, size: u32) -> Result<Vec<u8>> {
+        let fh = self.open(nodeid)?;
+        self.read_at(nodeid, fh, 0, size)
+    }
+
+    /// OPEN node `nodeid` read-only: its file handle.
+    pub fn open(&mut self, nodeid: u64) -> Result<u64> {
         let open_in = [0u8; 8]; // flags O_RDONLY, open_flags 0
         let (error, reply) = self.request(FUSE_OPEN, nodeid, &open_in)?;
         ensure!(error == 0, "OPEN failed: errno {}", -error);
-        let fh = u64::from_le_bytes(reply[0..8].try_into().unwrap());
+        ensure!(reply.len() >= 8, "short OPEN reply");
+        Ok(u64::from_le_bytes(reply[0..8].try_into().unwrap()))
+    }
+
+    /// READ `size` bytes at `offset` of open handle `fh`.
+    pub fn read_at(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let mut read_in = Vec::new();
         read_in.extend(fh.to_le_bytes());
-        read_in.extend(0u64.to_le_bytes()); // offset
+        read_in.extend(offset.to_le_bytes());
         read_in.extend(size.to_le_bytes());
         read_in.extend([0u8; 20]); // read_flags, lock_owner, flags, padding
         let (error, data) = self.request(FUSE_READ, nodeid, &read_in)?;
         ensure!(error == 0, "READ failed: errno {}", -error);
         Ok(data)
+    }
+
+    /// CREATE `name` in the root for writing (O_WRONLY | O_EXCL, mode 0644): its node id
+    /// and file handle.
+    pub fn create(&mut self, name: &str) -> Result<(u64, u64)> {
+        let mut body = Vec::new();
+        let flags = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL) as u32;
+        for v in [flags, 0o100644, 0o022, 0] {
+            body.extend(v.to_le_bytes()); // flags, mode, umask, open_flags
+        }
+        body.extend(name.as_bytes());
+        body.push(0);
+        let (error, reply) = self.request(FUSE_CREATE, ROOT, &body)?;
+        ensure!(error == 0, "CREATE {name} failed: errno {}", -error);
+        ensure!(reply.len() >= ENTRY_OUT + 8, "short CREATE reply");
+        let node = u64::from_le_bytes(reply[0..8].try_into().unwrap());
+        let fh = u64::from_le_bytes(reply[ENTRY_OUT..ENTRY_OUT + 8].try_into().unwrap());
+        Ok((node, fh))
+    }
+
+    /// WRITE `data` at `offset` of open handle `fh`; every byte must be taken.
+    pub fn write_at(&mut self, nodeid: u64, fh: u64, offset: u64, data: &[u8]) -> Result<()> {
+        let mut body = Vec::new();
+        body.extend(fh.to_le_bytes());
+        body.extend(offset.to_le_bytes());
+        body.extend((data.len() as u32).to_le_bytes());
+        body.extend([0u8; 20]); // write_flags, lock_owner, flags, padding
+        body.extend(data);
+        let (error, reply) = self.request(FUSE_WRITE, nodeid, &body)?;
+        ensure!(error == 0, "WRITE failed: errno {}", -error);
+        ensure!(reply.len() >= 4, "short WRITE reply");
+        let size = u32::from_le_bytes(reply[0..4].try_into().unwrap());
+        ensure!(
+            size as usize == data.len(),
+            "WRITE took {size} of {} bytes",
+            data.len()
+        );
+        Ok(())
+    }
+
+    /// FLUSH then RELEASE of handle `fh`, as close(2) in the guest: the file is committed by
+    /// the FLUSH, whose error is returned.
+    pub fn close(&mut self, nodeid: u64, fh: u64) -> Result<()> {
+        let mut flush_in = Vec::new();
+        flush_in.extend(fh.to_le_bytes());
+        flush_in.extend([0u8; 16]); // unused, padding, lock_owner
+        let (error, _) = self.request(FUSE_FLUSH, nodeid, &flush_in)?;
+        ensure!(error == 0, "FLUSH failed: errno {}", -error);
+        let mut release_in = Vec::new();
+        release_in.extend(fh.to_le_bytes());
+        release_in.extend([0u8; 16]); // flags, release_flags, lock_owner
+        let (error, _) = self.request(FUSE_RELEASE, nodeid, &release_in)?;
+        ensure!(error == 0, "RELEASE failed: errno {}", -error);
+        Ok(())
     }
 
     /// INIT, then LOOKUP and READ of `name` in the root: what a guest's `cat /mnt/name` does.

@@ -54,7 +54,7 @@ impl Holder {
             .spawn()
             .with_context(|| format!("starting engine {}", self.binary.display()))?;
         drop(theirs);
-        let (hello, fds) = self.hello(generation, resend);
+        let (hello, fds, mounts) = self.hello(generation, resend);
         handoff::send(&ours, &ToEngine::Hello(hello), &fds).context("handing fds to the engine")?;
         self.detector.watch_process(child.id());
         self.read_engine_messages(generation, &ours)?;
@@ -64,20 +64,23 @@ impl Holder {
             child,
             sock: ours,
             started: Instant::now(),
+            mounts,
         });
         Ok(generation)
     }
 
-    pub(super) fn hello(&self, generation: u64, resend: bool) -> (Hello, Vec<RawFd>) {
+    /// The hello of engine `generation`, its fds, and the holder's index of each mount in it.
+    pub(super) fn hello(&self, generation: u64, resend: bool) -> (Hello, Vec<RawFd>, Vec<usize>) {
         let mut fds = Vec::new();
         let mut mounts = Vec::new();
-        for m in self.mounts.iter().filter(|m| !m.gone) {
+        let mut indexes = Vec::new();
+        for (i, m) in self.mounts.iter().enumerate().filter(|(_, m)| !m.gone) {
             fds.extend(m.queues.iter().map(|q| q.as_raw_fd()));
             fds.push(m.shared.file().as_raw_fd());
-            fds.extend(m.shares.iter().map(|s| s.listener.as_raw_fd()));
+            indexes.push(i);
             mounts.push(MountHandoff {
                 source: m.source.clone(),
-                mountpoint: m.fuse.mountpoint().to_path_buf(),
+                mountpoint: m.mountpoint.clone(),
                 conn: m.conn,
                 queues: m.queues.len(),
                 init_capable: m.init_capable,
@@ -85,14 +88,16 @@ impl Holder {
                 resend: resend && m.init_capable.is_some(),
                 shares: m.shares.iter().map(|s| s.spec.clone()).collect(),
                 state_dir: m.state.as_ref().map(|d| d.path.clone()),
+                takeover: m.fuse.is_none() && generation > 1,
             });
         }
         let hello = Hello {
             generation,
             facts: self.facts.clone(),
             mounts,
+            vmm_front: true,
         };
-        (hello, fds)
+        (hello, fds, indexes)
     }
 
     /// A thread per engine turns its messages (and its death: EOF) into events.
@@ -144,7 +149,11 @@ impl Holder {
                     generation: g,
                     message,
                 } if g == generation => match message {
-                    ToHolder::Ready { .. } => return Ok(()),
+                    ToHolder::Ready { .. } => {
+                        // Its VMMs' queues too, before the holder goes on.
+                        self.attach_vmms();
+                        return Ok(());
+                    }
                     ToHolder::Failed { error } => {
                         self.reap_engine();
                         bail!("{error}");

@@ -1,12 +1,15 @@
-//! The holder: the long-lived process of `berth mount`. It mounts, keeps every /dev/fuse fd of
-//! every connection (clones included), starts an engine and hands it the fds, and replaces the
-//! engine when it dies, hangs or is upgraded. It never reads a request and never talks to the
-//! store, so there is little in it that can crash. Nothing unmounts when an engine exits.
+//! The holder: the long-lived process of `berth mount` (and of a standalone `berth share`).
+//! It mounts, keeps every /dev/fuse fd of every connection (clones included) and every VMM's
+//! vhost-user connection (`super::vmm`), starts an engine and hands it the fds, and replaces
+//! the engine when it dies, hangs or is upgraded. It never reads a request and never talks to
+//! the store, so there is little in it that can crash. Nothing unmounts and no VMM is
+//! disconnected when an engine exits.
 //!
 //! Everything the holder reacts to arrives on one channel as an [`Event`]: engine messages and
 //! the engine's socket closing (its death), signals, `berth upgrade` requests, detector
-//! reports (eBPF, when it loads), and a 100 ms tick for the fallback checks (held fd error
-//! state, fusectl `waiting` against the engine's progress counters).
+//! reports (eBPF, when it loads), VMMs connecting, and a 100 ms tick for the fallback checks
+//! (held fd error state, fusectl `waiting` and each VMM's queues against the engine's
+//! progress counters).
 
 mod engines;
 mod mounts;
@@ -30,7 +33,7 @@ use super::events::{DetectorEvent, Event};
 use super::handoff::{self, ShareSocket, ToEngine, ToHolder};
 use super::remount;
 use super::signals;
-use super::vhost_sockets::{self, HeldShare};
+use super::vmm::{self, HeldShare};
 use crate::fuse::connection_state::ConnectionState;
 use crate::fuse::{self, FuseMount};
 use crate::state;
@@ -52,8 +55,11 @@ const FINAL_COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 /// What `berth mount` does: which sources to mount where, and how to keep them served.
 #[derive(Clone, Debug)]
 pub struct HolderConfig {
-    /// At least one; mountpoints are distinct.
+    /// FUSE mounts; mountpoints are distinct. At least one, or a standalone share.
     pub targets: Vec<Target>,
+    /// Volumes served to VMMs only (`berth share SOURCE --socket PATH`): the target's
+    /// mountpoint is the socket's path, which names its state directory.
+    pub standalone: Vec<(Target, ShareSocket)>,
     pub read_only: bool,
     /// FUSE queues (and engine worker threads) per connection.
     pub threads: usize,
@@ -67,11 +73,14 @@ pub struct HolderConfig {
     pub engine_argv: Vec<OsString>,
 }
 
-/// One connection the holder keeps.
+/// One volume the holder keeps served: a FUSE connection, or a standalone share.
 struct HeldMount {
     source: String,
     fsname: String,
-    fuse: FuseMount,
+    /// The mountpoint; for a standalone share its socket's path.
+    mountpoint: PathBuf,
+    /// None for a standalone share: its VMMs are its only users.
+    fuse: Option<FuseMount>,
     queues: Vec<File>,
     shared: ConnectionState,
     conn: Option<u32>,
@@ -90,6 +99,22 @@ struct Engine {
     child: Child,
     sock: UnixStream,
     started: Instant,
+    /// The holder's index of each mount the engine serves, in the engine's order.
+    mounts: Vec<usize>,
+}
+
+impl HeldMount {
+    /// Its FUSE connection is in error (aborted, or unmounted).
+    fn lost(&self) -> bool {
+        self.fuse.is_some() && self.queues.first().is_some_and(fuse::connection_lost)
+    }
+
+    /// Unmounted from outside (a standalone share never is).
+    fn unmounted(&self) -> bool {
+        self.fuse
+            .as_ref()
+            .is_some_and(|f| f.connection_id().is_none())
+    }
 }
 
 pub struct Holder {
@@ -112,16 +137,19 @@ pub fn run(config: HolderConfig) -> anyhow::Result<()> {
     let (sender, events) = mpsc::channel();
     signals::forward(sender.clone(), Event::Signal).context("installing signal handling")?;
     let binary = std::env::current_exe().context("finding the berth binary")?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("berth mount needs root (CAP_SYS_ADMIN) to mount FUSE filesystems");
+    if !config.targets.is_empty() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("berth mount needs root (CAP_SYS_ADMIN) to mount FUSE filesystems");
+        }
+        fuse::ensure_fusectl();
     }
-    fuse::ensure_fusectl();
     private_dir(&config.state_dir)
         .with_context(|| format!("creating the state dir {}", config.state_dir.display()))?;
     let hang_timeout = config.hang_timeout;
     let detector = Detector::start(config.no_ebpf, hang_timeout, sender.clone());
     let wanted = config.targets.clone();
+    let standalone = config.standalone.clone();
     let mut holder = Holder {
         facts: HolderFacts {
             holder_pid: std::process::id(),
@@ -149,13 +177,19 @@ pub fn run(config: HolderConfig) -> anyhow::Result<()> {
         }
         healed.push(targets);
     }
+    for (target, socket) in standalone {
+        if let Err(e) = holder.hold_share(target, socket) {
+            holder.abandon();
+            return Err(e);
+        }
+    }
     if let Err(e) = holder.start_first_engine() {
         holder.abandon();
         return Err(e);
     }
     for (i, targets) in healed.iter().enumerate() {
         if !targets.is_empty() {
-            let mountpoint = holder.mounts[i].fuse.mountpoint().to_path_buf();
+            let mountpoint = holder.mounts[i].mountpoint.clone();
             let done = remount::rebind(&mountpoint, targets);
             tracing::warn!(
                 mountpoint = %mountpoint.display(),
@@ -171,12 +205,15 @@ pub fn run(config: HolderConfig) -> anyhow::Result<()> {
     }
     holder.listen_for_control()?;
     for m in &holder.mounts {
-        println!(
-            "berth: mounted {} at {}",
-            m.source,
-            m.fuse.mountpoint().display()
-        );
+        let done = if m.fuse.is_some() {
+            "mounted"
+        } else {
+            "sharing"
+        };
+        let at = if m.fuse.is_some() { "at" } else { "on" };
+        println!("berth: {done} {} {at} {}", m.source, m.mountpoint.display());
     }
+    holder.accept_vmms()?;
     let _ = std::io::stdout().flush();
     let result = holder.serve();
     holder.cleanup_state();
@@ -189,7 +226,7 @@ impl Holder {
             ToHolder::Init { mount, capable } => {
                 if let Some(m) = self.mounts.iter_mut().filter(|m| !m.gone).nth(mount) {
                     m.init_capable = Some(capable);
-                    tracing::debug!(mountpoint = %m.fuse.mountpoint().display(), capable, "FUSE INIT negotiated; kept for successors");
+                    tracing::debug!(mountpoint = %m.mountpoint.display(), capable, "FUSE INIT negotiated; kept for successors");
                 }
             }
             ToHolder::Stopped {
@@ -240,11 +277,24 @@ impl Holder {
                     let answer = self.on_control(mount, request);
                     let _ = reply.send(answer);
                 }
+                Some(Event::VmmConnected {
+                    mount,
+                    socket,
+                    connection,
+                }) => self.on_vmm_connected(mount, &socket, connection),
             }
             if self.mounts.iter().all(|m| m.gone) {
-                // The engine commits files still open and exits by itself; let it.
-                if let Some(generation) = self.engine.as_ref().map(|e| e.generation) {
-                    self.wait_gone(generation, FINAL_COMMIT_TIMEOUT);
+                // The engine commits files still open and exits by itself after the last
+                // unmount; an engine of standalone shares is told to stop.
+                if let Some(engine) = &self.engine {
+                    let generation = engine.generation;
+                    let timeout = if self.mounts.iter().any(|m| m.fuse.is_none()) {
+                        let _ = handoff::send(&engine.sock, &ToEngine::Stop, &[]);
+                        STOP_TIMEOUT
+                    } else {
+                        FINAL_COMMIT_TIMEOUT
+                    };
+                    self.wait_gone(generation, timeout);
                 }
                 tracing::info!("every mount is gone; bye");
                 return Ok(());
@@ -265,9 +315,17 @@ impl Holder {
             if self.mounts[i].gone {
                 continue;
             }
-            if fuse::connection_lost(&self.mounts[i].queues[0]) {
+            if self.mounts[i].lost() {
                 self.on_connection_lost(i);
                 return;
+            }
+            if let Some((generation, waited)) = self.hung_vmm(i) {
+                self.facts.last_detected_by = Some("virtqueue".into());
+                self.on_hung(generation, i, waited);
+                return;
+            }
+            if self.mounts[i].fuse.is_none() {
+                continue;
             }
             // With eBPF the probes report stalls first; this check stays as a safety net
             // (a stall the probes reported while a successor was starting is not re-reported).
@@ -332,7 +390,7 @@ impl Holder {
             return;
         }
         tracing::error!(
-            mountpoint = %self.mounts[mount].fuse.mountpoint().display(),
+            mountpoint = %self.mounts[mount].mountpoint.display(),
             waited_ms = waited.as_millis() as u64,
             generation,
             "engine is hung (requests waiting, none finished); killing and replacing it"
@@ -353,11 +411,7 @@ impl Holder {
         if self.mounts.iter().all(|m| m.gone) {
             return;
         }
-        if let Some(i) = self
-            .mounts
-            .iter()
-            .position(|m| !m.gone && fuse::connection_lost(&m.queues[0]))
-        {
+        if let Some(i) = self.mounts.iter().position(|m| !m.gone && m.lost()) {
             self.on_connection_lost(i);
             return;
         }
@@ -371,8 +425,8 @@ impl Holder {
     /// Mounts unmounted from outside are no longer served.
     fn refresh_gone(&mut self) {
         for m in &mut self.mounts {
-            if !m.gone && m.fuse.connection_id().is_none() {
-                tracing::info!(mountpoint = %m.fuse.mountpoint().display(), "unmounted");
+            if !m.gone && m.unmounted() {
+                tracing::info!(mountpoint = %m.mountpoint.display(), "unmounted");
                 m.gone = true;
             }
         }
@@ -411,12 +465,12 @@ impl Holder {
     /// The connection of mount `i` is gone. Unmounted from outside: stop serving it. Still
     /// mounted but aborted: the last resort, a new mount re-bound over the old binds.
     fn on_connection_lost(&mut self, i: usize) {
-        if self.mounts[i].fuse.connection_id().is_none() {
+        if self.mounts[i].unmounted() {
             self.refresh_gone();
             return;
         }
         let detected = Instant::now();
-        let mountpoint = self.mounts[i].fuse.mountpoint().to_path_buf();
+        let mountpoint = self.mounts[i].mountpoint.clone();
         tracing::error!(mountpoint = %mountpoint.display(), "FUSE connection aborted; remounting (files open on it are lost)");
         self.kill_engine_now();
         let _ = self.reap_engine();
@@ -448,16 +502,23 @@ impl Holder {
         let force = self.signals > 1;
         tracing::info!(force, "signal received; unmounting");
         let mut busy = 0;
-        for m in self.mounts.iter().filter(|m| !m.gone) {
-            match m.fuse.unmount(force) {
+        for m in self.mounts.iter_mut().filter(|m| !m.gone) {
+            let Some(fuse) = &m.fuse else {
+                // A standalone share ends: no new VMM; the engine is stopped once all are gone.
+                tracing::info!(socket = %m.mountpoint.display(), "share stopped");
+                m.shares.iter().for_each(HeldShare::unlink);
+                m.gone = true;
+                continue;
+            };
+            match fuse.unmount(force) {
                 Ok(()) if force => {
-                    tracing::warn!(mountpoint = %m.fuse.mountpoint().display(), "forced unmount: open files on the mount now fail");
-                    m.fuse.abort_connection();
+                    tracing::warn!(mountpoint = %m.mountpoint.display(), "forced unmount: open files on the mount now fail");
+                    fuse.abort_connection();
                 }
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => busy += 1,
                 Err(e) => {
-                    tracing::error!(mountpoint = %m.fuse.mountpoint().display(), error = %e, "unmount failed")
+                    tracing::error!(mountpoint = %m.mountpoint.display(), error = %e, "unmount failed")
                 }
             }
         }
@@ -504,51 +565,123 @@ impl Holder {
         }
     }
 
-    /// Binds a share's socket and has the engine serve it; later engines get it in their hello.
+    /// Binds a share's socket and accepts VMMs on it; each is attached to the engine.
     fn add_share(&mut self, mount: usize, spec: ShareSocket) -> anyhow::Result<String> {
         let m = self.mounts.get_mut(mount).context("no such mount")?;
         if m.gone {
             bail!("the mount is gone");
         }
-        if vhost_sockets::find(&m.shares, &spec.socket).is_some() {
+        if vmm::find(&m.shares, &spec.socket).is_some() {
             return Ok(format!("{} is already shared", spec.socket.display()));
         }
         let share = HeldShare::bind(spec)?;
+        share.accept(mount, self.sender.clone())?;
         let socket = share.spec.socket.clone();
-        if let Some(engine) = &self.engine {
-            let message = ToEngine::AddShare {
-                mount,
-                share: share.spec.clone(),
-            };
-            // If the engine is dying, its successor gets the share in its hello.
-            if let Err(e) = handoff::send(&engine.sock, &message, &[share.listener.as_raw_fd()]) {
-                tracing::warn!(error = %e, "could not hand the share to the engine; its successor will serve it");
-            }
-        }
-        tracing::info!(socket = %socket.display(), mountpoint = %m.fuse.mountpoint().display(), "virtio-fs share added");
+        tracing::info!(socket = %socket.display(), mountpoint = %m.mountpoint.display(), "virtio-fs share added");
         m.shares.push(share);
         Ok(format!("sharing on {}", socket.display()))
     }
 
-    /// Stops a share: the engine stops accepting on it, the socket file goes away.
+    /// Stops a share: no new VMM, the socket file goes away; VMMs still attached are served
+    /// until they leave.
     fn remove_share(&mut self, mount: usize, socket: &Path) -> anyhow::Result<String> {
         let m = self.mounts.get_mut(mount).context("no such mount")?;
-        let Some(index) = vhost_sockets::find(&m.shares, socket) else {
+        let Some(index) = vmm::find(&m.shares, socket) else {
             return Ok(format!("{} is not shared", socket.display()));
         };
-        let share = m.shares.remove(index);
-        if let Some(engine) = &self.engine {
-            let message = ToEngine::RemoveShare {
-                mount,
-                socket: socket.to_path_buf(),
-            };
-            if let Err(e) = handoff::send(&engine.sock, &message, &[]) {
-                tracing::warn!(error = %e, "could not tell the engine to stop the share");
-            }
-        }
-        share.unlink();
+        m.shares[index].unlink();
         tracing::info!(socket = %socket.display(), "virtio-fs share removed");
         Ok(format!("stopped sharing on {}", socket.display()))
+    }
+
+    /// Starts accepting VMMs on every share held at start-up (standalone shares).
+    fn accept_vmms(&self) -> anyhow::Result<()> {
+        for (i, m) in self.mounts.iter().enumerate() {
+            for share in &m.shares {
+                share.accept(i, self.sender.clone())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A VMM connected: the engine serves its queues (a successor gets it when it is ready).
+    fn on_vmm_connected(&mut self, mount: usize, socket: &Path, connection: u64) {
+        let Some(conn) = self.mounts.get(mount).and_then(|m| {
+            m.shares
+                .iter()
+                .filter(|s| s.spec.socket == socket)
+                .flat_map(HeldShare::connections)
+                .find(|c| c.id == connection)
+        }) else {
+            return; // it left already
+        };
+        self.attach_vmm(mount, socket, &conn);
+    }
+
+    /// Attaches the current engine to every VMM (after it is ready).
+    fn attach_vmms(&mut self) {
+        for i in 0..self.mounts.len() {
+            // Removed shares whose last VMM left are forgotten.
+            self.mounts[i]
+                .shares
+                .retain(|s| !s.removed() || !s.connections().is_empty());
+            let held: Vec<_> = self.mounts[i]
+                .shares
+                .iter()
+                .flat_map(|s| {
+                    s.connections()
+                        .into_iter()
+                        .map(|c| (s.spec.socket.clone(), c))
+                })
+                .collect();
+            for (socket, conn) in held {
+                self.attach_vmm(i, &socket, &conn);
+            }
+        }
+    }
+
+    fn attach_vmm(&mut self, mount: usize, socket: &Path, conn: &vmm::VmmConnection) {
+        let Some(engine) = &self.engine else {
+            return; // the successor gets it
+        };
+        let Some(index) = engine.mounts.iter().position(|&m| m == mount) else {
+            return;
+        };
+        match vmm::attach(&engine.sock, engine.generation, index, socket, conn) {
+            Ok(()) => {
+                tracing::info!(socket = %socket.display(), connection = conn.id, generation = engine.generation, "engine attached to the VMM")
+            }
+            // A dying engine: its successor is attached when it is ready.
+            Err(e) => {
+                tracing::warn!(socket = %socket.display(), connection = conn.id, error = %format!("{e:#}"), "could not attach the engine to the VMM")
+            }
+        }
+    }
+
+    /// A VMM of mount `i` whose queues have requests waiting and none answered for the hang
+    /// timeout: (the engine generation, how long).
+    fn hung_vmm(&self, i: usize) -> Option<(u64, Duration)> {
+        let engine = self.engine.as_ref()?;
+        for share in &self.mounts[i].shares {
+            for conn in share.connections() {
+                if *conn.attached.lock().unwrap_or_else(|e| e.into_inner()) != engine.generation {
+                    continue;
+                }
+                // Busy: a VMM message is being applied; look again next tick.
+                let Ok(front) = conn.front.try_lock() else {
+                    continue;
+                };
+                let (waiting, finished) = front.progress();
+                drop(front);
+                let mut hang = conn.hang.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(waited) =
+                    hang.check(Some(u64::from(waiting)), finished, self.hang_timeout)
+                {
+                    return Some((engine.generation, waited));
+                }
+            }
+        }
+        None
     }
 
     /// Replaces the engine with `binary`: the old one stops at a request boundary (after its
@@ -590,7 +723,7 @@ impl Holder {
     /// A control socket per mount (see [`state::control_socket`]).
     fn listen_for_control(&self) -> anyhow::Result<()> {
         for (mount, m) in self.mounts.iter().enumerate() {
-            let path = state::control_socket(&self.config.state_dir, m.fuse.mountpoint());
+            let path = state::control_socket(&self.config.state_dir, &m.mountpoint);
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating state dir {}", dir.display()))?;

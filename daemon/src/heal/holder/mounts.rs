@@ -10,10 +10,12 @@ use super::{HeldMount, Holder};
 use crate::fuse::connection_state::ConnectionState;
 use crate::fuse::{FuseMount, MountOptions};
 use crate::heal::detect::HangWatch;
+use crate::heal::handoff::ShareSocket;
 use crate::heal::remount::{self, BindTarget};
-use crate::heal::vhost_sockets::HeldShare;
+use crate::heal::vmm::HeldShare;
 use crate::state::{self, MountDir};
 use crate::sys::mounts;
+use crate::volume::Target;
 use crate::volume::{self, Source};
 
 /// Creates and canonicalizes a mountpoint. A dead berth mount there (its holder was killed)
@@ -83,6 +85,29 @@ impl Holder {
         Ok(())
     }
 
+    /// A standalone share: its socket bound, no FUSE connection.
+    pub(super) fn hold_share(&mut self, target: Target, socket: ShareSocket) -> anyhow::Result<()> {
+        let path = target.mountpoint.clone();
+        let state = MountDir::claim(&self.config.state_dir, &path)
+            .context("claiming the share's state directory")?;
+        let share = HeldShare::bind(socket)?;
+        self.mounts.push(HeldMount {
+            fsname: format!("berth:{}", volume::describe(&target.source)),
+            source: target.text,
+            mountpoint: path,
+            fuse: None,
+            queues: Vec::new(),
+            shared: ConnectionState::create().context("creating the shared state region")?,
+            conn: None,
+            init_capable: None,
+            hang: HangWatch::new(),
+            gone: false,
+            shares: vec![share],
+            state: Some(state),
+        });
+        Ok(())
+    }
+
     pub(super) fn hold(
         &mut self,
         source: String,
@@ -100,7 +125,8 @@ impl Holder {
         Ok(HeldMount {
             source,
             fsname,
-            fuse,
+            mountpoint: fuse.mountpoint().to_path_buf(),
+            fuse: Some(fuse),
             queues,
             shared,
             conn,
@@ -116,13 +142,15 @@ impl Holder {
     pub(super) fn abandon(&mut self) {
         self.kill_engine();
         for m in &self.mounts {
-            let _ = m.fuse.unmount(true);
+            if let Some(fuse) = &m.fuse {
+                let _ = fuse.unmount(true);
+            }
         }
         self.cleanup_state();
     }
 
     pub(super) fn remount(&mut self, i: usize) -> anyhow::Result<Vec<BindTarget>> {
-        let mountpoint = self.mounts[i].fuse.mountpoint().to_path_buf();
+        let mountpoint = self.mounts[i].mountpoint.clone();
         if let Some(conn) = self.mounts[i].conn {
             self.detector.unwatch_connection(conn);
         }
@@ -153,10 +181,8 @@ impl Holder {
             if let Some(dir) = m.state.take() {
                 dir.remove();
             }
-            let _ = std::fs::remove_file(state::control_socket(
-                &self.config.state_dir,
-                m.fuse.mountpoint(),
-            ));
+            let _ =
+                std::fs::remove_file(state::control_socket(&self.config.state_dir, &m.mountpoint));
             m.shares.iter().for_each(HeldShare::unlink);
         }
     }

@@ -52,11 +52,11 @@ pub(super) struct Heal {
     detector: String,
     pub recoveries: u64,
     last_recovery_kind: Option<String>,
-    last_detected_by: Option<String>,
+    pub last_detected_by: Option<String>,
 }
 
-fn status_file(m: &Mount) -> Result<PathBuf> {
-    let dir = m.state_dir().join("mounts");
+fn status_file(state_dir: &Path) -> Result<PathBuf> {
+    let dir = state_dir.join("mounts");
     let entry = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .next()
@@ -65,7 +65,12 @@ fn status_file(m: &Mount) -> Result<PathBuf> {
 }
 
 pub(super) fn heal_status(m: &Mount) -> Result<Heal> {
-    let path = status_file(m)?;
+    heal_status_in(&m.state_dir())
+}
+
+/// The heal facts of the only volume held under `state_dir` (a mount's, a standalone share's).
+pub(super) fn heal_status_in(state_dir: &Path) -> Result<Heal> {
+    let path = status_file(state_dir)?;
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
@@ -93,9 +98,14 @@ pub(super) fn heal_status(m: &Mount) -> Result<Heal> {
 
 /// Waits until the mount's status shows generation > `after` with a live engine.
 pub(super) fn wait_generation(m: &Mount, after: u64, timeout: Duration) -> Result<Heal> {
+    wait_generation_in(&m.state_dir(), after, timeout)
+}
+
+/// An engine generation newer than `after`, alive, under `state_dir`.
+pub(super) fn wait_generation_in(state_dir: &Path, after: u64, timeout: Duration) -> Result<Heal> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(h) = heal_status(m) {
+        if let Ok(h) = heal_status_in(state_dir) {
             // SAFETY: signal 0 only checks the process exists.
             if h.generation > after && unsafe { libc::kill(h.engine_pid as i32, 0) } == 0 {
                 return Ok(h);

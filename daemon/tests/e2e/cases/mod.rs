@@ -18,6 +18,7 @@ mod shares;
 mod storedown;
 mod unmount;
 mod unsupported;
+mod vmheal;
 mod write;
 
 use crate::reqs::Needs;
@@ -144,6 +145,21 @@ pub fn all() -> Vec<Case> {
             "sandbox::mount_engine_serves_a_guest",
             Needs::FUSE,
             sandbox::mount_engine_serves_a_guest,
+        ),
+        case(
+            "vmheal::standalone_share_survives_engine_deaths",
+            Needs::NOTHING,
+            vmheal::standalone_share_survives_engine_deaths,
+        ),
+        case(
+            "vmheal::upgrade_drains_guest_writes",
+            Needs::NOTHING,
+            vmheal::upgrade_drains_guest_writes,
+        ),
+        case(
+            "vmheal::mount_share_survives_engine_kill",
+            Needs::FUSE,
+            vmheal::mount_share_survives_engine_kill,
         ),
         case(
             "sandbox::standalone_share_serves_a_guest",
