@@ -29,6 +29,7 @@ mod results;
 mod sdk;
 mod svg;
 mod virtiofs;
+mod vmrecovery;
 
 /// One bench suite.
 pub struct Suite {

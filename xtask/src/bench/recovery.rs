@@ -46,6 +46,9 @@ struct Row {
 
 pub fn run(args: &[String]) -> Result<()> {
     let kills = parse_kills(args)?;
+    if args.iter().any(|a| a == "--virtiofs") {
+        return super::vmrecovery::run(kills);
+    }
     let berth = berth::binary()?;
     let work = repo_root().join("target").join("bench-recovery");
     let _ = std::fs::remove_dir_all(&work);

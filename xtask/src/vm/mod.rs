@@ -3,7 +3,10 @@
 //! SeaweedFS on loopback holds a bucket; `berth share` serves it on a vhost-user socket;
 //! QEMU (TCG) boots Debian's cloud kernel with a busybox initramfs whose init mounts the
 //! share and runs the checks. The host then checks that the file the guest wrote is in S3,
-//! and boots a second guest on the same socket (the share must serve the next VMM).
+//! then boots a guest that reads and writes for 75 s while the host kills (10x SIGKILL),
+//! hangs (SIGSTOP) and upgrades (3x) the engine serving it ([`heal`]: 0 read errors, its
+//! files in S3), and boots another guest on the same socket (the share serves the next VMM).
+//! A share of a pod's mount goes through the same, shorter (3 kills, 1 upgrade).
 //! Prints `vm-test: N passed, M failed`; fails if any check failed. berth is the test
 //! build's ([`berth::binary`]), so after `cargo xtask test` nothing is compiled again.
 
@@ -19,6 +22,7 @@ use crate::setup::weed_bin;
 use crate::sh::{run_cmd, tempdir, Reaped};
 
 pub mod guest;
+mod heal;
 
 const BUCKET: &str = "vmtest";
 const TAG: &str = "berth";
@@ -27,6 +31,8 @@ const SMALL_TEXT: &str = "hello from s3";
 const GUEST_TEXT: &str = "written by the guest";
 const GUEST_DEADLINE: Duration = Duration::from_secs(300);
 const CRASH_DEADLINE: Duration = Duration::from_secs(90);
+/// --hang-timeout of the shares under test: a SIGSTOPped engine is replaced after this.
+const HANG_TIMEOUT: &str = "3s";
 
 pub fn run(strict: bool, crash: bool) -> Result<()> {
     let mut missing = guest::missing();
@@ -79,6 +85,8 @@ fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
             "us-east-1",
             "--request-queues",
             "2",
+            "--hang-timeout",
+            HANG_TIMEOUT,
         ],
     )?;
 
@@ -109,7 +117,26 @@ fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
         Ok(None) => host("guest write is in S3", false, "no such object".into()),
         Err(e) => host("guest write is in S3", false, format!("{e:#}")),
     }
-    // A second VMM on the same socket: the share listens again after the first left.
+    // A guest at work while its engine is killed, hung and upgraded.
+    let scenario = heal::Scenario {
+        state: work.join("state"),
+        upgrade: socket.clone(),
+        prefix: "out/heal",
+        chaos: heal::Chaos {
+            kills: 10,
+            hangs: 1,
+            upgrades: 3,
+        },
+        seconds: 75,
+    };
+    if let Err(e) = heal::run(bin, work, &s3, &device, &scenario, &sha, &mut host) {
+        host(
+            "a guest across engine replacements",
+            false,
+            format!("{e:#}"),
+        );
+    }
+    // A second VMM on the same socket (a guest reboot): the holder accepts the next one.
     let again = format!(
         "if mount -t virtiofs $TAG /mnt && [ \"$(cat /mnt/data/small.txt)\" = \"{SMALL_TEXT}\" ] \
          && [ \"$(cat /mnt/out/guest.txt)\" = \"{GUEST_TEXT}\" ]; then echo reconnect-ok; fi; umount /mnt"
@@ -158,6 +185,8 @@ fn pod_and_vm_on_one_engine(
             &work.join("pod-cache").to_string_lossy(),
             "--state-dir",
             &state.to_string_lossy(),
+            "--hang-timeout",
+            HANG_TIMEOUT,
         ],
         "berth: mounted",
     )?;
@@ -220,6 +249,18 @@ fn pod_and_vm_on_one_engine(
             after_pod - after_vm
         ),
     );
+    let scenario = heal::Scenario {
+        state: state.clone(),
+        upgrade: mountpoint.clone(),
+        prefix: "out/pod-heal",
+        chaos: heal::Chaos {
+            kills: 3,
+            hangs: 0,
+            upgrades: 1,
+        },
+        seconds: 30,
+    };
+    heal::run(bin, work, s3, &device, &scenario, sha, host)?;
     share_of_mount(&["--remove"])?;
     host(
         "removing the share closes its socket",
