@@ -20,6 +20,7 @@ pub mod recovery;
 pub mod s3;
 pub mod volume_id;
 
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -144,9 +145,7 @@ pub async fn serve(
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    remove_stale(&socket)?;
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .with_context(|| format!("binding {}", socket.display()))?;
+    let listener = listen(&socket)?;
     let identity = identity::IdentityService { mode: args.mode };
     let mut router = tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(identity));
@@ -197,7 +196,10 @@ pub async fn serve(
     println!("berth-csi: serving on {}", socket.display());
     router
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            tokio_stream::StreamExt::filter(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                |conn| conn.as_ref().map_or(true, |c| may_connect(c.as_raw_fd())),
+            ),
             shutdown,
         )
         .await
@@ -206,11 +208,37 @@ pub async fn serve(
     Ok(())
 }
 
-fn remove_stale(socket: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_file(socket) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing stale socket {}", socket.display())),
+/// The CSI socket, born 0600 (owned by this process's user): a stale file is replaced, a
+/// socket another berth-csi still listens on is never taken over, anything else is refused.
+fn listen(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    let listener = berth::sys::sockets::listen(socket, berth::sys::sockets::Peers::ROOT)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    listener
+        .set_nonblocking(true)
+        .context("making the CSI socket non-blocking")?;
+    tokio::net::UnixListener::from_std(listener).context("registering the CSI socket")
+}
+
+/// Who may call the driver: root (the kubelet) and processes of our own user (the sidecars
+/// of our pod, e.g. the controller's provisioner running as the same non-root user). Others
+/// are disconnected before a byte is read.
+fn may_connect(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match berth::sys::sockets::peer_cred(fd) {
+        Ok(peer) if peer.uid == 0 || peer.uid == me => true,
+        Ok(peer) => {
+            tracing::warn!(
+                uid = peer.uid,
+                pid = peer.pid,
+                "refused a CSI connection from a process that is neither root nor this driver's user"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a CSI connection whose peer is unknown");
+            false
+        }
     }
 }
 

@@ -51,7 +51,68 @@ pub fn all() -> Vec<Case> {
             needs: Needs::S3_MOUNT,
             run: restarted_plugin_rebinds,
         },
+        Case {
+            name: "csi_socket_is_closed_to_others_and_never_taken_over",
+            needs: Needs::S3_MOUNT,
+            run: csi_socket_closed,
+        },
     ]
+}
+
+/// The CSI socket is 0600, a process of another user cannot connect, and a second
+/// berth-csi on the same endpoint is refused instead of unlinking the live socket.
+fn csi_socket_closed() -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    use std::os::unix::process::CommandExt as _;
+    let node = Node::start("socket")?;
+    let meta = std::fs::symlink_metadata(&node.csi_socket)?;
+    ensure!(meta.file_type().is_socket(), "no socket");
+    ensure!(
+        meta.permissions().mode() & 0o777 == 0o600,
+        "the CSI socket is {:o}",
+        meta.permissions().mode() & 0o777
+    );
+    // A process of another user (nobody) cannot connect.
+    let probe = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e: print('refused', e.errno)",
+        ])
+        .arg(&node.csi_socket)
+        .uid(65534)
+        .gid(65534)
+        .output()?;
+    let said = String::from_utf8_lossy(&probe.stdout);
+    ensure!(
+        said.starts_with("refused"),
+        "another user's connect: {said}{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    // A second driver on the same endpoint fails and leaves the first serving.
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_berth-csi"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", node.csi_socket.display()))
+        .args(["--mode", "controller", "--kube-events", "false"])
+        .output()?;
+    let err = String::from_utf8_lossy(&second.stderr);
+    ensure!(
+        !second.status.success(),
+        "a second berth-csi took the live socket"
+    );
+    ensure!(err.contains("listen"), "unclear refusal: {err}");
+    let name = rt()
+        .block_on(
+            node.identity()?
+                .get_plugin_info(pb::GetPluginInfoRequest {}),
+        )?
+        .into_inner()
+        .name;
+    ensure!(
+        name == berth_csi::DRIVER_NAME,
+        "the first driver stopped answering"
+    );
+    let mut node = node;
+    check_no_secrets(&node.stop())
 }
 
 fn secrets() -> HashMap<String, String> {

@@ -65,13 +65,14 @@ pub enum Command {
     #[command(hide = true)]
     Engine(EngineArgs),
 
-    /// Serve SOURCE to one virtual machine over vhost-user virtio-fs (runs in the foreground).
+    /// Serve SOURCE to virtual machines over vhost-user virtio-fs (runs in the foreground).
     ///
     /// Listens on --socket; a VMM (QEMU `vhost-user-fs-pci`, Cloud Hypervisor `--fs`, Kata)
     /// connects and the guest mounts it with `mount -t virtiofs TAG DIR` (the tag is set on
     /// the VMM side). Prints one line starting with "berth: sharing" when the socket is ready.
-    /// When the VMM goes away, berth listens again on the same path. Stops on SIGINT/SIGTERM.
-    /// See docs/virtiofs.md.
+    /// This process keeps the socket and every VMM connection; an engine it starts serves the
+    /// guests and is replaced, without the guests seeing an error, when it dies, hangs or is
+    /// upgraded (`berth upgrade SOCKET`). Stops on SIGINT/SIGTERM. See docs/virtiofs.md.
     Share(ShareArgs),
 
     /// Run the node daemon: own every mount and share on the node and serve the gRPC API

@@ -1,21 +1,20 @@
 //! The sandbox of the processes that parse guest input: `berth engine` (FUSE requests and
-//! virtio-fs descriptor chains of its mount's shares) and a standalone `berth share`, as
+//! virtio-fs descriptor chains of its volumes' shares, a standalone `berth share`'s too), as
 //! virtiofsd sandboxes itself. A memory-safety bug in the request parsers (fuse-backend-rs,
 //! vm-memory, virtio-queue) then runs in a process that cannot mount, load modules or BPF,
 //! trace or change namespaces, and holds only the capabilities it needs for its files.
 //!
 //! Two steps, because capabilities belong to threads and seccomp filters can be synced to all:
 //! 1. [`drop_privileges`], while the process still has one thread (before the I/O runtime
-//!    starts): `no_new_privs`, and every capability but those of [`ENGINE_CAPS`] /
-//!    [`SHARE_CAPS`] dropped from the bounding, permitted, effective, inheritable and ambient
-//!    sets. Every thread started afterwards inherits that.
+//!    starts): `no_new_privs`, and every capability but those of [`ENGINE_CAPS`] dropped
+//!    from the bounding, permitted, effective, inheritable and ambient sets. Every thread started afterwards inherits that.
 //! 2. [`enter`], after setup (volumes built, fds received, caches and rings opened) and
 //!    before the first request is read: the seccomp allowlist of [`seccomp::rules`] on every
 //!    thread (`SECCOMP_FILTER_FLAG_TSYNC`); a syscall outside it kills the process with
 //!    SIGSYS, and a holder replaces its engine as after any crash.
 //!
-//! The holder (`berth mount`) is not sandboxed: it mounts, remounts and starts engines, and it
-//! never reads a request. See docs/virtiofs.md, "Sandbox".
+//! The holder (`berth mount`, `berth share`) is not sandboxed: it mounts, remounts, binds
+//! sockets and starts engines, and it never reads a request. See docs/virtiofs.md, "Sandbox".
 
 mod caps;
 pub mod seccomp;
@@ -25,15 +24,12 @@ use std::sync::OnceLock;
 
 pub use seccomp::Uses;
 
-use caps::{CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER};
+use caps::{CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER};
 
 /// What an engine keeps: it reads and writes files of any owner as root (a local-directory
 /// store, the state dir, the node cache's data file): DAC_OVERRIDE and DAC_READ_SEARCH for
 /// access, FOWNER for what only an owner may do (utimes, sticky directories).
 pub const ENGINE_CAPS: &[u32] = &[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER];
-/// A standalone share also binds its own socket during setup and hands it to
-/// `--socket-group` (chown).
-pub const SHARE_CAPS: &[u32] = &[CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER];
 
 /// `--sandbox`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //! loops: a LOOKUP of a new name and an OPEN/READ/RELEASE of a small file, timed on the
 //! guest's clock (/proc/uptime, 10 ms steps); an operation that takes 30 ms or more is
 //! printed on the console. The host stamps each such line as it arrives and charges it to
-//! the kill or upgrade before it (within 3 s); a replacement with no slow line stalled the
+//! the kill or upgrade before it (within 1 s); a replacement with no slow line stalled the
 //! guest less than 30 ms. Printed: guest stalls p50/p99/max per kind, guest errors, and the
 //! slow operations with no replacement near them (TCG's own noise).
 
@@ -24,8 +24,8 @@ use crate::vm::guest::{self, Device};
 /// Slower than this is printed by the guest (its clock steps by 10 ms).
 const SLOW_MS: u32 = 30;
 /// A slow operation this soon after a replacement is charged to it.
-const WINDOW: Duration = Duration::from_secs(3);
-const BETWEEN: Duration = Duration::from_millis(1500);
+const WINDOW: Duration = Duration::from_secs(1);
+const BETWEEN: Duration = Duration::from_millis(2500);
 const UPGRADES: usize = 3;
 
 /// One replacement: what and when (host clock).
