@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::bail;
 
 use super::args::{
-    CacheArgs, DaemonArgs, EngineFlags, MountArgs, OnExit, SandboxArg, ShareArgs, StoreArgs,
-    WarmArgs, DEFAULT_THREADS,
+    CacheArgs, DaemonArgs, EngineFlags, HealArgs, MountArgs, OnExit, SandboxArg, ShareArgs,
+    StoreArgs, WarmArgs, DEFAULT_THREADS,
 };
 use crate::api::{DaemonConfig, NodeCacheConfig};
 use crate::cache::{CacheConfig, DiskTier};
@@ -171,6 +171,15 @@ fn target(text: &str, mountpoint: PathBuf, config: &VolumeConfig) -> anyhow::Res
     })
 }
 
+impl HealArgs {
+    /// --hang-timeout, or the store's --request-deadline plus a margin: a slow store is not
+    /// a hung engine.
+    fn hang_timeout(&self, store: &StoreArgs) -> Duration {
+        self.hang_timeout
+            .unwrap_or(store.request_deadline + HANG_MARGIN)
+    }
+}
+
 impl MountArgs {
     /// The settings of every volume this mount serves (the engine's config).
     pub fn volume_config(&self) -> anyhow::Result<VolumeConfig> {
@@ -215,10 +224,7 @@ impl MountArgs {
             threads: self.threads,
             state_dir: self.state_dir.clone(),
             no_ebpf: self.heal.no_ebpf,
-            hang_timeout: self
-                .heal
-                .hang_timeout
-                .unwrap_or(self.store.request_deadline + HANG_MARGIN),
+            hang_timeout: self.heal.hang_timeout(&self.store),
             engine_argv,
         })
     }
@@ -273,10 +279,7 @@ impl ShareArgs {
             threads: DEFAULT_THREADS,
             state_dir: self.state_dir.clone(),
             no_ebpf: self.heal.no_ebpf,
-            hang_timeout: self
-                .heal
-                .hang_timeout
-                .unwrap_or(self.store.request_deadline + HANG_MARGIN),
+            hang_timeout: self.heal.hang_timeout(&self.store),
             engine_argv,
         })))
     }

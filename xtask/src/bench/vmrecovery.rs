@@ -20,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use crate::berth;
 use crate::sh::{repo_root, Reaped};
 use crate::vm::guest::{self, Device};
+use crate::vm::heal::engine;
 
 /// Slower than this is printed by the guest (its clock steps by 10 ms).
 const SLOW_MS: u32 = 30;
@@ -238,23 +239,6 @@ fn torment(
         }
     }
     Ok(())
-}
-
-/// The engine's pid and generation, from the share's status file.
-fn engine(state: &Path) -> Result<(u32, u64)> {
-    let dir = state.join("mounts");
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let Ok(text) = std::fs::read_to_string(entry?.path().join("status.json")) else {
-            continue;
-        };
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        if let (Some(pid), Some(generation)) =
-            (v["engine_pid"].as_u64(), v["engine_generation"].as_u64())
-        {
-            return Ok((pid as u32, generation));
-        }
-    }
-    bail!("no engine status under {}", dir.display())
 }
 
 /// `berth share SRC` on `socket`, waited for; killed when the guard drops.

@@ -94,7 +94,7 @@ fn parse(lines: &[String]) -> Option<Loop> {
 }
 
 /// The engine's pid and generation from the holder's status file under `state`.
-fn engine(state: &Path) -> Result<(u32, u64)> {
+pub fn engine(state: &Path) -> Result<(u32, u64)> {
     let dir = state.join("mounts");
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path().join("status.json");

@@ -22,7 +22,7 @@ use crate::setup::weed_bin;
 use crate::sh::{run_cmd, tempdir, Reaped};
 
 pub mod guest;
-mod heal;
+pub mod heal;
 
 const BUCKET: &str = "vmtest";
 const TAG: &str = "berth";

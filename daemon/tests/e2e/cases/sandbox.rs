@@ -10,7 +10,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use berth::heal::control::{ask, ControlRequest};
 
 use super::heal::{heal_status, heal_status_in, wait_for_kind};
 use crate::mount::{berth_command, Mount, MountOpts};
@@ -179,16 +178,7 @@ pub fn mount_engine_serves_a_guest() -> Result<()> {
     let src = store(dir.path())?;
     let m = Mount::local(&src, MountOpts::default())?;
     let socket = dir.path().join("vm/fs.sock");
-    let reply = ask(
-        &m.state_dir(),
-        m.path(),
-        &ControlRequest::AddShare {
-            socket: socket.clone(),
-            request_queues: 1,
-            queue_size: 1024,
-            group: None,
-        },
-    )?;
+    let reply = super::shares::add(&m, &socket)?;
     ensure!(reply.ok, "AddShare failed: {}", reply.message);
     let engine = heal_status(&m)?;
     expect_sandboxed("the engine", engine.engine_pid, ENGINE_CAPS)?;

@@ -21,7 +21,8 @@ use berth::api::pb;
 /// VIRTIO_F_VERSION_1: every virtio-fs backend offers it.
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
-fn add(m: &Mount, socket: &Path) -> Result<ControlReply> {
+/// Asks the holder of `m` to share it on `socket` (1 request queue).
+pub(super) fn add(m: &Mount, socket: &Path) -> Result<ControlReply> {
     ask(
         &m.state_dir(),
         m.path(),

@@ -8,7 +8,6 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use berth::heal::control::{ask, ControlRequest};
 
 use super::heal::{heal_status, heal_status_in, wait_generation_in, Heal};
 use super::sandbox::wait_for_line;
@@ -264,16 +263,7 @@ pub fn mount_share_survives_engine_kill() -> Result<()> {
     let src = store(dir.path())?;
     let m = Mount::local(&src, MountOpts::default())?;
     let socket = dir.path().join("vm/fs.sock");
-    let reply = ask(
-        &m.state_dir(),
-        m.path(),
-        &ControlRequest::AddShare {
-            socket: socket.clone(),
-            request_queues: 1,
-            queue_size: 1024,
-            group: None,
-        },
-    )?;
+    let reply = super::shares::add(&m, &socket)?;
     ensure!(reply.ok, "AddShare failed: {}", reply.message);
     let mut guest = Guest::attach(&socket)?;
     guest.init()?;
