@@ -6,7 +6,7 @@
 //! then boots a guest that reads and writes for 75 s while the host kills (10x SIGKILL),
 //! hangs (SIGSTOP) and upgrades (3x) the engine serving it ([`heal`]: 0 read errors, its
 //! files in S3), and boots another guest on the same socket (the share serves the next VMM).
-//! A share of a pod's mount goes through the same, shorter (3 kills, 1 upgrade).
+//! A share of a pod's mount goes through the same (10 kills, 3 upgrades, 65 s).
 //! Prints `vm-test: N passed, M failed`; fails if any check failed. berth is the test
 //! build's ([`berth::binary`]), so after `cargo xtask test` nothing is compiled again.
 
@@ -254,11 +254,11 @@ fn pod_and_vm_on_one_engine(
         upgrade: mountpoint.clone(),
         prefix: "out/pod-heal",
         chaos: heal::Chaos {
-            kills: 3,
+            kills: 10,
             hangs: 0,
-            upgrades: 1,
+            upgrades: 3,
         },
-        seconds: 30,
+        seconds: 65,
     };
     heal::run(bin, work, s3, &device, &scenario, sha, host)?;
     share_of_mount(&["--remove"])?;
