@@ -197,7 +197,11 @@ pub fn boot_watching(
     } else {
         String::new()
     };
-    let initrd = work.join("initramfs.cpio");
+    // One initramfs per socket: guests on different shares may boot at once.
+    let name = socket
+        .file_stem()
+        .map_or("guest".into(), |s| s.to_string_lossy().into_owned());
+    let initrd = work.join(format!("initramfs-{name}.cpio"));
     build_initramfs(&initrd, tag, body, files)?;
     let mut cmd = Command::new(QEMU);
     cmd.args([
@@ -273,7 +277,7 @@ pub fn boot_watching(
         match rx.recv_timeout(left.min(Duration::from_millis(500))) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
-                println!("guest| {line}");
+                println!("guest {name}| {line}");
                 on_line(&line);
                 lines.push(line);
             }

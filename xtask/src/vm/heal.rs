@@ -8,10 +8,10 @@
 //! loses its unsent buffer (docs/virtiofs.md, "Limits"), so the guest may see a write error
 //! there; it is reported, and what was written without error must be in S3.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -33,13 +33,18 @@ pub struct Chaos {
 pub struct Scenario {
     /// The --state-dir of the holder.
     pub state: PathBuf,
-    /// What `berth upgrade` is given: the socket of a standalone share, or the mountpoint.
-    pub upgrade: PathBuf,
-    /// The prefix of the files the guest creates.
-    pub prefix: &'static str,
+    /// The arguments of the berth command that upgrades the engine: `upgrade SOCKET
+    /// --state-dir STATE` for a standalone share, `--socket DAEMON upgrade` through a daemon.
+    pub upgrade: Vec<OsString>,
     pub chaos: Chaos,
-    /// How long the guest loops.
+    /// How long each guest loops.
     pub seconds: u32,
+}
+
+/// One guest of a run: its device and the prefix of the files it creates.
+pub struct Guest<'a> {
+    pub device: &'a Device<'a>,
+    pub prefix: &'static str,
 }
 
 /// What the guest reported.
@@ -158,12 +163,7 @@ fn torment(bin: &Path, target: &Scenario, stop: &AtomicBool) -> Result<Vec<Strin
             // SAFETY: as above; the holder finds it hung and kills it.
             "hang" => unsafe { libc::kill(pid as i32, libc::SIGSTOP) },
             _ => {
-                let out = Command::new(bin)
-                    .arg("upgrade")
-                    .arg(&target.upgrade)
-                    .arg("--state-dir")
-                    .arg(&target.state)
-                    .output()?;
+                let out = Command::new(bin).args(&target.upgrade).output()?;
                 if !out.status.success() {
                     bail!(
                         "berth upgrade failed: {}{}",
@@ -185,59 +185,72 @@ fn torment(bin: &Path, target: &Scenario, stop: &AtomicBool) -> Result<Vec<Strin
     Ok(done)
 }
 
-/// Boots a guest on `device` that loops for `seconds` under `chaos`, then checks what it
-/// saw and what it wrote; `host` records each check.
+/// Boots one guest per entry of `guests` at once, each looping for `seconds` while the
+/// host does `chaos` to the engine they share, then checks what each saw and wrote; `host`
+/// records each check.
 pub fn run(
     bin: &Path,
     work: &Path,
     s3: &Seaweed,
-    device: &Device,
+    guests: &[Guest],
     target: &Scenario,
     sha: &str,
     host: &mut dyn FnMut(&str, bool, String),
 ) -> Result<()> {
     let (chaos, seconds) = (target.chaos, target.seconds);
-    let stop = Arc::new(AtomicBool::new(false));
-    let outcome: Arc<Mutex<Option<Result<Vec<String>>>>> = Arc::new(Mutex::new(None));
-    let mut tormentor = None;
-    let mut on_line = |line: &str| {
-        if line == "heal: start" && tormentor.is_none() {
-            let (bin, stop, outcome) = (bin.to_path_buf(), stop.clone(), outcome.clone());
-            let target = target.clone();
-            tormentor = Some(std::thread::spawn(move || {
-                let result = torment(&bin, &target, &stop);
-                *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-            }));
-        }
-        if line == "heal: done" {
-            stop.store(true, Ordering::Release);
-        }
-    };
+    let started = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
     let deadline = Duration::from_secs(u64::from(seconds) + 240);
-    let lines = guest::boot_watching(
-        work,
-        device,
-        &body(sha, target.prefix, seconds),
-        &[],
-        deadline,
-        &mut on_line,
-    );
-    stop.store(true, Ordering::Release);
-    if let Some(t) = tormentor {
-        let _ = t.join();
-    }
-    let lines = lines?;
-    let done = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let (done, consoles) = std::thread::scope(|scope| {
+        // The chaos starts when the first guest starts its loop, and ends when all are done.
+        let tormentor = scope.spawn(|| {
+            while !started.load(Ordering::Acquire) {
+                if stop.load(Ordering::Acquire) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Some(torment(bin, target, &stop))
+        });
+        let running: Vec<_> = guests
+            .iter()
+            .map(|g| {
+                let started = &started;
+                scope.spawn(move || {
+                    guest::boot_watching(
+                        work,
+                        g.device,
+                        &body(sha, g.prefix, seconds),
+                        &[],
+                        deadline,
+                        &mut |line| {
+                            if line == "heal: start" {
+                                started.store(true, Ordering::Release);
+                            }
+                        },
+                    )
+                })
+            })
+            .collect();
+        let consoles: Vec<Result<Vec<String>>> = running
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| bail!("the guest's thread panicked"))
+            })
+            .collect();
+        stop.store(true, Ordering::Release);
+        (tormentor.join().ok().flatten(), consoles)
+    });
     let planned = chaos.kills + chaos.hangs + chaos.upgrades;
+    let prefixes: Vec<&str> = guests.iter().map(|g| g.prefix).collect();
+    let who = prefixes.join(", ");
     match done {
         Some(Ok(done)) => host(
-            &format!(
-                "{planned} engine replacements while the guest works ({})",
-                target.prefix
-            ),
+            &format!("{planned} engine replacements while the guests work ({who})"),
             done.len() as u32 == planned,
             format!(
-                "only {} of {planned} done before the guest finished",
+                "only {} of {planned} done before the guests finished",
                 done.len()
             ),
         ),
@@ -245,22 +258,36 @@ pub fn run(
         None => host(
             "engine replacements",
             false,
-            "the guest never started its loop".into(),
+            "no guest started its loop".into(),
         ),
     }
-    let Some(seen) = parse(&lines) else {
-        host("the guest's loop finished", false, "no totals line".into());
+    for (g, console) in guests.iter().zip(consoles) {
+        check_guest(s3, g.prefix, &console?, host)?;
+    }
+    Ok(())
+}
+
+/// What one guest saw (its totals line) and wrote (its files in S3, byte-exact).
+fn check_guest(
+    s3: &Seaweed,
+    prefix: &str,
+    lines: &[String],
+    host: &mut dyn FnMut(&str, bool, String),
+) -> Result<()> {
+    let Some(seen) = parse(lines) else {
+        host(
+            &format!("the guest's loop finished ({prefix})"),
+            false,
+            "no totals line".into(),
+        );
         return Ok(());
     };
     println!(
-        "vm-test: heal ({}): {} iterations, {} read errors, {} write errors",
-        target.prefix, seen.iterations, seen.read_errors, seen.write_errors
+        "vm-test: heal ({prefix}): {} iterations, {} read errors, {} write errors",
+        seen.iterations, seen.read_errors, seen.write_errors
     );
     host(
-        &format!(
-            "0 read errors in the guest across the replacements ({})",
-            target.prefix
-        ),
+        &format!("0 read errors in the guest across the replacements ({prefix})"),
         seen.read_errors == 0 && seen.iterations > 0,
         format!("{seen:?}"),
     );
@@ -268,7 +295,7 @@ pub fn run(
     let mut wrong = Vec::new();
     let mut missing = 0;
     for i in 1..=seen.iterations {
-        let key = format!("{}/f{i}.txt", target.prefix);
+        let key = format!("{prefix}/f{i}.txt");
         match s3.get(BUCKET, &key)? {
             Some(body) if body == format!("file {i}\n").as_bytes() => {}
             Some(body) => wrong.push(format!("{key}: {:?}", String::from_utf8_lossy(&body))),
@@ -276,14 +303,13 @@ pub fn run(
         }
     }
     println!(
-        "vm-test: heal ({}): {} files in S3, {missing} missing, {} wrong; the guest saw {} write errors",
-        target.prefix,
+        "vm-test: heal ({prefix}): {} files in S3, {missing} missing, {} wrong; the guest saw {} write errors",
         seen.iterations - missing - wrong.len() as u32,
         wrong.len(),
         seen.write_errors
     );
     host(
-        &format!("the guest's files are in S3 byte-exact ({})", target.prefix),
+        &format!("the guest's files are in S3 byte-exact ({prefix})"),
         wrong.is_empty() && missing <= seen.write_errors,
         format!(
             "{missing} missing (write errors {}), wrong: {wrong:?}",

@@ -6,10 +6,12 @@
 //! then boots a guest that reads and writes for 75 s while the host kills (10x SIGKILL),
 //! hangs (SIGSTOP) and upgrades (3x) the engine serving it ([`heal`]: 0 read errors, its
 //! files in S3), and boots another guest on the same socket (the share serves the next VMM).
-//! A share of a pod's mount goes through the same (10 kills, 3 upgrades, 65 s).
+//! A share of a pod's mount goes through the same (10 kills, 3 upgrades, 65 s), and so do two
+//! guests at once on two shares of one volume created through the node daemon (CreateShare).
 //! Prints `vm-test: N passed, M failed`; fails if any check failed. berth is the test
 //! build's ([`berth::binary`]), so after `cargo xtask test` nothing is compiled again.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -118,10 +120,15 @@ fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
         Err(e) => host("guest write is in S3", false, format!("{e:#}")),
     }
     // A guest at work while its engine is killed, hung and upgraded.
+    let state = work.join("state");
     let scenario = heal::Scenario {
-        state: work.join("state"),
-        upgrade: socket.clone(),
-        prefix: "out/heal",
+        upgrade: vec![
+            "upgrade".into(),
+            socket.clone().into(),
+            "--state-dir".into(),
+            state.clone().into(),
+        ],
+        state,
         chaos: heal::Chaos {
             kills: 10,
             hangs: 1,
@@ -129,7 +136,11 @@ fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
         },
         seconds: 75,
     };
-    if let Err(e) = heal::run(bin, work, &s3, &device, &scenario, &sha, &mut host) {
+    let guest = heal::Guest {
+        device: &device,
+        prefix: "out/heal",
+    };
+    if let Err(e) = heal::run(bin, work, &s3, &[guest], &scenario, &sha, &mut host) {
         host(
             "a guest across engine replacements",
             false,
@@ -151,6 +162,13 @@ fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
     }
     if let Err(e) = pod_and_vm_on_one_engine(bin, work, &s3, &sha, &large, &mut host) {
         host("pod mount and VM on one engine", false, format!("{e:#}"));
+    }
+    if let Err(e) = daemon_shares(bin, work, &s3, &sha, &mut host) {
+        host(
+            "two VMs on the shares of a daemon's volume",
+            false,
+            format!("{e:#}"),
+        );
     }
     Ok((passed, failed))
 }
@@ -251,8 +269,12 @@ fn pod_and_vm_on_one_engine(
     );
     let scenario = heal::Scenario {
         state: state.clone(),
-        upgrade: mountpoint.clone(),
-        prefix: "out/pod-heal",
+        upgrade: vec![
+            "upgrade".into(),
+            mountpoint.clone().into(),
+            "--state-dir".into(),
+            state.clone().into(),
+        ],
         chaos: heal::Chaos {
             kills: 10,
             hangs: 0,
@@ -260,12 +282,133 @@ fn pod_and_vm_on_one_engine(
         },
         seconds: 65,
     };
-    heal::run(bin, work, s3, &device, &scenario, sha, host)?;
+    let guest = heal::Guest {
+        device: &device,
+        prefix: "out/pod-heal",
+    };
+    heal::run(bin, work, s3, &[guest], &scenario, sha, host)?;
     share_of_mount(&["--remove"])?;
     host(
         "removing the share closes its socket",
         !socket.exists(),
         format!("{} is still there", socket.display()),
+    );
+    Ok(())
+}
+
+/// Two shares of one volume created through the node daemon (CreateShare, as the CSI
+/// driver's Kata path does): two guests at once, one on each socket, read and write while
+/// the volume's engine is killed 10 times and upgraded 3 times through the daemon.
+fn daemon_shares(
+    bin: &Path,
+    work: &Path,
+    s3: &Seaweed,
+    sha: &str,
+    host: &mut dyn FnMut(&str, bool, String),
+) -> Result<()> {
+    let daemon_socket = work.join("daemon.sock");
+    let state = work.join("daemon-state");
+    let shares = work.join("daemon-shares");
+    std::fs::create_dir_all(&shares)?;
+    let _daemon = Daemon(berth::start(
+        bin,
+        work,
+        s3,
+        "daemon",
+        &[
+            "--socket",
+            &daemon_socket.to_string_lossy(),
+            "--state-dir",
+            &state.to_string_lossy(),
+            "--cache-dir",
+            &work.join("daemon-cache").to_string_lossy(),
+            "--share-dir",
+            &shares.to_string_lossy(),
+        ],
+        "berth: daemon listening",
+    )?);
+    let through_daemon = |args: &[&OsStr]| {
+        run_cmd(
+            s3.client_env(&mut Command::new(bin))
+                .arg("--socket")
+                .arg(&daemon_socket)
+                .args(args),
+        )
+    };
+    let sockets = [shares.join("vm-a.sock"), shares.join("vm-b.sock")];
+    for socket in &sockets {
+        through_daemon(&[
+            "share".as_ref(),
+            format!("s3://{BUCKET}").as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--endpoint-url".as_ref(),
+            s3.endpoint.as_ref(),
+            "--region".as_ref(),
+            "us-east-1".as_ref(),
+            "--request-queues".as_ref(),
+            "2".as_ref(),
+        ])?;
+    }
+    // One volume, both sockets on it: the chaos below reaches both guests.
+    let out = s3
+        .client_env(&mut Command::new(bin))
+        .arg("--socket")
+        .arg(&daemon_socket)
+        .args(["status", "--json"])
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("berth status: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let volumes = status["volumes"].as_array().cloned().unwrap_or_default();
+    let shares: Vec<&str> = volumes
+        .first()
+        .and_then(|v| v["shares"].as_array())
+        .map(|s| s.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    let wanted: Vec<String> = sockets.iter().map(|s| s.display().to_string()).collect();
+    host(
+        "two CreateShares of one source are two sockets of one volume",
+        volumes.len() == 1 && wanted.iter().all(|w| shares.contains(&w.as_str())),
+        format!("{} volumes, shares {shares:?}", volumes.len()),
+    );
+    let devices = sockets.each_ref().map(|socket| guest::Device {
+        socket,
+        tag: TAG,
+        queues: 2,
+        reconnect: 0,
+    });
+    let scenario = heal::Scenario {
+        state,
+        upgrade: vec![
+            "--socket".into(),
+            daemon_socket.clone().into(),
+            "upgrade".into(),
+        ],
+        chaos: heal::Chaos {
+            kills: 10,
+            hangs: 0,
+            upgrades: 3,
+        },
+        seconds: 65,
+    };
+    let guests = [
+        heal::Guest {
+            device: &devices[0],
+            prefix: "out/daemon-a",
+        },
+        heal::Guest {
+            device: &devices[1],
+            prefix: "out/daemon-b",
+        },
+    ];
+    heal::run(bin, work, s3, &guests, &scenario, sha, host)?;
+    for socket in &sockets {
+        through_daemon(&["unshare".as_ref(), socket.as_os_str()])?;
+    }
+    host(
+        "removing the daemon's shares closes their sockets",
+        sockets.iter().all(|s| !s.exists()),
+        format!("{sockets:?}: some still there"),
     );
     Ok(())
 }
@@ -286,6 +429,25 @@ fn store_bytes(bin: &Path, mountpoint: &Path, state: &Path) -> Result<u64> {
     status["cache"]["bytes_from_store"]
         .as_u64()
         .context("berth status shows no cache")
+}
+
+/// Stops a `berth daemon` with SIGTERM (it then stops its volumes); killed if it does not
+/// exit within 30 s.
+struct Daemon(Reaped);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(child) = self.0 .0.as_mut() {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            for _ in 0..300 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 /// Unmounts a `berth mount` (its process then exits); killed if it does not.
