@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt as _;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
@@ -25,11 +26,9 @@ use vhost::vhost_user::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{DeviceFds, DeviceState, Region};
 use crate::inflight::Inflight;
-use crate::rings::{map_memory, Memory};
 
 /// Most memory regions a VMM may hand over (their fds travel to each ring server).
 pub const MAX_MEM_SLOTS: u64 = 32;
@@ -68,8 +67,6 @@ pub struct Front {
     fds: DeviceFds,
     inflight: Arc<Inflight>,
     link: Option<Box<dyn RingLink>>,
-    /// The guest's memory, mapped to watch the avail rings (hang detection).
-    memory: Option<Arc<Memory>>,
 }
 
 impl Front {
@@ -82,7 +79,6 @@ impl Front {
             fds: DeviceFds::new(queues),
             inflight: Arc::new(Inflight::create(queues, config.queue_size)?),
             link: None,
-            memory: None,
         })
     }
 
@@ -100,7 +96,20 @@ impl Front {
     }
 
     /// Attaches a ring server: it gets the device at once. On failure nothing is attached.
+    /// A device whose memory file shrank below a region since the VMM offered it is never
+    /// handed over: serving it would kill the ring server (SIGBUS), and the next, in a loop.
     pub fn attach(&mut self, mut link: Box<dyn RingLink>) -> io::Result<()> {
+        for (i, (r, file)) in self.state.regions.iter().zip(&self.fds.regions).enumerate() {
+            let size = file.metadata()?.len();
+            if r.mmap_offset.saturating_add(r.memory_size) > size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "guest memory region {i} ends past its file ({size} bytes): the VMM shrank it; its device is not served"
+                    ),
+                ));
+            }
+        }
         link.update(&self.state, &self.fds)?;
         self.link = Some(link);
         Ok(())
@@ -129,11 +138,7 @@ impl Front {
             if !v.running() {
                 continue;
             }
-            let avail = self
-                .memory
-                .as_ref()
-                .zip(self.state.to_gpa(v.avail))
-                .and_then(|(m, gpa)| m.read_obj::<u16>(GuestAddress(gpa + 2)).ok());
+            let avail = self.read_u16(v.avail.saturating_add(2));
             let queued = avail.is_some_and(|a| a != self.inflight.next_avail(q));
             waiting |= queued || !self.inflight.taken(q).is_empty();
         }
@@ -157,12 +162,24 @@ impl Front {
             .ok_or(Error::InvalidParam)
     }
 
-    fn remap(&mut self) {
-        self.memory = if self.state.regions.is_empty() {
-            None
-        } else {
-            map_memory(&self.state, &self.fds).ok().map(|(m, _)| m)
-        };
+    /// The u16 at VMM address `uaddr` of guest memory, read from its region's fd: never
+    /// through a mapping, so a VMM that shrinks its memory file under us makes the read
+    /// fail (None), not this process die of SIGBUS.
+    fn read_u16(&self, uaddr: u64) -> Option<u16> {
+        let (r, file) = self
+            .state
+            .regions
+            .iter()
+            .zip(&self.fds.regions)
+            .find(|(r, _)| {
+                uaddr
+                    .checked_sub(r.user_addr)
+                    .is_some_and(|o| o < r.memory_size)
+            })?;
+        let at = r.mmap_offset.checked_add(uaddr - r.user_addr)?;
+        let mut buf = [0u8; 2];
+        file.read_exact_at(&mut buf, at).ok()?;
+        Some(u16::from_le_bytes(buf))
     }
 
     fn protocol_features_acked(&self) -> bool {
@@ -202,6 +219,35 @@ fn region_of(r: &VhostUserMemoryRegion) -> Region {
         user_addr: r.user_addr,
         mmap_offset: r.mmap_offset,
     }
+}
+
+/// A region the VMM hands over must lie inside its file: a mapping past the end makes every
+/// access there a SIGBUS in whoever touches it (each engine serving the rings), and a
+/// hostile VMM must not be able to crash the engine its pods share in a loop. Its addresses
+/// must not wrap either.
+fn checked_region(r: &VhostUserMemoryRegion, file: &File) -> Result<Region> {
+    let region = region_of(r);
+    let size = file.metadata().map_err(Error::ReqHandlerError)?.len();
+    let inside = region
+        .mmap_offset
+        .checked_add(region.memory_size)
+        .is_some_and(|end| end <= size);
+    let no_wrap = region
+        .guest_phys_addr
+        .checked_add(region.memory_size)
+        .is_some()
+        && region.user_addr.checked_add(region.memory_size).is_some();
+    if region.memory_size == 0 || !inside || !no_wrap {
+        tracing::warn!(
+            guest_phys_addr = region.guest_phys_addr,
+            memory_size = region.memory_size,
+            mmap_offset = region.mmap_offset,
+            file_size = size,
+            "refused a guest memory region that is not inside its file"
+        );
+        return Err(Error::InvalidParam);
+    }
+    Ok(region)
 }
 
 impl VhostUserBackendReqHandlerMut for Front {
@@ -255,9 +301,13 @@ impl VhostUserBackendReqHandlerMut for Front {
         if ctx.len() as u64 > MAX_MEM_SLOTS || ctx.len() != files.len() {
             return Err(Error::InvalidParam);
         }
-        self.state.regions = ctx.iter().map(region_of).collect();
+        let regions = ctx
+            .iter()
+            .zip(&files)
+            .map(|(r, f)| checked_region(r, f))
+            .collect::<Result<Vec<_>>>()?;
+        self.state.regions = regions;
         self.fds.regions = files;
-        self.remap();
         self.changed();
         Ok(())
     }
@@ -417,9 +467,9 @@ impl VhostUserBackendReqHandlerMut for Front {
         if self.state.regions.len() as u64 >= MAX_MEM_SLOTS {
             return Err(Error::InvalidParam);
         }
-        self.state.regions.push(region_of(region));
+        let checked = checked_region(region, &fd)?;
+        self.state.regions.push(checked);
         self.fds.regions.push(fd);
-        self.remap();
         self.changed();
         Ok(())
     }
@@ -432,7 +482,6 @@ impl VhostUserBackendReqHandlerMut for Front {
         };
         self.state.regions.remove(i);
         self.fds.regions.remove(i);
-        self.remap();
         self.changed();
         Ok(())
     }

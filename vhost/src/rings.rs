@@ -78,6 +78,15 @@ pub fn map_memory(state: &DeviceState, fds: &DeviceFds) -> io::Result<(Arc<Memor
     let mut regions = Vec::new();
     let mut end = 0u64;
     for (r, file) in state.regions.iter().zip(&fds.regions) {
+        // Past the end of the file every access would be a SIGBUS (the front checked this
+        // when the VMM offered the region; the file may have shrunk since).
+        let size = file.metadata()?.len();
+        if r.mmap_offset
+            .checked_add(r.memory_size)
+            .is_none_or(|end| end > size)
+        {
+            return Err(invalid("a guest memory region ends past its file"));
+        }
         let mapping = MmapRegion::<()>::from_file(
             FileOffset::new(file.try_clone()?, r.mmap_offset),
             usize::try_from(r.memory_size).map_err(|_| invalid("region too large"))?,

@@ -91,7 +91,7 @@ impl Registry {
             .map_err(|e| VolumeError::Internal(format!("creating {}: {e}", target.display())))?;
         let shared = volumes.contains_key(&key);
         if !shared {
-            let volume = self.start(spec, key.clone(), volume_id).await?;
+            let volume = self.start(spec, key.clone(), volume_id, None).await?;
             volumes.insert(key.clone(), volume);
         }
         let volume = volumes
@@ -174,7 +174,7 @@ impl Registry {
         let started = !volumes.contains_key(&key);
         if started {
             let volume = self
-                .start(spec, key.clone(), share.share_id.clone())
+                .start(spec, key.clone(), share.share_id.clone(), None)
                 .await?;
             volumes.insert(key.clone(), volume);
         }
@@ -356,14 +356,24 @@ impl Registry {
             record.options.clone().into_iter().collect(),
             secrets.into_iter().collect(),
         )?;
-        if spec.key(&self.node.node_key) != key && spec.legacy_key() != key {
+        // A volume an older berth recorded under its FNV name (derived from the credentials,
+        // and forgeable) takes its HMAC name now; only its mountpoint, which pods' binds point
+        // into, stays where it is until the volume stops.
+        let new_key = spec.key(&self.node.node_key);
+        let old_mountpoint = state::volume_mountpoint(&self.node.state_dir, key);
+        let mountpoint = if new_key == key {
+            record.mountpoint.clone()
+        } else if spec.legacy_key() == key {
+            tracing::warn!(volume = %new_key, old = %key, "a volume recorded under its old name takes its new name; it stays mounted at {}", old_mountpoint.display());
+            Some(record.mountpoint.clone().unwrap_or(old_mountpoint))
+        } else {
             return Err(VolumeError::Internal(
                 "the record does not match its key".into(),
             ));
-        }
+        };
         let mut volumes = self.volumes.lock().await;
         let volume = self
-            .start(spec, key.to_string(), record.volume_id.clone())
+            .start(spec, new_key.clone(), record.volume_id.clone(), mountpoint)
             .await?;
         for (target, read_only) in &record.targets {
             if let Err(e) = supervisor::ensure_bound(&volume.run.mountpoint, target, *read_only) {
@@ -389,9 +399,12 @@ impl Registry {
             // Bind mounts made from targets before the restart are stale (see the proto).
             h.remount_generation = record.remount_generation + 1;
         }
-        tracing::warn!(volume = %key, targets = record.targets.len(), shares = record.shares.len(), "volume restored after a daemon restart");
-        self.persist(key, &volume);
-        volumes.insert(key.to_string(), volume);
+        tracing::warn!(volume = %new_key, targets = record.targets.len(), shares = record.shares.len(), "volume restored after a daemon restart");
+        self.persist(&new_key, &volume);
+        if new_key != key {
+            table::remove(&self.node.state_dir, key);
+        }
+        volumes.insert(new_key, volume);
         Ok(())
     }
 
@@ -414,6 +427,8 @@ impl Registry {
                 .lock()
                 .map(|h| h.remount_generation)
                 .unwrap_or(0),
+            mountpoint: Some(v.run.mountpoint.clone())
+                .filter(|m| *m != state::volume_mountpoint(&self.node.state_dir, key)),
         };
         if let Err(e) = table::save(&self.node.state_dir, key, &record, v.spec.secrets.as_map()) {
             tracing::error!(volume = %key, "could not record the volume; a restarted daemon will not restore it: {e}");
@@ -436,14 +451,17 @@ impl Registry {
         )
     }
 
+    /// Starts the mount process of volume `key`, at `mountpoint` or where its key says.
     async fn start(
         &self,
         spec: VolumeSpec,
         key: String,
         volume_id: String,
+        mountpoint: Option<PathBuf>,
     ) -> Result<Volume, VolumeError> {
         self.node.check_cache_options(&spec)?;
-        let mountpoint = state::volume_mountpoint(&self.node.state_dir, &key);
+        let mountpoint =
+            mountpoint.unwrap_or_else(|| state::volume_mountpoint(&self.node.state_dir, &key));
         let run = supervisor::start(self.node.clone(), spec.clone(), key, mountpoint).await?;
         Ok(Volume {
             spec,

@@ -22,6 +22,12 @@ pub struct Record {
     pub targets: BTreeMap<PathBuf, bool>,
     pub shares: Vec<ShareSpec>,
     pub remount_generation: u64,
+    /// Where the volume is mounted, when not where its key says
+    /// ([`state::volume_mountpoint`]): a volume an older berth recorded under its old name
+    /// keeps its mountpoint (pods' binds and its holder's state point there) under its new
+    /// name, until it stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<PathBuf>,
 }
 
 /// A virtio-fs share of a volume: its vhost-user socket and how it is offered.
@@ -62,6 +68,8 @@ pub fn remove(state_dir: &Path, key: &str) {
     for name in ["volume.json", "secrets.json"] {
         let _ = std::fs::remove_file(dir.join(name));
     }
+    // Gone when nothing else is left in it (a volume's mountpoint goes when it stops).
+    let _ = std::fs::remove_dir(&dir);
 }
 
 /// Every recorded volume: (key, record, secrets). Unreadable records are logged and skipped.
@@ -98,6 +106,16 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn records_of_older_daemons_have_no_mountpoint() {
+        let old = r#"{"source":"s3://b","options":{},"volume_id":"v","targets":{},"shares":[],"remount_generation":0}"#;
+        let record: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(record.mountpoint, None);
+        assert!(!serde_json::to_string(&record)
+            .unwrap()
+            .contains("mountpoint"));
+    }
+
+    #[test]
     fn records_round_trip_and_secrets_are_private() {
         let state = tempfile::tempdir().unwrap();
         let record = Record {
@@ -112,6 +130,7 @@ mod tests {
                 share_id: "pod".into(),
             }],
             remount_generation: 3,
+            mountpoint: Some("/run/berth/volumes/old/mnt".into()),
         };
         let secrets = BTreeMap::from([("accessKeyId".to_string(), "AKIA".to_string())]);
         save(state.path(), "k1", &record, &secrets).unwrap();

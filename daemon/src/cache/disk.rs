@@ -39,7 +39,15 @@ impl Disk {
 /// Takes an exclusive lock on the cache dir so that two processes never share slots.
 fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
-    let file = std::fs::File::create(dir.join("lock"))?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join("lock"))?;
+    // One an older berth made under a loose umask is narrowed too.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     // SAFETY: flock on a valid fd has no memory-safety preconditions.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();

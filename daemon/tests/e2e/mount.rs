@@ -81,6 +81,8 @@ pub struct MountOpts {
     pub watchdog: Duration,
     /// Mount here instead of a fresh temp dir (it must exist).
     pub at: Option<PathBuf>,
+    /// The umask berth starts with (the harness's own when None).
+    pub umask: Option<libc::mode_t>,
 }
 
 impl Default for MountOpts {
@@ -90,6 +92,7 @@ impl Default for MountOpts {
             env: Vec::new(),
             watchdog: DEFAULT_WATCHDOG,
             at: None,
+            umask: None,
         }
     }
 }
@@ -177,9 +180,13 @@ impl Mount {
         }
         // SAFETY: prctl is async-signal-safe. If the harness dies, berth gets
         // SIGTERM and can still unmount cleanly.
+        let umask = opts.umask;
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if let Some(mask) = umask {
+                    libc::umask(mask);
+                }
                 Ok(())
             });
         }

@@ -393,6 +393,23 @@ impl Guest {
         Ok(())
     }
 
+    /// Shrinks the guest's memory file to `len` bytes under the backend (a hostile VMM):
+    /// whatever maps it and touches the rest gets SIGBUS.
+    pub fn shrink_memory(&self, len: u64) -> Result<()> {
+        self._memfd
+            .set_len(len)
+            .context("shrinking the guest memory")
+    }
+
+    /// Kicks the request queue without queueing anything.
+    pub fn kick(&self) -> Result<()> {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write to our own eventfd.
+        let n = unsafe { libc::write(self.kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        ensure!(n == 8, "kick: {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+
     /// INIT, then LOOKUP and READ of `name` in the root: what a guest's `cat /mnt/name` does.
     pub fn cat(socket: &Path, name: &str) -> Result<Vec<u8>> {
         let mut guest = Guest::attach(socket)?;
@@ -411,4 +428,83 @@ impl Guest {
         );
         Ok(data)
     }
+}
+
+/// A hostile VMM: it offers a memory table whose one region claims `declared` bytes of a
+/// memfd of `real` bytes (at file offset `offset`), with REPLY_ACK so that a refusal is an
+/// answer, then sets a request queue up whose rings lie past the end of the file and kicks
+/// it. Returns whether the backend accepted the table; the connection is dropped on return.
+pub fn offer_memory_past_the_file(
+    socket: &Path,
+    declared: u64,
+    real: u64,
+    offset: u64,
+) -> Result<bool> {
+    let mut frontend = Frontend::connect(socket, 2)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    frontend.set_owner().context("SET_OWNER")?;
+    let offered = frontend.get_features().context("GET_FEATURES")?;
+    let wanted = offered & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES);
+    ensure!(
+        wanted & VHOST_USER_F_PROTOCOL_FEATURES != 0,
+        "the backend offers no protocol features ({offered:#x})"
+    );
+    frontend.set_features(wanted).context("SET_FEATURES")?;
+    frontend
+        .get_protocol_features()
+        .context("GET_PROTOCOL_FEATURES")?;
+    frontend
+        .set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+        .context("SET_PROTOCOL_FEATURES")?;
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is owned below.
+    let fd = unsafe { libc::memfd_create(c"berth-e2e-hostile".as_ptr(), libc::MFD_CLOEXEC) };
+    ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd nobody else owns.
+    let memfd = unsafe { File::from_raw_fd(fd) };
+    memfd.set_len(real)?;
+    // Addresses the VMM claims; nothing is mapped there in this process.
+    let base: u64 = 0x7f00_0000_0000;
+    let accepted = frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: declared,
+            userspace_addr: base,
+            mmap_offset: offset,
+            mmap_handle: memfd.as_raw_fd(),
+        }])
+        .is_ok()
+        // A refusal closes the connection (with REPLY_ACK it is also answered): only a
+        // backend that took the table answers the next question.
+        && frontend.get_features().is_ok();
+    // What would follow an accepted table: rings far past the end of the file, kicked.
+    let past = declared.saturating_sub(0x10_0000);
+    let q = REQUEST_QUEUE;
+    let _ = frontend.set_vring_num(q, QUEUE_SIZE);
+    let _ = frontend.set_vring_base(q, 0);
+    let _ = frontend.set_vring_addr(
+        q,
+        &VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: base + past + DESC_TABLE,
+            used_ring_addr: base + past + USED_RING,
+            avail_ring_addr: base + past + AVAIL_RING,
+            log_addr: None,
+        },
+    );
+    let (kick, call) = (eventfd()?, eventfd()?);
+    // SAFETY: dup'ed fds, owned by the EventFds handed to the frontend below.
+    let kick_fd = unsafe { FromRawFd::from_raw_fd(libc::dup(kick.as_raw_fd())) };
+    let _ = frontend.set_vring_kick(q, &kick_fd);
+    // SAFETY: as above.
+    let call_fd = unsafe { FromRawFd::from_raw_fd(libc::dup(call.as_raw_fd())) };
+    let _ = frontend.set_vring_call(q, &call_fd);
+    let _ = frontend.set_vring_enable(q, true);
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: an 8-byte write to our own eventfd.
+    unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    // Long enough for the holder's 100 ms watch of the rings and an engine's scan.
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(accepted)
 }

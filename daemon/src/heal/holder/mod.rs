@@ -725,7 +725,7 @@ impl Holder {
         for (mount, m) in self.mounts.iter().enumerate() {
             let path = state::control_socket(&self.config.state_dir, &m.mountpoint);
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
+                private_dir(dir)
                     .with_context(|| format!("creating state dir {}", dir.display()))?;
             }
             // It replaces the engine: root only.

@@ -826,3 +826,59 @@ fn list_only_flow(dir: &Path, endpoint: &str, bucket: &str, data: &[u8]) -> Resu
     }
     Ok(())
 }
+
+/// Everything berth keeps on the node is its own (hardening item 9): under a umask of 0,
+/// after a read, a write and a mkdir, every directory of the state and
+/// cache dirs is 0700 and every file and socket in them is 0600 or stricter.
+pub fn state_and_cache_are_private() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("private-state")?;
+    let data = random_bytes(0x700, 3 * MIB);
+    bucket.put("obj.bin", data.clone())?;
+    let cache = tempfile::tempdir()?;
+    let cache_dir = cache.path().join("cache");
+    let mut opts = cache_flags(&cache_dir, "threads", &[]);
+    opts.umask = Some(0);
+    let m = Mount::s3(server, &bucket.name, None, opts)?;
+    ensure_same_bytes("read", &read_file(m.join("obj.bin"))?, &data)?;
+    std::fs::write(m.join("new.txt"), b"written")?;
+    ensure!(
+        bucket.get("new.txt")? == b"written",
+        "the write is not in S3"
+    );
+    std::fs::create_dir(m.join("dir"))?;
+    let_writes_land();
+    let mut open = Vec::new();
+    for root in [m.state_dir(), cache_dir.clone()] {
+        open.extend(not_private(&root)?);
+    }
+    ensure!(open.is_empty(), "readable or writable by others: {open:?}");
+    m.finish()
+}
+
+/// Entries under `root` (itself included) that group or others may use: directories not
+/// 0700, anything else with a group or other bit.
+fn not_private(root: &Path) -> Result<Vec<String>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    let mut seen = 0;
+    while let Some(path) = todo.pop() {
+        let meta =
+            std::fs::symlink_metadata(&path).with_context(|| format!("stat {}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        seen += 1;
+        if meta.is_dir() {
+            if mode != 0o700 {
+                out.push(format!("{} {mode:o}", path.display()));
+            }
+            for entry in std::fs::read_dir(&path)? {
+                todo.push(entry?.path());
+            }
+        } else if mode & 0o077 != 0 {
+            out.push(format!("{} {mode:o}", path.display()));
+        }
+    }
+    ensure!(seen > 1, "{} holds nothing to check", root.display());
+    Ok(out)
+}

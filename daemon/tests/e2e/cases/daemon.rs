@@ -88,6 +88,18 @@ fn read_ok(path: &Path, want: &[u8]) -> bool {
 /// its table (credentials included): the daemon's target and a bind made from it (what the
 /// CSI plugin publishes into a pod) serve again without any new request.
 pub fn restart_restores_volumes() -> Result<()> {
+    restart_case(false)
+}
+
+/// A volume an older berth recorded under its FNV name (derived from its credentials) is
+/// restored under its HMAC name (hardening item 4), at the mountpoint its pods' binds point
+/// into; a further restart finds it under the new name, and when it stops nothing of either
+/// name is left.
+pub fn restart_renames_a_legacy_volume() -> Result<()> {
+    restart_case(true)
+}
+
+fn restart_case(legacy: bool) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().canonicalize()?;
     let src = dir.join("store");
@@ -95,34 +107,34 @@ pub fn restart_restores_volumes() -> Result<()> {
     std::fs::write(src.join("a.txt"), b"kept across restarts")?;
     let target = dir.join("staging/vol");
     let publish = dir.join("pod/vol");
-    let result = restart_flow(&dir, &src, &target, &publish);
+    let result = restart_flow(&dir, &src, &target, &publish, legacy);
     // A failed run may leave mounts anywhere below the directory (the daemon's own
     // mountpoint of the volume too).
     berth::sys::mounts::unmount_below(&dir);
     result
 }
 
-fn restart_flow(dir: &Path, src: &Path, target: &Path, publish: &Path) -> Result<()> {
+fn restart_flow(dir: &Path, src: &Path, target: &Path, publish: &Path, legacy: bool) -> Result<()> {
     let want: &[u8] = b"kept across restarts";
+    let secrets: std::collections::HashMap<String, String> = [
+        ("accessKeyId".to_string(), "AKIA-test".to_string()),
+        ("secretAccessKey".to_string(), SECRET.to_string()),
+    ]
+    .into();
     let first = Daemon::start(dir, &["--on-exit", "keep"])?;
     let mut c = first.client()?;
-    rt().block_on(
-        c.mount_volume(pb::MountVolumeRequest {
-            source: src.display().to_string(),
-            target_path: target.display().to_string(),
-            volume_id: "vol-1".into(),
-            secrets: [
-                ("accessKeyId".to_string(), "AKIA-test".to_string()),
-                ("secretAccessKey".to_string(), SECRET.to_string()),
-            ]
-            .into(),
-            ..Default::default()
-        }),
-    )?;
+    rt().block_on(c.mount_volume(pb::MountVolumeRequest {
+        source: src.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_id: "vol-1".into(),
+        secrets: secrets.clone(),
+        ..Default::default()
+    }))?;
     std::fs::create_dir_all(publish)?;
     berth::sys::mounts::bind(target, publish, 0)?;
     ensure!(read_ok(&target.join("a.txt"), want) && read_ok(&publish.join("a.txt"), want));
     let first_pid = first.volumes()?[0].pid;
+    let name = first.volumes()?[0].volume.clone();
     let first_logs = {
         drop(c);
         let logs = first.logs();
@@ -142,25 +154,71 @@ fn restart_flow(dir: &Path, src: &Path, target: &Path, publish: &Path) -> Result
         std::fs::read(target.join("a.txt")).is_err(),
         "the target still served with no mount process (the test proves nothing)"
     );
+    let volumes_dir = dir.join("state/volumes");
+    if legacy {
+        // What an older berth left: the same volume under its FNV name (the dead mount
+        // moves with its directory).
+        let spec = berth::api::spec::VolumeSpec::new(
+            src.display().to_string(),
+            Default::default(),
+            secrets,
+        )?;
+        let old = spec.legacy_key();
+        ensure!(old != name, "the legacy name is the new one");
+        std::fs::rename(volumes_dir.join(&name), volumes_dir.join(&old))?;
+    }
 
-    let second = Daemon::start(dir, &[])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(read_ok(&target.join("a.txt"), want) && read_ok(&publish.join("a.txt"), want)) {
-        if Instant::now() > deadline {
-            bail!(
-                "the volume did not come back after the daemon restart; log:\n{}",
-                second.logs()
+    // A legacy volume is restored twice: once renamed, once under its new name.
+    let restarts = if legacy { 2 } else { 1 };
+    let mut last = None;
+    for round in 1..=restarts {
+        let keep: &[&str] = if round < restarts {
+            &["--on-exit", "keep"]
+        } else {
+            &[]
+        };
+        let daemon = Daemon::start(dir, keep)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(read_ok(&target.join("a.txt"), want) && read_ok(&publish.join("a.txt"), want)) {
+            if Instant::now() > deadline {
+                bail!(
+                    "the volume did not come back after daemon restart {round}; log:\n{}",
+                    daemon.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let volumes = daemon.volumes()?;
+        ensure!(volumes.len() == 1, "{volumes:?}");
+        let v = &volumes[0];
+        ensure!(
+            v.targets == [target.display().to_string()]
+                && v.remount_generation >= round
+                && v.volume == name,
+            "restart {round}, the volume is {name}: {v:?}"
+        );
+        if legacy {
+            let recorded: Vec<String> = std::fs::read_dir(&volumes_dir)?
+                .flatten()
+                .filter(|e| e.path().join("volume.json").exists())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            ensure!(
+                recorded == [name.clone()],
+                "restart {round}: the volume is recorded as {recorded:?}, not {name}"
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if round < restarts {
+            drop(daemon);
+            ensure!(
+                std::fs::read(target.join("a.txt")).is_err(),
+                "the target still served with no mount process"
+            );
+        } else {
+            last = Some(daemon);
+        }
     }
-    let volumes = second.volumes()?;
-    ensure!(volumes.len() == 1, "{volumes:?}");
-    let v = &volumes[0];
-    ensure!(
-        v.targets == [target.display().to_string()] && v.remount_generation >= 1,
-        "{v:?}"
-    );
+    let second = last.context("no daemon restarted")?;
     // The pod goes first (as the CSI plugin unpublishes before it unstages).
     berth::sys::mounts::unmount_all(publish)?;
     let mut c = second.client()?;
@@ -174,11 +232,18 @@ fn restart_flow(dir: &Path, src: &Path, target: &Path, publish: &Path) -> Result
         stopped,
         "the restored volume did not stop with its last target"
     );
+    let left: Vec<PathBuf> = volumes_dir
+        .read_dir()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     ensure!(
-        !dir.join("state/volumes").read_dir()?.any(|e| e
-            .map(|e| e.path().join("volume.json").exists())
-            .unwrap_or(false)),
-        "the volume record outlived the volume"
+        left.iter().all(|p| !p.join("volume.json").exists()),
+        "the volume record outlived the volume: {left:?}"
+    );
+    ensure!(
+        !legacy || left.is_empty(),
+        "a renamed volume left directories behind: {left:?}"
     );
     ensure!(
         !second.logs().contains(SECRET),

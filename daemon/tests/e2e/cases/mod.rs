@@ -56,6 +56,11 @@ pub fn all() -> Vec<Case> {
         case("write::fsync_commits", s3, write::fsync_commits),
         case("write::shell_redirect", s3, write::shell_redirect),
         case("cache::warm_s3_source", s3, cache::warm_s3_source),
+        case(
+            "cache::state_and_cache_are_private",
+            s3,
+            cache::state_and_cache_are_private,
+        ),
         case("cache::warm_through_mount", s3, cache::warm_through_mount),
         case(
             "cache::warm_into_the_node_cache",
@@ -112,9 +117,19 @@ pub fn all() -> Vec<Case> {
             shares::served_by_the_mount_engine,
         ),
         case(
+            "shares::hostile_memory_tables_are_refused",
+            Needs::FUSE,
+            shares::hostile_memory_tables_are_refused,
+        ),
+        case(
             "daemon::restart_restores_volumes",
             Needs::FUSE,
             daemon::restart_restores_volumes,
+        ),
+        case(
+            "daemon::restart_renames_a_legacy_volume",
+            Needs::FUSE,
+            daemon::restart_renames_a_legacy_volume,
         ),
         case(
             "daemon::volumes_share_the_node_cache",

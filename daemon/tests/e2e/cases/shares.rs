@@ -16,6 +16,7 @@ use super::daemon::Daemon;
 use super::heal::{heal_status, wait_generation};
 use crate::mount::{Mount, MountOpts};
 use crate::util::{rt, with_time_limit};
+use crate::vmm::Guest;
 use berth::api::pb;
 
 /// VIRTIO_F_VERSION_1: every virtio-fs backend offers it.
@@ -226,4 +227,82 @@ pub fn daemon_shares_use_the_volume_engine() -> Result<()> {
         eprintln!("--- daemon log ---\n{}", daemon.logs());
     }
     result
+}
+
+/// A hostile VMM on a share of a pod's mount (hardening, the VMM side): memory regions that
+/// claim more than their file holds (or whose offset wraps) are refused before anything maps
+/// them, and a VMM that shrinks its memory file under a running device does not bring the
+/// holder down. Before the check, the holder watching the rings and each engine serving them
+/// died of SIGBUS, the engine over and over, taking the pods' mount with it.
+pub fn hostile_memory_tables_are_refused() -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("store");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("a.txt"), b"still served")?;
+    let m = Mount::local(&src, MountOpts::default())?;
+    let socket: PathBuf = dir.path().join("vm/fs.sock");
+    let reply = add(&m, &socket)?;
+    ensure!(reply.ok, "AddShare failed: {}", reply.message);
+    // The mount process is the holder; its engine is the pod's too.
+    let holder = m.pid();
+    let engine = heal_status(&m)?.engine_pid as i32;
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = |pid: i32| unsafe { libc::kill(pid, 0) } == 0;
+    let alive = |what: &str| -> Result<()> {
+        ensure!(exists(holder), "{what}: the holder died");
+        ensure!(exists(engine), "{what}: the engine died");
+        ensure!(
+            std::fs::read(m.join("a.txt"))? == b"still served",
+            "{what}: the pod's mount no longer reads"
+        );
+        Ok(())
+    };
+    for (declared, real, offset, what) in [
+        (1 << 30, MIB, 0, "a 1 GiB region of a 1 MiB file"),
+        (2 * MIB, 2 * MIB, MIB, "a region that ends past its file"),
+        (
+            2 * MIB,
+            2 * MIB,
+            u64::MAX - MIB,
+            "a region whose offset wraps",
+        ),
+    ] {
+        let accepted = crate::vmm::offer_memory_past_the_file(&socket, declared, real, offset)?;
+        ensure!(!accepted, "{what} was accepted");
+        alive(what)?;
+    }
+    // An honest device, then its memory file shrunk under it: the holder reads the rings
+    // it watches from the file, not a mapping.
+    let mut guest = Guest::attach(&socket)?;
+    guest.init()?;
+    let recoveries = heal_status(&m)?.recoveries;
+    guest.shrink_memory(0x1000)?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        exists(holder),
+        "the holder died when a VMM shrank its memory"
+    );
+    // It kicks the ring it shrank away: the engine that reads it may die of it once; its
+    // successor is not given that device (no crash loop) and the pods' mount reads on.
+    guest.kick()?;
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(
+        exists(holder),
+        "the holder died of a kick into shrunk memory"
+    );
+    let after = heal_status(&m)?;
+    ensure!(
+        after.recoveries <= recoveries + 1,
+        "the engine was replaced {} times after one kick: a crash loop",
+        after.recoveries - recoveries
+    );
+    ensure!(
+        std::fs::read(m.join("a.txt"))? == b"still served",
+        "the pod's mount no longer reads after the shrunk device"
+    );
+    drop(guest);
+    let data = Guest::cat(&socket, "a.txt")?;
+    ensure!(data == b"still served", "an honest guest read {data:?}");
+    m.finish()
 }
