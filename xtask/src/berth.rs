@@ -35,6 +35,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// What the test build made that xtask runs.
 pub struct Build {
     pub berth: PathBuf,
+    /// The CSI driver (`cargo xtask image`).
+    pub berth_csi: Option<PathBuf>,
     /// The `bench_s3` example (the bench's SDK helper).
     pub bench_s3: Option<PathBuf>,
     /// The `fuzz_guest` example (`cargo xtask fuzz-guest`).
@@ -74,6 +76,7 @@ pub fn build(quiet: bool) -> Result<Build> {
         .context("cargo reported no berth binary from the test build")?;
     Ok(Build {
         berth,
+        berth_csi: executable(&messages, "bin", "berth-csi"),
         bench_s3: executable(&messages, "example", "bench_s3"),
         fuzz_guest: executable(&messages, "example", "fuzz_guest"),
     })

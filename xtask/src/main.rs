@@ -12,6 +12,7 @@ use anyhow::{bail, Result};
 mod bench;
 mod berth;
 mod fuzz;
+mod image;
 mod seaweed;
 mod setup;
 mod sh;
@@ -48,7 +49,8 @@ COMMANDS:
                                  cargo xtask test -- --test e2e -- listing
     ci                         cargo fmt --all -- --check
                                cargo clippy --release --workspace --all-targets -- -D warnings
-                               then `test`, `vm-test` and a 2-minute `fuzz-guest`. With
+                               then `test`, `vm-test`, a 2-minute `fuzz-guest` and
+                               `image --check`. With
                                CI=true the e2e tests fail instead of skipping when root,
                                /dev/fuse or weed is missing.
     fuzz-guest [--minutes N]   A hostile guest against the virtio-fs request path (random
@@ -62,6 +64,15 @@ COMMANDS:
                                when QEMU, busybox-static or the guest kernel is missing.
     vm-test --crash            Measure what the guest sees when berth is killed under a
                                mounted share and started again (prints, does not check).
+    image [--out FILE] [--name NAME:TAG] [--check]
+                               The container image as an OCI archive (default
+                               target/berth-image.tar, named berth:latest), without a
+                               container daemon or network: berth and berth-csi of the
+                               test build without debug info (kept in FILE.debug/), the
+                               libraries they load, CA certificates. For `ctr -n k8s.io
+                               images import`, `podman load -i`, `kind load
+                               image-archive`. --check unpacks it with umoci and runs
+                               `berth --version` and `berth-csi --version` inside it.
     bench [SUITE...] [--quick] [--out DIR] [--only IDS] [--peers NAMES]
                                Benchmarks (not tests; see perf/README.md). Suites:
                                  peers (default): berth vs rclone, s3fs and Mountpoint on
@@ -124,6 +135,7 @@ fn run(args: &[String]) -> Result<()> {
         },
         "bench" => bench::run(rest),
         "fuzz-guest" => fuzz::run(rest),
+        "image" => image::run(rest),
         other => {
             eprint!("{USAGE}");
             bail!("unknown command {other:?}")

@@ -91,7 +91,8 @@ pub fn ci() -> Result<()> {
     let strict = strict_env();
     test(false, &[], strict)?;
     vm::run(strict, false)?;
-    crate::fuzz::run(&[])
+    crate::fuzz::run(&[])?;
+    crate::image::run(&["--check".to_string()])
 }
 
 /// `cargo test --release -p berth-csi --test deploy`: every kustomization under deploy/
