@@ -13,7 +13,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use crate::fs::BerthFs;
 use crate::fuse::connection_state::ConnectionState;
 use crate::fuse::worker::{QueueControl, WorkerEnd};
 use crate::fuse::{protocol, worker};
+use crate::heal::detect::monotonic_ns;
 use crate::heal::handoff::{self, Hello, MountHandoff, ToEngine, ToHolder};
 use crate::memory::MemoryLimiter;
 use crate::namespace::Namespace;
@@ -193,6 +194,7 @@ fn start(
         }
     }
     let mut served = Vec::new();
+    let beating: Vec<Arc<ConnectionState>> = prepared.iter().map(|p| p.3.clone()).collect();
     for (index, m, queues, shared, volume) in prepared {
         let control = QueueControl::new(init_reporter(index, &volume.fs, reply))?;
         let server = Arc::new(Server::new(volume.fs.clone()));
@@ -238,7 +240,46 @@ fn start(
             vmms: Vec::new(),
         });
     }
+    start_heartbeat(rt, hello.generation, beating)?;
     Ok(served)
+}
+
+/// How often the engine beats, and how stale the runtime's tick may be for it to beat.
+const BEAT: Duration = Duration::from_millis(100);
+const RUNTIME_STALE: Duration = Duration::from_millis(400);
+
+/// The engine's heartbeat into every connection's shared state (docs/self-healing.md,
+/// "Frozen engines"): a task on the runtime records that the runtime runs, and a thread
+/// beats while it does. A stopped process beats no more, nor does one whose runtime threads
+/// are all stuck; waiting on the store is asynchronous and stops neither, so a slow store
+/// never looks frozen.
+fn start_heartbeat(
+    rt: &tokio::runtime::Runtime,
+    generation: u64,
+    shared: Vec<Arc<ConnectionState>>,
+) -> anyhow::Result<()> {
+    let ticked = Arc::new(AtomicU64::new(monotonic_ns()));
+    let tick = ticked.clone();
+    rt.spawn(async move {
+        loop {
+            tick.store(monotonic_ns(), Ordering::Relaxed);
+            tokio::time::sleep(BEAT).await;
+        }
+    });
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || loop {
+            let now = monotonic_ns();
+            let runtime_age = now.saturating_sub(ticked.load(Ordering::Relaxed));
+            if runtime_age < RUNTIME_STALE.as_nanos() as u64 {
+                for s in &shared {
+                    s.beat(generation, now);
+                }
+            }
+            std::thread::sleep(BEAT);
+        })
+        .context("starting the heartbeat thread")?;
+    Ok(())
 }
 
 fn build(

@@ -389,6 +389,12 @@ pub struct HealArgs {
     /// killed and replaced. [default: --request-deadline + 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub hang_timeout: Option<Duration>,
+
+    /// An engine whose heartbeat stops for this long is frozen (stopped, or its runtime
+    /// wedged): it is killed and replaced. An engine waiting on a slow store keeps beating,
+    /// so this never fires for store latency. 0 turns the heartbeat check off.
+    #[arg(long, value_name = "DURATION", default_value = "750ms", value_parser = parse_duration)]
+    pub freeze_timeout: Duration,
 }
 
 #[derive(Args, Debug, Clone)]

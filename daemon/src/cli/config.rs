@@ -178,6 +178,11 @@ impl HealArgs {
         self.hang_timeout
             .unwrap_or(store.request_deadline + HANG_MARGIN)
     }
+
+    /// --freeze-timeout, None when 0 (off).
+    fn freeze_timeout(&self) -> Option<Duration> {
+        Some(self.freeze_timeout).filter(|t| !t.is_zero())
+    }
 }
 
 impl MountArgs {
@@ -225,6 +230,7 @@ impl MountArgs {
             state_dir: self.state_dir.clone(),
             no_ebpf: self.heal.no_ebpf,
             hang_timeout: self.heal.hang_timeout(&self.store),
+            freeze_timeout: self.heal.freeze_timeout(),
             engine_argv,
         })
     }
@@ -280,6 +286,7 @@ impl ShareArgs {
             state_dir: self.state_dir.clone(),
             no_ebpf: self.heal.no_ebpf,
             hang_timeout: self.heal.hang_timeout(&self.store),
+            freeze_timeout: self.heal.freeze_timeout(),
             engine_argv,
         })))
     }
@@ -398,6 +405,12 @@ mod tests {
             .unwrap();
         assert_eq!(holder.hang_timeout, Duration::from_secs(30));
         assert_eq!(holder.targets[0].text, "berth-data");
+        // The heartbeat check: on by default, under a second; 0 turns it off.
+        assert_eq!(holder.freeze_timeout, Some(Duration::from_millis(750)));
+        let off = mount(&["--freeze-timeout", "0"])
+            .holder_config(vec![])
+            .unwrap();
+        assert_eq!(off.freeze_timeout, None);
     }
 
     #[test]

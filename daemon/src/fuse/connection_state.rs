@@ -4,7 +4,10 @@
 //!
 //! It is a memfd the holder creates once per connection and hands to every engine with the
 //! queue fds, so it outlives any engine. Layout (all little-endian words, version 1):
-//! a header of counters, then `SLOTS` fixed-size reply slots.
+//! a header of counters, then `SLOTS` fixed-size reply slots. The header also carries the
+//! engine's heartbeat (which generation beat last, and when): how the holder tells a frozen
+//! engine (it stopped running) from one waiting on a slow store (it runs and beats) within a
+//! second. Engines before the heartbeat leave both words 0, which means "no verdict".
 
 use std::fs::File;
 use std::io;
@@ -32,7 +35,13 @@ struct Header {
     finished: AtomicU64,
     /// Next reply slot to fill.
     next_slot: AtomicU64,
+    /// The engine generation whose heartbeat `beat_ns` is (0: none yet).
+    beat_generation: AtomicU64,
+    /// CLOCK_MONOTONIC ns of that generation's latest heartbeat.
+    beat_ns: AtomicU64,
 }
+
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_SIZE);
 
 #[repr(C)]
 struct Slot {
@@ -149,6 +158,21 @@ impl ConnectionState {
         )
     }
 
+    /// Engine `generation` is alive at `now_ns` (CLOCK_MONOTONIC).
+    pub fn beat(&self, generation: u64, now_ns: u64) {
+        let h = self.header();
+        // The time first: a holder that sees this generation sees a fresh time with it.
+        h.beat_ns.store(now_ns, Ordering::Release);
+        h.beat_generation.store(generation, Ordering::Release);
+    }
+
+    /// (generation, CLOCK_MONOTONIC ns) of the latest heartbeat; (0, _) when none.
+    pub fn last_beat(&self) -> (u64, u64) {
+        let h = self.header();
+        let generation = h.beat_generation.load(Ordering::Acquire);
+        (generation, h.beat_ns.load(Ordering::Acquire))
+    }
+
     /// Records the reply to request `request` before it is written to the kernel. Replies
     /// too big for a slot are not kept (no non-idempotent reply is).
     pub fn journal_reply(&self, request: u64, reply: &[u8]) {
@@ -227,6 +251,22 @@ mod tests {
             Some(&b"reply-77"[..])
         );
         assert_eq!(successor.journaled_reply(78), None);
+    }
+
+    #[test]
+    fn the_holder_sees_the_latest_heartbeat_of_each_generation() {
+        let holder = ConnectionState::create().unwrap();
+        assert_eq!(
+            holder.last_beat().0,
+            0,
+            "no heartbeat before an engine beats"
+        );
+        let engine = ConnectionState::open(holder.file().try_clone().unwrap()).unwrap();
+        engine.beat(3, 1_000);
+        engine.beat(3, 2_000);
+        assert_eq!(holder.last_beat(), (3, 2_000));
+        engine.beat(4, 2_500);
+        assert_eq!(holder.last_beat(), (4, 2_500));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! not listings), so a test can prove that a read was served without going to the store.
 //! GETs of just the first byte (`Range: bytes=0-0`) are counted apart: they are the read
 //! proofs a volume makes before it is served blocks it did not fetch itself (docs/cache.md),
-//! and carry no block.
+//! and carry no block. [`CountingProxy::delaying`] also holds every object GET back for a
+//! while before forwarding it: a slow store.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -24,6 +25,11 @@ pub struct CountingProxy {
 impl CountingProxy {
     /// Listens on 127.0.0.1 (a free port) and forwards to `upstream` (`http://host:port`).
     pub fn start(upstream: &str) -> Result<CountingProxy> {
+        CountingProxy::delaying(upstream, std::time::Duration::ZERO)
+    }
+
+    /// As [`CountingProxy::start`], each object GET forwarded only after `delay`.
+    pub fn delaying(upstream: &str, delay: std::time::Duration) -> Result<CountingProxy> {
         let target = upstream
             .trim_start_matches("http://")
             .trim_end_matches('/')
@@ -42,7 +48,7 @@ impl CountingProxy {
                 let Ok(client) = conn else { continue };
                 let (target, g, p) = (target.clone(), g.clone(), p.clone());
                 std::thread::spawn(move || {
-                    let _ = relay(client, &target, &g, &p);
+                    let _ = relay(client, &target, &g, &p, delay);
                 });
             }
         });
@@ -82,7 +88,13 @@ impl Drop for CountingProxy {
 }
 
 /// Copies server -> client raw; parses client -> server requests to count GETs.
-fn relay(client: TcpStream, target: &str, gets: &AtomicU64, proofs: &AtomicU64) -> Result<()> {
+fn relay(
+    client: TcpStream,
+    target: &str,
+    gets: &AtomicU64,
+    proofs: &AtomicU64,
+    delay: std::time::Duration,
+) -> Result<()> {
     let server = TcpStream::connect(target)?;
     let (mut server_r, mut client_w) = (server.try_clone()?, client.try_clone()?);
     let back = std::thread::spawn(move || {
@@ -128,6 +140,9 @@ fn relay(client: TcpStream, target: &str, gets: &AtomicU64, proofs: &AtomicU64) 
             proofs.fetch_add(1, Ordering::AcqRel);
         } else if is_get {
             gets.fetch_add(1, Ordering::AcqRel);
+        }
+        if is_get {
+            std::thread::sleep(delay);
         }
         server_w.write_all(&head)?;
         let mut body = (&mut reader).take(content_length as u64);

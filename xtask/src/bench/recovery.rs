@@ -3,7 +3,9 @@
 //! A local directory store is mounted (the store plays no part in recovery), and threads read
 //! random 64 KiB ranges through open fds, list a directory and write new files while the
 //! engine is killed with SIGKILL `--kills` times (default 20), once with the eBPF detector and
-//! once with `--no-ebpf`; then the engine is upgraded 5 times. Printed per run: operations,
+//! once with `--no-ebpf`; then it is frozen with SIGSTOP 5 times (default flags: the holder
+//! finds it by its missing heartbeat within `--freeze-timeout`, 750 ms, and replaces it); then
+//! the engine is upgraded 5 times. Printed per run: operations,
 //! application errors, the stall each kill caused (longest operation that ended within 2 s
 //! after it; p50/p99/max), detection latency (kill to the holder noticing, both on
 //! CLOCK_MONOTONIC) and the holder's kill-to-serving time.
@@ -23,6 +25,7 @@ use crate::sh::repo_root;
 
 const DATA_MIB: u64 = 64;
 const UPGRADES: usize = 5;
+const FREEZES: usize = 5;
 const BETWEEN: Duration = Duration::from_millis(400);
 
 /// One operation the load made: when it started and ended (monotonic ns), and whether it failed.
@@ -79,10 +82,20 @@ pub fn run(args: &[String]) -> Result<()> {
             mount.stop()?;
             continue;
         }
-        let row = kill_run(&mut mount, label, kills, &data);
+        let row = kill_run(&mut mount, label, kills, &data, libc::SIGKILL);
         mount.stop()?;
         rows.push(row?);
     }
+    let mut mount = BenchMount::start(&berth, &work, &["--no-ebpf"])?;
+    let row = kill_run(
+        &mut mount,
+        "SIGSTOP (frozen)",
+        FREEZES,
+        &data,
+        libc::SIGSTOP,
+    );
+    mount.stop()?;
+    rows.push(row?);
     let mut mount = BenchMount::start(&berth, &work, &["--no-ebpf"])?;
     let row = upgrade_run(&mut mount, &data);
     mount.stop()?;
@@ -103,8 +116,15 @@ fn parse_kills(args: &[String]) -> Result<usize> {
     }
 }
 
-fn kill_run(mount: &mut BenchMount, label: &str, kills: usize, data: &Arc<Vec<u8>>) -> Result<Row> {
-    eprintln!("bench: {label}: {kills} kills under load");
+/// `kills` times `signal` (SIGKILL, or SIGSTOP for a frozen engine) to the engine under load.
+fn kill_run(
+    mount: &mut BenchMount,
+    label: &str,
+    kills: usize,
+    data: &Arc<Vec<u8>>,
+    signal: i32,
+) -> Result<Row> {
+    eprintln!("bench: {label}: {kills} times under load");
     let load = Load::start(&mount.mnt, data.clone())?;
     let (mut kill_times, mut detect_ms, mut serving_ms) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..kills {
@@ -114,7 +134,7 @@ fn kill_run(mount: &mut BenchMount, label: &str, kills: usize, data: &Arc<Vec<u8
         let engine = before["engine_pid"].as_u64().context("engine_pid")? as i32;
         let killed = monotonic_ns();
         // SAFETY: kill(2) of the engine the holder started for us.
-        unsafe { libc::kill(engine, libc::SIGKILL) };
+        unsafe { libc::kill(engine, signal) };
         kill_times.push(killed);
         let after = mount.wait_generation(generation)?;
         if let Some(seen) = after["last_detection_mono_ns"].as_u64() {
@@ -212,7 +232,7 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 
 fn print_table(rows: &[Row], kills: usize) {
     println!();
-    println!("recovery bench: {kills} kills per detector, {UPGRADES} upgrades; local store, {DATA_MIB} MiB file; 2 readers + lister + writer");
+    println!("recovery bench: {kills} kills per detector, {FREEZES} freezes (SIGSTOP; detect = stop to the heartbeat verdict, goal < 1 s), {UPGRADES} upgrades; local store, {DATA_MIB} MiB file; 2 readers + lister + writer");
     println!(
         "{:<20} {:>7} {:>7} {:>9} {:>22} {:>18} {:>18}",
         "run",

@@ -186,6 +186,30 @@ pub fn boot_watching(
     deadline: Duration,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<Vec<String>> {
+    launch(work, device, body, files, deadline, on_line, false)
+}
+
+/// [`boot`], but a reboot in the guest restarts it in the same QEMU, on the same vhost-user
+/// connection (the device is reset, its rings set up again): `body` runs again after each
+/// reboot, until it powers off.
+pub fn boot_rebooting(
+    work: &Path,
+    device: &Device,
+    body: &str,
+    deadline: Duration,
+) -> Result<Vec<String>> {
+    launch(work, device, body, &[], deadline, &mut |_| {}, true)
+}
+
+fn launch(
+    work: &Path,
+    device: &Device,
+    body: &str,
+    files: &[GuestFile],
+    deadline: Duration,
+    on_line: &mut dyn FnMut(&str),
+    reboots: bool,
+) -> Result<Vec<String>> {
     let Device {
         socket,
         tag,
@@ -214,13 +238,12 @@ pub fn boot_watching(
         "-m",
         GUEST_MEMORY,
     ])
-    .args([
-        "-nographic",
-        "-no-reboot",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-    ])
+    .args(["-nographic", "-nodefaults", "-serial", "stdio"])
+    .args(if reboots {
+        &[][..]
+    } else {
+        &["-no-reboot"][..]
+    })
     .arg("-object")
     .arg(format!(
         "memory-backend-memfd,id=mem,size={GUEST_MEMORY},share=on"

@@ -147,7 +147,7 @@ fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
             format!("{e:#}"),
         );
     }
-    // A second VMM on the same socket (a guest reboot): the holder accepts the next one.
+    // A second VMM on the same socket (the VM restarted): the holder accepts the next one.
     let again = format!(
         "if mount -t virtiofs $TAG /mnt && [ \"$(cat /mnt/data/small.txt)\" = \"{SMALL_TEXT}\" ] \
          && [ \"$(cat /mnt/out/guest.txt)\" = \"{GUEST_TEXT}\" ]; then echo reconnect-ok; fi; umount /mnt"
@@ -159,6 +159,28 @@ fn run_in(bin: &Path, work: &Path) -> Result<(u32, u32)> {
             "the second guest could not read the share".into(),
         ),
         Err(e) => host("second VMM on the same socket", false, format!("{e:#}")),
+    }
+    // A guest reboot: the same VMM resets the device and sets its rings up again on the
+    // same connection. The first boot leaves a mark in the share and reboots; the second
+    // finds it, reads and powers off.
+    let reboot = format!(
+        "mount -t virtiofs $TAG /mnt || echo 'reboot: mount failed'\n\
+         if [ -e /mnt/out/rebooted ]; then\n\
+           [ \"$(sha256sum /mnt/data/large.bin | cut -d ' ' -f 1)\" = {sha} ] && echo reboot-read-ok\n\
+           umount /mnt\n\
+         else\n\
+           echo once > /mnt/out/rebooted && umount /mnt && sync && echo 'reboot: rebooting' && reboot -f\n\
+           sleep 30\n\
+         fi"
+    );
+    match guest::boot_rebooting(work, &device, &reboot, GUEST_DEADLINE) {
+        Ok(lines) => host(
+            "a rebooted guest reads again on the same connection (rings reset)",
+            lines.iter().any(|l| l.trim() == "reboot: rebooting")
+                && lines.iter().any(|l| l.trim() == "reboot-read-ok"),
+            "the guest did not reboot and read (see its console above)".into(),
+        ),
+        Err(e) => host("a rebooted guest reads again", false, format!("{e:#}")),
     }
     if let Err(e) = pod_and_vm_on_one_engine(bin, work, &s3, &sha, &large, &mut host) {
         host("pod mount and VM on one engine", false, format!("{e:#}"));

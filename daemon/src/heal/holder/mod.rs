@@ -68,6 +68,8 @@ pub struct HolderConfig {
     pub no_ebpf: bool,
     /// Requests waiting and none finished for this long: the engine is hung.
     pub hang_timeout: Duration,
+    /// No heartbeat from the engine for this long: it is frozen (None: not checked).
+    pub freeze_timeout: Option<Duration>,
     /// The arguments every engine is started with (`berth engine --handoff-fd N` + these):
     /// the mount's own command line, which the engine parses into the same configs.
     pub engine_argv: Vec<OsString>,
@@ -130,6 +132,9 @@ pub struct Holder {
     detector: Detector,
     hang_timeout: Duration,
     signals: u32,
+    /// When the last fallback tick ran: a holder that was itself stopped (a frozen cgroup, a
+    /// suspended node) does not blame its engine for the silence it slept through.
+    last_tick: Option<Instant>,
 }
 
 /// `berth mount`: hold the mounts and keep an engine serving them until unmounted.
@@ -167,6 +172,7 @@ pub fn run(config: HolderConfig) -> anyhow::Result<()> {
         detector,
         hang_timeout,
         signals: 0,
+        last_tick: None,
     };
     let mut healed = Vec::new();
     for target in wanted {
@@ -311,6 +317,16 @@ impl Holder {
     /// Fallback checks: a held fd in error state (connection aborted or unmounted), and hung
     /// engines (requests waiting, none finished for `hang_timeout`).
     fn tick(&mut self) {
+        let now = Instant::now();
+        let awake = self
+            .last_tick
+            .replace(now)
+            .is_some_and(|t| now.duration_since(t) < TICK * 5);
+        if let Some((generation, mount, silent)) = self.frozen_engine().filter(|_| awake) {
+            self.facts.last_detected_by = Some("heartbeat".into());
+            self.on_hung(generation, mount, silent, "no heartbeat");
+            return;
+        }
         for i in 0..self.mounts.len() {
             if self.mounts[i].gone {
                 continue;
@@ -321,7 +337,7 @@ impl Holder {
             }
             if let Some((generation, waited)) = self.hung_vmm(i) {
                 self.facts.last_detected_by = Some("virtqueue".into());
-                self.on_hung(generation, i, waited);
+                self.on_hung(generation, i, waited, "requests waiting, none finished");
                 return;
             }
             if self.mounts[i].fuse.is_none() {
@@ -339,7 +355,7 @@ impl Holder {
             if let Some(waited) = m.hang.check(waiting, m.shared.progress().1, timeout) {
                 self.facts.last_detected_by = Some("fusectl".into());
                 let generation = self.generation;
-                self.on_hung(generation, i, waited);
+                self.on_hung(generation, i, waited, "requests waiting, none finished");
                 return;
             }
         }
@@ -370,7 +386,7 @@ impl Holder {
                     .position(|m| !m.gone && m.conn == Some(conn))
                 {
                     let generation = self.generation;
-                    self.on_hung(generation, i, waited);
+                    self.on_hung(generation, i, waited, "requests waiting, none finished");
                 }
             }
             DetectorEvent::Aborted { conn } => {
@@ -385,7 +401,7 @@ impl Holder {
         }
     }
 
-    fn on_hung(&mut self, generation: u64, mount: usize, waited: Duration) {
+    fn on_hung(&mut self, generation: u64, mount: usize, waited: Duration, why: &str) {
         if !self.is_current(generation) {
             return;
         }
@@ -393,7 +409,7 @@ impl Holder {
             mountpoint = %self.mounts[mount].mountpoint.display(),
             waited_ms = waited.as_millis() as u64,
             generation,
-            "engine is hung (requests waiting, none finished); killing and replacing it"
+            "engine is hung ({why}); killing and replacing it"
         );
         let detected = Instant::now();
         self.kill_engine_now();
@@ -656,6 +672,23 @@ impl Holder {
                 tracing::warn!(socket = %socket.display(), connection = conn.id, error = %format!("{e:#}"), "could not attach the engine to the VMM")
             }
         }
+    }
+
+    /// The engine, if its heartbeat stopped for the freeze timeout: (its generation, a mount
+    /// it serves, how long it has been silent). An engine that has not beaten yet (starting,
+    /// or a binary from before the heartbeat) gets no verdict here.
+    fn frozen_engine(&self) -> Option<(u64, usize, Duration)> {
+        let timeout = self.config.freeze_timeout?;
+        let engine = self.engine.as_ref()?;
+        let latest = engine
+            .mounts
+            .iter()
+            .map(|&i| self.mounts[i].shared.last_beat())
+            .filter(|&(generation, _)| generation == engine.generation)
+            .map(|(_, ns)| ns)
+            .max()?;
+        let silent = Duration::from_nanos(monotonic_ns().saturating_sub(latest));
+        (silent >= timeout).then(|| (engine.generation, engine.mounts[0], silent))
     }
 
     /// A VMM of mount `i` whose queues have requests waiting and none answered for the hang

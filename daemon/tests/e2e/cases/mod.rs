@@ -223,6 +223,21 @@ pub fn all() -> Vec<Case> {
             s3.union(Needs::EBPF),
             || heal::hung_engine_replaced(heal::Detector::Ebpf),
         ),
+        case(
+            "heal::frozen_engine_replaced_by_heartbeat::fallback",
+            s3,
+            || heal::frozen_engine_replaced_by_heartbeat(heal::Detector::Fallback),
+        ),
+        case(
+            "heal::frozen_engine_replaced_by_heartbeat::ebpf",
+            s3.union(Needs::EBPF),
+            || heal::frozen_engine_replaced_by_heartbeat(heal::Detector::Ebpf),
+        ),
+        case(
+            "heal::slow_store_is_never_a_hang",
+            s3,
+            heal::slow_store_is_never_a_hang,
+        ),
         case("heal::upgrade_under_load", s3, heal::upgrade_under_load),
         case(
             "heal::resent_mkdir_is_not_applied_twice",

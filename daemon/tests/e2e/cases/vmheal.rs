@@ -48,6 +48,8 @@ impl Share {
             .arg("--state-dir")
             .arg(&state)
             .args(["--hang-timeout", HANG_TIMEOUT])
+            // The hang below is to be found by the virtqueue watch, not the heartbeat.
+            .args(["--freeze-timeout", "0"])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
