@@ -90,6 +90,30 @@ fn signal(pid: u32, sig: libc::c_int) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
+/// Waits until every thread of `pid` is stopped: kill(2) returns before a SIGSTOP has taken
+/// effect, and a thread still running could take the next request and answer it.
+fn wait_stopped(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))?
+            .flatten()
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                    // "tid (comm) S ...": the state follows the last ')'.
+                    stat.rsplit(')')
+                        .next()
+                        .and_then(|r| r.trim_start().chars().next())
+                        == Some('T')
+                })
+            });
+        if all {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "engine {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Reads the whole of `a.txt` through handle `fh` and checks it.
 fn read_checked(guest: &mut Guest, node: u64, fh: u64, what: &str) -> Result<Duration> {
     let start = Instant::now();
@@ -134,6 +158,7 @@ pub fn standalone_share_survives_engine_deaths() -> Result<()> {
         // successor takes it from the ring.
         let before = share.heal()?;
         signal(before.engine_pid, libc::SIGSTOP);
+        wait_stopped(before.engine_pid)?;
         let pid = before.engine_pid;
         let killer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
@@ -145,6 +170,7 @@ pub fn standalone_share_survives_engine_deaths() -> Result<()> {
 
         // A hung engine: found by its queues (requests waiting, none answered) and replaced.
         signal(after.engine_pid, libc::SIGSTOP);
+        wait_stopped(after.engine_pid)?;
         guest.patience = Duration::from_secs(30);
         let hung_for = read_checked(&mut guest, node, fh, "through a hung engine")?;
         let healed = share.next(after.generation)?;
