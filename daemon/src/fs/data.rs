@@ -8,7 +8,7 @@ use fuse_backend_rs::api::filesystem::{ZeroCopyReader, ZeroCopyWriter};
 
 use super::handles::Handle;
 use super::{errno, unsupported, BerthFs, MAX_IO};
-use crate::namespace::{store_error, Node};
+use crate::namespace::{store_error, Node, ObjectStat};
 use crate::prefetch::ObjectReader;
 use crate::upload::Upload;
 
@@ -177,6 +177,33 @@ impl BerthFs {
             key,
             self.config.part_size,
         );
+        self.add_upload(parent, name, upload)
+    }
+
+    /// Opens the object at `key` for appending: its state now (asked from the store, not the
+    /// cache) is what the append builds on and what commit checks is still there.
+    pub(super) fn open_append(&self, parent: u64, name: &str, key: String) -> io::Result<u64> {
+        let info = self
+            .rt
+            .block_on(self.ns.store().head(&key))
+            .map_err(|e| store_error("open for append", &key, e))?;
+        tracing::debug!(key = %key, size = info.size, "opened for appending");
+        let base = ObjectStat {
+            size: info.size,
+            mtime: info.last_modified,
+            etag: info.etag,
+        };
+        let upload = Upload::appending(
+            self.ns.store().clone(),
+            self.memory.clone(),
+            key,
+            self.config.part_size,
+            base,
+        );
+        Ok(self.add_upload(parent, name, upload)?.1)
+    }
+
+    fn add_upload(&self, parent: u64, name: &str, upload: Upload) -> io::Result<(Node, u64)> {
         let node = self.ns.begin_write(parent, name, upload.written())?;
         let fh = self
             .add_handle(Handle::Write {

@@ -587,21 +587,11 @@ impl FileSystem for BerthFs {
                 let (_, fh) = self.open_upload(node.parent, &node.name, key)?;
                 return Ok((Some(fh), OpenOptions::empty(), None));
             }
-            if flags & libc::O_APPEND != 0 {
-                return Err(unsupported(
-                    "open",
-                    &node.key,
-                    "appending to a stored object is not possible",
-                    libc::EOPNOTSUPP,
-                ));
-            }
-            if access == libc::O_WRONLY {
-                return Err(unsupported(
-                    "open",
-                    &node.key,
-                    "a stored object can only be replaced whole: open it with O_TRUNC",
-                    libc::EOPNOTSUPP,
-                ));
+            // O_APPEND, or write-only without O_TRUNC: writes go on at the object's end.
+            if flags & libc::O_APPEND != 0 || access == libc::O_WRONLY {
+                let key = self.ns.object_key(&node);
+                let fh = self.open_append(node.parent, &node.name, key)?;
+                return Ok((Some(fh), OpenOptions::empty(), None));
             }
             // O_RDWR without O_TRUNC: reads work, writes are refused one by one.
         }

@@ -5,6 +5,13 @@
 //! only when the upload is committed (close or fsync), all at once; until then readers of the
 //! store see the old object, or none. A failed upload is aborted and reported as EIO, never
 //! committed half-way.
+//!
+//! An upload can also **append** to an object that exists ([`Upload::appending`]): the new
+//! object is the old one's bytes, read from the store (with If-Match on its ETag) into the
+//! same part pipeline when the first appended byte comes, then the appended bytes. At commit
+//! the store is asked again: if the object no longer carries the ETag it had at open (another
+//! client replaced it), nothing is committed and the writer gets EIO, with a log line; the
+//! other client's object stays. A flush or close with nothing appended changes nothing.
 
 use std::collections::VecDeque;
 use std::io;
@@ -41,6 +48,8 @@ struct State {
     parts: Vec<UploadedPart>,
     next_part: i32,
     status: Status,
+    /// The base object's bytes are in the pipeline (appends only).
+    seeded: bool,
 }
 
 pub struct Upload {
@@ -49,6 +58,8 @@ pub struct Upload {
     key: String,
     part_size: usize,
     written: Arc<AtomicU64>,
+    /// The object this upload appends to, as it was when opened.
+    base: Option<ObjectStat>,
     state: tokio::sync::Mutex<State>,
 }
 
@@ -69,6 +80,7 @@ impl Upload {
             key,
             part_size,
             written: Arc::new(AtomicU64::new(0)),
+            base: None,
             state: tokio::sync::Mutex::new(State {
                 buf: BytesMut::new(),
                 buf_memory: None,
@@ -77,8 +89,23 @@ impl Upload {
                 parts: Vec::new(),
                 next_part: 1,
                 status: Status::Open,
+                seeded: false,
             }),
         }
+    }
+
+    /// An upload that appends to `key`, which holds `base` now: writes go on at its end.
+    pub fn appending(
+        store: Arc<dyn ObjectStore>,
+        memory: Arc<MemoryLimiter>,
+        key: String,
+        part_size: usize,
+        base: ObjectStat,
+    ) -> Upload {
+        let mut up = Upload::new(store, memory, key, part_size);
+        up.written.store(base.size, Ordering::Release);
+        up.base = Some(base);
+        up
     }
 
     /// Bytes accepted so far (the size `stat` shows while the file is open).
@@ -126,6 +153,71 @@ impl Upload {
             tracing::warn!(key = %self.key, offset, expected = written, "non-sequential write refused: objects are written front to back");
             return Err(errno(libc::EINVAL));
         }
+        if len == 0 {
+            return Ok(0);
+        }
+        if let Err(e) = self.seed(&mut st).await {
+            st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
+            self.abort(&mut st).await;
+            return Err(e);
+        }
+        self.fill_buffer(&mut st, len, &mut fill, true).await?;
+        self.written.fetch_add(len as u64, Ordering::AcqRel);
+        Ok(len)
+    }
+
+    /// Puts the base object's bytes first in the pipeline, once (appends only). They are read
+    /// with If-Match on the ETag the object had when opened: a change since fails here.
+    async fn seed(&self, st: &mut State) -> io::Result<()> {
+        let Some(base) = &self.base else {
+            return Ok(());
+        };
+        if st.seeded {
+            return Ok(());
+        }
+        let mut at = 0;
+        while at < base.size {
+            let end = (at + self.part_size as u64).min(base.size);
+            let bytes = self
+                .store
+                .get_range(&self.key, at..end, base.etag.as_deref())
+                .await
+                .map_err(|e| {
+                    tracing::error!(key = %self.key, error = %e, "could not read the object being appended to; nothing is committed");
+                    errno(e.errno())
+                })?;
+            if bytes.len() as u64 != end - at {
+                tracing::error!(key = %self.key, "the object being appended to is shorter than when it was opened; nothing is committed");
+                return Err(errno(libc::EIO));
+            }
+            let mut rest = &bytes[..];
+            self.fill_buffer(
+                st,
+                bytes.len(),
+                &mut |buf: &mut [u8]| {
+                    let (now, later) = rest.split_at(buf.len());
+                    buf.copy_from_slice(now);
+                    rest = later;
+                    Ok(())
+                },
+                false,
+            )
+            .await?;
+            at = end;
+        }
+        st.seeded = true;
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `fill` into the part buffer, uploading each full part. `caller`:
+    /// the bytes are the application's (a failing fill before any went in changes nothing).
+    async fn fill_buffer(
+        &self,
+        st: &mut State,
+        len: usize,
+        fill: &mut impl FnMut(&mut [u8]) -> io::Result<()>,
+        caller: bool,
+    ) -> io::Result<()> {
         let mut left = len;
         while left > 0 {
             if st.buf_memory.is_none() {
@@ -142,24 +234,23 @@ impl Upload {
             st.buf.resize(start + take, 0);
             if let Err(e) = fill(&mut st.buf[start..]) {
                 st.buf.truncate(start);
-                if left < len {
+                if left < len || !caller {
                     tracing::error!(key = %self.key, error = %e, "a write failed half-way; the file is NOT saved");
                     st.status = Status::Failed(libc::EIO);
-                    self.abort(&mut st).await;
+                    self.abort(st).await;
                 }
                 return Err(e);
             }
             left -= take;
             if st.buf.len() == self.part_size {
-                if let Err(e) = self.send_part(&mut st).await {
+                if let Err(e) = self.send_part(st).await {
                     st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
-                    self.abort(&mut st).await;
+                    self.abort(st).await;
                     return Err(e);
                 }
             }
         }
-        self.written.fetch_add(len as u64, Ordering::AcqRel);
-        Ok(len)
+        Ok(())
     }
 
     /// Uploads the buffer as the next part, waiting first if too many parts are in flight.
@@ -214,12 +305,17 @@ impl Upload {
     }
 
     /// Makes the object visible in the store. Idempotent: later calls return the first result.
+    /// An append with nothing appended yet commits nothing and stays open (a shell's `>>`
+    /// flushes a dup'ed fd before it writes).
     pub async fn commit(&self) -> io::Result<ObjectStat> {
         let mut st = self.state.lock().await;
         match &st.status {
             Status::Committed(stat) => return Ok(stat.clone()),
             Status::Failed(e) => return Err(errno(*e)),
             Status::Open => {}
+        }
+        if let Some(base) = self.base.as_ref().filter(|_| !st.seeded) {
+            return Ok(base.clone());
         }
         match self.finish(&mut st).await {
             Ok(stat) => {
@@ -237,6 +333,7 @@ impl Upload {
 
     async fn finish(&self, st: &mut State) -> io::Result<ObjectStat> {
         let size = self.written.load(Ordering::Acquire);
+        self.check_base_unchanged().await?;
         let etag = if st.upload_id.is_none() {
             let body = st.buf.split().freeze();
             st.buf_memory = None;
@@ -266,6 +363,23 @@ impl Upload {
             mtime: SystemTime::now(),
             etag,
         })
+    }
+
+    /// Appends only: the object still carries the ETag it had when opened (asked right before
+    /// completing; a change in between is not seen, see the module's notes).
+    async fn check_base_unchanged(&self) -> io::Result<()> {
+        let Some(base) = &self.base else {
+            return Ok(());
+        };
+        let now = self.store.head(&self.key).await.map_err(|e| {
+            tracing::error!(key = %self.key, error = %e, "could not check the object being appended to; nothing is committed");
+            errno(e.errno())
+        })?;
+        if now.etag != base.etag || now.size != base.size {
+            tracing::error!(key = %self.key, opened = ?base.etag, now = ?now.etag, "the object was replaced by another client while this append was open; the append is NOT committed");
+            return Err(errno(libc::EIO));
+        }
+        Ok(())
     }
 
     async fn abort(&self, st: &mut State) {
@@ -452,6 +566,90 @@ mod tests {
         assert_eq!(
             std::fs::read(dir2.path().join("out/file")).unwrap(),
             b"whole"
+        );
+    }
+    fn appending(dir: &tempfile::TempDir, part: usize) -> Upload {
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let info = futures_lite_block(store.head("out/file")).unwrap();
+        let base = ObjectStat {
+            size: info.size,
+            mtime: info.last_modified,
+            etag: info.etag,
+        };
+        Upload::appending(
+            store,
+            MemoryLimiter::new(1 << 30),
+            "out/file".into(),
+            part,
+            base,
+        )
+    }
+
+    fn futures_lite_block<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn an_append_keeps_the_old_bytes_and_adds_the_new_ones() {
+        for (old_len, part) in [(11usize, 1000usize), (10_500, 1000), (0, 4)] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("out")).unwrap();
+            let old: Vec<u8> = (0..old_len).map(|i| (i % 251) as u8).collect();
+            std::fs::write(dir.path().join("out/file"), &old).unwrap();
+            let up = appending(&dir, part);
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                assert_eq!(up.written().load(Ordering::Acquire), old_len as u64);
+                if old_len > 0 {
+                    let e = up.write(0, b"x").await.unwrap_err();
+                    assert_eq!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL),
+                        "writes go on at the end"
+                    );
+                }
+                // A flush with nothing appended commits nothing and leaves the upload open.
+                assert_eq!(up.commit().await.unwrap().size, old_len as u64);
+                up.write(old_len as u64, b"appended").await.unwrap();
+                let stat = up.commit().await.unwrap();
+                assert_eq!(stat.size, old_len as u64 + 8);
+            });
+            let mut want = old.clone();
+            want.extend_from_slice(b"appended");
+            assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn an_append_to_an_object_replaced_meanwhile_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("out")).unwrap();
+        std::fs::write(dir.path().join("out/file"), b"first version").unwrap();
+        let up = appending(&dir, 1000);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // Replaced after the bytes were read: found at commit.
+        rt.block_on(up.write(13, b" + more")).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.path().join("out/file"), b"another client's").unwrap();
+        let e = rt.block_on(up.commit()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert_eq!(
+            std::fs::read(dir.path().join("out/file")).unwrap(),
+            b"another client's"
+        );
+        // Replaced before the bytes were read: found when reading them.
+        let up = appending(&dir, 1000);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.path().join("out/file"), b"a third, longer version").unwrap();
+        let e = rt.block_on(up.write(16, b"x")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(rt.block_on(up.commit()).is_err());
+        assert_eq!(
+            std::fs::read(dir.path().join("out/file")).unwrap(),
+            b"a third, longer version"
         );
     }
 }

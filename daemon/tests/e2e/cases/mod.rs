@@ -49,6 +49,11 @@ pub fn all() -> Vec<Case> {
         case("write::sequential_writes", s3, write::sequential_writes),
         case("write::cp_into_mount", s3, write::cp_into_mount),
         case(
+            "write::append_to_stored_objects",
+            s3,
+            write::append_to_stored_objects,
+        ),
+        case(
             "write::overwrite_with_truncate",
             s3,
             write::overwrite_with_truncate,
