@@ -17,6 +17,16 @@ pub struct Region {
     pub mmap_offset: u64,
 }
 
+impl Region {
+    /// Whether the region lies inside its file of `file_size` bytes: past the end, every
+    /// access through a mapping is a SIGBUS.
+    pub fn inside(&self, file_size: u64) -> bool {
+        self.mmap_offset
+            .checked_add(self.memory_size)
+            .is_some_and(|end| end <= file_size)
+    }
+}
+
 /// One virtqueue as the VMM set it up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vring {

@@ -101,7 +101,7 @@ impl Front {
     pub fn attach(&mut self, mut link: Box<dyn RingLink>) -> io::Result<()> {
         for (i, (r, file)) in self.state.regions.iter().zip(&self.fds.regions).enumerate() {
             let size = file.metadata()?.len();
-            if r.mmap_offset.saturating_add(r.memory_size) > size {
+            if !r.inside(size) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
@@ -228,10 +228,7 @@ fn region_of(r: &VhostUserMemoryRegion) -> Region {
 fn checked_region(r: &VhostUserMemoryRegion, file: &File) -> Result<Region> {
     let region = region_of(r);
     let size = file.metadata().map_err(Error::ReqHandlerError)?.len();
-    let inside = region
-        .mmap_offset
-        .checked_add(region.memory_size)
-        .is_some_and(|end| end <= size);
+    let inside = region.inside(size);
     let no_wrap = region
         .guest_phys_addr
         .checked_add(region.memory_size)

@@ -81,10 +81,7 @@ pub fn map_memory(state: &DeviceState, fds: &DeviceFds) -> io::Result<(Arc<Memor
         // Past the end of the file every access would be a SIGBUS (the front checked this
         // when the VMM offered the region; the file may have shrunk since).
         let size = file.metadata()?.len();
-        if r.mmap_offset
-            .checked_add(r.memory_size)
-            .is_none_or(|end| end > size)
-        {
+        if !r.inside(size) {
             return Err(invalid("a guest memory region ends past its file"));
         }
         let mapping = MmapRegion::<()>::from_file(

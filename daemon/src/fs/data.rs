@@ -188,17 +188,12 @@ impl BerthFs {
             .block_on(self.ns.store().head(&key))
             .map_err(|e| store_error("open for append", &key, e))?;
         tracing::debug!(key = %key, size = info.size, "opened for appending");
-        let base = ObjectStat {
-            size: info.size,
-            mtime: info.last_modified,
-            etag: info.etag,
-        };
         let upload = Upload::appending(
             self.ns.store().clone(),
             self.memory.clone(),
             key,
             self.config.part_size,
-            base,
+            ObjectStat::from(info),
         );
         Ok(self.add_upload(parent, name, upload)?.1)
     }

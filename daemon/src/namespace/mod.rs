@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 pub use inodes::{ChildUpdate, InodeTable, Kind, Node, ObjectStat, ROOT_INO};
 use listing::{Listed, ListingMerger};
 
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ObjectInfo, ObjectStore, StoreError};
 
 /// Keys asked for per LIST call.
 const LIST_PAGE: usize = 1000;
@@ -37,6 +37,17 @@ pub struct Namespace {
 }
 
 /// Logs a store error with its context and turns it into the errno the caller sees.
+/// An object's stat as the store reported it.
+impl From<ObjectInfo> for ObjectStat {
+    fn from(info: ObjectInfo) -> ObjectStat {
+        ObjectStat {
+            size: info.size,
+            mtime: info.last_modified,
+            etag: info.etag,
+        }
+    }
+}
+
 pub fn store_error(op: &str, key: &str, e: StoreError) -> io::Error {
     match e {
         StoreError::NotFound => {}
@@ -187,11 +198,7 @@ impl Namespace {
             ChildUpdate {
                 name: name.to_string(),
                 kind: Kind::File,
-                stat: ObjectStat {
-                    size: info.size,
-                    mtime: info.last_modified,
-                    etag: info.etag,
-                },
+                stat: info.into(),
             }
         };
         self.record(parent, update)
@@ -214,11 +221,7 @@ impl Namespace {
             .head(&key)
             .await
             .map_err(|e| store_error("head", &key, e))?;
-        let stat = ObjectStat {
-            size: info.size,
-            mtime: info.last_modified,
-            etag: info.etag,
-        };
+        let stat = ObjectStat::from(info);
         self.table.set_stat(ino, stat);
         self.node(ino)
     }
@@ -372,11 +375,7 @@ impl Namespace {
                 Listed::File(info) => ChildUpdate {
                     name: e.name,
                     kind: Kind::File,
-                    stat: ObjectStat {
-                        size: info.size,
-                        mtime: info.last_modified,
-                        etag: info.etag,
-                    },
+                    stat: info.into(),
                 },
             })
             .collect();

@@ -161,7 +161,7 @@ impl Upload {
             self.abort(&mut st).await;
             return Err(e);
         }
-        self.fill_buffer(&mut st, len, &mut fill, true).await?;
+        self.fill_buffer(&mut st, len, &mut fill).await?;
         self.written.fetch_add(len as u64, Ordering::AcqRel);
         Ok(len)
     }
@@ -191,17 +191,12 @@ impl Upload {
                 return Err(errno(libc::EIO));
             }
             let mut rest = &bytes[..];
-            self.fill_buffer(
-                st,
-                bytes.len(),
-                &mut |buf: &mut [u8]| {
-                    let (now, later) = rest.split_at(buf.len());
-                    buf.copy_from_slice(now);
-                    rest = later;
-                    Ok(())
-                },
-                false,
-            )
+            self.fill_buffer(st, bytes.len(), &mut |buf: &mut [u8]| {
+                let (now, later) = rest.split_at(buf.len());
+                buf.copy_from_slice(now);
+                rest = later;
+                Ok(())
+            })
             .await?;
             at = end;
         }
@@ -209,14 +204,13 @@ impl Upload {
         Ok(())
     }
 
-    /// Copies `len` bytes from `fill` into the part buffer, uploading each full part. `caller`:
-    /// the bytes are the application's (a failing fill before any went in changes nothing).
+    /// Copies `len` bytes from `fill` into the part buffer, uploading each full part. A fill
+    /// that fails before any byte went in changes nothing; after, the upload fails.
     async fn fill_buffer(
         &self,
         st: &mut State,
         len: usize,
         fill: &mut impl FnMut(&mut [u8]) -> io::Result<()>,
-        caller: bool,
     ) -> io::Result<()> {
         let mut left = len;
         while left > 0 {
@@ -234,7 +228,7 @@ impl Upload {
             st.buf.resize(start + take, 0);
             if let Err(e) = fill(&mut st.buf[start..]) {
                 st.buf.truncate(start);
-                if left < len || !caller {
+                if left < len {
                     tracing::error!(key = %self.key, error = %e, "a write failed half-way; the file is NOT saved");
                     st.status = Status::Failed(libc::EIO);
                     self.abort(st).await;
@@ -570,22 +564,17 @@ mod tests {
     }
     fn appending(dir: &tempfile::TempDir, part: usize) -> Upload {
         let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let info = futures_lite_block(store.head("out/file")).unwrap();
-        let base = ObjectStat {
-            size: info.size,
-            mtime: info.last_modified,
-            etag: info.etag,
-        };
+        let info = block_on(store.head("out/file")).unwrap();
         Upload::appending(
             store,
             MemoryLimiter::new(1 << 30),
             "out/file".into(),
             part,
-            base,
+            info.into(),
         )
     }
 
-    fn futures_lite_block<T>(f: impl std::future::Future<Output = T>) -> T {
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
