@@ -195,12 +195,12 @@ pub fn shell_redirect() -> Result<()> {
     m.finish()
 }
 
-/// Appending to stored objects (`>>`, O_APPEND, write-only open without O_TRUNC and a seek to
+/// Appending to stored objects (`>>`, O_APPEND, write-only open without O_TRUNC and a write at
 /// the end), small and above the 5 MiB part size: the old bytes then the new ones, in S3. An
 /// object another client replaces while an append is open is not clobbered: the appender's
-/// close fails with EIO and the other client's object stays.
+/// close fails and the other client's object stays.
 pub fn append_to_stored_objects() -> Result<()> {
-    use std::io::{Seek, SeekFrom};
+    use std::process::Stdio;
     let server = shared_server()?;
     let bucket = server.bucket("append")?;
     let small = b"line one\n".to_vec();
@@ -223,40 +223,75 @@ pub fn append_to_stored_objects() -> Result<()> {
         b"line one\nline two\nline three\n",
     )?;
 
+    // The writers below are child processes: a child another test thread forks while this
+    // process holds a file open closes its copy of the fd at exec, and that close is a FUSE
+    // FLUSH that commits the file early (README, semantics: "a writer that forks").
     let tail = random_bytes(0x7a11, 3 * 1024 * 1024);
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(m.join("big.bin"))
-        .context("O_APPEND open of big.bin")?;
-    f.write_all(&tail)?;
-    close_checked(f).context("closing big.bin")?;
+    let tail_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(tail_file.path(), &tail)?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("cat \"$2\" >> \"$1\"")
+        .arg("sh")
+        .arg(m.join("big.bin"))
+        .arg(tail_file.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "O_APPEND of 3 MiB onto big.bin failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut want = big.clone();
     want.extend_from_slice(&tail);
     ensure_same_bytes("big.bin after O_APPEND", &bucket.get("big.bin")?, &want)?;
     ensure_same_bytes("big.bin read back", &read_file(m.join("big.bin"))?, &want)?;
 
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(m.join("small.log"))
-        .context("write-only open of small.log")?;
-    f.seek(SeekFrom::End(0))?;
-    f.write_all(b"line four\n")?;
-    close_checked(f).context("closing small.log")?;
+    // Write-only, no O_TRUNC (dd conv=notrunc), at the end.
+    let size = b"line one\nline two\nline three\n".len();
+    let mut dd = Command::new("dd")
+        .arg(format!("of={}", m.join("small.log").display()))
+        .args(["conv=notrunc", "oflag=seek_bytes", "status=none"])
+        .arg(format!("seek={size}"))
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    dd.stdin
+        .take()
+        .context("dd stdin")?
+        .write_all(b"line four\n")?;
+    let out = dd.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "a write-only write at the end of small.log failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ensure_same_bytes(
         "small.log after a write at its end",
         &bucket.get("small.log")?,
         b"line one\nline two\nline three\nline four\n",
     )?;
 
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(m.join("raced.log"))?;
-    f.write_all(b"appended\n")?;
+    // `cat >> raced.log` writes a line, another client replaces the object, cat closes: its
+    // close fails (cat exits non-zero) and the other client's object stays. (Should cat's
+    // write come after the PUT, the read-back of the old bytes fails instead: same outcome.)
+    let mut cat = Command::new("sh")
+        .arg("-c")
+        .arg("cat >> \"$1\"")
+        .arg("sh")
+        .arg(m.join("raced.log"))
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = cat.stdin.take().context("cat stdin")?;
+    stdin.write_all(b"appended\n")?;
+    stdin.flush()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
     bucket.put("raced.log", b"another client's version\n".to_vec())?;
-    let closed = close_checked(f);
+    drop(stdin);
+    let out = cat.wait_with_output()?;
     ensure!(
-        closed.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EIO),
-        "closing an append to a replaced object: {closed:?}, want EIO"
+        !out.status.success(),
+        "an append to a replaced object was reported as saved"
     );
     ensure_same_bytes(
         "raced.log keeps the other client's version",
