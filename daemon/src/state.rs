@@ -52,6 +52,11 @@ pub fn inode_journal(mount_dir: &Path) -> PathBuf {
     mount_dir.join("inodes")
 }
 
+/// Where a mount's files being written keep their spools (see `upload::spool`).
+pub fn write_spools(mount_dir: &Path) -> PathBuf {
+    mount_dir.join("writes")
+}
+
 /// The status file in a mount's (or standalone share's) state directory.
 pub fn status_file(mount_dir: &Path) -> PathBuf {
     mount_dir.join("status.json")

@@ -18,6 +18,7 @@ use crate::state;
 use crate::store::{
     LocalStore, ObjectStore, RetryPolicy, RetryingStore, S3Options, S3Store, StoreError,
 };
+use crate::upload::{self, SpoolDir};
 
 /// The start-up check gives up sooner than ordinary requests: a typo should not cost 30 s.
 const MAX_STARTUP_CHECK: Duration = Duration::from_secs(10);
@@ -170,14 +171,29 @@ pub fn build_volume(
         config.prefetch.clone(),
         cache.clone(),
     );
+    let spools = Arc::new(SpoolDir::new(state::write_spools(mount_dir)));
+    if !opening.recover {
+        let discarded = rt.block_on(upload::discard_spools(ns.store(), &spools));
+        if discarded > 0 {
+            tracing::warn!(
+                discarded,
+                dir = %spools.path().display(),
+                "files left being written by an earlier mount here (its holder died) were aborted; their objects are unchanged"
+            );
+        }
+    }
     let fs = BerthFs::new(
         rt.handle().clone(),
         ns.clone(),
         fetcher,
         memory.clone(),
         config.fs.clone(),
+        spools,
     )
     .with_generation(opening.generation);
+    if opening.recover {
+        fs.adopt_writes();
+    }
     Ok(Volume {
         fs: Arc::new(fs),
         ns,

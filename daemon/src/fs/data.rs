@@ -2,15 +2,16 @@
 //! file straight into the reply buffers), writes into an upload, and commits.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fuse_backend_rs::api::filesystem::{ZeroCopyReader, ZeroCopyWriter};
 
-use super::handles::Handle;
+use super::handles::{Handle, HandleKind};
 use super::{errno, unsupported, BerthFs, MAX_IO};
 use crate::namespace::{store_error, Node, ObjectStat};
 use crate::prefetch::ObjectReader;
-use crate::upload::Upload;
+use crate::upload::{Header, Upload};
 
 /// Reads up to `size` bytes at `offset` of a local file straight into the reply buffers
 /// (guest memory for virtio-fs), as a passthrough server does: one copy, by the kernel.
@@ -112,14 +113,22 @@ impl BerthFs {
             tracing::warn!(size, "WRITE larger than negotiated; refused");
             return Err(errno(libc::EINVAL));
         }
-        if upload.written().load(Ordering::Acquire) == 0
-            && self.rt.block_on(upload.reopen_if_empty())
-        {
-            self.ns.resume_write(*ino, upload.written());
+        // Committed already by a flush, the upload may go on (`Upload::reopen_after_commit`)
+        // unless another handle writes the file now.
+        let written = upload.written();
+        let may_reopen = !self.ns.pending_elsewhere(*ino, &written);
+        // The bytes go from the request's buffers straight into the spool.
+        let n = self.rt.block_on(upload.write_with(
+            offset,
+            size,
+            may_reopen,
+            |file, at, len| r.read_exact_to(file, len, at),
+        ))?;
+        // Written, so being written (again, if a flush had committed it).
+        if !self.ns.is_pending(*ino) {
+            self.ns.resume_write(*ino, written);
         }
-        // The bytes go from the request's buffers straight into the part buffer.
-        self.rt
-            .block_on(upload.write_with(offset, size, |buf| r.read_exact(buf)))
+        Ok(n)
     }
 
     /// Commits an upload and tells the namespace how it ended.
@@ -154,6 +163,7 @@ impl BerthFs {
                             "a file was still being written when its door closed; its upload was aborted and the object NOT changed"
                         );
                     }
+                    upload.release().await;
                 }
             };
             // Dropped on a runtime thread, a door cannot block: the abort goes on there.
@@ -171,13 +181,7 @@ impl BerthFs {
         name: &str,
         key: String,
     ) -> io::Result<(Node, u64)> {
-        let upload = Upload::new(
-            self.ns.store().clone(),
-            self.memory.clone(),
-            key,
-            self.config.part_size,
-        );
-        self.add_upload(parent, name, upload)
+        self.add_upload(parent, name, key, None)
     }
 
     /// Opens the object at `key` for appending: its state now (asked from the store, not the
@@ -188,24 +192,122 @@ impl BerthFs {
             .block_on(self.ns.store().head(&key))
             .map_err(|e| store_error("open for append", &key, e))?;
         tracing::debug!(key = %key, size = info.size, "opened for appending");
-        let upload = Upload::appending(
-            self.ns.store().clone(),
-            self.memory.clone(),
-            key,
-            self.config.part_size,
-            ObjectStat::from(info),
-        );
-        Ok(self.add_upload(parent, name, upload)?.1)
+        Ok(self
+            .add_upload(parent, name, key, Some(ObjectStat::from(info)))?
+            .1)
     }
 
-    fn add_upload(&self, parent: u64, name: &str, upload: Upload) -> io::Result<(Node, u64)> {
-        let node = self.ns.begin_write(parent, name, upload.written())?;
+    /// A new upload of `parent/name` (at `key`), with its spool named after its handle.
+    fn add_upload(
+        &self,
+        parent: u64,
+        name: &str,
+        key: String,
+        base: Option<ObjectStat>,
+    ) -> io::Result<(Node, u64)> {
+        if let Some(existing) = self.ns.child(parent, name) {
+            self.drop_orphan_write(existing.ino);
+        }
+        let written = Arc::new(AtomicU64::new(base.as_ref().map_or(0, |b| b.size)));
+        let node = self.ns.begin_write(parent, name, written.clone())?;
+        let header = Header {
+            ino: node.ino,
+            key,
+            part_size: self.config.part_size as u64,
+            base,
+        };
         let fh = self
-            .add_handle(Handle::Write {
-                ino: node.ino,
-                upload,
+            .handles
+            .add_with(HandleKind::Write, |fh| {
+                let spool = self.spools.create(fh, header.clone()).inspect_err(|e| {
+                    tracing::error!(key = %header.key, dir = %self.spools.path().display(), error = %e, "could not create the spool of a file opened for writing");
+                })?;
+                let upload = Upload::start(
+                    self.ns.store().clone(),
+                    self.memory.clone(),
+                    header,
+                    spool,
+                    written,
+                );
+                Ok(Handle::Write {
+                    ino: node.ino,
+                    upload,
+                })
             })
             .inspect_err(|_| self.ns.end_write(node.ino, None))?;
         Ok((node, fh))
+    }
+
+    /// Takes over a file a predecessor engine was writing through handle `fh` (for inode
+    /// `ino`, when a request names it): its upload goes on from the spool, nothing written is
+    /// lost. EIO if there is no spool (an engine from before spools, or the upload had
+    /// failed).
+    pub(super) fn adopt_write(&self, fh: u64, ino: Option<u64>) -> io::Result<Arc<Handle>> {
+        let found = self.spools.open(fh).inspect_err(|e| {
+            tracing::error!(fh, error = %e, "could not read the spool of a file being written");
+        })?;
+        let Some((spool, rec)) = found else {
+            tracing::error!(
+                fh,
+                ?ino,
+                "a file was being written when its engine died and left no spool; the file was NOT saved (EIO)"
+            );
+            return Err(errno(libc::EIO));
+        };
+        let node = rec.header.ino;
+        if ino.is_some_and(|i| i != node) {
+            tracing::warn!(
+                fh,
+                ?ino,
+                spool_ino = node,
+                "a request names a write handle with another inode; refused"
+            );
+            return Err(errno(libc::EBADF));
+        }
+        let committed = rec.committed.is_some();
+        let (parts, key) = (rec.parts.len(), rec.header.key.clone());
+        let upload = Upload::resume(self.ns.store().clone(), self.memory.clone(), spool, rec)?;
+        let written = upload.written();
+        tracing::info!(
+            key = %key,
+            bytes = written.load(Ordering::Acquire),
+            parts_saved = parts,
+            committed,
+            "took over a file being written by an earlier engine"
+        );
+        if !committed {
+            self.ns.resume_write(node, written);
+        }
+        self.handles.adopt(fh, Handle::Write { ino: node, upload })
+    }
+
+    /// A create or open for writing of `ino` is being applied while a predecessor's upload of
+    /// it, taken over but never named by a request and with nothing written, holds the file:
+    /// that is a create or open whose reply never reached the kernel (the engine died first),
+    /// and this is its resent copy. The leftover goes, so the file is not busy.
+    pub(super) fn drop_orphan_write(&self, ino: u64) {
+        let orphans = self.handles.take_where(|h| {
+            matches!(h, Handle::Write { ino: i, upload } if *i == ino && upload.is_unclaimed_and_untouched())
+        });
+        for h in orphans {
+            if let Handle::Write { upload, .. } = &*h {
+                tracing::info!(key = upload.key(), "a file a dead engine opened for writing, with nothing written, is opened again; the earlier open is dropped");
+                self.rt.block_on(async {
+                    upload.abort_if_open().await;
+                    upload.release().await;
+                });
+                self.ns.end_write(ino, None);
+            }
+        }
+    }
+
+    /// Takes over every file this door's predecessors were writing (a successor engine does
+    /// so before it serves, so a file being written is never seen as missing from the store).
+    pub fn adopt_writes(&self) {
+        for fh in self.spools.handles() {
+            if self.handles.predecessors(fh) == Some(HandleKind::Write) {
+                let _ = self.adopt_write(fh, None);
+            }
+        }
     }
 }

@@ -19,6 +19,7 @@ use crate::memory::MemoryLimiter;
 use crate::namespace::Namespace;
 use crate::prefetch::{Fetcher, PrefetchConfig};
 use crate::store::{ListPage, LocalStore, ObjectInfo, ObjectStore, StoreResult, UploadedPart};
+use crate::upload::SpoolDir;
 
 const LOOKUP: u32 = 1;
 const OPEN: u32 = 14;
@@ -99,6 +100,7 @@ struct Setup {
     _rt: tokio::runtime::Runtime,
     fs: Arc<BerthFs>,
     memory: Arc<MemoryLimiter>,
+    _spool_dir: tempfile::TempDir,
 }
 
 fn setup(memory_limit: u64, remote: bool) -> Setup {
@@ -135,15 +137,18 @@ fn setup(memory_limit: u64, remote: bool) -> Setup {
             dir_mode: 0o755,
         },
     };
+    let spool_dir = tempfile::tempdir().unwrap();
     let fs = Arc::new(BerthFs::new(
         rt.handle().clone(),
         ns,
         fetcher,
         memory.clone(),
         config,
+        Arc::new(SpoolDir::new(spool_dir.path().join("writes"))),
     ));
     Setup {
         dir,
+        _spool_dir: spool_dir,
         _rt: rt,
         fs,
         memory,

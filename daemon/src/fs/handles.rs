@@ -10,7 +10,7 @@
 //! bits 62-63 the kind (read, write, directory), bits 54-61 the door, bits 32-53 the engine
 //! generation (mod 2^22), bits 0-31 a serial number. The inode number comes with every
 //! request, so kind + inode is all a successor needs to rebuild a reader or a directory
-//! stream; a write handle cannot be rebuilt (its unsaved data died with the engine).
+//! stream; a write handle is rebuilt from the upload's spool, named after the number.
 
 use std::collections::HashMap;
 use std::io;
@@ -114,8 +114,18 @@ impl HandleTable {
     /// Opens `handle`; returns the number the kernel will use for it. EMFILE when the door
     /// holds its maximum.
     pub fn add(&self, handle: Handle) -> io::Result<u64> {
-        let mut open = self.open();
-        if open.len() >= self.max {
+        self.add_with(handle.kind(), |_| Ok(handle))
+    }
+
+    /// Opens the handle `make` builds once it knows its number (an upload names its spool
+    /// after it). EMFILE when the door holds its maximum (checked before `make`, so
+    /// concurrent opens may pass it by a few: one per worker thread at most).
+    pub fn add_with(
+        &self,
+        kind: HandleKind,
+        make: impl FnOnce(u64) -> io::Result<Handle>,
+    ) -> io::Result<u64> {
+        if self.open().len() >= self.max {
             tracing::warn!(
                 door = self.door,
                 max = self.max,
@@ -124,8 +134,10 @@ impl HandleTable {
             return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let fh = encode(handle.kind(), self.door, self.generation, serial);
-        open.insert(fh, Arc::new(handle));
+        let fh = encode(kind, self.door, self.generation, serial);
+        let handle = make(fh)?;
+        debug_assert_eq!(handle.kind(), kind);
+        self.open().insert(fh, Arc::new(handle));
         Ok(fh)
     }
 
@@ -166,6 +178,17 @@ impl HandleTable {
         None
     }
 
+    /// The open handles `which` picks, taken out of the table.
+    pub fn take_where(&self, which: impl Fn(&Handle) -> bool) -> Vec<Arc<Handle>> {
+        let mut open = self.open();
+        let picked: Vec<u64> = open
+            .iter()
+            .filter(|(_, h)| which(h))
+            .map(|(fh, _)| *fh)
+            .collect();
+        picked.iter().filter_map(|fh| open.remove(fh)).collect()
+    }
+
     /// Every open handle, taken out of the table (shutdown, a VMM gone).
     pub fn drain(&self) -> Vec<Arc<Handle>> {
         self.open().drain().map(|(_, h)| h).collect()
@@ -178,11 +201,6 @@ impl HandleTable {
     pub fn count(&self, which: impl Fn(&Handle) -> bool) -> usize {
         self.open().values().filter(|h| which(h)).count()
     }
-}
-
-/// The kind of a handle number berth made, whatever its door and generation.
-pub fn kind_of(fh: u64) -> Option<HandleKind> {
-    decode(fh).map(|(kind, _, _)| kind)
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use fuse_backend_rs::api::filesystem::{
 use crate::memory::MemoryLimiter;
 use crate::namespace::{store_error, Kind, Namespace, Node};
 use crate::prefetch::{Fetcher, ObjectReader};
+use crate::upload::SpoolDir;
 pub use attr::AttrConfig;
 use handles::{Handle, HandleKind, HandleTable, FUSE_DOOR};
 
@@ -64,6 +65,8 @@ pub struct BerthFs {
     fetcher: Arc<Fetcher>,
     memory: Arc<MemoryLimiter>,
     config: FsConfig,
+    /// Where files being written keep what an engine crash must not lose.
+    spools: Arc<SpoolDir>,
     handles: HandleTable,
     generation: u64,
     /// The capability flags the kernel offered at FUSE INIT (0 until then).
@@ -99,6 +102,7 @@ impl BerthFs {
         fetcher: Arc<Fetcher>,
         memory: Arc<MemoryLimiter>,
         config: FsConfig,
+        spools: Arc<SpoolDir>,
     ) -> BerthFs {
         BerthFs {
             rt,
@@ -106,6 +110,7 @@ impl BerthFs {
             fetcher,
             memory,
             config,
+            spools,
             handles: HandleTable::new(1, FUSE_DOOR, MAX_FUSE_HANDLES),
             generation: 1,
             init_capable: AtomicU64::new(0),
@@ -130,6 +135,7 @@ impl BerthFs {
             fetcher: self.fetcher.clone(),
             memory: self.memory.clone(),
             config: self.config.clone(),
+            spools: self.spools.clone(),
             handles: HandleTable::new(self.generation, tag.max(1), MAX_GUEST_HANDLES),
             generation: self.generation,
             init_capable: AtomicU64::new(0),
@@ -170,10 +176,13 @@ impl BerthFs {
     }
 
     /// The handle `fh` of node `ino`. A handle a predecessor engine gave the kernel is taken
-    /// over on first use: reads and directory listings go on where they were; a file that was
-    /// being written lost its unsaved data with that engine, which is reported as EIO.
+    /// over on first use: reads and directory listings go on where they were, and so does a
+    /// file being written (from its spool, see [`crate::upload`]).
     fn handle(&self, ino: u64, fh: u64) -> io::Result<Arc<Handle>> {
         if let Some(h) = self.handles.get(fh, ino) {
+            if let Handle::Write { upload, .. } = &*h {
+                upload.claim();
+            }
             return Ok(h);
         }
         let Some(kind) = self.handles.predecessors(fh) else {
@@ -189,11 +198,11 @@ impl BerthFs {
                 stream: Mutex::new(self.ns.open_dir(ino)?),
             },
             HandleKind::Write => {
-                tracing::error!(
-                    ino,
-                    "a file was being written when its engine died; its unsaved data is lost and the file was NOT saved (EIO)"
-                );
-                return Err(errno(libc::EIO));
+                let h = self.adopt_write(fh, Some(ino))?;
+                if let Handle::Write { upload, .. } = &*h {
+                    upload.claim();
+                }
+                return Ok(h);
             }
         };
         tracing::debug!(ino, fh, ?kind, "took over a handle of an earlier engine");
@@ -574,6 +583,9 @@ impl FileSystem for BerthFs {
         if node.kind == Kind::Dir {
             return Err(errno(libc::EISDIR));
         }
+        if flags as i32 & libc::O_ACCMODE != libc::O_RDONLY {
+            self.drop_orphan_write(inode);
+        }
         if self.ns.is_pending(inode) {
             tracing::info!(path = %node.key, "refused: file is being written by another handle");
             return Err(errno(libc::EBUSY));
@@ -721,21 +733,20 @@ impl FileSystem for BerthFs {
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        let removed = self.handles.remove(handle, inode);
-        match removed {
-            Some(handle) => {
-                if let Handle::Write { ino, upload } = &*handle {
-                    // Errors here reach no application (close has returned); commit logs them.
-                    let _ = self.commit(*ino, upload);
-                }
+        let mut removed = self.handles.remove(handle, inode);
+        if removed.is_none() && self.handles.predecessors(handle) == Some(HandleKind::Write) {
+            // A predecessor's file being written, closed before this engine saw it.
+            removed = self
+                .adopt_write(handle, Some(inode))
+                .ok()
+                .and_then(|_| self.handles.remove(handle, inode));
+        }
+        if let Some(handle) = removed {
+            if let Handle::Write { ino, upload } = &*handle {
+                // Errors here reach no application (close has returned); commit logs them.
+                let _ = self.commit(*ino, upload);
+                self.rt.block_on(upload.release());
             }
-            None if handles::kind_of(handle) == Some(HandleKind::Write) => {
-                tracing::warn!(
-                    handle,
-                    "closed a file whose writer engine died before saving it"
-                );
-            }
-            None => {}
         }
         Ok(())
     }

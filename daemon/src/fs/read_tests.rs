@@ -67,12 +67,14 @@ fn reads_of_a_local_store_go_straight_to_guest_memory() {
         part_size: 8 << 20,
         attr,
     };
+    let spool_dir = tempfile::tempdir().unwrap();
     let fs = Arc::new(BerthFs::new(
         rt.handle().clone(),
         ns,
         fetcher,
         memory,
         config,
+        Arc::new(crate::upload::SpoolDir::new(spool_dir.path().to_path_buf())),
     ));
     let server = Server::new(fs);
     let mut queue = TestQueue::new();

@@ -263,7 +263,14 @@ impl Namespace {
         Ok(node)
     }
 
-    /// A committed empty file is being written again (see `Upload::reopen_if_empty`).
+    /// Whether `ino` is being written through another upload than the one counting `written`.
+    pub fn pending_elsewhere(&self, ino: u64, written: &Arc<AtomicU64>) -> bool {
+        self.pending_lock()
+            .get(&ino)
+            .is_some_and(|w| !Arc::ptr_eq(w, written))
+    }
+
+    /// A committed file is being written again (see `Upload::reopen_after_commit`).
     pub fn resume_write(&self, ino: u64, written: Arc<AtomicU64>) {
         self.pending_lock().insert(ino, written);
     }

@@ -123,6 +123,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_ftruncate,
+    // upload spools give back the space of parts the store has
+    libc::SYS_fallocate,
     // paths (the local store resolves beneath its root with openat2 and *at calls)
     libc::SYS_openat,
     libc::SYS_openat2,

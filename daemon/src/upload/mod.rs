@@ -1,30 +1,41 @@
 //! Writes of one new object: a sequential stream turned into a multipart upload.
 //!
-//! Bytes collect in a part-sized buffer; each full part is uploaded in the background (a few
-//! at a time per handle) while the application keeps writing. The object appears in the store
+//! Bytes go into the upload's spool ([`spool`]: a file in the mount's state directory, which
+//! outlives the engine); each full part is read back and uploaded in the background (a few at
+//! a time per handle) while the application keeps writing. The object appears in the store
 //! only when the upload is committed (close or fsync), all at once; until then readers of the
 //! store see the old object, or none. A failed upload is aborted and reported as EIO, never
 //! committed half-way.
 //!
-//! An upload can also **append** to an object that exists ([`Upload::appending`]): the new
+//! **An engine crash loses nothing.** The spool holds every byte not yet acknowledged by the
+//! store and a log of the upload (its id, each acknowledged part's ETag); a successor engine
+//! resumes the upload from it ([`Upload::resume`]) when it takes the kernel's handle over,
+//! sends again the parts that were in flight, and accepts again the write that was in flight
+//! (the kernel resends it).
+//!
+//! An upload can also **append** to an object that exists (a base in its header): the new
 //! object is the old one's bytes, read from the store (with If-Match on its ETag) into the
-//! same part pipeline when the first appended byte comes, then the appended bytes. At commit
-//! the store is asked again: if the object no longer carries the ETag it had at open (another
+//! same pipeline when the first appended byte comes, then the appended bytes. At commit the
+//! store is asked again: if the object no longer carries the ETag it had at open (another
 //! client replaced it), nothing is committed and the writer gets EIO, with a log line; the
 //! other client's object stays. A flush or close with nothing appended changes nothing.
 
-use std::collections::VecDeque;
+pub mod spool;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::BytesMut;
 use tokio::task::JoinHandle;
 
 use crate::memory::{MemoryLimiter, Reservation};
 use crate::namespace::ObjectStat;
 use crate::store::{ObjectStore, StoreResult, UploadedPart};
+use spool::Record;
+pub use spool::{Header, Recovered, Spool, SpoolDir};
 
 /// S3 allows at most this many parts in one upload.
 const MAX_PARTS: i32 = 10_000;
@@ -32,6 +43,8 @@ const MAX_PARTS: i32 = 10_000;
 const PARTS_IN_FLIGHT: usize = 4;
 /// How long a writer waits for memory before going over the budget.
 const MEMORY_WAIT: Duration = Duration::from_secs(5);
+/// The largest part S3 takes.
+const MAX_PART_SIZE: u64 = 5 << 30;
 
 #[derive(Debug)]
 enum Status {
@@ -40,26 +53,37 @@ enum Status {
     Failed(i32),
 }
 
+struct InFlight {
+    task: JoinHandle<StoreResult<UploadedPart>>,
+    _memory: Reservation,
+}
+
 struct State {
-    buf: BytesMut,
-    buf_memory: Option<Reservation>,
+    spool: Spool,
     upload_id: Option<String>,
-    in_flight: VecDeque<(JoinHandle<StoreResult<UploadedPart>>, Reservation)>,
-    parts: Vec<UploadedPart>,
+    in_flight: VecDeque<InFlight>,
+    /// Parts the store acknowledged, by number.
+    parts: BTreeMap<i32, UploadedPart>,
+    /// The part being filled: every byte before it was sent.
     next_part: i32,
     status: Status,
     /// The base object's bytes are in the pipeline (appends only).
     seeded: bool,
+    /// The object this upload appends to, as it was when opened (or last committed).
+    base: Option<ObjectStat>,
+    /// Resumed from a predecessor's spool: a write over bytes not yet sent is taken again
+    /// (the kernel resends the write that was in flight at the crash).
+    resumed: bool,
 }
 
 pub struct Upload {
     store: Arc<dyn ObjectStore>,
     memory: Arc<MemoryLimiter>,
     key: String,
-    part_size: usize,
+    part_size: u64,
     written: Arc<AtomicU64>,
-    /// The object this upload appends to, as it was when opened.
-    base: Option<ObjectStat>,
+    /// A request has named this upload's handle since it was opened or resumed.
+    claimed: AtomicBool,
     state: tokio::sync::Mutex<State>,
 }
 
@@ -68,44 +92,98 @@ fn errno(e: i32) -> io::Error {
 }
 
 impl Upload {
-    pub fn new(
+    /// An upload of `header.key` into `spool` (made with the same header); `written` starts
+    /// at the base's size for an append, else 0, and is what `stat` shows while it is open.
+    pub fn start(
         store: Arc<dyn ObjectStore>,
         memory: Arc<MemoryLimiter>,
-        key: String,
-        part_size: usize,
+        header: Header,
+        spool: Spool,
+        written: Arc<AtomicU64>,
     ) -> Upload {
+        written.store(
+            header.base.as_ref().map_or(0, |b| b.size),
+            Ordering::Release,
+        );
+        let up = Upload::with_state(store, memory, header, written, State::new(spool));
+        up.claim();
+        up
+    }
+
+    /// The upload a predecessor engine left in `spool`, where it stopped.
+    pub fn resume(
+        store: Arc<dyn ObjectStore>,
+        memory: Arc<MemoryLimiter>,
+        spool: Spool,
+        rec: Recovered,
+    ) -> io::Result<Upload> {
+        let header = rec.header;
+        if header.part_size == 0 || header.part_size > MAX_PART_SIZE {
+            tracing::error!(key = %header.key, part_size = header.part_size, "an upload log with an impossible part size; not resumed");
+            return Err(errno(libc::EIO));
+        }
+        let written = match (&rec.committed, &header.base) {
+            (Some(stat), _) => stat.size,
+            (None, Some(base)) if !rec.seeded => base.size,
+            _ => rec.data_len,
+        };
+        let parts: BTreeMap<i32, UploadedPart> =
+            rec.parts.into_iter().map(|p| (p.number, p)).collect();
+        // Everything after the first part not acknowledged is sent again from the spool.
+        let mut next_part = 1;
+        while parts.contains_key(&next_part) {
+            next_part += 1;
+        }
+        let mut state = State::new(spool);
+        state.upload_id = rec.upload_id;
+        state.parts = parts;
+        state.next_part = next_part;
+        state.seeded = rec.seeded;
+        state.resumed = true;
+        if let Some(stat) = rec.committed {
+            state.status = Status::Committed(stat);
+        }
+        let written = Arc::new(AtomicU64::new(written));
+        Ok(Upload::with_state(store, memory, header, written, state))
+    }
+
+    fn with_state(
+        store: Arc<dyn ObjectStore>,
+        memory: Arc<MemoryLimiter>,
+        header: Header,
+        written: Arc<AtomicU64>,
+        mut state: State,
+    ) -> Upload {
+        state.base = header.base;
         Upload {
             store,
             memory,
-            key,
-            part_size,
-            written: Arc::new(AtomicU64::new(0)),
-            base: None,
-            state: tokio::sync::Mutex::new(State {
-                buf: BytesMut::new(),
-                buf_memory: None,
-                upload_id: None,
-                in_flight: VecDeque::new(),
-                parts: Vec::new(),
-                next_part: 1,
-                status: Status::Open,
-                seeded: false,
-            }),
+            key: header.key,
+            part_size: header.part_size,
+            written,
+            claimed: AtomicBool::new(false),
+            state: tokio::sync::Mutex::new(state),
         }
     }
 
-    /// An upload that appends to `key`, which holds `base` now: writes go on at its end.
-    pub fn appending(
-        store: Arc<dyn ObjectStore>,
-        memory: Arc<MemoryLimiter>,
-        key: String,
-        part_size: usize,
-        base: ObjectStat,
-    ) -> Upload {
-        let mut up = Upload::new(store, memory, key, part_size);
-        up.written.store(base.size, Ordering::Release);
-        up.base = Some(base);
-        up
+    /// A request named this upload's handle: the kernel (or guest) holds it.
+    pub fn claim(&self) {
+        if !self.claimed.load(Ordering::Relaxed) {
+            self.claimed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Resumed from a predecessor, never named by a request since, nothing written through
+    /// it: the spool of a create or open whose reply may never have reached the kernel.
+    pub fn is_unclaimed_and_untouched(&self) -> bool {
+        if self.claimed.load(Ordering::Relaxed) {
+            return false;
+        }
+        // Busy means a request is using it.
+        let Ok(st) = self.state.try_lock() else {
+            return false;
+        };
+        self.written.load(Ordering::Acquire) == st.base.as_ref().map_or(0, |b| b.size)
     }
 
     /// Bytes accepted so far (the size `stat` shows while the file is open).
@@ -119,37 +197,39 @@ impl Upload {
 
     /// Appends `data` at `offset`, which must be where the previous write ended.
     pub async fn write(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
-        let mut rest = data;
-        self.write_with(offset, data.len(), |buf| {
-            let (now, later) = rest.split_at(buf.len());
-            buf.copy_from_slice(now);
-            rest = later;
-            Ok(())
+        self.write_with(offset, data.len(), true, |file, at, _| {
+            use std::os::unix::fs::FileExt as _;
+            file.write_all_at(data, at)
         })
         .await
     }
 
-    /// Appends `len` bytes at `offset`, which `fill` copies straight into the part buffer, a
-    /// piece at a time (one copy from the request's buffers, no staging allocation). If
-    /// `fill` fails before any byte went in, nothing changed; after, the upload fails (its
-    /// parts cannot be taken back) and is aborted.
+    /// Writes `len` bytes at `offset`, which must be where the previous write ended: `fill`
+    /// puts them into the spool file at the offset it is given (straight from the request's
+    /// buffers: one copy, by the kernel). If `fill` fails, nothing changed. A write at the
+    /// end of what a flush committed re-opens the upload (see [`Upload::reopen_after_commit`])
+    /// if `may_reopen` (no other handle writes the file now).
     pub async fn write_with(
         &self,
         offset: u64,
         len: usize,
-        mut fill: impl FnMut(&mut [u8]) -> io::Result<()>,
+        may_reopen: bool,
+        fill: impl FnOnce(&mut File, u64, usize) -> io::Result<()>,
     ) -> io::Result<usize> {
         let mut st = self.state.lock().await;
-        match st.status {
-            Status::Open => {}
-            Status::Committed(_) => {
-                tracing::warn!(key = %self.key, "write after the object was committed (close/fsync): not supported");
-                return Err(errno(libc::EOPNOTSUPP));
-            }
-            Status::Failed(e) => return Err(errno(e)),
+        if let Status::Failed(e) = st.status {
+            return Err(errno(e));
+        }
+        if matches!(st.status, Status::Committed(_))
+            && !(may_reopen && self.reopen(&mut st, offset))
+        {
+            tracing::warn!(key = %self.key, offset, "write after the object was committed (close/fsync), not at its end or while another handle writes it: not supported");
+            return Err(errno(libc::EOPNOTSUPP));
         }
         let written = self.written.load(Ordering::Acquire);
-        if offset != written {
+        let unsent = self.part_start(st.next_part);
+        let resent = st.resumed && offset < written && offset >= unsent;
+        if offset != written && !resent {
             tracing::warn!(key = %self.key, offset, expected = written, "non-sequential write refused: objects are written front to back");
             return Err(errno(libc::EINVAL));
         }
@@ -157,19 +237,42 @@ impl Upload {
             return Ok(0);
         }
         if let Err(e) = self.seed(&mut st).await {
-            st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
-            self.abort(&mut st).await;
+            self.fail(&mut st, &e).await;
             return Err(e);
         }
-        self.fill_buffer(&mut st, len, &mut fill).await?;
-        self.written.fetch_add(len as u64, Ordering::AcqRel);
+        let file = st.spool.data_file()?;
+        if let Err(e) = fill(file, offset, len) {
+            // Nothing of it counts: cut off what went in.
+            if let Err(t) = st.spool.truncate(written) {
+                tracing::error!(key = %self.key, error = %t, "could not cut a failed write out of the spool; the file is NOT saved");
+                self.fail(&mut st, &t).await;
+            }
+            return Err(e);
+        }
+        let end = offset + len as u64;
+        if end > written {
+            self.written.store(end, Ordering::Release);
+        }
+        if let Err(e) = self.send_full_parts(&mut st, end.max(written)).await {
+            self.fail(&mut st, &e).await;
+            return Err(e);
+        }
         Ok(len)
+    }
+
+    fn part_start(&self, number: i32) -> u64 {
+        (number as u64 - 1) * self.part_size
+    }
+
+    async fn fail(&self, st: &mut State, e: &io::Error) {
+        st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
+        self.abort(st).await;
     }
 
     /// Puts the base object's bytes first in the pipeline, once (appends only). They are read
     /// with If-Match on the ETag the object had when opened: a change since fails here.
     async fn seed(&self, st: &mut State) -> io::Result<()> {
-        let Some(base) = &self.base else {
+        let Some(base) = st.base.clone() else {
             return Ok(());
         };
         if st.seeded {
@@ -177,7 +280,7 @@ impl Upload {
         }
         let mut at = 0;
         while at < base.size {
-            let end = (at + self.part_size as u64).min(base.size);
+            let end = (at + self.part_size).min(base.size);
             let bytes = self
                 .store
                 .get_range(&self.key, at..end, base.etag.as_deref())
@@ -190,65 +293,27 @@ impl Upload {
                 tracing::error!(key = %self.key, "the object being appended to is shorter than when it was opened; nothing is committed");
                 return Err(errno(libc::EIO));
             }
-            let mut rest = &bytes[..];
-            self.fill_buffer(st, bytes.len(), &mut |buf: &mut [u8]| {
-                let (now, later) = rest.split_at(buf.len());
-                buf.copy_from_slice(now);
-                rest = later;
-                Ok(())
-            })
-            .await?;
+            st.spool.write_at(at, &bytes)?;
             at = end;
+            self.send_full_parts(st, at).await?;
         }
+        st.spool.record(&Record::Seeded)?;
         st.seeded = true;
         Ok(())
     }
 
-    /// Copies `len` bytes from `fill` into the part buffer, uploading each full part. A fill
-    /// that fails before any byte went in changes nothing; after, the upload fails.
-    async fn fill_buffer(
-        &self,
-        st: &mut State,
-        len: usize,
-        fill: &mut impl FnMut(&mut [u8]) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let mut left = len;
-        while left > 0 {
-            if st.buf_memory.is_none() {
-                let r = self
-                    .memory
-                    .reserve_wait(self.part_size as u64, MEMORY_WAIT)
-                    .await;
-                st.buf_memory = Some(r);
-                st.buf.reserve(self.part_size);
-            }
-            let room = self.part_size - st.buf.len();
-            let take = room.min(left);
-            let start = st.buf.len();
-            st.buf.resize(start + take, 0);
-            if let Err(e) = fill(&mut st.buf[start..]) {
-                st.buf.truncate(start);
-                if left < len {
-                    tracing::error!(key = %self.key, error = %e, "a write failed half-way; the file is NOT saved");
-                    st.status = Status::Failed(libc::EIO);
-                    self.abort(st).await;
-                }
-                return Err(e);
-            }
-            left -= take;
-            if st.buf.len() == self.part_size {
-                if let Err(e) = self.send_part(st).await {
-                    st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
-                    self.abort(st).await;
-                    return Err(e);
-                }
-            }
+    /// Sends every part that lies wholly before `end`.
+    async fn send_full_parts(&self, st: &mut State, end: u64) -> io::Result<()> {
+        while self.part_start(st.next_part + 1) <= end {
+            let part_end = self.part_start(st.next_part + 1);
+            self.send_part(st, part_end).await?;
         }
         Ok(())
     }
 
-    /// Uploads the buffer as the next part, waiting first if too many parts are in flight.
-    async fn send_part(&self, st: &mut State) -> io::Result<()> {
+    /// Uploads the spool's bytes from the current part's start to `end` as the next part,
+    /// waiting first if too many parts are in flight.
+    async fn send_part(&self, st: &mut State, end: u64) -> io::Result<()> {
         if st.next_part > MAX_PARTS {
             tracing::error!(key = %self.key, part_size = self.part_size, "object too large for {MAX_PARTS} parts; raise --part-size");
             return Err(errno(libc::EFBIG));
@@ -258,44 +323,55 @@ impl Upload {
                 tracing::error!(key = %self.key, error = %e, "could not start multipart upload");
                 errno(e.errno())
             })?;
+            st.spool.record(&Record::UploadId(id.clone()))?;
             st.upload_id = Some(id);
         }
         while st.in_flight.len() >= PARTS_IN_FLIGHT {
             self.reap_one(st).await?;
         }
-        let body = st.buf.split().freeze();
-        let memory = st
-            .buf_memory
-            .take()
-            .unwrap_or_else(|| self.memory.reserve(0));
+        let start = self.part_start(st.next_part);
+        let memory = self.memory.reserve_wait(end - start, MEMORY_WAIT).await;
+        let body = st.spool.read(start..end)?.freeze();
         let number = st.next_part;
         st.next_part += 1;
         let store = self.store.clone();
         let key = self.key.clone();
         let id = st.upload_id.clone().unwrap_or_default();
         let task = tokio::spawn(async move { store.upload_part(&key, &id, number, body).await });
-        st.in_flight.push_back((task, memory));
+        st.in_flight.push_back(InFlight {
+            task,
+            _memory: memory,
+        });
         Ok(())
     }
 
     async fn reap_one(&self, st: &mut State) -> io::Result<()> {
-        let Some((task, _memory)) = st.in_flight.pop_front() else {
+        let Some(flight) = st.in_flight.pop_front() else {
             return Ok(());
         };
-        match task.await {
-            Ok(Ok(part)) => {
-                st.parts.push(part);
-                Ok(())
-            }
+        let part = match flight.task.await {
+            Ok(Ok(part)) => part,
             Ok(Err(e)) => {
                 tracing::error!(key = %self.key, error = %e, "part upload failed");
-                Err(errno(libc::EIO))
+                return Err(errno(libc::EIO));
             }
             Err(e) => {
                 tracing::error!(key = %self.key, error = %e, "part upload task failed");
-                Err(errno(libc::EIO))
+                return Err(errno(libc::EIO));
             }
+        };
+        // Not recorded, the part is only sent again by a successor: never lost.
+        if let Err(e) = st.spool.record(&Record::Part(part.clone())) {
+            tracing::warn!(key = %self.key, error = %e, "could not record an uploaded part");
         }
+        st.parts.insert(part.number, part);
+        let mut safe = 0;
+        while st.parts.contains_key(&(safe + 1)) {
+            safe += 1;
+        }
+        let upto = self.part_start(safe + 1);
+        st.spool.release_before(upto);
+        Ok(())
     }
 
     /// Makes the object visible in the store. Idempotent: later calls return the first result.
@@ -308,18 +384,20 @@ impl Upload {
             Status::Failed(e) => return Err(errno(*e)),
             Status::Open => {}
         }
-        if let Some(base) = self.base.as_ref().filter(|_| !st.seeded) {
-            return Ok(base.clone());
+        if let Some(base) = st.base.clone().filter(|_| !st.seeded) {
+            return Ok(base);
         }
         match self.finish(&mut st).await {
             Ok(stat) => {
                 tracing::debug!(key = %self.key, size = stat.size, "object committed");
+                if let Err(e) = st.spool.committed(&stat) {
+                    tracing::warn!(key = %self.key, error = %e, "could not record a commit in the upload's spool");
+                }
                 st.status = Status::Committed(stat.clone());
                 Ok(stat)
             }
             Err(e) => {
-                st.status = Status::Failed(e.raw_os_error().unwrap_or(libc::EIO));
-                self.abort(&mut st).await;
+                self.fail(&mut st, &e).await;
                 Err(e)
             }
         }
@@ -327,25 +405,26 @@ impl Upload {
 
     async fn finish(&self, st: &mut State) -> io::Result<ObjectStat> {
         let size = self.written.load(Ordering::Acquire);
-        self.check_base_unchanged().await?;
+        self.check_base_unchanged(st.base.as_ref()).await?;
+        self.send_full_parts(st, size).await?;
         let etag = if st.upload_id.is_none() {
-            let body = st.buf.split().freeze();
-            st.buf_memory = None;
+            let _memory = self.memory.reserve_wait(size, MEMORY_WAIT).await;
+            let body = st.spool.read(0..size)?.freeze();
             self.store.put(&self.key, body).await.map_err(|e| {
                 tracing::error!(key = %self.key, error = %e, "upload failed");
                 errno(e.errno())
             })?
         } else {
-            if !st.buf.is_empty() {
-                self.send_part(st).await?;
+            if self.part_start(st.next_part) < size {
+                self.send_part(st, size).await?;
             }
             while !st.in_flight.is_empty() {
                 self.reap_one(st).await?;
             }
-            st.parts.sort_by_key(|p| p.number);
+            let parts: Vec<UploadedPart> = st.parts.values().cloned().collect();
             let id = st.upload_id.clone().unwrap_or_default();
             self.store
-                .complete_upload(&self.key, &id, &st.parts)
+                .complete_upload(&self.key, &id, &parts)
                 .await
                 .map_err(|e| {
                     tracing::error!(key = %self.key, error = %e, "completing the upload failed");
@@ -361,8 +440,8 @@ impl Upload {
 
     /// Appends only: the object still carries the ETag it had when opened (asked right before
     /// completing; a change in between is not seen, see the module's notes).
-    async fn check_base_unchanged(&self) -> io::Result<()> {
-        let Some(base) = &self.base else {
+    async fn check_base_unchanged(&self, base: Option<&ObjectStat>) -> io::Result<()> {
+        let Some(base) = base else {
             return Ok(());
         };
         let now = self.store.head(&self.key).await.map_err(|e| {
@@ -376,12 +455,12 @@ impl Upload {
         Ok(())
     }
 
+    /// Stops the upload for good: parts in flight, the store's multipart upload, the spool.
     async fn abort(&self, st: &mut State) {
-        for (task, _) in st.in_flight.drain(..) {
-            task.abort();
+        for flight in st.in_flight.drain(..) {
+            flight.task.abort();
         }
-        st.buf.clear();
-        st.buf_memory = None;
+        st.spool.remove();
         if let Some(id) = st.upload_id.take() {
             if let Err(e) = self.store.abort_upload(&self.key, &id).await {
                 tracing::warn!(key = %self.key, error = %e, "could not abort the multipart upload; the store may keep its parts until a lifecycle rule removes them");
@@ -389,19 +468,42 @@ impl Upload {
         }
     }
 
-    /// Re-opens an upload that committed an empty object before any data came, so that the
-    /// writes that follow replace it. Shells do this: `echo x > f` opens `f`, moves the fd with
-    /// dup2 and closes the original (a flush with nothing written), then writes. Returns
-    /// whether it re-opened.
-    pub async fn reopen_if_empty(&self) -> bool {
+    /// Re-opens an upload that committed already, for a write at the end of what it
+    /// committed; returns whether it re-opened. Two cases:
+    /// - an empty object committed before any data came: the writes replace it. Shells do this
+    ///   (`echo x > f` opens `f`, moves the fd with dup2 and closes the original: a flush with
+    ///   nothing written, then the writes);
+    /// - a flush from another process's copy of the descriptor (a child forked while the file
+    ///   was open closes it at exec or exit) committed the file half-way: the writer goes on,
+    ///   as an append to what was committed (read back from the store, If-Match on its ETag),
+    ///   and the object is committed again, whole, at the writer's own close.
+    pub async fn reopen_after_commit(&self, offset: u64) -> bool {
         let mut st = self.state.lock().await;
-        match &st.status {
-            Status::Committed(stat) if stat.size == 0 => {
-                st.status = Status::Open;
-                true
-            }
-            _ => false,
+        self.reopen(&mut st, offset)
+    }
+
+    fn reopen(&self, st: &mut State, offset: u64) -> bool {
+        let Status::Committed(stat) = &st.status else {
+            return false;
+        };
+        if offset != stat.size {
+            return false;
         }
+        let base = (stat.size > 0).then(|| stat.clone());
+        if let Err(e) = st.spool.rebase(base.clone()) {
+            tracing::error!(key = %self.key, error = %e, "could not re-open the spool of a committed file");
+            return false;
+        }
+        if base.is_some() {
+            tracing::info!(key = %self.key, size = offset, "written again after a flush committed it (another process closed a copy of the descriptor, e.g. a forked child); the new bytes are appended and the object committed again on close");
+        }
+        st.base = base;
+        st.upload_id = None;
+        st.parts.clear();
+        st.next_part = 1;
+        st.seeded = false;
+        st.status = Status::Open;
+        true
     }
 
     /// Aborts the upload if it is still open (data written since its last commit); the
@@ -416,9 +518,56 @@ impl Upload {
         true
     }
 
+    /// The handle is gone: the spool is no longer needed (what was committed is in the
+    /// store; what was not is aborted by the caller first).
+    pub async fn release(&self) {
+        self.state.lock().await.spool.remove();
+    }
+
     /// Whether the upload committed (or failed) already.
     pub async fn is_open(&self) -> bool {
         matches!(self.state.lock().await.status, Status::Open)
+    }
+}
+
+/// Spools nobody will resume (a mount started afresh after its holder died): their multipart
+/// uploads are aborted and their files removed. Returns how many there were.
+pub async fn discard_spools(store: &Arc<dyn ObjectStore>, spools: &SpoolDir) -> usize {
+    let handles = spools.handles();
+    for fh in &handles {
+        match spools.open(*fh) {
+            Ok(Some((mut spool, rec))) => {
+                if let Some(id) = &rec.upload_id {
+                    if let Err(e) = store.abort_upload(&rec.header.key, id).await {
+                        tracing::warn!(key = %rec.header.key, error = %e, "could not abort a left-over multipart upload");
+                    }
+                }
+                tracing::info!(key = %rec.header.key, committed = rec.committed.is_some(), "discarded the spool of a file an earlier mount was writing");
+                spool.remove();
+            }
+            Ok(None) => spools.remove(*fh),
+            Err(e) => {
+                tracing::warn!(fh, error = %e, "could not read a left-over upload spool; removed");
+                spools.remove(*fh);
+            }
+        }
+    }
+    handles.len()
+}
+
+impl State {
+    fn new(spool: Spool) -> State {
+        State {
+            spool,
+            upload_id: None,
+            in_flight: VecDeque::new(),
+            parts: BTreeMap::new(),
+            next_part: 1,
+            status: Status::Open,
+            seeded: false,
+            base: None,
+            resumed: false,
+        }
     }
 }
 
@@ -427,151 +576,62 @@ mod tests {
     use super::*;
     use crate::store::LocalStore;
 
-    fn setup(part: usize) -> (Upload, Arc<MemoryLimiter>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let memory = MemoryLimiter::new(1 << 30);
-        let up = Upload::new(store, memory.clone(), "out/file".into(), part);
-        (up, memory, dir)
+    /// A store in one directory, spools in another (the mount's state directory).
+    struct Fixture {
+        dir: tempfile::TempDir,
+        _spool_dir: tempfile::TempDir,
+        spools: SpoolDir,
+        store: Arc<dyn ObjectStore>,
+        memory: Arc<MemoryLimiter>,
     }
 
-    #[tokio::test]
-    async fn streams_parts_and_commits_exact_bytes() {
-        let (up, memory, dir) = setup(1000);
-        let data: Vec<u8> = (0..10_500u32).map(|i| (i % 251) as u8).collect();
-        let mut off = 0;
-        for chunk in data.chunks(777) {
-            up.write(off, chunk).await.unwrap();
-            off += chunk.len() as u64;
+    const FH: u64 = 0x77;
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("out")).unwrap();
+            let spool_dir = tempfile::tempdir().unwrap();
+            Fixture {
+                store: Arc::new(LocalStore::open(dir.path()).unwrap()),
+                spools: SpoolDir::new(spool_dir.path().join("writes")),
+                _spool_dir: spool_dir,
+                dir,
+                memory: MemoryLimiter::new(1 << 30),
+            }
         }
-        assert!(
-            !dir.path().join("out/file").exists(),
-            "nothing visible before commit"
-        );
-        let stat = up.commit().await.unwrap();
-        assert_eq!(stat.size, data.len() as u64);
-        assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), data);
-        assert_eq!(
-            up.commit().await.unwrap().size,
-            stat.size,
-            "commit is idempotent"
-        );
-        assert_eq!(memory.used(), 0);
-    }
 
-    #[tokio::test]
-    async fn refuses_out_of_order_writes_and_writes_after_commit() {
-        let (up, _m, _d) = setup(1000);
-        up.write(0, b"abc").await.unwrap();
-        let e = up.write(10, b"x").await.unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
-        up.commit().await.unwrap();
-        let e = up.write(3, b"d").await.unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
-    }
+        fn upload(&self, part: usize, base: Option<ObjectStat>) -> Upload {
+            let header = Header {
+                ino: 5,
+                key: "out/file".into(),
+                part_size: part as u64,
+                base,
+            };
+            let spool = self.spools.create(FH, header.clone()).unwrap();
+            Upload::start(
+                self.store.clone(),
+                self.memory.clone(),
+                header,
+                spool,
+                Arc::new(AtomicU64::new(0)),
+            )
+        }
 
-    #[tokio::test]
-    async fn writes_after_an_empty_commit_replace_the_empty_object() {
-        let (up, _m, dir) = setup(4);
-        up.commit().await.unwrap();
-        assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), b"");
-        assert!(up.reopen_if_empty().await);
-        up.write(0, b"hello world").await.unwrap();
-        assert_eq!(up.commit().await.unwrap().size, 11);
-        assert_eq!(
-            std::fs::read(dir.path().join("out/file")).unwrap(),
-            b"hello world"
-        );
-        assert!(
-            !up.reopen_if_empty().await,
-            "a non-empty object stays committed"
-        );
-    }
+        fn appending(&self, part: usize) -> Upload {
+            let info = block_on(self.store.head("out/file")).unwrap();
+            self.upload(part, Some(info.into()))
+        }
 
-    #[tokio::test]
-    async fn an_empty_file_commits_as_an_empty_object() {
-        let (up, _m, dir) = setup(1000);
-        up.commit().await.unwrap();
-        assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), b"");
-    }
+        /// What a successor engine finds of handle FH.
+        fn resume(&self) -> Upload {
+            let (spool, rec) = self.spools.open(FH).unwrap().expect("a spool");
+            Upload::resume(self.store.clone(), self.memory.clone(), spool, rec).unwrap()
+        }
 
-    #[tokio::test]
-    async fn writes_fill_the_part_buffer_directly_and_a_failed_fill_changes_nothing() {
-        let (up, _m, dir) = setup(4);
-        let e = up
-            .write_with(0, 3, |_| Err(io::Error::from_raw_os_error(libc::EFAULT)))
-            .await
-            .unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
-        assert_eq!(up.written().load(Ordering::Acquire), 0, "nothing went in");
-        let mut calls = 0;
-        up.write_with(0, 10, |buf| {
-            calls += 1;
-            buf.fill(b'a' + calls);
-            Ok(())
-        })
-        .await
-        .unwrap();
-        assert_eq!(calls, 3, "one fill per part-buffer piece (4 + 4 + 2)");
-        up.commit().await.unwrap();
-        assert_eq!(
-            std::fs::read(dir.path().join("out/file")).unwrap(),
-            b"bbbbccccdd"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_fill_failing_half_way_fails_the_upload_and_commits_nothing() {
-        let (up, _m, dir) = setup(4);
-        let mut calls = 0;
-        let e = up
-            .write_with(0, 10, |buf| {
-                calls += 1;
-                if calls == 2 {
-                    return Err(io::Error::from_raw_os_error(libc::EFAULT));
-                }
-                buf.fill(b'x');
-                Ok(())
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
-        assert!(
-            up.commit().await.is_err(),
-            "a half-written file is never committed"
-        );
-        assert!(!dir.path().join("out/file").exists());
-    }
-
-    #[tokio::test]
-    async fn an_open_upload_is_aborted_and_a_committed_one_is_left() {
-        let (up, _m, dir) = setup(1000);
-        up.write(0, b"half").await.unwrap();
-        assert!(up.abort_if_open().await);
-        assert!(up.commit().await.is_err());
-        assert!(
-            !dir.path().join("out/file").exists(),
-            "nothing half-written was committed"
-        );
-        let (done, _m2, dir2) = setup(1000);
-        done.write(0, b"whole").await.unwrap();
-        done.commit().await.unwrap();
-        assert!(!done.abort_if_open().await);
-        assert_eq!(
-            std::fs::read(dir2.path().join("out/file")).unwrap(),
-            b"whole"
-        );
-    }
-    fn appending(dir: &tempfile::TempDir, part: usize) -> Upload {
-        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let info = block_on(store.head("out/file")).unwrap();
-        Upload::appending(
-            store,
-            MemoryLimiter::new(1 << 30),
-            "out/file".into(),
-            part,
-            info.into(),
-        )
+        fn object(&self) -> Option<Vec<u8>> {
+            std::fs::read(self.dir.path().join("out/file")).ok()
+        }
     }
 
     fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -581,14 +641,257 @@ mod tests {
             .block_on(f)
     }
 
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| ((i * 7 + seed) % 251) as u8)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn streams_parts_and_commits_exact_bytes() {
+        let fx = Fixture::new();
+        let up = fx.upload(1000, None);
+        let data = pattern(10_500, 0);
+        let mut off = 0;
+        for chunk in data.chunks(777) {
+            up.write(off, chunk).await.unwrap();
+            off += chunk.len() as u64;
+        }
+        assert!(fx.object().is_none(), "nothing visible before commit");
+        let stat = up.commit().await.unwrap();
+        assert_eq!(stat.size, data.len() as u64);
+        assert_eq!(fx.object().unwrap(), data);
+        assert_eq!(
+            up.commit().await.unwrap().size,
+            stat.size,
+            "commit is idempotent"
+        );
+        assert_eq!(fx.memory.used(), 0);
+        up.release().await;
+        assert!(
+            fx.spools.handles().is_empty(),
+            "a released upload leaves no spool"
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_out_of_order_writes_and_writes_after_commit() {
+        let fx = Fixture::new();
+        let up = fx.upload(1000, None);
+        up.write(0, b"abc").await.unwrap();
+        let e = up.write(10, b"x").await.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        let e = up.write(1, b"x").await.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "no rewrites either");
+        up.commit().await.unwrap();
+        let e = up.write(1, b"d").await.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "not at the end");
+        let e = up
+            .write_with(3, 1, false, |_, _, _| Ok(()))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP),
+            "another handle writes it"
+        );
+        up.write(3, b"d").await.unwrap();
+        up.commit().await.unwrap();
+        assert_eq!(fx.object().unwrap(), b"abcd");
+    }
+
+    #[tokio::test]
+    async fn writes_after_an_empty_commit_replace_the_empty_object() {
+        let fx = Fixture::new();
+        let up = fx.upload(4, None);
+        up.commit().await.unwrap();
+        assert_eq!(fx.object().unwrap(), b"");
+        assert!(!up.reopen_after_commit(3).await, "only at the end");
+        assert!(up.reopen_after_commit(0).await);
+        up.write(0, b"hello world").await.unwrap();
+        assert_eq!(up.commit().await.unwrap().size, 11);
+        assert_eq!(fx.object().unwrap(), b"hello world");
+    }
+
+    /// A forked child's close flushed (committed) the file half-way; the writer goes on and
+    /// its own close commits the whole file, also from a successor engine.
+    #[test]
+    fn writes_after_a_commit_go_on_and_commit_the_whole_file() {
+        let fx = Fixture::new();
+        let data = pattern(4500, 2);
+        {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let up = fx.upload(1000, None);
+            rt.block_on(async {
+                up.write(0, &data[..2500]).await.unwrap();
+                up.commit().await.unwrap();
+                assert_eq!(fx.object().unwrap(), &data[..2500]);
+                assert!(
+                    !up.reopen_after_commit(100).await,
+                    "a rewrite is not an append"
+                );
+                assert!(up.reopen_after_commit(2500).await);
+                up.write(2500, &data[2500..3000]).await.unwrap();
+                assert_eq!(
+                    fx.object().unwrap(),
+                    &data[..2500],
+                    "readers see the first commit"
+                );
+            });
+        }
+        // The engine dies here; its successor goes on with the same handle.
+        let up = fx.resume();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            up.write(3000, &data[3000..]).await.unwrap();
+            assert_eq!(up.commit().await.unwrap().size, 4500);
+        });
+        assert_eq!(fx.object().unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn an_empty_file_commits_as_an_empty_object() {
+        let fx = Fixture::new();
+        fx.upload(1000, None).commit().await.unwrap();
+        assert_eq!(fx.object().unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_changes_nothing() {
+        let fx = Fixture::new();
+        let up = fx.upload(4, None);
+        up.write(0, b"good").await.unwrap();
+        // The request's buffers fail half-way (a guest's short descriptors).
+        let e = up
+            .write_with(4, 10, true, |file, at, _| {
+                use std::os::unix::fs::FileExt as _;
+                file.write_all_at(b"bad", at)?;
+                Err(io::Error::from_raw_os_error(libc::EFAULT))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
+        assert_eq!(up.written().load(Ordering::Acquire), 4, "nothing went in");
+        up.write(4, b" bytes").await.unwrap();
+        up.commit().await.unwrap();
+        assert_eq!(fx.object().unwrap(), b"good bytes");
+    }
+
+    #[tokio::test]
+    async fn an_open_upload_is_aborted_and_a_committed_one_is_left() {
+        let fx = Fixture::new();
+        let up = fx.upload(1000, None);
+        up.write(0, b"half").await.unwrap();
+        assert!(up.abort_if_open().await);
+        assert!(up.commit().await.is_err());
+        assert!(fx.object().is_none(), "nothing half-written was committed");
+        assert!(
+            fx.spools.handles().is_empty(),
+            "an aborted upload leaves no spool"
+        );
+        let fx = Fixture::new();
+        let done = fx.upload(1000, None);
+        done.write(0, b"whole").await.unwrap();
+        done.commit().await.unwrap();
+        assert!(!done.abort_if_open().await);
+        assert_eq!(fx.object().unwrap(), b"whole");
+    }
+
+    /// The engine dies (the Upload is dropped, its tasks with the runtime) at every point of a
+    /// multipart upload; a successor resumes from the spool and commits the exact bytes.
+    #[test]
+    fn a_successor_resumes_an_upload_where_its_engine_died() {
+        let data = pattern(10_500, 3);
+        for crash_at in [0usize, 500, 1000, 3300, 7000, 10_000, 10_500] {
+            let fx = Fixture::new();
+            {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                let up = fx.upload(1000, None);
+                rt.block_on(async {
+                    for (i, chunk) in data[..crash_at].chunks(700).enumerate() {
+                        up.write((i * 700) as u64, chunk).await.unwrap();
+                    }
+                });
+                // Killed: no commit, no abort, in-flight parts cut off.
+            }
+            let up = fx.resume();
+            assert_eq!(up.written().load(Ordering::Acquire), crash_at as u64);
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                // The write that was in flight at the crash comes again (RESEND).
+                if crash_at >= 700 {
+                    let last = (crash_at - 1) / 700 * 700;
+                    up.write(last as u64, &data[last..crash_at]).await.unwrap();
+                }
+                let mut off = crash_at;
+                for chunk in data[crash_at..].chunks(900) {
+                    up.write(off as u64, chunk).await.unwrap();
+                    off += chunk.len();
+                }
+                assert_eq!(up.commit().await.unwrap().size, data.len() as u64);
+                up.release().await;
+            });
+            assert_eq!(fx.object().unwrap(), data, "crash after {crash_at} bytes");
+            assert!(fx.spools.handles().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_resumed_upload_takes_no_rewrite_of_what_was_sent() {
+        let fx = Fixture::new();
+        let data = pattern(5000, 1);
+        {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let up = fx.upload(1000, None);
+            rt.block_on(async {
+                up.write(0, &data[..2500]).await.unwrap();
+                up.write(2500, &data[2500..]).await.unwrap();
+                // Parts 1-4 are sent: acknowledged ones are reaped on the next sends.
+                up.write(5000, &data[..1]).await.unwrap();
+            });
+        }
+        let up = fx.resume();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let e = up.write(0, b"x").await.unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+            up.write(5001, b"end").await.unwrap();
+            up.commit().await.unwrap();
+        });
+        let mut want = data.clone();
+        want.extend_from_slice(&data[..1]);
+        want.extend_from_slice(b"end");
+        assert_eq!(fx.object().unwrap(), want);
+    }
+
+    #[test]
+    fn a_committed_upload_stays_committed_in_a_successor() {
+        let fx = Fixture::new();
+        {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let up = fx.upload(1000, None);
+            rt.block_on(async {
+                up.write(0, b"saved").await.unwrap();
+                up.commit().await.unwrap();
+            });
+        }
+        let up = fx.resume();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            assert_eq!(up.commit().await.unwrap().size, 5);
+            let e = up.write(2, b"more").await.unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+        });
+        assert_eq!(fx.object().unwrap(), b"saved");
+    }
+
     #[test]
     fn an_append_keeps_the_old_bytes_and_adds_the_new_ones() {
         for (old_len, part) in [(11usize, 1000usize), (10_500, 1000), (0, 4)] {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::create_dir_all(dir.path().join("out")).unwrap();
-            let old: Vec<u8> = (0..old_len).map(|i| (i % 251) as u8).collect();
-            std::fs::write(dir.path().join("out/file"), &old).unwrap();
-            let up = appending(&dir, part);
+            let fx = Fixture::new();
+            let old = pattern(old_len, 0);
+            std::fs::write(fx.dir.path().join("out/file"), &old).unwrap();
+            let up = fx.appending(part);
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
                 assert_eq!(up.written().load(Ordering::Acquire), old_len as u64);
@@ -608,37 +911,60 @@ mod tests {
             });
             let mut want = old.clone();
             want.extend_from_slice(b"appended");
-            assert_eq!(std::fs::read(dir.path().join("out/file")).unwrap(), want);
+            assert_eq!(fx.object().unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn an_append_resumes_in_a_successor() {
+        for crash_after_append in [false, true] {
+            let fx = Fixture::new();
+            let old = pattern(2500, 9);
+            std::fs::write(fx.dir.path().join("out/file"), &old).unwrap();
+            {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                let up = fx.appending(1000);
+                if crash_after_append {
+                    rt.block_on(up.write(2500, b"first ")).unwrap();
+                }
+            }
+            let up = fx.resume();
+            let at = up.written().load(Ordering::Acquire);
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                up.write(at, b"second").await.unwrap();
+                up.commit().await.unwrap();
+            });
+            let mut want = old.clone();
+            if crash_after_append {
+                want.extend_from_slice(b"first ");
+            }
+            want.extend_from_slice(b"second");
+            assert_eq!(fx.object().unwrap(), want);
         }
     }
 
     #[test]
     fn an_append_to_an_object_replaced_meanwhile_commits_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("out")).unwrap();
-        std::fs::write(dir.path().join("out/file"), b"first version").unwrap();
-        let up = appending(&dir, 1000);
+        let fx = Fixture::new();
+        let path = fx.dir.path().join("out/file");
+        std::fs::write(&path, b"first version").unwrap();
+        let up = fx.appending(1000);
         let rt = tokio::runtime::Runtime::new().unwrap();
         // Replaced after the bytes were read: found at commit.
         rt.block_on(up.write(13, b" + more")).unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(dir.path().join("out/file"), b"another client's").unwrap();
+        std::fs::write(&path, b"another client's").unwrap();
         let e = rt.block_on(up.commit()).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO));
-        assert_eq!(
-            std::fs::read(dir.path().join("out/file")).unwrap(),
-            b"another client's"
-        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"another client's");
         // Replaced before the bytes were read: found when reading them.
-        let up = appending(&dir, 1000);
+        let up = fx.appending(1000);
         std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(dir.path().join("out/file"), b"a third, longer version").unwrap();
+        std::fs::write(&path, b"a third, longer version").unwrap();
         let e = rt.block_on(up.write(16, b"x")).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO));
         assert!(rt.block_on(up.commit()).is_err());
-        assert_eq!(
-            std::fs::read(dir.path().join("out/file")).unwrap(),
-            b"a third, longer version"
-        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"a third, longer version");
     }
 }

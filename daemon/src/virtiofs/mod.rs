@@ -93,6 +93,8 @@ impl GuestDoor {
             draining,
         };
         let door = Arc::new(fs.door(door_tag(connection)));
+        // A successor takes over what the guest was writing through this connection.
+        door.adopt_writes();
         let rings = Arc::new(Mutex::new(Rings::new(
             Arc::new(Server::new(door.clone())),
             inflight,
