@@ -36,8 +36,8 @@ use crate::status::{HolderFacts, Publisher, Reported};
 use crate::virtiofs::GuestDoor;
 use crate::volume::{self, Opening, Source, Target, VolumeConfig};
 
-/// How long an upgrade lets open writes finish before stopping anyway.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an engine stopping for good (no successor) lets open writes be closed.
+const FINAL_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A predecessor that just died may still hold the cache lock for a moment.
 const CACHE_LOCK_WAIT: Duration = Duration::from_secs(10);
 
@@ -395,7 +395,10 @@ fn serve_until_end(
         };
         match event {
             EngineEvent::FromHolder(ToEngine::Stop, _) => {
-                return stop(&mut served, &events, reply, draining)
+                return stop(&mut served, &events, reply, draining, false)
+            }
+            EngineEvent::FromHolder(ToEngine::StopAfterWrites, _) => {
+                return stop(&mut served, &events, reply, draining, true)
             }
             EngineEvent::FromHolder(ToEngine::Facts(f), _) => {
                 *facts.lock().unwrap_or_else(|e| e.into_inner()) = f;
@@ -484,28 +487,33 @@ fn finish(s: &Served) {
     );
 }
 
-/// Upgrade: stop taking new writes, let open ones close, stop at a request boundary.
+/// Upgrade (or stopping for good): stop opening files for writing (a successor gets those
+/// requests through RESEND) and stop at a request boundary. For an upgrade open writes are not
+/// waited for: their spools carry them.
 fn stop(
     served: &mut [Served],
     events: &Receiver<EngineEvent>,
     reply: &Mutex<UnixStream>,
     draining: &AtomicBool,
+    wait_for_writes: bool,
 ) -> anyhow::Result<()> {
     for s in served.iter() {
         s.control.drain();
     }
     draining.store(true, Ordering::Release);
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    let open = |served: &[Served]| {
+    let open = |served: &[Served]| -> usize {
         served
             .iter()
             .map(|s| s.fs.open_writes() + s.vmms.iter().map(GuestDoor::open_writes).sum::<usize>())
-            .sum::<usize>()
+            .sum()
     };
-    while open(served) > 0 && Instant::now() < deadline {
+    // For an upgrade, files open for writing are not waited for: their spools carry them to
+    // the successor. Stopping for good, they get a while to be closed.
+    let deadline = Instant::now() + FINAL_DRAIN_TIMEOUT;
+    while wait_for_writes && open(served) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let dropped = open(served);
+    let carried = open(served);
     for s in served.iter() {
         s.control.stop();
         s.vmms.iter().for_each(GuestDoor::stop);
@@ -518,11 +526,14 @@ fn stop(
             Err(_) => break,
         }
     }
-    tracing::info!(open_writes_dropped = dropped, "stopped for an upgrade");
+    tracing::info!(
+        open_writes_carried = carried,
+        "stopped for an upgrade; files open for writing go on in the successor"
+    );
     send(
         reply,
         &ToHolder::Stopped {
-            open_writes_dropped: dropped,
+            open_writes_dropped: 0,
         },
     )
 }

@@ -86,8 +86,12 @@ impl ShareSocket {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ToEngine {
     Hello(Hello),
-    /// Stop at a request boundary and exit (upgrade).
+    /// Stop at a request boundary and exit (upgrade): files open for writing go on in the
+    /// successor, from their spools.
     Stop,
+    /// Stop for good (a standalone share stopping): files open for writing get up to 30 s
+    /// to be closed first, since no successor will take them over.
+    StopAfterWrites,
     /// New facts for the status (after a recovery completed).
     Facts(HolderFacts),
     /// From holders before the VMM front: serve a share on the attached listener. Ignored.
@@ -135,6 +139,8 @@ pub enum ToHolder {
     /// FUSE INIT was answered for mount `mount`.
     Init { mount: usize, capable: u64 },
     /// Stopped as asked: no request of the connection is being served any more.
+    /// `open_writes_dropped` is 0 from engines with upload spools (their open writes go on
+    /// in the successor); older engines reported the files whose writes would fail.
     Stopped { open_writes_dropped: usize },
     /// Every mount was unmounted; the engine committed what was open and exits.
     Unmounted,

@@ -295,7 +295,7 @@ impl Holder {
                 if let Some(engine) = &self.engine {
                     let generation = engine.generation;
                     let timeout = if self.mounts.iter().any(|m| m.fuse.is_none()) {
-                        let _ = handoff::send(&engine.sock, &ToEngine::Stop, &[]);
+                        let _ = handoff::send(&engine.sock, &ToEngine::StopAfterWrites, &[]);
                         STOP_TIMEOUT
                     } else {
                         FINAL_COMMIT_TIMEOUT
@@ -717,8 +717,9 @@ impl Holder {
         None
     }
 
-    /// Replaces the engine with `binary`: the old one stops at a request boundary (after its
-    /// open writes are closed), the new one takes the connections and asks for a RESEND.
+    /// Replaces the engine with `binary`: the old one stops at a request boundary (its open
+    /// writes are carried by their spools), the new one takes the connections and asks for a
+    /// RESEND.
     fn upgrade(&mut self, binary: Option<PathBuf>) -> anyhow::Result<Duration> {
         let binary = binary.unwrap_or_else(|| self.binary.clone());
         check_engine_binary(&binary)?;
