@@ -60,6 +60,11 @@ pub fn all() -> Vec<Case> {
         ),
         case("write::fsync_commits", s3, write::fsync_commits),
         case("write::shell_redirect", s3, write::shell_redirect),
+        case(
+            "write::a_fork_mid_write_loses_nothing",
+            s3,
+            write::a_fork_mid_write_loses_nothing,
+        ),
         case("cache::warm_s3_source", s3, cache::warm_s3_source),
         case(
             "cache::state_and_cache_are_private",
@@ -244,6 +249,12 @@ pub fn all() -> Vec<Case> {
             heal::slow_store_is_never_a_hang,
         ),
         case("heal::upgrade_under_load", s3, heal::upgrade_under_load),
+        case("heal::writes_survive_kill9", s3, heal::writes_survive_kill9),
+        case(
+            "heal::writes_survive_upgrade",
+            s3,
+            heal::writes_survive_upgrade,
+        ),
         case(
             "heal::resent_mkdir_is_not_applied_twice",
             s3,

@@ -152,6 +152,40 @@ pub fn fsync_commits() -> Result<()> {
     m.finish()
 }
 
+/// Regression: a child forked while a file is open for writing closes its copy of the
+/// descriptor at exec (O_CLOEXEC), a FUSE flush that commits the file half-way; the writer's
+/// later writes used to fail with EOPNOTSUPP. They go on, and the close commits the whole
+/// file: after the flush, after a second one, and with a write after each fork.
+pub fn a_fork_mid_write_loses_nothing() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("fork-mid-write")?;
+    let m = Mount::s3(server, &bucket.name, None, MountOpts::default())?;
+    // 12 MiB: the re-read of what the flush committed spans more than one part.
+    let data = random_bytes(0xf0c, 12 << 20);
+    let mut f = File::create(m.join("forked.bin"))?;
+    for (i, piece) in data.chunks(4 << 20).enumerate() {
+        f.write_all(piece)
+            .with_context(|| format!("write of piece {i} (after {i} forks)"))?;
+        let status = std::process::Command::new("true")
+            .status()
+            .context("running true")?;
+        ensure!(status.success());
+        // The child's close was a flush: what was written so far is committed.
+        let head = bucket
+            .head("forked.bin")?
+            .context("nothing committed by the child's flush")?;
+        ensure!(
+            head.size == ((i + 1) * (4 << 20)) as u64,
+            "after fork {i} the object has {} bytes",
+            head.size
+        );
+    }
+    close_checked(f).context("close forked.bin")?;
+    ensure_same_bytes("GetObject after close", &bucket.get("forked.bin")?, &data)?;
+    ensure_same_bytes("read back", &std::fs::read(m.join("forked.bin"))?, &data)?;
+    m.finish()
+}
+
 /// Regression: a shell redirect opens the file, moves the fd with dup2 and closes the original
 /// before writing, so the first flush carries no data. The object must end up with the bytes
 /// written afterwards, not empty. Appending (`>>`) to a stored object is refused.
