@@ -60,6 +60,10 @@ struct InFlight {
 
 struct State {
     spool: Spool,
+    /// The memory budget's share for the part being filled (its bytes are in the spool, in
+    /// the state directory's memory when that is tmpfs): what bounds a writer that never
+    /// completes a part, as it bounded the part buffer before spools.
+    filling: Option<Reservation>,
     upload_id: Option<String>,
     in_flight: VecDeque<InFlight>,
     /// Parts the store acknowledged, by number.
@@ -240,6 +244,9 @@ impl Upload {
             self.fail(&mut st, &e).await;
             return Err(e);
         }
+        if st.filling.is_none() {
+            st.filling = Some(self.memory.reserve_wait(self.part_size, MEMORY_WAIT).await);
+        }
         let file = st.spool.data_file()?;
         if let Err(e) = fill(file, offset, len) {
             // Nothing of it counts: cut off what went in.
@@ -256,6 +263,9 @@ impl Upload {
         if let Err(e) = self.send_full_parts(&mut st, end.max(written)).await {
             self.fail(&mut st, &e).await;
             return Err(e);
+        }
+        if st.filling.is_none() && self.part_start(st.next_part) < end.max(written) {
+            st.filling = Some(self.memory.reserve_wait(self.part_size, MEMORY_WAIT).await);
         }
         Ok(len)
     }
@@ -330,7 +340,10 @@ impl Upload {
             self.reap_one(st).await?;
         }
         let start = self.part_start(st.next_part);
-        let memory = self.memory.reserve_wait(end - start, MEMORY_WAIT).await;
+        let memory = match st.filling.take() {
+            Some(r) => r,
+            None => self.memory.reserve_wait(end - start, MEMORY_WAIT).await,
+        };
         let body = st.spool.read(start..end)?.freeze();
         let number = st.next_part;
         st.next_part += 1;
@@ -408,7 +421,10 @@ impl Upload {
         self.check_base_unchanged(st.base.as_ref()).await?;
         self.send_full_parts(st, size).await?;
         let etag = if st.upload_id.is_none() {
-            let _memory = self.memory.reserve_wait(size, MEMORY_WAIT).await;
+            let _memory = match st.filling.take() {
+                Some(r) => r,
+                None => self.memory.reserve_wait(size, MEMORY_WAIT).await,
+            };
             let body = st.spool.read(0..size)?.freeze();
             self.store.put(&self.key, body).await.map_err(|e| {
                 tracing::error!(key = %self.key, error = %e, "upload failed");
@@ -460,6 +476,7 @@ impl Upload {
         for flight in st.in_flight.drain(..) {
             flight.task.abort();
         }
+        st.filling = None;
         st.spool.remove();
         if let Some(id) = st.upload_id.take() {
             if let Err(e) = self.store.abort_upload(&self.key, &id).await {
@@ -559,6 +576,7 @@ impl State {
     fn new(spool: Spool) -> State {
         State {
             spool,
+            filling: None,
             upload_id: None,
             in_flight: VecDeque::new(),
             parts: BTreeMap::new(),
@@ -747,6 +765,22 @@ mod tests {
             assert_eq!(up.commit().await.unwrap().size, 4500);
         });
         assert_eq!(fx.object().unwrap(), data);
+    }
+
+    /// The bytes of a part not yet sent live in the spool (tmpfs memory): they count against
+    /// the memory budget, so a guest that opens many files and never fills a part is bounded.
+    #[tokio::test]
+    async fn a_part_being_filled_counts_against_the_budget() {
+        let fx = Fixture::new();
+        let up = fx.upload(1000, None);
+        up.write(0, b"a few bytes").await.unwrap();
+        assert_eq!(fx.memory.used(), 1000);
+        up.commit().await.unwrap();
+        assert_eq!(fx.memory.used(), 0);
+        let other = fx.upload(1000, None);
+        other.write(0, b"more").await.unwrap();
+        assert!(other.abort_if_open().await);
+        assert_eq!(fx.memory.used(), 0, "an abort gives it back");
     }
 
     #[tokio::test]
