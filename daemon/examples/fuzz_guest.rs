@@ -133,7 +133,7 @@ fn seed_objects(rt: &tokio::runtime::Runtime, fs: &Arc<BerthFs>) -> Result<()> {
         ("e", 0),
     ] {
         let body = bytes::Bytes::from(vec![0x5a; len]);
-        let _ = rt.block_on(store.put(key, body));
+        let _ = rt.block_on(store.put(key, body, &berth::store::PosixMeta::default()));
     }
     Ok(())
 }

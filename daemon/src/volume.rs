@@ -32,6 +32,8 @@ pub struct StoreConfig {
     pub virtual_hosted: bool,
     /// How long one request is retried before the operation fails with EIO.
     pub request_deadline: Duration,
+    /// Multipart copies (of metadata onto objects over 5 GiB) in parts of this size; tests.
+    pub copy_part_size: Option<u64>,
 }
 
 /// Everything an engine needs to serve one volume, besides what names it (source and
@@ -312,6 +314,7 @@ pub fn connect_checked(
                 endpoint_url: args.endpoint_url.clone(),
                 region: args.region.clone(),
                 virtual_hosted: args.virtual_hosted,
+                copy_limit: args.copy_part_size,
             }));
             (Arc::new(store), prefix.clone())
         }

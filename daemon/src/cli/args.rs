@@ -246,6 +246,12 @@ pub struct EngineFlags {
     #[arg(long, value_name = "MODE", default_value = "0755", value_parser = parse_mode)]
     pub dir_mode: u32,
 
+    /// Show every file and directory with --uid, --gid, --file-mode and --dir-mode, whatever
+    /// owner and permission bits the objects carry (for mounts shared by many users).
+    /// chmod and chown are still stored; symbolic links and mtimes are still honoured.
+    #[arg(long)]
+    pub ignore_stored_metadata: bool,
+
     /// Sandbox the process that parses requests (a mount's engines, a standalone share), as
     /// virtiofsd does: capabilities dropped but file access, no_new_privs, a seccomp allowlist
     /// (a syscall outside it kills the engine; its holder starts another). `log`: allow and
@@ -326,6 +332,11 @@ pub struct StoreArgs {
     /// EIO. Also bounds the start-up check.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub request_deadline: Duration,
+
+    /// Objects above this size get new metadata (chmod, chown, utimes) through a multipart
+    /// copy in parts of this size (S3 takes at most 5 GiB in one copy). For tests.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, hide = true)]
+    pub copy_part_size: Option<u64>,
 }
 
 /// The node block cache.

@@ -55,6 +55,7 @@ impl StoreArgs {
             region: self.region.clone(),
             virtual_hosted: self.virtual_hosted,
             request_deadline: self.request_deadline,
+            copy_part_size: self.copy_part_size,
         })
     }
 }
@@ -139,6 +140,7 @@ fn volume_config(
                 gid: engine.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
                 file_mode: engine.file_mode,
                 dir_mode: engine.dir_mode,
+                ignore_stored: engine.ignore_stored_metadata,
             },
         },
         prefetch: PrefetchConfig {

@@ -11,6 +11,7 @@ use super::handles::{Handle, HandleKind};
 use super::{errno, unsupported, BerthFs, MAX_IO};
 use crate::namespace::{store_error, Node, ObjectStat};
 use crate::prefetch::ObjectReader;
+use crate::store::PosixMeta;
 use crate::upload::{Header, Upload};
 
 /// Reads up to `size` bytes at `offset` of a local file straight into the reply buffers
@@ -133,8 +134,13 @@ impl BerthFs {
 
     /// Commits an upload and tells the namespace how it ended.
     pub(super) fn commit(&self, ino: u64, upload: &Upload) -> io::Result<()> {
+        // A commit that happened already (the flush at close, then the release that comes
+        // later, asynchronously) told the namespace then: telling it again could undo what
+        // happened since (another open changing the file's attributes or bytes).
+        let was_open = self.rt.block_on(upload.is_open());
         let result = self.rt.block_on(upload.commit());
         match &result {
+            Ok(_) if !was_open => {}
             Ok(stat) => self.ns.end_write(ino, Some(stat.clone())),
             Err(e) => {
                 tracing::error!(key = upload.key(), error = %e, "file was NOT saved to the store");
@@ -175,13 +181,15 @@ impl BerthFs {
         }
     }
 
+    /// A new upload replacing `parent/name` (at `key`); the object is committed with `meta`.
     pub(super) fn open_upload(
         &self,
         parent: u64,
         name: &str,
         key: String,
+        meta: PosixMeta,
     ) -> io::Result<(Node, u64)> {
-        self.add_upload(parent, name, key, None)
+        self.add_upload(parent, name, key, None, meta)
     }
 
     /// Opens the object at `key` for appending: its state now (asked from the store, not the
@@ -192,8 +200,10 @@ impl BerthFs {
             .block_on(self.ns.store().head(&key))
             .map_err(|e| store_error("open for append", &key, e))?;
         tracing::debug!(key = %key, size = info.size, "opened for appending");
+        // The object keeps its attributes.
+        let meta = info.meta.clone().unwrap_or_default();
         Ok(self
-            .add_upload(parent, name, key, Some(ObjectStat::from(info)))?
+            .add_upload(parent, name, key, Some(ObjectStat::from(info)), meta)?
             .1)
     }
 
@@ -204,12 +214,15 @@ impl BerthFs {
         name: &str,
         key: String,
         base: Option<ObjectStat>,
+        meta: PosixMeta,
     ) -> io::Result<(Node, u64)> {
         if let Some(existing) = self.ns.child(parent, name) {
             self.drop_orphan_write(existing.ino);
         }
         let written = Arc::new(AtomicU64::new(base.as_ref().map_or(0, |b| b.size)));
-        let node = self.ns.begin_write(parent, name, written.clone())?;
+        let node = self
+            .ns
+            .begin_write(parent, name, written.clone(), meta.clone())?;
         let header = Header {
             ino: node.ino,
             key,
@@ -228,7 +241,8 @@ impl BerthFs {
                     header,
                     spool,
                     written,
-                );
+                    meta,
+                )?;
                 Ok(Handle::Write {
                     ino: node.ino,
                     upload,
@@ -265,7 +279,7 @@ impl BerthFs {
             return Err(errno(libc::EBADF));
         }
         let committed = rec.committed.is_some();
-        let (parts, key) = (rec.parts.len(), rec.header.key.clone());
+        let (parts, key, meta) = (rec.parts.len(), rec.header.key.clone(), rec.meta.clone());
         let upload = Upload::resume(self.ns.store().clone(), self.memory.clone(), spool, rec)?;
         let written = upload.written();
         tracing::info!(
@@ -277,6 +291,7 @@ impl BerthFs {
         );
         if !committed {
             self.ns.resume_write(node, written);
+            self.ns.set_pending_meta(node, meta);
         }
         self.handles.adopt(fh, Handle::Write { ino: node, upload })
     }

@@ -61,11 +61,29 @@ impl ObjectStore for Remote {
     async fn list(&self, prefix: &str, token: Option<&str>, max: usize) -> StoreResult<ListPage> {
         self.0.list(prefix, token, max).await
     }
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
-        self.0.put(key, body).await
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        meta: &crate::store::PosixMeta,
+    ) -> StoreResult<Option<String>> {
+        self.0.put(key, body, meta).await
     }
-    async fn create_upload(&self, key: &str) -> StoreResult<String> {
-        self.0.create_upload(key).await
+    async fn create_upload(
+        &self,
+        key: &str,
+        meta: &crate::store::PosixMeta,
+    ) -> StoreResult<String> {
+        self.0.create_upload(key, meta).await
+    }
+    async fn set_meta(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        size: u64,
+        meta: &crate::store::PosixMeta,
+    ) -> StoreResult<Option<String>> {
+        self.0.set_meta(key, etag, size, meta).await
     }
     async fn upload_part(
         &self,
@@ -135,6 +153,7 @@ fn setup(memory_limit: u64, remote: bool) -> Setup {
             gid: 0,
             file_mode: 0o644,
             dir_mode: 0o755,
+            ignore_stored: false,
         },
     };
     let spool_dir = tempfile::tempdir().unwrap();

@@ -62,6 +62,8 @@ fn decode(fh: u64) -> Option<(HandleKind, u8, u64)> {
 }
 
 /// What a handle is open on, and the inode it was opened for.
+// Every handle lives behind an `Arc` once, for as long as it is open: no copies to save.
+#[allow(clippy::large_enum_variant)]
 pub enum Handle {
     Read { ino: u64, reader: ObjectReader },
     Write { ino: u64, upload: Upload },
@@ -187,6 +189,11 @@ impl HandleTable {
             .map(|(fh, _)| *fh)
             .collect();
         picked.iter().filter_map(|fh| open.remove(fh)).collect()
+    }
+
+    /// The first open handle `which` picks, left in the table.
+    pub fn find_where(&self, which: impl Fn(&Handle) -> bool) -> Option<Arc<Handle>> {
+        self.open().values().find(|h| which(h)).cloned()
     }
 
     /// Every open handle, taken out of the table (shutdown, a VMM gone).

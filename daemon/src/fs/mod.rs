@@ -11,6 +11,7 @@ mod data;
 #[cfg(test)]
 mod guest_tests;
 mod handles;
+mod meta;
 #[cfg(test)]
 mod read_tests;
 
@@ -342,63 +343,33 @@ impl FileSystem for BerthFs {
     ) -> io::Result<(stat64, Duration)> {
         self.read_only_guard("setattr")?;
         let node = self.rt.block_on(self.ns.getattr(inode))?;
-        let path = node.key.to_string();
-        if valid.intersects(SetattrValid::MODE) {
-            return Err(unsupported(
-                "chmod",
-                &path,
-                "objects have no permission bits",
-                libc::EPERM,
-            ));
-        }
-        if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
-            return Err(unsupported(
-                "chown",
-                &path,
-                "objects have no owner",
-                libc::EPERM,
-            ));
-        }
-        let writing = self.ns.is_pending(inode);
         if valid.contains(SetattrValid::SIZE) && attr.st_size as u64 != node.stat.size {
             return Err(unsupported(
                 "truncate",
-                &path,
+                &node.key,
                 "objects cannot be resized in place; open with O_TRUNC to replace one",
                 libc::EOPNOTSUPP,
             ));
         }
-        let times = SetattrValid::ATIME
-            | SetattrValid::MTIME
-            | SetattrValid::ATIME_NOW
-            | SetattrValid::MTIME_NOW;
-        if valid.intersects(times) && !writing {
-            return Err(unsupported(
-                "utimens",
-                &path,
-                "a stored object's times are set by the store",
-                libc::EPERM,
-            ));
-        }
-        // Times on a file being written are accepted and superseded by the commit time.
+        let node = self.set_attributes(&node, &attr, valid)?;
         let entry = self.entry(&node);
         Ok((entry.attr, entry.attr_timeout))
     }
 
     fn symlink(
         &self,
-        _ctx: &Context,
-        _linkname: &CStr,
-        _parent: u64,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
         name: &CStr,
     ) -> io::Result<Entry> {
         self.read_only_guard("symlink")?;
-        Err(unsupported(
-            "symlink",
-            &name.to_string_lossy(),
-            "symbolic links cannot be stored as objects",
-            libc::EPERM,
-        ))
+        let name = name_of(name)?;
+        self.make_symlink(ctx, linkname.to_bytes(), parent, name)
+    }
+
+    fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.read_symlink(inode)
     }
 
     fn mknod(
@@ -414,7 +385,7 @@ impl FileSystem for BerthFs {
         Err(unsupported(
             "mknod",
             &name.to_string_lossy(),
-            "only regular files and directories exist in object storage",
+            "only regular files, directories and symbolic links exist in object storage",
             libc::EPERM,
         ))
     }
@@ -437,20 +408,21 @@ impl FileSystem for BerthFs {
 
     fn mkdir(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         parent: u64,
         name: &CStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
     ) -> io::Result<Entry> {
         self.read_only_guard("mkdir")?;
         let name = name_of(name)?;
         let dir = self.ns.dir_node(parent)?;
         let marker = format!("{}{name}/", self.ns.dir_prefix(&dir));
+        let meta = meta::new_meta(ctx, libc::S_IFDIR, mode, umask);
         self.rt
-            .block_on(self.ns.store().put(&marker, bytes::Bytes::new()))
+            .block_on(self.ns.store().put(&marker, bytes::Bytes::new(), &meta))
             .map_err(|e| store_error("mkdir", &marker, e))?;
-        let node = self.ns.add_dir(parent, name)?;
+        let node = self.ns.add_dir(parent, name, meta)?;
         Ok(self.entry(&node))
     }
 
@@ -596,7 +568,9 @@ impl FileSystem for BerthFs {
             self.read_only_guard("open for write")?;
             if flags & libc::O_TRUNC != 0 {
                 let key = self.ns.object_key(&node);
-                let (_, fh) = self.open_upload(node.parent, &node.name, key)?;
+                // Truncating keeps the file's owner and mode.
+                let meta = node.stat.meta.clone().unwrap_or_default();
+                let (_, fh) = self.open_upload(node.parent, &node.name, key, meta)?;
                 return Ok((Some(fh), OpenOptions::empty(), None));
             }
             // O_APPEND, or write-only without O_TRUNC: writes go on at the object's end.
@@ -651,7 +625,8 @@ impl FileSystem for BerthFs {
         }
         let dir = self.ns.dir_node(parent)?;
         let key = format!("{}{name}", self.ns.dir_prefix(&dir));
-        let (node, fh) = self.open_upload(parent, name, key)?;
+        let meta = meta::new_meta(ctx, libc::S_IFREG, args.mode, args.umask);
+        let (node, fh) = self.open_upload(parent, name, key, meta)?;
         Ok((self.entry(&node), Some(fh), OpenOptions::empty(), None))
     }
 
@@ -782,7 +757,7 @@ impl FileSystem for BerthFs {
             add_entry(DirEntry {
                 ino: item.node.ino,
                 offset: next,
-                type_: attr::dirent_type(item.node.kind),
+                type_: attr::dirent_type(&item.node),
                 name: item.name.as_bytes(),
             })
         })
@@ -798,14 +773,28 @@ impl FileSystem for BerthFs {
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
         self.readdir_with(inode, handle, offset, |item, next| {
+            // Attributes not asked yet (a listing has none): no entry, so the kernel looks the
+            // name up when it needs them, and the lookup asks the store.
+            let entry = if item.node.stat.meta.is_some() || self.ns.is_pending(item.node.ino) {
+                self.entry(&item.node)
+            } else {
+                Entry {
+                    inode: 0,
+                    generation: 0,
+                    attr: self.config.attr.empty(),
+                    attr_flags: 0,
+                    attr_timeout: Duration::ZERO,
+                    entry_timeout: Duration::ZERO,
+                }
+            };
             add_entry(
                 DirEntry {
                     ino: item.node.ino,
                     offset: next,
-                    type_: attr::dirent_type(item.node.kind),
+                    type_: attr::dirent_type(&item.node),
                     name: item.name.as_bytes(),
                 },
-                self.entry(&item.node),
+                entry,
             )
         })
     }

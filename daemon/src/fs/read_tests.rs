@@ -61,6 +61,7 @@ fn reads_of_a_local_store_go_straight_to_guest_memory() {
         gid: 0,
         file_mode: 0o644,
         dir_mode: 0o755,
+        ignore_stored: false,
     };
     let config = FsConfig {
         read_only: true,

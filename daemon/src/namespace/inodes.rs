@@ -19,6 +19,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use crate::store::PosixMeta;
+
 pub const ROOT_INO: u64 = 1;
 const MAGIC: &[u8; 8] = b"BERTHINO";
 const VERSION: u32 = 1;
@@ -37,14 +39,27 @@ pub struct ObjectStat {
     pub size: u64,
     pub mtime: SystemTime,
     pub etag: Option<String>,
+    /// The POSIX attributes stored on the object (for a directory: on its marker); `None`
+    /// until a HEAD said (a listing does not).
+    pub meta: Option<PosixMeta>,
 }
 
 impl ObjectStat {
+    /// Nothing in the store (yet): no bytes, no attributes.
     pub fn empty(mtime: SystemTime) -> ObjectStat {
         ObjectStat {
             size: 0,
             mtime,
             etag: None,
+            meta: Some(PosixMeta::default()),
+        }
+    }
+
+    /// Known to exist, attributes not asked yet (a listing's directory, a journaled inode).
+    pub fn unknown(mtime: SystemTime) -> ObjectStat {
+        ObjectStat {
+            meta: None,
+            ..ObjectStat::empty(mtime)
         }
     }
 }
@@ -215,8 +230,16 @@ impl InodeTable {
                 .nodes
                 .get_mut(&ino)
                 .expect("child map points at a node");
+            // A listing says nothing of attributes: what a HEAD said of the same object stays.
+            let same_object =
+                node.kind == u.kind && (u.kind == Kind::Dir || node.stat.etag == u.stat.etag);
+            let keep_meta = u.stat.meta.is_none() && same_object;
+            let meta = keep_meta.then(|| node.stat.meta.take()).flatten();
             node.kind = u.kind;
             node.stat = u.stat;
+            if meta.is_some() {
+                node.stat.meta = meta;
+            }
             node.validated = Some(now);
             debug_assert_eq!(&*node.key, super::keys::join(&parent_key, &name));
             out.push(node.clone());
@@ -229,6 +252,13 @@ impl InodeTable {
     pub fn invalidate(&self, ino: u64) {
         if let Some(node) = self.lock().nodes.get_mut(&ino) {
             node.validated = None;
+        }
+    }
+
+    /// The attributes of `ino` are now `meta` (set by this mount: no need to ask again).
+    pub fn set_meta(&self, ino: u64, meta: PosixMeta) {
+        if let Some(node) = self.lock().nodes.get_mut(&ino) {
+            node.stat.meta = Some(meta);
         }
     }
 
@@ -282,7 +312,7 @@ impl Inner {
                     key: Arc::from(super::keys::join(&parent_key, &name)),
                     name: name.clone(),
                     kind,
-                    stat: ObjectStat::empty(mtime),
+                    stat: ObjectStat::unknown(mtime),
                     validated: None,
                 };
                 self.nodes.insert(ino, node);

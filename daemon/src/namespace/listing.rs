@@ -119,6 +119,7 @@ mod tests {
             size: 1,
             etag: None,
             last_modified: SystemTime::UNIX_EPOCH,
+            meta: None,
         }
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 pub use inodes::{ChildUpdate, InodeTable, Kind, Node, ObjectStat, ROOT_INO};
 use listing::{Listed, ListingMerger};
 
-use crate::store::{ObjectInfo, ObjectStore, StoreError};
+use crate::store::{ObjectInfo, ObjectStore, PosixMeta, StoreError};
 
 /// Keys asked for per LIST call.
 const LIST_PAGE: usize = 1000;
@@ -44,6 +44,7 @@ impl From<ObjectInfo> for ObjectStat {
             size: info.size,
             mtime: info.last_modified,
             etag: info.etag,
+            meta: info.meta,
         }
     }
 }
@@ -172,8 +173,15 @@ impl Namespace {
             return Err(errno(libc::ENOENT));
         }
         if let Some(node) = self.table.child(parent, name) {
-            if self.is_pending(node.ino) || self.is_fresh(&node) {
+            if self.is_pending(node.ino) {
                 return Ok(self.with_pending_size(node));
+            }
+            if self.is_fresh(&node) {
+                if node.stat.meta.is_some() {
+                    return Ok(node);
+                }
+                // Listed, its attributes (and whether it is a symbolic link) not asked yet.
+                return self.refresh(node).await;
             }
         }
         let key = keys::join(&dir.key, name);
@@ -191,7 +199,7 @@ impl Namespace {
             ChildUpdate {
                 name: name.to_string(),
                 kind: Kind::Dir,
-                stat: ObjectStat::empty(SystemTime::now()),
+                stat: self.marker_stat(&dir_prefix).await?,
             }
         } else {
             let info = head.map_err(|e| store_error("head", &object_key, e))?;
@@ -204,6 +212,128 @@ impl Namespace {
         self.record(parent, update)
     }
 
+    /// A directory's stat from its marker object (`prefix`, ending in `/`): the attributes
+    /// stored there, or none if there is no marker (an implicit directory).
+    async fn marker_stat(&self, marker: &str) -> io::Result<ObjectStat> {
+        if marker.is_empty() {
+            // The bucket's root has no marker.
+            return Ok(ObjectStat::empty(SystemTime::now()));
+        }
+        match self.store.head(marker).await {
+            Ok(info) => Ok(ObjectStat::from(info)),
+            Err(StoreError::NotFound) => Ok(ObjectStat::empty(SystemTime::now())),
+            Err(e) => Err(store_error("head", marker, e)),
+        }
+    }
+
+    /// `node` with what the store says now of its object (a file's HEAD, a directory's
+    /// marker); a file that is gone is ENOENT.
+    async fn refresh(&self, node: Node) -> io::Result<Node> {
+        let stat = match node.kind {
+            Kind::Dir => self.marker_stat(&self.dir_prefix(&node)).await?,
+            Kind::File => {
+                let key = self.object_key(&node);
+                let info = self.store.head(&key).await.map_err(|e| {
+                    if matches!(e, StoreError::NotFound) {
+                        self.table.invalidate(node.ino);
+                    }
+                    store_error("head", &key, e)
+                })?;
+                ObjectStat::from(info)
+            }
+        };
+        self.table.set_stat(node.ino, stat);
+        self.node(node.ino)
+    }
+
+    /// Changes the stored POSIX attributes of `ino`, a file not being written or a
+    /// directory: `change` is applied to what the object carries, and the object rewritten
+    /// with them (a copy onto itself, conditional on its ETag: asked again and retried once
+    /// if another client changed it meanwhile). A directory's go on its marker, made if
+    /// missing; the root of a mount of a whole bucket keeps them in memory only.
+    pub async fn change_meta(&self, ino: u64, change: impl Fn(&mut PosixMeta)) -> io::Result<Node> {
+        let node = self.node(ino)?;
+        if node.kind == Kind::Dir {
+            return self.change_dir_meta(node, change).await;
+        }
+        let key = self.object_key(&node);
+        // Asked afresh: the ETag does not change with the attributes (the bytes stay), so a
+        // cached copy could undo another client's change.
+        let mut stat = self.refresh(node.clone()).await?.stat;
+        for attempt in 0..2 {
+            let mut meta = stat.meta.clone().unwrap_or_default();
+            change(&mut meta);
+            match self
+                .store
+                .set_meta(&key, stat.etag.as_deref(), stat.size, &meta)
+                .await
+            {
+                Ok(etag) => {
+                    if etag.is_some() {
+                        stat.etag = etag;
+                    }
+                    stat.meta = Some(meta);
+                    self.table.set_stat(ino, stat);
+                    return self.node(ino);
+                }
+                Err(StoreError::Changed) if attempt == 0 => {
+                    tracing::debug!(
+                        key,
+                        "object changed since last asked; attributes set on what is there now"
+                    );
+                    stat = self.refresh(node.clone()).await?.stat;
+                }
+                Err(e) => return Err(store_error("set attributes", &key, e)),
+            }
+        }
+        tracing::warn!(
+            key,
+            "object changed twice while its attributes were being set; refused"
+        );
+        Err(errno(libc::EIO))
+    }
+
+    async fn change_dir_meta(
+        &self,
+        node: Node,
+        change: impl Fn(&mut PosixMeta),
+    ) -> io::Result<Node> {
+        let marker = self.dir_prefix(&node);
+        if marker.is_empty() {
+            // The root of a whole bucket has no object to keep them on: kept here, for the
+            // life of this engine (so that `tar x` of an archive holding `./` succeeds).
+            let mut meta = node.stat.meta.clone().unwrap_or_default();
+            change(&mut meta);
+            tracing::info!(?meta, "attributes of the root of a whole-bucket mount are kept in memory only (no marker object can hold them)");
+            self.table.set_meta(node.ino, meta);
+            return self.node(node.ino);
+        }
+        let mut stat = self.marker_stat(&marker).await?;
+        let mut meta = stat.meta.clone().unwrap_or_default();
+        change(&mut meta);
+        // A marker is empty: written again with the attributes (some stores, SeaweedFS among
+        // them, cannot copy a marker onto itself). One with a body is copied, conditionally.
+        let result = match &stat.etag {
+            Some(etag) if stat.size > 0 => {
+                self.store
+                    .set_meta(&marker, Some(etag), stat.size, &meta)
+                    .await
+            }
+            _ => self.store.put(&marker, bytes::Bytes::new(), &meta).await,
+        };
+        let etag = result.map_err(|e| store_error("set attributes", &marker, e))?;
+        stat.etag = etag.or(stat.etag);
+        stat.meta = Some(meta);
+        self.table.set_stat(node.ino, stat);
+        self.node(node.ino)
+    }
+
+    /// The attributes of `ino`, a file being written, are now `meta` (kept by its upload until
+    /// it commits).
+    pub fn set_pending_meta(&self, ino: u64, meta: PosixMeta) {
+        self.table.set_meta(ino, meta);
+    }
+
     fn record(&self, parent: u64, update: ChildUpdate) -> io::Result<Node> {
         let mut nodes = self.table.upsert(parent, vec![update])?;
         nodes.pop().ok_or_else(|| errno(libc::EIO))
@@ -212,8 +342,17 @@ impl Namespace {
     /// Attributes of `ino`, asking the store again once the TTL has passed.
     pub async fn getattr(&self, ino: u64) -> io::Result<Node> {
         let node = self.node(ino)?;
-        if node.kind == Kind::Dir || self.is_pending(ino) || self.is_fresh(&node) {
+        if self.is_pending(ino) {
             return Ok(self.with_pending_size(node));
+        }
+        if node.kind == Kind::Dir {
+            if node.stat.meta.is_some() {
+                return Ok(node);
+            }
+            return self.refresh(node).await;
+        }
+        if self.is_fresh(&node) && node.stat.meta.is_some() {
+            return Ok(node);
         }
         let key = self.object_key(&node);
         let info = self
@@ -233,6 +372,7 @@ impl Namespace {
         parent: u64,
         name: &str,
         written: Arc<AtomicU64>,
+        meta: PosixMeta,
     ) -> io::Result<Node> {
         let dir = self.dir_node(parent)?;
         if !keys::is_valid_name(name) {
@@ -256,7 +396,10 @@ impl Namespace {
             ChildUpdate {
                 name: name.to_string(),
                 kind: Kind::File,
-                stat: ObjectStat::empty(SystemTime::now()),
+                stat: ObjectStat {
+                    meta: Some(meta),
+                    ..ObjectStat::empty(SystemTime::now())
+                },
             },
         )?;
         self.pending_lock().insert(node.ino, written);
@@ -284,14 +427,29 @@ impl Namespace {
         }
     }
 
-    /// A directory now exists (made by mkdir).
-    pub fn add_dir(&self, parent: u64, name: &str) -> io::Result<Node> {
+    /// A directory now exists (made by mkdir, its marker carrying `meta`).
+    pub fn add_dir(&self, parent: u64, name: &str, meta: PosixMeta) -> io::Result<Node> {
         self.record(
             parent,
             ChildUpdate {
                 name: name.to_string(),
                 kind: Kind::Dir,
-                stat: ObjectStat::empty(SystemTime::now()),
+                stat: ObjectStat {
+                    meta: Some(meta),
+                    ..ObjectStat::empty(SystemTime::now())
+                },
+            },
+        )
+    }
+
+    /// A file now exists in the store as `stat` says (a symbolic link made here).
+    pub fn add_file(&self, parent: u64, name: &str, stat: ObjectStat) -> io::Result<Node> {
+        self.record(
+            parent,
+            ChildUpdate {
+                name: name.to_string(),
+                kind: Kind::File,
+                stat,
             },
         )
     }
@@ -377,7 +535,7 @@ impl Namespace {
                 Listed::Dir => ChildUpdate {
                     name: e.name,
                     kind: Kind::Dir,
-                    stat: ObjectStat::empty(now),
+                    stat: ObjectStat::unknown(now),
                 },
                 Listed::File(info) => ChildUpdate {
                     name: e.name,
@@ -535,12 +693,22 @@ mod tests {
             assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{name}");
         }
         let err = ns
-            .begin_write(ROOT_INO, ".berth-uploads", Arc::new(AtomicU64::new(0)))
+            .begin_write(
+                ROOT_INO,
+                ".berth-uploads",
+                Arc::new(AtomicU64::new(0)),
+                PosixMeta::default(),
+            )
             .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EACCES));
         // Deeper down the name is an ordinary one.
         let sub = ns
-            .begin_write(ROOT_INO, "ok2", Arc::new(AtomicU64::new(0)))
+            .begin_write(
+                ROOT_INO,
+                "ok2",
+                Arc::new(AtomicU64::new(0)),
+                PosixMeta::default(),
+            )
             .unwrap();
         ns.end_write(sub.ino, None);
         std::fs::create_dir(root.join("d")).unwrap();

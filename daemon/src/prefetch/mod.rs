@@ -644,11 +644,29 @@ mod tests {
         ) -> StoreResult<crate::store::ListPage> {
             self.inner.list(prefix, token, max_keys).await
         }
-        async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
-            self.inner.put(key, body).await
+        async fn put(
+            &self,
+            key: &str,
+            body: Bytes,
+            meta: &crate::store::PosixMeta,
+        ) -> StoreResult<Option<String>> {
+            self.inner.put(key, body, meta).await
         }
-        async fn create_upload(&self, key: &str) -> StoreResult<String> {
-            self.inner.create_upload(key).await
+        async fn create_upload(
+            &self,
+            key: &str,
+            meta: &crate::store::PosixMeta,
+        ) -> StoreResult<String> {
+            self.inner.create_upload(key, meta).await
+        }
+        async fn set_meta(
+            &self,
+            key: &str,
+            etag: Option<&str>,
+            size: u64,
+            meta: &crate::store::PosixMeta,
+        ) -> StoreResult<Option<String>> {
+            self.inner.set_meta(key, etag, size, meta).await
         }
         async fn upload_part(
             &self,

@@ -125,6 +125,13 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_ftruncate,
     // upload spools give back the space of parts the store has
     libc::SYS_fallocate,
+    // the local store keeps objects' POSIX metadata in an extended attribute (fd-based only)
+    libc::SYS_fgetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_fremovexattr,
+    // the local store copies objects (rename, multipart assembly) through the kernel
+    libc::SYS_copy_file_range,
+    libc::SYS_sendfile,
     // paths (the local store resolves beneath its root with openat2 and *at calls)
     libc::SYS_openat,
     libc::SYS_openat2,

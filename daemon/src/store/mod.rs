@@ -5,6 +5,7 @@
 //! errno mapping above never look at SDK types.
 
 mod local;
+pub mod meta;
 mod retry;
 mod s3;
 
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use local::{openat2_supported, LocalStore, Resolver as LocalResolver};
+pub use meta::PosixMeta;
 pub use retry::{RetryPolicy, RetryingStore};
 pub use s3::{S3Options, S3Store};
 
@@ -26,6 +28,9 @@ pub struct ObjectInfo {
     /// Opaque version tag; a new value means new content.
     pub etag: Option<String>,
     pub last_modified: SystemTime,
+    /// The POSIX attributes stored on the object; `None` when the answer did not say
+    /// (listings carry no user metadata: only HEAD does).
+    pub meta: Option<PosixMeta>,
 }
 
 /// One page of a delimited (`/`) listing.
@@ -64,6 +69,10 @@ pub enum StoreError {
     /// The store rejected the request for a reason a retry will not fix.
     #[error("store error: {0}")]
     Rejected(String),
+    /// The store cannot do this at all (e.g. a local directory on a filesystem without
+    /// extended attributes cannot keep POSIX metadata).
+    #[error("not supported by the store: {0}")]
+    Unsupported(String),
     /// Retries ran out before the store answered.
     #[error("store did not answer within the deadline ({attempts} attempts): {last}")]
     DeadlineExceeded { attempts: u32, last: String },
@@ -79,6 +88,7 @@ impl StoreError {
         match self {
             StoreError::NotFound => libc::ENOENT,
             StoreError::AccessDenied(_) => libc::EACCES,
+            StoreError::Unsupported(_) => libc::EOPNOTSUPP,
             StoreError::Changed
             | StoreError::NoSuchBucket(_)
             | StoreError::Unavailable(_)
@@ -133,9 +143,11 @@ pub trait ObjectStore: Send + Sync + 'static {
         max_keys: usize,
     ) -> StoreResult<ListPage>;
 
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>>;
+    /// Writes `key` whole, with `meta` as its stored POSIX attributes.
+    async fn put(&self, key: &str, body: Bytes, meta: &PosixMeta) -> StoreResult<Option<String>>;
 
-    async fn create_upload(&self, key: &str) -> StoreResult<String>;
+    /// Starts a multipart upload of `key`; the object it completes carries `meta`.
+    async fn create_upload(&self, key: &str, meta: &PosixMeta) -> StoreResult<String>;
 
     async fn upload_part(
         &self,
@@ -156,6 +168,17 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     async fn delete(&self, key: &str) -> StoreResult<()>;
 
-    /// Server-side copy of a whole object.
+    /// Server-side copy of a whole object, its stored metadata with it.
     async fn copy(&self, from: &str, to: &str) -> StoreResult<()>;
+
+    /// Replaces the stored POSIX attributes of `key` (`size` bytes), only if it still
+    /// carries `etag` ([`StoreError::Changed`] otherwise): the bytes stay as they are. For S3
+    /// a copy of the object onto itself. Returns the object's ETag afterwards.
+    async fn set_meta(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        size: u64,
+        meta: &PosixMeta,
+    ) -> StoreResult<Option<String>>;
 }

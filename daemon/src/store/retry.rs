@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{ListPage, ObjectInfo, ObjectStore, StoreError, StoreResult, UploadedPart};
+use super::{ListPage, ObjectInfo, ObjectStore, PosixMeta, StoreError, StoreResult, UploadedPart};
 
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -126,15 +126,15 @@ impl ObjectStore for RetryingStore {
             .await
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+    async fn put(&self, key: &str, body: Bytes, meta: &PosixMeta) -> StoreResult<Option<String>> {
         self.policy
-            .run("put", || self.inner.put(key, body.clone()))
+            .run("put", || self.inner.put(key, body.clone(), meta))
             .await
     }
 
-    async fn create_upload(&self, key: &str) -> StoreResult<String> {
+    async fn create_upload(&self, key: &str, meta: &PosixMeta) -> StoreResult<String> {
         self.policy
-            .run("create_upload", || self.inner.create_upload(key))
+            .run("create_upload", || self.inner.create_upload(key, meta))
             .await
     }
 
@@ -177,6 +177,20 @@ impl ObjectStore for RetryingStore {
 
     async fn copy(&self, from: &str, to: &str) -> StoreResult<()> {
         self.policy.run("copy", || self.inner.copy(from, to)).await
+    }
+
+    /// Safe to retry: the copy is conditional on the ETag, and copying the same bytes onto
+    /// themselves again changes nothing.
+    async fn set_meta(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        size: u64,
+        meta: &PosixMeta,
+    ) -> StoreResult<Option<String>> {
+        self.policy
+            .run("set_meta", || self.inner.set_meta(key, etag, size, meta))
+            .await
     }
 }
 

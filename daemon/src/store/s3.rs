@@ -14,13 +14,16 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
 use aws_sdk_s3::Client;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::Bytes;
 
-use super::{ListPage, ObjectInfo, ObjectStore, StoreError, StoreResult, UploadedPart};
+use super::{ListPage, ObjectInfo, ObjectStore, PosixMeta, StoreError, StoreResult, UploadedPart};
+
+/// The largest object one CopyObject takes (S3's limit); larger ones are copied in parts.
+pub const MAX_COPY_SIZE: u64 = 5 << 30;
 
 /// How to reach a bucket.
 #[derive(Clone, Debug, Default)]
@@ -31,11 +34,15 @@ pub struct S3Options {
     pub endpoint_url: Option<String>,
     pub region: Option<String>,
     pub virtual_hosted: bool,
+    /// Objects above this size get their metadata replaced by a multipart copy, in parts of
+    /// this size; `None`: [`MAX_COPY_SIZE`]. Lower only to test the multipart path.
+    pub copy_limit: Option<u64>,
 }
 
 pub struct S3Store {
     client: Client,
     bucket: String,
+    copy_limit: u64,
 }
 
 impl S3Store {
@@ -67,6 +74,10 @@ impl S3Store {
         S3Store {
             client: Client::from_conf(builder.build()),
             bucket: opts.bucket.clone(),
+            copy_limit: opts
+                .copy_limit
+                .unwrap_or(MAX_COPY_SIZE)
+                .clamp(5 << 20, MAX_COPY_SIZE),
         }
     }
 }
@@ -167,6 +178,12 @@ impl ObjectStore for S3Store {
             size: out.content_length().unwrap_or(0).max(0) as u64,
             etag: out.e_tag().map(str::to_string),
             last_modified: to_system_time(out.last_modified()),
+            meta: Some(PosixMeta::from_pairs(
+                out.metadata()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )),
         })
     }
 
@@ -231,6 +248,7 @@ impl ObjectStore for S3Store {
                     size: o.size().unwrap_or(0).max(0) as u64,
                     etag: o.e_tag().map(str::to_string),
                     last_modified: to_system_time(o.last_modified()),
+                    meta: None,
                 })
             })
             .collect();
@@ -252,12 +270,13 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+    async fn put(&self, key: &str, body: Bytes, meta: &PosixMeta) -> StoreResult<Option<String>> {
         let out = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_metadata(user_metadata(meta))
             .body(ByteStream::from(body))
             .send()
             .await
@@ -265,12 +284,13 @@ impl ObjectStore for S3Store {
         Ok(out.e_tag().map(str::to_string))
     }
 
-    async fn create_upload(&self, key: &str) -> StoreResult<String> {
+    async fn create_upload(&self, key: &str, meta: &PosixMeta) -> StoreResult<String> {
         let out = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_metadata(user_metadata(meta))
             .send()
             .await
             .map_err(|e| classify(e, &self.bucket))?;
@@ -370,6 +390,104 @@ impl ObjectStore for S3Store {
             .map_err(|e| classify(e, &self.bucket))?;
         Ok(())
     }
+
+    async fn set_meta(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        size: u64,
+        meta: &PosixMeta,
+    ) -> StoreResult<Option<String>> {
+        if size > self.copy_limit {
+            return self.set_meta_multipart(key, etag, size, meta).await;
+        }
+        let out = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .copy_source(encode_copy_source(&self.bucket, key))
+            .set_copy_source_if_match(etag.map(str::to_string))
+            .metadata_directive(MetadataDirective::Replace)
+            .set_metadata(user_metadata(meta))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        Ok(out
+            .copy_object_result()
+            .and_then(|r| r.e_tag())
+            .map(str::to_string))
+    }
+}
+
+impl S3Store {
+    /// Objects larger than one CopyObject takes: a multipart upload onto the same key whose
+    /// parts are server-side copies of ranges of the object (each conditional on `etag`).
+    async fn set_meta_multipart(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        size: u64,
+        meta: &PosixMeta,
+    ) -> StoreResult<Option<String>> {
+        let id = self.create_upload(key, meta).await?;
+        let copied = self.copy_parts(key, &id, etag, size).await;
+        let parts = match copied {
+            Ok(parts) => parts,
+            Err(e) => {
+                if let Err(abort) = self.abort_upload(key, &id).await {
+                    tracing::warn!(key, error = %abort, "could not abort a metadata copy's upload");
+                }
+                return Err(e);
+            }
+        };
+        self.complete_upload(key, &id, &parts).await
+    }
+
+    async fn copy_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etag: Option<&str>,
+        size: u64,
+    ) -> StoreResult<Vec<UploadedPart>> {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        let mut number = 1;
+        while start < size {
+            let end = (start + self.copy_limit).min(size);
+            let out = self
+                .client
+                .upload_part_copy()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .copy_source(encode_copy_source(&self.bucket, key))
+                .copy_source_range(format!("bytes={start}-{}", end - 1))
+                .set_copy_source_if_match(etag.map(str::to_string))
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.bucket))?;
+            let etag = out
+                .copy_part_result()
+                .and_then(|r| r.e_tag())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    StoreError::Rejected(format!("UploadPartCopy {number} returned no ETag"))
+                })?;
+            parts.push(UploadedPart { number, etag });
+            start = end;
+            number += 1;
+        }
+        Ok(parts)
+    }
+}
+
+/// The S3 user metadata carrying `meta`; `None` (no header) when nothing is stored.
+fn user_metadata(meta: &PosixMeta) -> Option<std::collections::HashMap<String, String>> {
+    let pairs = meta.to_pairs();
+    (!pairs.is_empty()).then(|| pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
 #[cfg(test)]

@@ -33,9 +33,9 @@ use tokio::task::JoinHandle;
 
 use crate::memory::{MemoryLimiter, Reservation};
 use crate::namespace::ObjectStat;
-use crate::store::{ObjectStore, StoreResult, UploadedPart};
-use spool::Record;
+use crate::store::{ObjectStore, PosixMeta, StoreResult, UploadedPart};
 pub use spool::{Header, Recovered, Spool, SpoolDir};
+use spool::{Record, MAX_META_RECORDS};
 
 /// S3 allows at most this many parts in one upload.
 const MAX_PARTS: i32 = 10_000;
@@ -78,6 +78,14 @@ struct State {
     /// Resumed from a predecessor's spool: a write over bytes not yet sent is taken again
     /// (the kernel resends the write that was in flight at the crash).
     resumed: bool,
+    /// The POSIX attributes the object is to carry: given at open, changed by chmod, chown
+    /// and utimes while it is open, sent with the object at commit.
+    meta: PosixMeta,
+    /// What the multipart upload was created with (S3 takes metadata there, not at
+    /// completion): a change after it is applied once the object is complete.
+    meta_sent: Option<PosixMeta>,
+    /// Metadata changes recorded in the spool's log (capped, see `MAX_META_RECORDS`).
+    meta_records: usize,
 }
 
 pub struct Upload {
@@ -98,20 +106,29 @@ fn errno(e: i32) -> io::Error {
 impl Upload {
     /// An upload of `header.key` into `spool` (made with the same header); `written` starts
     /// at the base's size for an append, else 0, and is what `stat` shows while it is open.
+    /// The object is committed with `meta` as its POSIX attributes (unless changed later
+    /// through [`Upload::set_meta`]).
     pub fn start(
         store: Arc<dyn ObjectStore>,
         memory: Arc<MemoryLimiter>,
         header: Header,
         spool: Spool,
         written: Arc<AtomicU64>,
-    ) -> Upload {
+        meta: PosixMeta,
+    ) -> io::Result<Upload> {
         written.store(
             header.base.as_ref().map_or(0, |b| b.size),
             Ordering::Release,
         );
-        let up = Upload::with_state(store, memory, header, written, State::new(spool));
+        let mut state = State::new(spool);
+        if !meta.is_empty() {
+            state.spool.record(&Record::Meta(meta.clone()))?;
+            state.meta_records = 1;
+        }
+        state.meta = meta;
+        let up = Upload::with_state(store, memory, header, written, state);
         up.claim();
-        up
+        Ok(up)
     }
 
     /// The upload a predecessor engine left in `spool`, where it stopped.
@@ -144,6 +161,9 @@ impl Upload {
         state.next_part = next_part;
         state.seeded = rec.seeded;
         state.resumed = true;
+        state.meta = rec.meta;
+        state.meta_sent = rec.meta_sent;
+        state.meta_records = rec.meta_records;
         if let Some(stat) = rec.committed {
             state.status = Status::Committed(stat);
         }
@@ -188,6 +208,44 @@ impl Upload {
             return false;
         };
         self.written.load(Ordering::Acquire) == st.base.as_ref().map_or(0, |b| b.size)
+    }
+
+    /// Changes the attributes the object is to carry, if it is still open (not committed):
+    /// returns them, or `None` if it committed already (the caller then changes the stored
+    /// object's). EBUSY once `MAX_META_RECORDS` changes were made on one open file.
+    pub async fn set_meta(
+        &self,
+        change: impl FnOnce(&mut PosixMeta),
+    ) -> io::Result<Option<PosixMeta>> {
+        let mut st = self.state.lock().await;
+        match st.status {
+            Status::Open => {}
+            Status::Committed(_) => return Ok(None),
+            Status::Failed(e) => return Err(errno(e)),
+        }
+        let mut meta = st.meta.clone();
+        change(&mut meta);
+        if meta == st.meta {
+            return Ok(Some(meta));
+        }
+        self.record_meta(&mut st, meta.clone())?;
+        Ok(Some(meta))
+    }
+
+    fn record_meta(&self, st: &mut State, meta: PosixMeta) -> io::Result<()> {
+        if st.meta_records >= MAX_META_RECORDS {
+            tracing::warn!(key = %self.key, "refused: too many attribute changes on one open file");
+            return Err(errno(libc::EBUSY));
+        }
+        st.spool.record(&Record::Meta(meta.clone()))?;
+        st.meta_records += 1;
+        st.meta = meta;
+        Ok(())
+    }
+
+    /// The attributes the object is to carry.
+    pub async fn meta(&self) -> PosixMeta {
+        self.state.lock().await.meta.clone()
     }
 
     /// Bytes accepted so far (the size `stat` shows while the file is open).
@@ -240,13 +298,17 @@ impl Upload {
         if len == 0 {
             return Ok(0);
         }
+        // A write makes the file modified now: a time set before it no longer holds.
+        if st.meta.mtime.is_some() {
+            let mut meta = st.meta.clone();
+            meta.mtime = None;
+            self.record_meta(&mut st, meta)?;
+        }
         if let Err(e) = self.seed(&mut st).await {
             self.fail(&mut st, &e).await;
             return Err(e);
         }
-        if st.filling.is_none() {
-            st.filling = Some(self.memory.reserve_wait(self.part_size, MEMORY_WAIT).await);
-        }
+        self.reserve_filling(&mut st).await;
         let file = st.spool.data_file()?;
         if let Err(e) = fill(file, offset, len) {
             // Nothing of it counts: cut off what went in.
@@ -264,10 +326,25 @@ impl Upload {
             self.fail(&mut st, &e).await;
             return Err(e);
         }
-        if st.filling.is_none() && self.part_start(st.next_part) < end.max(written) {
-            st.filling = Some(self.memory.reserve_wait(self.part_size, MEMORY_WAIT).await);
+        if self.part_start(st.next_part) < end.max(written) {
+            self.reserve_filling(&mut st).await;
         }
         Ok(len)
+    }
+
+    /// The part being filled holds its share of the memory budget.
+    async fn reserve_filling(&self, st: &mut State) {
+        if st.filling.is_none() {
+            st.filling = Some(self.memory.reserve_wait(self.part_size, MEMORY_WAIT).await);
+        }
+    }
+
+    /// The memory for `len` bytes being sent: the filled part's share, or a new one.
+    async fn take_filling(&self, st: &mut State, len: u64) -> Reservation {
+        match st.filling.take() {
+            Some(r) => r,
+            None => self.memory.reserve_wait(len, MEMORY_WAIT).await,
+        }
     }
 
     fn part_start(&self, number: i32) -> u64 {
@@ -329,21 +406,23 @@ impl Upload {
             return Err(errno(libc::EFBIG));
         }
         if st.upload_id.is_none() {
-            let id = self.store.create_upload(&self.key).await.map_err(|e| {
-                tracing::error!(key = %self.key, error = %e, "could not start multipart upload");
-                errno(e.errno())
-            })?;
+            let id = self
+                .store
+                .create_upload(&self.key, &st.meta)
+                .await
+                .map_err(|e| {
+                    tracing::error!(key = %self.key, error = %e, "could not start multipart upload");
+                    errno(e.errno())
+                })?;
             st.spool.record(&Record::UploadId(id.clone()))?;
             st.upload_id = Some(id);
+            st.meta_sent = Some(st.meta.clone());
         }
         while st.in_flight.len() >= PARTS_IN_FLIGHT {
             self.reap_one(st).await?;
         }
         let start = self.part_start(st.next_part);
-        let memory = match st.filling.take() {
-            Some(r) => r,
-            None => self.memory.reserve_wait(end - start, MEMORY_WAIT).await,
-        };
+        let memory = self.take_filling(st, end - start).await;
         let body = st.spool.read(start..end)?.freeze();
         let number = st.next_part;
         st.next_part += 1;
@@ -398,7 +477,7 @@ impl Upload {
             Status::Open => {}
         }
         if let Some(base) = st.base.clone().filter(|_| !st.seeded) {
-            return Ok(base);
+            return self.commit_meta_only(&mut st, base).await;
         }
         match self.finish(&mut st).await {
             Ok(stat) => {
@@ -416,17 +495,41 @@ impl Upload {
         }
     }
 
+    /// An append with nothing appended: only attributes set through the handle (`touch`
+    /// opens for writing and sets the times) change, on the stored object as it was opened.
+    async fn commit_meta_only(
+        &self,
+        st: &mut State,
+        mut base: ObjectStat,
+    ) -> io::Result<ObjectStat> {
+        if base.meta.as_ref() == Some(&st.meta) {
+            return Ok(base);
+        }
+        let etag = self
+            .store
+            .set_meta(&self.key, base.etag.as_deref(), base.size, &st.meta)
+            .await
+            .map_err(|e| {
+                tracing::error!(key = %self.key, error = %e, "could not set the attributes of the object");
+                errno(e.errno())
+            })?;
+        if etag.is_some() {
+            base.etag = etag;
+        }
+        base.meta = Some(st.meta.clone());
+        st.base = Some(base.clone());
+        Ok(base)
+    }
+
     async fn finish(&self, st: &mut State) -> io::Result<ObjectStat> {
         let size = self.written.load(Ordering::Acquire);
         self.check_base_unchanged(st.base.as_ref()).await?;
         self.send_full_parts(st, size).await?;
+        let mut meta = st.meta.clone();
         let etag = if st.upload_id.is_none() {
-            let _memory = match st.filling.take() {
-                Some(r) => r,
-                None => self.memory.reserve_wait(size, MEMORY_WAIT).await,
-            };
+            let _memory = self.take_filling(st, size).await;
             let body = st.spool.read(0..size)?.freeze();
-            self.store.put(&self.key, body).await.map_err(|e| {
+            self.store.put(&self.key, body, &meta).await.map_err(|e| {
                 tracing::error!(key = %self.key, error = %e, "upload failed");
                 errno(e.errno())
             })?
@@ -439,18 +542,39 @@ impl Upload {
             }
             let parts: Vec<UploadedPart> = st.parts.values().cloned().collect();
             let id = st.upload_id.clone().unwrap_or_default();
-            self.store
+            let etag = self
+                .store
                 .complete_upload(&self.key, &id, &parts)
                 .await
                 .map_err(|e| {
                     tracing::error!(key = %self.key, error = %e, "completing the upload failed");
                     errno(e.errno())
-                })?
+                })?;
+            let sent = st.meta_sent.clone().unwrap_or_default();
+            if sent == meta {
+                etag
+            } else {
+                // Changed after the upload began: set on the complete object (conditional on
+                // its ETag, so nothing written since by another client is touched).
+                match self
+                    .store
+                    .set_meta(&self.key, etag.as_deref(), size, &meta)
+                    .await
+                {
+                    Ok(etag) => etag,
+                    Err(e) => {
+                        tracing::error!(key = %self.key, error = %e, "the object is saved, but the attributes set while it was written (chmod, chown, utimes) could not be applied");
+                        meta = sent;
+                        etag
+                    }
+                }
+            }
         };
         Ok(ObjectStat {
             size,
             mtime: SystemTime::now(),
             etag,
+            meta: Some(meta),
         })
     }
 
@@ -519,6 +643,7 @@ impl Upload {
         st.parts.clear();
         st.next_part = 1;
         st.seeded = false;
+        st.meta_sent = None;
         st.status = Status::Open;
         true
     }
@@ -585,6 +710,9 @@ impl State {
             seeded: false,
             base: None,
             resumed: false,
+            meta: PosixMeta::default(),
+            meta_sent: None,
+            meta_records: 0,
         }
     }
 }
@@ -633,7 +761,9 @@ mod tests {
                 header,
                 spool,
                 Arc::new(AtomicU64::new(0)),
+                PosixMeta::default(),
             )
+            .unwrap()
         }
 
         fn appending(&self, part: usize) -> Upload {

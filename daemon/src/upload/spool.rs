@@ -26,17 +26,21 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::BytesMut;
 
 use crate::namespace::ObjectStat;
-use crate::store::UploadedPart;
+use crate::store::{PosixMeta, UploadedPart};
 
 const TAG_HEADER: u8 = b'H';
 const TAG_UPLOAD: u8 = b'U';
 const TAG_PART: u8 = b'P';
 const TAG_SEEDED: u8 = b'S';
 const TAG_COMMITTED: u8 = b'C';
+const TAG_META: u8 = b'M';
 /// A log record is never larger than this (keys are at most 1 KiB, ETags short).
 const MAX_RECORD: usize = 64 << 10;
-/// Records in one log at most (10,000 parts and a handful of others).
-const MAX_RECORDS: usize = 10_100;
+/// Metadata changes one upload records at most (a tool sets a file's attributes once or
+/// twice; the cap keeps a hostile client from growing the log without bound).
+pub const MAX_META_RECORDS: usize = 64;
+/// Records in one log at most (10,000 parts, the metadata changes and a handful of others).
+const MAX_RECORDS: usize = 10_100 + MAX_META_RECORDS;
 
 /// What an upload is about, written first in its log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +61,9 @@ pub enum Record {
     /// The base object's bytes are in the data file (appends only).
     Seeded,
     Committed(ObjectStat),
+    /// The POSIX attributes the object is to carry (set at open, then by chmod, chown and
+    /// utimes while it is open); the last one counts.
+    Meta(PosixMeta),
 }
 
 /// An upload's state as its log and data file left it.
@@ -69,6 +76,29 @@ pub struct Recovered {
     pub committed: Option<ObjectStat>,
     /// Bytes in the data file (its length: punched parts keep it).
     pub data_len: u64,
+    /// The attributes the object is to carry.
+    pub meta: PosixMeta,
+    /// The attributes the multipart upload was created with (the last `Meta` before its
+    /// `UploadId`): if they differ from `meta` at commit, they are set after it.
+    pub meta_sent: Option<PosixMeta>,
+    /// `Meta` records in the log.
+    pub meta_records: usize,
+}
+
+impl Recovered {
+    fn new(header: Header) -> Recovered {
+        Recovered {
+            header,
+            upload_id: None,
+            parts: Vec::new(),
+            seeded: false,
+            committed: None,
+            data_len: 0,
+            meta: PosixMeta::default(),
+            meta_sent: None,
+            meta_records: 0,
+        }
+    }
 }
 
 /// The directory of the spools of one volume.
@@ -141,28 +171,26 @@ impl SpoolDir {
             tracing::error!(log = %log_path.display(), "an upload log without a header; its upload cannot be resumed");
             return Ok(None);
         };
-        let mut rec = Recovered {
-            header,
-            upload_id: None,
-            parts: Vec::new(),
-            seeded: false,
-            committed: None,
-            data_len: 0,
-        };
+        let mut rec = Recovered::new(header);
         for r in records {
             match r {
-                // A new header starts the upload again (see `Spool::rebase`).
+                // A new header starts the upload again (see `Spool::rebase`); the attributes
+                // stay those of the same file.
                 Record::Header(h) => {
-                    rec = Recovered {
-                        header: h,
-                        upload_id: None,
-                        parts: Vec::new(),
-                        seeded: false,
-                        committed: None,
-                        data_len: 0,
-                    };
+                    let meta = std::mem::take(&mut rec.meta);
+                    let meta_records = rec.meta_records;
+                    rec = Recovered::new(h);
+                    rec.meta = meta;
+                    rec.meta_records = meta_records;
                 }
-                Record::UploadId(id) => rec.upload_id = Some(id),
+                Record::UploadId(id) => {
+                    rec.upload_id = Some(id);
+                    rec.meta_sent = Some(rec.meta.clone());
+                }
+                Record::Meta(m) => {
+                    rec.meta = m;
+                    rec.meta_records += 1;
+                }
                 Record::Part(p) => {
                     rec.parts.retain(|q| q.number != p.number);
                     rec.parts.push(p);
@@ -388,6 +416,10 @@ fn encode(r: &Record, out: &mut Vec<u8>) {
             body.push(TAG_COMMITTED);
             put_stat(&mut body, stat);
         }
+        Record::Meta(meta) => {
+            body.push(TAG_META);
+            put_str(&mut body, &meta.to_text());
+        }
     }
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     let crc = crc32fast::hash(&body);
@@ -428,7 +460,12 @@ impl<'a> Fields<'a> {
             1 => Some(self.string()?),
             _ => return None,
         };
-        Some(ObjectStat { size, mtime, etag })
+        Some(ObjectStat {
+            size,
+            mtime,
+            etag,
+            meta: None,
+        })
     }
 }
 
@@ -459,6 +496,7 @@ fn decode(body: &[u8]) -> Option<Record> {
         }
         TAG_SEEDED => Record::Seeded,
         TAG_COMMITTED => Record::Committed(f.stat()?),
+        TAG_META => Record::Meta(PosixMeta::from_text(&f.string()?)),
         _ => return None,
     };
     f.0.is_empty().then_some(record)
@@ -521,6 +559,7 @@ mod tests {
             size: 11,
             mtime: round_trip_mtime(SystemTime::now()),
             etag: Some("\"abc\"".into()),
+            meta: None,
         };
         let mut s = spools.create(0xfeed, header(Some(base.clone()))).unwrap();
         s.write_at(0, b"hello world").unwrap();
@@ -556,6 +595,7 @@ mod tests {
             size: 11,
             mtime: round_trip_mtime(SystemTime::now()),
             etag: None,
+            meta: None,
         };
         s.committed(&stat).unwrap();
         drop(s);

@@ -19,6 +19,8 @@ impl Needs {
     pub const S3_MOUNT: Needs = Needs(1 | 4 | 2);
     /// What berth's eBPF probes need: root, kernel BTF, and probes built into this berth.
     pub const EBPF: Needs = Needs(8);
+    /// The everyday tools the POSIX metadata tests run: tar, cp, rsync, git.
+    pub const TOOLS: Needs = Needs(16);
 
     pub const fn union(self, other: Needs) -> Needs {
         Needs(self.0 | other.0)
@@ -41,6 +43,7 @@ pub struct Requirements {
     fuse: Result<(), String>,
     weed: Result<PathBuf, String>,
     ebpf: Result<(), String>,
+    tools: Result<(), String>,
 }
 
 impl Requirements {
@@ -49,6 +52,7 @@ impl Requirements {
             fuse: detect_fuse(),
             weed: find_weed(),
             ebpf: detect_ebpf(),
+            tools: on_path(&["tar", "cp", "rsync", "git"]),
         }
     }
 
@@ -74,6 +78,14 @@ impl Requirements {
                 });
             }
         }
+        if needs.contains(Needs::TOOLS) {
+            if let Err(reason) = &self.tools {
+                out.push(Missing {
+                    kind: "tools",
+                    reason: reason.clone(),
+                });
+            }
+        }
         if needs.contains(Needs::WEED) {
             if let Err(reason) = &self.weed {
                 out.push(Missing {
@@ -83,6 +95,24 @@ impl Requirements {
             }
         }
         out
+    }
+}
+
+/// Whether every program in `names` is on `PATH`.
+fn on_path(names: &[&str]) -> Result<(), String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !std::env::split_paths(&path).any(|d| is_executable(&d.join(n))))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "not on PATH: {} (`.ci/run` installs them with apt-get)",
+            missing.join(", ")
+        ))
     }
 }
 

@@ -197,6 +197,37 @@ impl Bucket {
         }
     }
 
+    /// The user metadata of `key` (names without `x-amz-meta-`), sorted.
+    pub fn metadata(&self, key: &str) -> Result<Vec<(String, String)>> {
+        let out = rt()
+            .block_on(self.client.head_object().bucket(&self.name).key(key).send())
+            .map_err(|e| anyhow!("HeadObject {}/{key}: {}", self.name, DisplayErrorContext(e)))?;
+        let mut pairs: Vec<(String, String)> = out
+            .metadata()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        pairs.sort();
+        Ok(pairs)
+    }
+
+    /// Writes `key` with user metadata `meta`.
+    pub fn put_with_metadata(&self, key: &str, body: &[u8], meta: &[(&str, &str)]) -> Result<()> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.name)
+            .key(key)
+            .body(body.to_vec().into());
+        for (k, v) in meta {
+            req = req.metadata(*k, *v);
+        }
+        rt().block_on(req.send())
+            .map_err(|e| anyhow!("PutObject {}/{key}: {}", self.name, DisplayErrorContext(e)))?;
+        Ok(())
+    }
+
     pub fn exists(&self, key: &str) -> Result<bool> {
         Ok(self.head(key)?.is_some())
     }

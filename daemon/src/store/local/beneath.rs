@@ -201,6 +201,14 @@ impl Root {
         self.open_dir_in(self.root(), rel)
     }
 
+    /// `rel` below the root opened for reading as a directory (its extended attributes can
+    /// be read and written through this fd, not through an `O_PATH` one).
+    pub fn open_dir_readable(&self, rel: &[&str]) -> io::Result<OwnedFd> {
+        let fd = self.open_in(self.root(), rel, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        require_dir(&fd)?;
+        Ok(fd)
+    }
+
     fn open_dir_in(&self, dir: BorrowedFd<'_>, rel: &[&str]) -> io::Result<OwnedFd> {
         let fd = self.open_in(dir, rel, libc::O_PATH | libc::O_DIRECTORY)?;
         require_dir(&fd)?;

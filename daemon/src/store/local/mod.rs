@@ -17,7 +17,7 @@ mod tests;
 use std::fs::File;
 use std::io::{self, Write};
 use std::ops::Range;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +31,7 @@ pub use self::beneath::Resolver;
 use self::beneath::{is_not_beneath, not_served_kind, Root};
 pub use self::sys::openat2_supported;
 use self::sys::{Kind, Meta};
-use super::{ListPage, ObjectInfo, ObjectStore, StoreError, StoreResult, UploadedPart};
+use super::{ListPage, ObjectInfo, ObjectStore, PosixMeta, StoreError, StoreResult, UploadedPart};
 
 /// The staging directory below the root; reserved: no key may start with it.
 pub const UPLOADS_DIR: &str = ".berth-uploads";
@@ -191,8 +191,43 @@ fn info_of(key: String, meta: &Meta) -> ObjectInfo {
         size: meta.size,
         etag: Some(etag_of(meta)),
         last_modified: modified(meta),
+        meta: None,
     }
 }
+
+/// The POSIX metadata stored on `fd` (none if unreadable: the mount's defaults apply).
+fn read_meta(key: &str, fd: BorrowedFd<'_>) -> PosixMeta {
+    match sys::get_meta(fd) {
+        Ok(text) => text.map(|t| PosixMeta::from_text(&t)).unwrap_or_default(),
+        Err(e) => {
+            tracing::debug!(key, error = %e, "could not read an object's metadata");
+            PosixMeta::default()
+        }
+    }
+}
+
+/// Stores `meta` on `fd` (an empty one removes what was there).
+fn write_meta(fd: BorrowedFd<'_>, meta: &PosixMeta) -> StoreResult<()> {
+    sys::set_meta(fd, &meta.to_text()).map_err(|e| match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => StoreError::Unsupported(
+            "the local store's filesystem keeps no user extended attributes, where POSIX \
+             metadata goes"
+                .into(),
+        ),
+        _ => io_err("store metadata", e),
+    })
+}
+
+/// Stores `meta` on a new file `fd` unless there is none (nothing to remove).
+fn write_new_meta(fd: BorrowedFd<'_>, meta: &PosixMeta) -> io::Result<()> {
+    if meta.is_empty() {
+        return Ok(());
+    }
+    sys::set_meta(fd, &meta.to_text())
+}
+
+/// Where an upload keeps the metadata its object will carry.
+const UPLOAD_META: &str = "meta";
 
 fn skipped(key: &str, kind: Kind) {
     tracing::debug!(
@@ -290,7 +325,22 @@ impl ObjectStore for LocalStore {
         blocking(move || {
             let meta = root.stat(&strs(&parts)).map_err(|e| read_err("stat", e))?;
             match (meta.kind, key.ends_with('/')) {
-                (Kind::Dir, true) | (Kind::Regular, false) => Ok(info_of(key, &meta)),
+                (Kind::Dir, true) => {
+                    let dir = root
+                        .open_dir_readable(&strs(&parts))
+                        .map_err(|e| read_err("open", e))?;
+                    let stored = read_meta(&key, dir.as_fd());
+                    let mut info = info_of(key, &meta);
+                    info.meta = Some(stored);
+                    Ok(info)
+                }
+                (Kind::Regular, false) => {
+                    let (file, meta) = open_object(&root, &key, &parts, None)?;
+                    let stored = read_meta(&key, file.as_fd());
+                    let mut info = info_of(key, &meta);
+                    info.meta = Some(stored);
+                    Ok(info)
+                }
                 (Kind::Dir, false) | (Kind::Regular, true) => Err(StoreError::NotFound),
                 (kind, _) => {
                     skipped(&key, kind);
@@ -351,13 +401,20 @@ impl ObjectStore for LocalStore {
         blocking(move || list_page(&root, &parts, &prefix, after.as_deref(), max_keys)).await
     }
 
-    async fn put(&self, key: &str, body: Bytes) -> StoreResult<Option<String>> {
+    async fn put(&self, key: &str, body: Bytes, meta: &PosixMeta) -> StoreResult<Option<String>> {
         let parts = components(key, Access::Write)?;
         let root = self.root.clone();
+        let posix = meta.clone();
         if key.ends_with('/') {
             return blocking(move || {
                 root.mkdir_all(&strs(&parts))
                     .map_err(|e| write_err("mkdir", e))?;
+                if !posix.is_empty() {
+                    let dir = root
+                        .open_dir_readable(&strs(&parts))
+                        .map_err(|e| write_err("open", e))?;
+                    write_meta(dir.as_fd(), &posix)?;
+                }
                 Ok(None)
             })
             .await;
@@ -365,19 +422,29 @@ impl ObjectStore for LocalStore {
         let name = staging_name("put");
         blocking(move || {
             let stage = staging_dir(&root)?;
-            let meta = land(&root, &stage, &name, &parts, |f| f.write_all(&body))?;
+            let meta = land(&root, &stage, &name, &parts, |f| {
+                f.write_all(&body)?;
+                write_new_meta(f.as_fd(), &posix)
+            })?;
             Ok(Some(etag_of(&meta)))
         })
         .await
     }
 
-    async fn create_upload(&self, key: &str) -> StoreResult<String> {
+    async fn create_upload(&self, key: &str, meta: &PosixMeta) -> StoreResult<String> {
         components(key, Access::Write)?;
         let id = staging_name("mpu");
         let root = self.root.clone();
+        let text = meta.to_text();
         blocking(move || {
-            root.mkdir_all(&[UPLOADS_DIR, &id])
+            let dir = root
+                .mkdir_all(&[UPLOADS_DIR, &id])
                 .map_err(|e| write_err("create upload dir", e))?;
+            if !text.is_empty() {
+                root.create_new(dir.as_fd(), UPLOAD_META)
+                    .and_then(|mut f| f.write_all(text.as_bytes()))
+                    .map_err(|e| write_err("create upload dir", e))?;
+            }
             Ok(id)
         })
         .await
@@ -436,12 +503,22 @@ impl ObjectStore for LocalStore {
                 .map_err(|e| write_err("open upload dir", e))?;
             // Left over from an attempt that failed half-way.
             let _ = root.remove_staged(dir.as_fd(), "assembled");
+            let posix = match root.open_regular_in(dir.as_fd(), &[UPLOAD_META]) {
+                Ok((mut f, _)) => {
+                    let mut text = String::new();
+                    io::Read::read_to_string(&mut f, &mut text)
+                        .map_err(|e| io_err("read upload metadata", e))?;
+                    PosixMeta::from_text(&text)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => PosixMeta::default(),
+                Err(e) => return Err(io_err("read upload metadata", e)),
+            };
             let meta = land(&root, &dir, "assembled", &target, |out| {
                 for n in numbers {
                     let (mut part, _) = root.open_regular_in(dir.as_fd(), &[&format!("{n:05}")])?;
                     io::copy(&mut part, out)?;
                 }
-                Ok(())
+                write_new_meta(out.as_fd(), &posix)
             })?;
             let _ = root.remove_flat_dir(&[UPLOADS_DIR, &id]);
             Ok(Some(etag_of(&meta)))
@@ -502,11 +579,41 @@ impl ObjectStore for LocalStore {
         let name = staging_name("copy");
         blocking(move || {
             let (mut src, _) = open_object(&root, &from, &source, None)?;
+            let posix = read_meta(&from, src.as_fd());
             let stage = staging_dir(&root)?;
             land(&root, &stage, &name, &target, |out| {
-                io::copy(&mut src, out).map(drop)
+                io::copy(&mut src, out)?;
+                write_new_meta(out.as_fd(), &posix)
             })?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Sets the extended attribute in place (the file's bytes and ETag stay as they are).
+    async fn set_meta(
+        &self,
+        key: &str,
+        etag: Option<&str>,
+        _size: u64,
+        meta: &PosixMeta,
+    ) -> StoreResult<Option<String>> {
+        let parts = components(key, Access::Write)?;
+        let root = self.root.clone();
+        let key = key.to_string();
+        let etag = etag.map(str::to_string);
+        let posix = meta.clone();
+        blocking(move || {
+            if key.ends_with('/') {
+                let dir = root
+                    .open_dir_readable(&strs(&parts))
+                    .map_err(|e| read_err("open", e))?;
+                write_meta(dir.as_fd(), &posix)?;
+                return Ok(None);
+            }
+            let (file, meta) = open_object(&root, &key, &parts, etag.as_deref())?;
+            write_meta(file.as_fd(), &posix)?;
+            Ok(Some(etag_of(&meta)))
         })
         .await
     }
@@ -553,6 +660,13 @@ fn list_page(
         keyed.push((key, entry.meta));
     }
     keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    // The directory itself is its marker, listed first as S3 lists a `dir/` object: an empty
+    // directory is then found like one with children.
+    if !parts.is_empty() && after.is_none() {
+        if let Ok(meta) = root.stat(&strs(parts)) {
+            keyed.insert(0, (prefix.to_string(), meta));
+        }
+    }
     let truncated = keyed.len() > max_keys;
     keyed.truncate(max_keys);
     let next_token = if truncated {
@@ -576,7 +690,9 @@ fn list_page(
         }
     }
     for (key, meta) in keyed {
-        if meta.kind == Kind::Dir {
+        if key == prefix {
+            page.objects.push(info_of(key, &meta));
+        } else if meta.kind == Kind::Dir {
             page.prefixes.push(key);
         } else {
             page.objects.push(info_of(key, &meta));

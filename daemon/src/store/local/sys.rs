@@ -240,3 +240,60 @@ pub(super) fn entry_names(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
     }
     Ok(names)
 }
+
+/// The extended attribute holding an object's POSIX metadata (`PosixMeta::to_text`).
+const META_XATTR: &CStr = c"user.berth.meta";
+/// The metadata text is a few short lines; anything longer is not ours.
+const META_MAX: usize = 1024;
+
+/// The metadata text stored on the open file or directory `fd`; `None` if there is none or the
+/// filesystem keeps no user extended attributes.
+pub fn get_meta(fd: BorrowedFd<'_>) -> io::Result<Option<String>> {
+    let mut buf = [0u8; META_MAX];
+    // SAFETY: the name is NUL-terminated, `buf` is valid for writes of its length, `fd` is open.
+    let n = unsafe {
+        libc::fgetxattr(
+            fd.as_raw_fd(),
+            META_XATTR.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODATA | libc::EOPNOTSUPP | libc::ERANGE) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let n = usize::try_from(n).unwrap_or(0).min(buf.len());
+    Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned()))
+}
+
+/// Stores `text` as the metadata of the open file or directory `fd` (removes it if empty).
+/// EOPNOTSUPP: the filesystem keeps no user extended attributes.
+pub fn set_meta(fd: BorrowedFd<'_>, text: &str) -> io::Result<()> {
+    // SAFETY: the name is NUL-terminated, the value is valid for reads of its length, `fd` is
+    // open.
+    let ret = unsafe {
+        if text.is_empty() {
+            libc::fremovexattr(fd.as_raw_fd(), META_XATTR.as_ptr())
+        } else {
+            libc::fsetxattr(
+                fd.as_raw_fd(),
+                META_XATTR.as_ptr(),
+                text.as_ptr().cast(),
+                text.len(),
+                0,
+            )
+        }
+    };
+    if ret != 0 {
+        let e = io::Error::last_os_error();
+        if text.is_empty() && e.raw_os_error() == Some(libc::ENODATA) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}

@@ -217,7 +217,10 @@ async fn lists_in_s3_order_with_pages_and_markers(resolver: Resolver) {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path(), resolver);
     for key in ["b", "a-1", "a/x", "c/"] {
-        store.put(key, Bytes::from_static(b"hi")).await.unwrap();
+        store
+            .put(key, Bytes::from_static(b"hi"), &PosixMeta::default())
+            .await
+            .unwrap();
     }
     let page = store.list("", None, 2).await.unwrap();
     assert_eq!(object_keys(&page), ["a-1"]);
@@ -235,7 +238,10 @@ async fn lists_in_s3_order_with_pages_and_markers(resolver: Resolver) {
 async fn multipart_upload_assembles_parts_in_order(resolver: Resolver) {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path(), resolver);
-    let id = store.create_upload("d/f").await.unwrap();
+    let id = store
+        .create_upload("d/f", &PosixMeta::default())
+        .await
+        .unwrap();
     let p2 = store
         .upload_part("d/f", &id, 2, Bytes::from_static(b"world"))
         .await
@@ -276,7 +282,10 @@ async fn multipart_upload_assembles_parts_in_order(resolver: Resolver) {
 async fn listing_below_a_file_or_a_missing_path_is_empty(resolver: Resolver) {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path(), resolver);
-    store.put("f", Bytes::from_static(b"x")).await.unwrap();
+    store
+        .put("f", Bytes::from_static(b"x"), &PosixMeta::default())
+        .await
+        .unwrap();
     for prefix in ["f/", "missing/", "f/deeper/"] {
         let page = store.list(prefix, None, 10).await.unwrap();
         assert!(
@@ -302,7 +311,11 @@ async fn honest_operations_keep_their_behaviour(resolver: Resolver) {
     let root = dir.path();
     let store = open_store(root, resolver);
     let etag = store
-        .put("a/b/c.txt", Bytes::from_static(b"0123456789"))
+        .put(
+            "a/b/c.txt",
+            Bytes::from_static(b"0123456789"),
+            &PosixMeta::default(),
+        )
         .await
         .unwrap();
     let meta = fs::metadata(root.join("a/b/c.txt")).unwrap();
@@ -341,7 +354,13 @@ async fn honest_operations_keep_their_behaviour(resolver: Resolver) {
     file.read_exact_at(&mut buf, 7).unwrap();
     assert_eq!(&buf, b"789");
     // Directories: markers, head with and without the slash.
-    assert_eq!(store.put("m/", Bytes::new()).await.unwrap(), None);
+    assert_eq!(
+        store
+            .put("m/", Bytes::new(), &PosixMeta::default())
+            .await
+            .unwrap(),
+        None
+    );
     assert!(root.join("m").is_dir());
     store.head("m/").await.unwrap();
     not_found("head of a dir without /", store.head("m").await);
@@ -364,7 +383,11 @@ async fn honest_operations_keep_their_behaviour(resolver: Resolver) {
     ));
     // Replacing a file.
     store
-        .put("z/copied", Bytes::from_static(b"new"))
+        .put(
+            "z/copied",
+            Bytes::from_static(b"new"),
+            &PosixMeta::default(),
+        )
         .await
         .unwrap();
     assert_eq!(fs::read(root.join("z/copied")).unwrap(), b"new");
@@ -466,7 +489,7 @@ async fn writes_never_go_through_symlinks(resolver: Resolver) {
         "x/new/deeper/file",
         "d/inner-link/below",
     ] {
-        let got = store.put(key, body()).await;
+        let got = store.put(key, body(), &PosixMeta::default()).await;
         assert!(
             matches!(got, Err(StoreError::Rejected(_))),
             "put {key}: {got:?}"
@@ -476,7 +499,10 @@ async fn writes_never_go_through_symlinks(resolver: Resolver) {
             matches!(got, Err(StoreError::Rejected(_))),
             "copy to {key}: {got:?}"
         );
-        let id = store.create_upload(key).await.unwrap();
+        let id = store
+            .create_upload(key, &PosixMeta::default())
+            .await
+            .unwrap();
         let part = store.upload_part(key, &id, 1, body()).await.unwrap();
         let got = store.complete_upload(key, &id, &[part]).await;
         assert!(
@@ -486,7 +512,7 @@ async fn writes_never_go_through_symlinks(resolver: Resolver) {
         store.abort_upload(key, &id).await.unwrap();
     }
     for key in ["x/newdir/", "dirlink/sub/", "x/cron.d/"] {
-        let got = store.put(key, Bytes::new()).await;
+        let got = store.put(key, Bytes::new(), &PosixMeta::default()).await;
         assert!(
             matches!(got, Err(StoreError::Rejected(_))),
             "mkdir {key}: {got:?}"
@@ -494,7 +520,7 @@ async fn writes_never_go_through_symlinks(resolver: Resolver) {
     }
     // A symlink (or special file) at the key itself is neither written through nor replaced.
     for key in ["s", "d/inner-link", "dirlink"] {
-        let got = store.put(key, body()).await;
+        let got = store.put(key, body(), &PosixMeta::default()).await;
         assert!(
             matches!(got, Err(StoreError::Rejected(_))),
             "put {key}: {got:?}"
@@ -583,7 +609,9 @@ async fn special_files_are_not_served_and_never_opened(resolver: Resolver) {
         );
         assert!(!root.join("copied").exists());
         not_found(&what("delete"), store.delete(name).await);
-        let got = store.put(name, Bytes::from_static(b"replace")).await;
+        let got = store
+            .put(name, Bytes::from_static(b"replace"), &PosixMeta::default())
+            .await;
         assert!(
             matches!(got, Err(StoreError::Rejected(_))),
             "put {name}: {got:?}"
@@ -641,8 +669,14 @@ async fn staging_dir_is_unreachable(resolver: Resolver) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let store = open_store(root, resolver);
-    store.put("f", Bytes::from_static(b"data")).await.unwrap();
-    let id = store.create_upload("big").await.unwrap();
+    store
+        .put("f", Bytes::from_static(b"data"), &PosixMeta::default())
+        .await
+        .unwrap();
+    let id = store
+        .create_upload("big", &PosixMeta::default())
+        .await
+        .unwrap();
     let p1 = store
         .upload_part("big", &id, 1, Bytes::from_static(b"staged part"))
         .await
@@ -659,9 +693,15 @@ async fn staging_dir_is_unreachable(resolver: Resolver) {
         not_found(key, store.copy(key, "stolen").await);
         not_found(key, store.delete(key).await);
         for write in [
-            store.put(key, Bytes::from_static(b"evil")).await.map(drop),
+            store
+                .put(key, Bytes::from_static(b"evil"), &PosixMeta::default())
+                .await
+                .map(drop),
             store.copy("f", key).await,
-            store.create_upload(key).await.map(drop),
+            store
+                .create_upload(key, &PosixMeta::default())
+                .await
+                .map(drop),
         ] {
             assert!(
                 matches!(write, Err(StoreError::Rejected(_))),
@@ -804,14 +844,23 @@ fn race_with_symlink_swaps_never_leaves_the_root(resolver: Resolver) {
                             escaped(format!("copied {secret}"));
                         }
                         let key = format!("{top}/new-{t}-{i}");
-                        let _ = store.put(&key, Bytes::from_static(b"new")).await;
                         let _ = store
-                            .put(&format!("{top}/dir-{t}-{i}/"), Bytes::new())
+                            .put(&key, Bytes::from_static(b"new"), &PosixMeta::default())
+                            .await;
+                        let _ = store
+                            .put(
+                                &format!("{top}/dir-{t}-{i}/"),
+                                Bytes::new(),
+                                &PosixMeta::default(),
+                            )
                             .await;
                         let _ = store
                             .copy(&format!("{top}/f"), &format!("{top}/copy-{t}-{i}"))
                             .await;
-                        if let Ok(id) = store.create_upload(&format!("{top}/mp-{t}-{i}")).await {
+                        if let Ok(id) = store
+                            .create_upload(&format!("{top}/mp-{t}-{i}"), &PosixMeta::default())
+                            .await
+                        {
                             let key = format!("{top}/mp-{t}-{i}");
                             if let Ok(p) = store
                                 .upload_part(&key, &id, 1, Bytes::from_static(b"mp"))

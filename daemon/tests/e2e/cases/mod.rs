@@ -11,6 +11,7 @@ mod listing;
 mod local;
 mod namespace;
 mod oddkeys;
+mod posix;
 mod read;
 mod readonly;
 mod sandbox;
@@ -98,6 +99,21 @@ pub fn all() -> Vec<Case> {
             namespace::unlink_mkdir_rmdir,
         ),
         case("unsupported::errnos", s3, unsupported::errnos),
+        case(
+            "posix::tools_on_s3",
+            s3.union(Needs::TOOLS),
+            posix::tools_on_s3,
+        ),
+        case(
+            "posix::tools_on_local_store",
+            Needs::FUSE.union(Needs::TOOLS),
+            posix::tools_on_local_store,
+        ),
+        case(
+            "posix::stored_object_attributes",
+            s3,
+            posix::stored_object_attributes,
+        ),
         case("unsupported::rename_file", s3, unsupported::rename_file),
         case("readonly::read_only_mount", s3, readonly::read_only_mount),
         case(
