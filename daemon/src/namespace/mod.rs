@@ -233,13 +233,24 @@ impl Namespace {
             Kind::Dir => self.marker_stat(&self.dir_prefix(&node)).await?,
             Kind::File => {
                 let key = self.object_key(&node);
-                let info = self.store.head(&key).await.map_err(|e| {
-                    if matches!(e, StoreError::NotFound) {
-                        self.table.invalidate(node.ino);
+                match self.store.head(&key).await {
+                    Ok(info) => ObjectStat::from(info),
+                    // Credentials that may list but not read (a volume served from a node
+                    // cache): what the listing said, without stored attributes.
+                    Err(StoreError::AccessDenied(_)) if node.validated.is_some() => {
+                        tracing::debug!(key, "HEAD refused; the listing's attributes stand");
+                        ObjectStat {
+                            meta: Some(PosixMeta::default()),
+                            ..node.stat.clone()
+                        }
                     }
-                    store_error("head", &key, e)
-                })?;
-                ObjectStat::from(info)
+                    Err(e) => {
+                        if matches!(e, StoreError::NotFound) {
+                            self.table.invalidate(node.ino);
+                        }
+                        return Err(store_error("head", &key, e));
+                    }
+                }
             }
         };
         self.table.set_stat(node.ino, stat);
