@@ -20,58 +20,30 @@ use super::{errno, BerthFs};
 use crate::namespace::{keys, store_error, Kind, Node, ObjectStat};
 use crate::store::PosixMeta;
 
-/// What one SETATTR changes in the stored attributes.
-#[derive(Clone, Debug, Default)]
-struct MetaChange {
-    mode: Option<u32>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    mtime: Option<SystemTime>,
-}
-
-impl MetaChange {
-    fn from_request(node: &Node, attr: &stat64, valid: SetattrValid) -> MetaChange {
-        let type_bits = match node.kind {
-            Kind::Dir => libc::S_IFDIR,
-            Kind::File if is_symlink(node) => libc::S_IFLNK,
-            Kind::File => libc::S_IFREG,
-        };
-        let mut change = MetaChange::default();
-        if valid.contains(SetattrValid::MODE) {
-            change.mode = Some(type_bits | (attr.st_mode & 0o7777));
-        }
-        if valid.contains(SetattrValid::UID) {
-            change.uid = Some(attr.st_uid);
-        }
-        if valid.contains(SetattrValid::GID) {
-            change.gid = Some(attr.st_gid);
-        }
-        if valid.contains(SetattrValid::MTIME_NOW) {
-            change.mtime = Some(SystemTime::now());
-        } else if valid.contains(SetattrValid::MTIME) {
-            change.mtime = Some(time_of(attr.st_mtime, attr.st_mtime_nsec));
-        }
-        change
+/// What one SETATTR changes in the stored attributes: the fields it sets, the others `None`
+/// (applied with [`PosixMeta::overlay`]).
+fn requested_change(node: &Node, attr: &stat64, valid: SetattrValid) -> PosixMeta {
+    let type_bits = match node.kind {
+        Kind::Dir => libc::S_IFDIR,
+        Kind::File if is_symlink(node) => libc::S_IFLNK,
+        Kind::File => libc::S_IFREG,
+    };
+    let mut change = PosixMeta::default();
+    if valid.contains(SetattrValid::MODE) {
+        change.mode = Some(type_bits | (attr.st_mode & 0o7777));
     }
-
-    fn is_empty(&self) -> bool {
-        self.mode.is_none() && self.uid.is_none() && self.gid.is_none() && self.mtime.is_none()
+    if valid.contains(SetattrValid::UID) {
+        change.uid = Some(attr.st_uid);
     }
-
-    fn apply(&self, meta: &mut PosixMeta) {
-        if self.mode.is_some() {
-            meta.mode = self.mode;
-        }
-        if self.uid.is_some() {
-            meta.uid = self.uid;
-        }
-        if self.gid.is_some() {
-            meta.gid = self.gid;
-        }
-        if self.mtime.is_some() {
-            meta.mtime = self.mtime;
-        }
+    if valid.contains(SetattrValid::GID) {
+        change.gid = Some(attr.st_gid);
     }
+    if valid.contains(SetattrValid::MTIME_NOW) {
+        change.mtime = Some(SystemTime::now());
+    } else if valid.contains(SetattrValid::MTIME) {
+        change.mtime = Some(time_of(attr.st_mtime, attr.st_mtime_nsec));
+    }
+    change
 }
 
 /// A time from the kernel (times before 1970 are kept as the epoch).
@@ -104,7 +76,7 @@ impl BerthFs {
         attr: &stat64,
         valid: SetattrValid,
     ) -> io::Result<Node> {
-        let change = MetaChange::from_request(node, attr, valid);
+        let change = requested_change(node, attr, valid);
         if change.is_empty() {
             return Ok(node.clone());
         }
@@ -123,7 +95,7 @@ impl BerthFs {
             let Handle::Write { upload, .. } = &*handle else {
                 return Err(errno(libc::EBADF));
             };
-            if let Some(meta) = self.rt.block_on(upload.set_meta(|m| change.apply(m)))? {
+            if let Some(meta) = self.rt.block_on(upload.set_meta(|m| m.overlay(&change)))? {
                 tracing::debug!(path = %node.key, ?meta, "attributes kept for the commit");
                 self.ns.set_pending_meta(ino, meta);
                 return self.ns.node(ino);
@@ -132,7 +104,7 @@ impl BerthFs {
         }
         let changed = self
             .rt
-            .block_on(self.ns.change_meta(node.ino, |m| change.apply(m)))?;
+            .block_on(self.ns.change_meta(node.ino, |m| m.overlay(&change)))?;
         tracing::debug!(path = %node.key, meta = ?changed.stat.meta, "attributes stored");
         Ok(changed)
     }

@@ -30,6 +30,7 @@ use fuse_backend_rs::api::filesystem::{
 use crate::memory::MemoryLimiter;
 use crate::namespace::{store_error, Kind, Namespace, Node};
 use crate::prefetch::{Fetcher, ObjectReader};
+use crate::store::MAX_COPY_SIZE;
 use crate::upload::SpoolDir;
 pub use attr::AttrConfig;
 use handles::{Handle, HandleKind, HandleTable, FUSE_DOOR};
@@ -45,8 +46,6 @@ const MAX_GUEST_HANDLES: usize = 4096;
 /// gets less (READ) or EINVAL (WRITE), before anything is fetched or allocated.
 pub const MAX_IO: usize = 1 << 20;
 
-/// Largest object a server-side copy (rename) can handle in one request.
-const MAX_COPY_SIZE: u64 = 5 << 30;
 /// Kernel cache lifetime standing in for "forever".
 const INDEFINITE: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -227,6 +226,19 @@ impl BerthFs {
         }
     }
 
+    /// An entry without a node (inode 0): a negative lookup the kernel may cache for `ttl`,
+    /// or a READDIRPLUS entry whose attributes the kernel must look up itself.
+    fn no_entry(&self, ttl: Duration) -> Entry {
+        Entry {
+            inode: 0,
+            generation: 0,
+            attr: self.config.attr.empty(),
+            attr_flags: 0,
+            attr_timeout: ttl,
+            entry_timeout: ttl,
+        }
+    }
+
     fn read_only_guard(&self, op: &str) -> io::Result<()> {
         if self.config.read_only {
             tracing::debug!(op, "refused: mounted read-only");
@@ -304,14 +316,7 @@ impl FileSystem for BerthFs {
         match self.rt.block_on(self.ns.lookup(parent, name)) {
             Ok(node) => Ok(self.entry(&node)),
             // A negative entry the kernel may cache for the metadata TTL.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Entry {
-                inode: 0,
-                generation: 0,
-                attr: self.config.attr.empty(),
-                attr_flags: 0,
-                attr_timeout: self.ttl(),
-                entry_timeout: self.ttl(),
-            }),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(self.no_entry(self.ttl())),
             Err(e) => Err(e),
         }
     }
@@ -778,14 +783,7 @@ impl FileSystem for BerthFs {
             let entry = if item.node.stat.meta.is_some() || self.ns.is_pending(item.node.ino) {
                 self.entry(&item.node)
             } else {
-                Entry {
-                    inode: 0,
-                    generation: 0,
-                    attr: self.config.attr.empty(),
-                    attr_flags: 0,
-                    attr_timeout: Duration::ZERO,
-                    entry_timeout: Duration::ZERO,
-                }
+                self.no_entry(Duration::ZERO)
             };
             add_entry(
                 DirEntry {

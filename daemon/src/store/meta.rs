@@ -57,6 +57,14 @@ impl PosixMeta {
         }
     }
 
+    /// `self` with every field `change` sets (a SETATTR's worth of changes) replaced.
+    pub fn overlay(&mut self, change: &PosixMeta) {
+        self.mode = change.mode.or(self.mode);
+        self.uid = change.uid.or(self.uid);
+        self.gid = change.gid.or(self.gid);
+        self.mtime = change.mtime.or(self.mtime);
+    }
+
     /// The metadata to send with a write, as (name, value) pairs.
     pub fn to_pairs(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
@@ -164,6 +172,15 @@ mod tests {
         assert_eq!(back, meta);
         assert_eq!(PosixMeta::from_text(&meta.to_text()), meta);
         assert!(PosixMeta::default().to_pairs().is_empty());
+        let mut base = meta.clone();
+        base.overlay(&PosixMeta {
+            uid: Some(7),
+            ..PosixMeta::default()
+        });
+        assert_eq!(
+            (base.uid, base.mode, base.mtime),
+            (Some(7), meta.mode, meta.mtime)
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use bytes::Bytes;
 pub use local::{openat2_supported, LocalStore, Resolver as LocalResolver};
 pub use meta::PosixMeta;
 pub use retry::{RetryPolicy, RetryingStore};
-pub use s3::{S3Options, S3Store};
+pub use s3::{S3Options, S3Store, MAX_COPY_SIZE};
 
 /// Metadata of one object.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -243,11 +243,6 @@ impl Upload {
         Ok(())
     }
 
-    /// The attributes the object is to carry.
-    pub async fn meta(&self) -> PosixMeta {
-        self.state.lock().await.meta.clone()
-    }
-
     /// Bytes accepted so far (the size `stat` shows while the file is open).
     pub fn written(&self) -> Arc<AtomicU64> {
         self.written.clone()
