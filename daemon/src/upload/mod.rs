@@ -908,6 +908,29 @@ mod tests {
         assert_eq!(fx.memory.used(), 0, "an abort gives it back");
     }
 
+    /// Every attribute change is journaled: one open file takes `MAX_META_RECORDS` of them,
+    /// then EBUSY (a client looping on chmod cannot grow the spool), and the object carries
+    /// the last accepted change.
+    #[tokio::test]
+    async fn attribute_changes_on_one_open_file_are_capped() {
+        let fx = Fixture::new();
+        let up = fx.upload(1000, None);
+        up.write(0, b"data").await.unwrap();
+        for i in 0..MAX_META_RECORDS as u32 {
+            let set = up.set_meta(|m| m.uid = Some(1000 + i)).await.unwrap();
+            assert_eq!(set.and_then(|m| m.uid), Some(1000 + i));
+        }
+        let last = Some(1000 + MAX_META_RECORDS as u32 - 1);
+        let same = up.set_meta(|m| m.uid = last).await.unwrap();
+        assert_eq!(same.and_then(|m| m.uid), last, "no change, no record");
+        let e = up.set_meta(|m| m.uid = Some(1)).await.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBUSY));
+        up.commit().await.unwrap();
+        let stored = fx.store.head("out/file").await.unwrap();
+        assert_eq!(stored.meta.and_then(|m| m.uid), last);
+        assert_eq!(fx.object().unwrap(), b"data");
+    }
+
     #[tokio::test]
     async fn an_empty_file_commits_as_an_empty_object() {
         let fx = Fixture::new();

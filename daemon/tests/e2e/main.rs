@@ -14,6 +14,7 @@ mod mount;
 mod proxy;
 mod reqs;
 mod s3;
+mod s3fs;
 mod seaweed;
 mod util;
 mod vmm;

@@ -21,6 +21,8 @@ impl Needs {
     pub const EBPF: Needs = Needs(8);
     /// The everyday tools the POSIX metadata tests run: tar, cp, rsync, git.
     pub const TOOLS: Needs = Needs(16);
+    /// The real s3fs (Debian's s3fs-fuse), for the interop test.
+    pub const S3FS: Needs = Needs(32);
 
     pub const fn union(self, other: Needs) -> Needs {
         Needs(self.0 | other.0)
@@ -44,6 +46,7 @@ pub struct Requirements {
     weed: Result<PathBuf, String>,
     ebpf: Result<(), String>,
     tools: Result<(), String>,
+    s3fs: Result<(), String>,
 }
 
 impl Requirements {
@@ -53,6 +56,7 @@ impl Requirements {
             weed: find_weed(),
             ebpf: detect_ebpf(),
             tools: on_path(&["tar", "cp", "rsync", "git"]),
+            s3fs: on_path(&["s3fs"]),
         }
     }
 
@@ -82,6 +86,14 @@ impl Requirements {
             if let Err(reason) = &self.tools {
                 out.push(Missing {
                     kind: "tools",
+                    reason: reason.clone(),
+                });
+            }
+        }
+        if needs.contains(Needs::S3FS) {
+            if let Err(reason) = &self.s3fs {
+                out.push(Missing {
+                    kind: "s3fs",
                     reason: reason.clone(),
                 });
             }

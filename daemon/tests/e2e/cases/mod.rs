@@ -114,6 +114,11 @@ pub fn all() -> Vec<Case> {
             s3,
             posix::stored_object_attributes,
         ),
+        case(
+            "posix::s3fs_interop",
+            s3.union(Needs::S3FS),
+            posix::s3fs_interop,
+        ),
         case("unsupported::rename_file", s3, unsupported::rename_file),
         case("readonly::read_only_mount", s3, readonly::read_only_mount),
         case(

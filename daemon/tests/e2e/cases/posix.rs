@@ -9,6 +9,7 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::mount::{Mount, MountOpts};
+use crate::s3fs::S3fs;
 use crate::shared_server;
 use crate::util::{ensure_same_bytes, expect_errno, random_bytes, read_file};
 
@@ -373,6 +374,8 @@ pub fn stored_object_attributes() -> Result<()> {
         ],
     )?;
     bucket.put_with_metadata("s3fs-link", b"plain.txt", &[("mode", "41471")])?;
+    // A link object longer than any target (PATH_MAX) can be.
+    bucket.put_with_metadata("long-link", &[b'a'; 5000], &[("mode", "41471")])?;
     bucket.put_with_metadata(
         "garbage.txt",
         b"y",
@@ -411,6 +414,11 @@ pub fn stored_object_attributes() -> Result<()> {
         "read through an s3fs link",
         &read_file(m.join("s3fs-link"))?,
         &small,
+    )?;
+    expect_errno(
+        "readlink of an oversized link object",
+        std::fs::read_link(m.join("long-link")),
+        libc::EIO,
     )?;
     // A character device's mode is served as a regular file's, the rest ignored.
     let st = std::fs::symlink_metadata(m.join("garbage.txt"))?;
@@ -505,4 +513,104 @@ pub fn stored_object_attributes() -> Result<()> {
         "link with --ignore-stored-metadata"
     );
     m.finish()
+}
+
+/// The attributes both tools must agree on, as `stat` shows them.
+fn attrs(path: &Path) -> Result<(u32, u32, u32, i64)> {
+    let st = std::fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    Ok((st.mode(), st.uid(), st.gid(), st.mtime()))
+}
+
+/// Writes, through `root` (a mount), a file with a set mode, owner and time, an executable,
+/// a link to the file, a dangling link and a subdirectory with a file in it.
+fn write_interop_tree(root: &Path) -> Result<()> {
+    std::fs::create_dir_all(root.join("sub"))?;
+    std::fs::write(root.join("f.txt"), b"written for the other tool\n")?;
+    std::fs::set_permissions(root.join("f.txt"), std::fs::Permissions::from_mode(0o640))?;
+    std::os::unix::fs::chown(root.join("f.txt"), Some(1234), Some(5678))?;
+    set_mtime(&root.join("f.txt"), 1_500_000_000, 0)?;
+    std::fs::write(root.join("run.sh"), b"#!/bin/sh\n")?;
+    std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
+    set_mtime(&root.join("run.sh"), 1_600_000_000, 500_000_000)?;
+    symlink("f.txt", root.join("link"))?;
+    symlink("../nowhere/x", root.join("dangling"))?;
+    std::fs::write(root.join("sub/inner"), b"inner\n")?;
+    Ok(())
+}
+
+/// What `write_interop_tree` left, seen through the other tool's mount at `root`.
+fn check_interop_tree(tool: &str, root: &Path) -> Result<()> {
+    let got = attrs(&root.join("f.txt"))?;
+    ensure!(
+        got == (S_IFREG | 0o640, 1234, 5678, 1_500_000_000),
+        "{tool}: f.txt mode {:o} owner {}:{} mtime {}",
+        got.0,
+        got.1,
+        got.2,
+        got.3
+    );
+    let (mode, _, _, mtime) = attrs(&root.join("run.sh"))?;
+    ensure!(
+        (mode, mtime) == (S_IFREG | 0o755, 1_600_000_000),
+        "{tool}: run.sh mode {mode:o} mtime {mtime}"
+    );
+    ensure_same_bytes(
+        &format!("{tool}: f.txt"),
+        &read_file(root.join("f.txt"))?,
+        b"written for the other tool\n",
+    )?;
+    for (link, target) in [("link", "f.txt"), ("dangling", "../nowhere/x")] {
+        let (mode, ..) = attrs(&root.join(link))?;
+        ensure!(mode & 0o170000 == S_IFLNK, "{tool}: {link} mode {mode:o}");
+        let got = std::fs::read_link(root.join(link))?;
+        ensure!(
+            got == Path::new(target),
+            "{tool}: {link} -> {}",
+            got.display()
+        );
+    }
+    ensure_same_bytes(
+        &format!("{tool}: read through the link"),
+        &read_file(root.join("link"))?,
+        b"written for the other tool\n",
+    )?;
+    ensure!(
+        std::fs::metadata(root.join("sub"))?.is_dir(),
+        "{tool}: sub is not a directory"
+    );
+    ensure_same_bytes(
+        &format!("{tool}: sub/inner"),
+        &read_file(root.join("sub/inner"))?,
+        b"inner\n",
+    )?;
+    let mut names: Vec<String> = std::fs::read_dir(root)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    names.sort();
+    ensure!(
+        names == ["dangling", "f.txt", "link", "run.sh", "sub"],
+        "{tool}: listing {names:?}"
+    );
+    Ok(())
+}
+
+/// The real s3fs and berth, on one bucket: what one writes (modes, owners, mtimes, links),
+/// the other reads right.
+pub fn s3fs_interop() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("posix-s3fs")?;
+
+    let s3fs = S3fs::mount(&server.endpoint(), &bucket.name)?;
+    std::fs::create_dir(s3fs.join("from-s3fs"))?;
+    write_interop_tree(&s3fs.join("from-s3fs"))?;
+    s3fs.finish()?;
+    let m = Mount::s3(server, &bucket.name, None, MountOpts::default())?;
+    check_interop_tree("berth reading s3fs", &m.join("from-s3fs"))?;
+    std::fs::create_dir(m.join("from-berth"))?;
+    write_interop_tree(&m.join("from-berth"))?;
+    m.finish()?;
+
+    let s3fs = S3fs::mount(&server.endpoint(), &bucket.name)?;
+    check_interop_tree("s3fs reading berth", &s3fs.join("from-berth"))?;
+    s3fs.finish()
 }
