@@ -115,6 +115,41 @@ pub fn run(handoff_fd: RawFd, config: VolumeConfig, policy: SandboxPolicy) -> an
     serve_until_end(served, events, &reply, &facts)
 }
 
+/// Set to `1`, a successor engine does not ask for FUSE_NOTIFY_RESEND and serves what its
+/// predecessor left from the request slots, as on kernels before 6.9 (how that path is tested
+/// on newer kernels).
+pub const NO_RESEND_ENV: &str = "BERTH_TAKEOVER_NO_RESEND";
+
+/// How the requests a dead predecessor read but never answered come back: the kernel queues
+/// them again (RESEND, 6.9+), or, where it cannot, each worker serves its queue's leftover from
+/// the shared request slots. Returns whether the workers must replay from the slots.
+fn bring_back_unanswered(
+    queue: RawFd,
+    shared: &ConnectionState,
+    m: &MountHandoff,
+) -> anyhow::Result<bool> {
+    let mountpoint = m.mountpoint.display();
+    if std::env::var_os(NO_RESEND_ENV).is_some_and(|v| v == "1") {
+        tracing::info!(%mountpoint, "RESEND not used ({NO_RESEND_ENV}=1): serving the previous engine's unanswered requests from the request slots");
+    } else {
+        match protocol::notify_resend(queue) {
+            Ok(()) => return Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(%mountpoint, "this kernel has no FUSE_NOTIFY_RESEND (before 6.9): serving the previous engine's unanswered requests from the request slots");
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("asking the kernel to resend for {mountpoint}"))
+            }
+        }
+    }
+    if shared.request_slot(0).is_none() {
+        tracing::warn!(%mountpoint, "no RESEND and this mount's holder keeps no request slots (it predates them): requests the previous engine read wait until their callers are interrupted; remount with this berth");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Tells the holder why this engine cannot serve, and exits (the holder reports the error;
 /// it is not printed twice).
 fn fail(reply: &Mutex<UnixStream>, error: String) -> ! {
@@ -186,16 +221,13 @@ fn start(
     }
     // Everything is ready: only now bring back what a predecessor left unanswered, so that
     // nothing is resent while this engine is already serving it.
-    for (_, m, queues, ..) in &prepared {
-        if m.resend {
-            protocol::notify_resend(queues[0].as_raw_fd()).with_context(|| {
-                format!("asking the kernel to resend for {}", m.mountpoint.display())
-            })?;
-        }
+    let mut replay = Vec::new();
+    for (_, m, queues, shared, _) in &prepared {
+        replay.push(m.resend && bring_back_unanswered(queues[0].as_raw_fd(), shared, m)?);
     }
     let mut served = Vec::new();
     let beating: Vec<Arc<ConnectionState>> = prepared.iter().map(|p| p.3.clone()).collect();
-    for (index, m, queues, shared, volume) in prepared {
+    for ((index, m, queues, shared, volume), replay) in prepared.into_iter().zip(replay) {
         let control = QueueControl::new(init_reporter(index, &volume.fs, reply))?;
         let server = Arc::new(Server::new(volume.fs.clone()));
         let workers = queues.len();
@@ -210,7 +242,7 @@ fn start(
             std::thread::Builder::new()
                 .name(format!("fuse-{index}-{q}"))
                 .spawn(move || {
-                    let end = worker::serve_queue(queue, &server, &shared, &control);
+                    let end = worker::serve_queue(queue, q, replay, &server, &shared, &control);
                     let _ = events.send(EngineEvent::WorkerEnded { mount: index, end });
                 })?;
         }

@@ -319,6 +319,7 @@ impl BerthFs {
     /// Takes over every file this door's predecessors were writing (a successor engine does
     /// so before it serves, so a file being written is never seen as missing from the store).
     pub fn adopt_writes(&self) {
+        self.spools.remove_unborn();
         for fh in self.spools.handles() {
             if self.handles.predecessors(fh) == Some(HandleKind::Write) {
                 let _ = self.adopt_write(fh, None);

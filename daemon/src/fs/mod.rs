@@ -715,6 +715,16 @@ impl FileSystem for BerthFs {
     ) -> io::Result<()> {
         let mut removed = self.handles.remove(handle, inode);
         if removed.is_none() && self.handles.predecessors(handle) == Some(HandleKind::Write) {
+            if !self.spools.has(handle) {
+                // Released already: the predecessor removed the spool and died before its
+                // reply; this is the resent RELEASE. Nothing is left to do.
+                tracing::debug!(
+                    inode,
+                    handle,
+                    "release of a write handle a dead engine had released already"
+                );
+                return Ok(());
+            }
             // A predecessor's file being written, closed before this engine saw it.
             removed = self
                 .adopt_write(handle, Some(inode))

@@ -6,6 +6,8 @@
 //! empty by the time we read). Requests that change the store reply through a pipe first, so
 //! the reply can be journaled in the shared region before the kernel sees it; a resent copy of
 //! such a request (after a takeover) is answered from the journal and not applied again.
+//! Each request is read into its queue's slot in the holder-owned shared region: on kernels
+//! without FUSE_NOTIFY_RESEND a successor serves from there what a dead engine left.
 
 use std::fs::File;
 use std::io;
@@ -16,12 +18,9 @@ use std::sync::Arc;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
 
-use super::connection_state::ConnectionState;
+use super::connection_state::{ConnectionState, REQUEST_BUFFER};
 use super::protocol::{self, InHeader};
 use crate::fs::BerthFs;
-
-/// Largest request: 1 MiB of data (max_pages 256) plus headers.
-const REQUEST_BUFFER: usize = (1 << 20) + (64 << 10);
 
 const SERVING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -94,15 +93,26 @@ pub fn set_nonblocking(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Serves one queue until the connection ends or the engine stops.
+/// Serves queue number `index` until the connection ends or the engine stops. With `replay`
+/// (a takeover on a kernel without RESEND), first serves again the request a dead
+/// predecessor read from this queue and left unanswered in the queue's request slot.
 pub fn serve_queue(
     queue: File,
+    index: usize,
+    replay: bool,
     server: &Server<Arc<BerthFs>>,
     shared: &ConnectionState,
     control: &QueueControl,
 ) -> WorkerEnd {
     let fd = queue.as_raw_fd();
-    let mut request = vec![0u8; REQUEST_BUFFER];
+    // Requests are read into the queue's slot in the shared region when the holder made one
+    // (so a successor finds what this engine read), else into a buffer of our own.
+    let mut slot = shared.request_slot(index);
+    let mut own = if slot.is_none() {
+        vec![0u8; REQUEST_BUFFER]
+    } else {
+        Vec::new()
+    };
     let mut reply = vec![0u8; REQUEST_BUFFER];
     let capture = match Capture::new() {
         Ok(c) => c,
@@ -111,6 +121,32 @@ pub fn serve_queue(
             return WorkerEnd::Failed;
         }
     };
+    let serve = |bytes: &mut [u8], header: &InHeader, again: bool, reply: &mut [u8]| {
+        crate::sandbox::forbidden_syscall_if_injected(header.opcode);
+        shared.request_started();
+        serve_one(fd, header, bytes, again, reply, server, shared, &capture);
+        shared.request_finished();
+        if header.opcode == protocol::FUSE_INIT {
+            (control.on_init)();
+        }
+    };
+    if replay {
+        if let Some(slot) = slot.as_mut() {
+            if let Some(left) = slot.unfinished() {
+                let bytes = &mut slot.buffer()[..left.len];
+                if let Some(header) = InHeader::parse(bytes) {
+                    tracing::info!(
+                        queue = index,
+                        opcode = header.opcode,
+                        request = header.unique,
+                        "serving again a request the previous engine read and did not answer"
+                    );
+                    serve(bytes, &header, true, &mut reply);
+                }
+                slot.finished(left.unique);
+            }
+        }
+    }
     loop {
         if control.phase() == STOPPED {
             return WorkerEnd::Stopped;
@@ -121,8 +157,12 @@ pub fn serve_queue(
         if control.phase() == STOPPED {
             return WorkerEnd::Stopped;
         }
-        // SAFETY: reads into a buffer of REQUEST_BUFFER bytes we own.
-        let len = unsafe { libc::read(fd, request.as_mut_ptr().cast(), request.len()) };
+        let buffer: &mut [u8] = match slot.as_mut() {
+            Some(slot) => slot.buffer(),
+            None => &mut own,
+        };
+        // SAFETY: reads into a buffer of REQUEST_BUFFER bytes only this worker uses.
+        let len = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
         if len < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -135,27 +175,42 @@ pub fn serve_queue(
                 }
             }
         }
-        let bytes = &mut request[..len as usize];
+        let bytes = &mut buffer[..len as usize];
         let Some(header) = InHeader::parse(bytes) else {
             tracing::error!(len, "short FUSE request ignored");
             continue;
         };
         let phase = control.phase();
         if phase == STOPPED || (phase == DRAINING && protocol::opens_for_write(&header, bytes)) {
-            // Unanswered on purpose: the successor's RESEND brings it back.
+            // Unanswered on purpose: the successor gets it again (RESEND, or from the slot).
             if phase == STOPPED {
                 return WorkerEnd::Stopped;
             }
+            if slot.is_some() {
+                // The slot holds it for the successor: read nothing more into it.
+                return wait_stopped(control);
+            }
             continue;
         }
-        crate::sandbox::forbidden_syscall_if_injected(header.opcode);
-        shared.request_started();
-        serve_one(fd, &header, bytes, &mut reply, server, shared, &capture);
-        shared.request_finished();
-        if header.opcode == protocol::FUSE_INIT {
-            (control.on_init)();
+        serve(bytes, &header, false, &mut reply);
+        if let Some(slot) = &slot {
+            slot.finished(header.unique);
         }
     }
+}
+
+/// A draining worker whose slot holds a request left for the successor waits for the stop.
+fn wait_stopped(control: &QueueControl) -> WorkerEnd {
+    let mut fds = [libc::pollfd {
+        fd: control.wake.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    while control.phase() != STOPPED {
+        // SAFETY: polls one valid pollfd entry.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+    }
+    WorkerEnd::Stopped
 }
 
 /// Waits until the queue has something or the stop eventfd fires.
@@ -193,17 +248,21 @@ fn wait_readable(fd: RawFd, wake: RawFd) -> Result<(), WorkerEnd> {
     }
 }
 
+/// Serves one request; `again`: it may have been served before (resent, or replayed from a
+/// dead engine's slot), so a non-idempotent one is answered from the journal if it is there.
+#[allow(clippy::too_many_arguments)]
 fn serve_one(
     fd: RawFd,
     header: &InHeader,
     bytes: &mut [u8],
+    again: bool,
     reply: &mut [u8],
     server: &Server<Arc<BerthFs>>,
     shared: &ConnectionState,
     capture: &Capture,
 ) {
     let journaled = protocol::is_non_idempotent(header.opcode);
-    if journaled && header.is_resend() {
+    if journaled && (again || header.is_resend()) {
         if let Some(mut old) = shared.journaled_reply(header.request_id()) {
             tracing::info!(
                 opcode = header.opcode,
@@ -215,7 +274,15 @@ fn serve_one(
             return;
         }
     }
-    let out_fd = if journaled { capture.write_fd() } else { fd };
+    // Replies of journaled requests, and of the one fault injection names, go through the
+    // capture pipe: journaled (if they are) before the kernel sees them.
+    let crash = crash_injected(header.opcode);
+    let captured_reply = journaled || crash;
+    let out_fd = if captured_reply {
+        capture.write_fd()
+    } else {
+        fd
+    };
     let reader = match Reader::from_fuse_buffer(FuseBuf::new(bytes)) {
         Ok(r) => r,
         Err(e) => {
@@ -234,30 +301,36 @@ fn serve_one(
         // ENOENT on reply: the request was interrupted and the kernel forgot it.
         tracing::debug!(error = ?e, "FUSE request not answered cleanly");
     }
-    if journaled {
+    if captured_reply {
         let captured = capture.take();
-        if !captured.is_empty() {
+        if journaled && !captured.is_empty() {
             shared.journal_reply(header.request_id(), &captured);
-            crash_if_injected(header.opcode);
+        }
+        if crash {
+            tracing::warn!(
+                opcode = header.opcode,
+                "fault injection: engine aborts before replying"
+            );
+            std::process::abort();
+        }
+        if !captured.is_empty() {
             write_reply(fd, &captured);
         }
     }
 }
 
 /// Fault injection for the takeover tests: `BERTH_FAULT_CRASH_BEFORE_REPLY=<opcode number>`
-/// makes the engine abort after applying and journaling such a request but before replying,
-/// the one window where a resent request would otherwise be applied twice.
-fn crash_if_injected(opcode: u32) {
+/// makes the engine abort after applying (and journaling, if it is journaled) such a request
+/// but before replying: the window where a resent request would be applied twice, or find
+/// its work done.
+fn crash_injected(opcode: u32) -> bool {
     static CRASH_ON: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     let crash_on = CRASH_ON.get_or_init(|| {
         std::env::var("BERTH_FAULT_CRASH_BEFORE_REPLY")
             .ok()
             .and_then(|v| v.parse().ok())
     });
-    if *crash_on == Some(opcode) {
-        tracing::warn!(opcode, "fault injection: engine aborts before replying");
-        std::process::abort();
-    }
+    *crash_on == Some(opcode)
 }
 
 fn write_reply(fd: RawFd, reply: &[u8]) {

@@ -74,6 +74,9 @@ impl Detector {
 pub struct HangWatch {
     finished: u64,
     since: Instant,
+    /// Requests started and never finished under the shared counters when the current engine
+    /// started: what dead predecessors left (their successor counts them again).
+    left: u64,
 }
 
 impl Default for HangWatch {
@@ -87,7 +90,22 @@ impl HangWatch {
         HangWatch {
             finished: 0,
             since: Instant::now(),
+            left: 0,
         }
+    }
+
+    /// A new engine takes the connection over; `progress` is the shared (started, finished).
+    pub fn engine_started(&mut self, progress: (u64, u64)) {
+        self.left = progress.0.saturating_sub(progress.1);
+        self.since = Instant::now();
+    }
+
+    /// Requests the current engine has read and not finished, from the shared counters.
+    pub fn in_flight(&self, progress: (u64, u64)) -> u64 {
+        progress
+            .0
+            .saturating_sub(progress.1)
+            .saturating_sub(self.left)
     }
 
     /// Starts over (a new engine serves): time stuck counts from now.
@@ -163,5 +181,24 @@ mod tests {
         // fusectl unreadable: no verdict.
         let mut w = HangWatch::new();
         assert_eq!(w.check_at(s(60000), None, 0, timeout), None);
+    }
+
+    /// Without fusectl the engine's own counters say what is in flight; what a killed engine
+    /// left unfinished is not held against its successor.
+    #[test]
+    fn in_flight_by_the_counters_forgets_what_dead_engines_left() {
+        let mut w = HangWatch::new();
+        assert_eq!(w.in_flight((10, 8)), 2);
+        // The engine dies with those two read; its successor starts.
+        w.engine_started((10, 8));
+        assert_eq!(
+            w.in_flight((10, 8)),
+            0,
+            "an idle successor has nothing in flight"
+        );
+        // It reads the two again (RESEND or the request slots) and one more.
+        assert_eq!(w.in_flight((13, 8)), 3);
+        assert_eq!(w.in_flight((13, 11)), 0);
+        assert_eq!(w.in_flight((12, 11)), 0, "never below zero");
     }
 }

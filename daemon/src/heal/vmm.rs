@@ -139,7 +139,7 @@ fn connect(
     let conn = Arc::new(VmmConnection {
         id,
         front: Arc::new(Mutex::new(front)),
-        journal: ConnectionState::create().context("creating the reply journal")?,
+        journal: ConnectionState::create(0).context("creating the reply journal")?,
         attached: Mutex::new(0),
         hang: Mutex::new(HangWatch::new()),
     });

@@ -227,6 +227,31 @@ impl SpoolDir {
         remove(&log);
     }
 
+    /// Removes the spools whose log has no header: their engine died inside `create`, before
+    /// the create or open that made them was answered, so no handle the kernel holds names
+    /// them (the request comes again and makes a new one). Returns how many went.
+    pub fn remove_unborn(&self) -> usize {
+        let mut removed = 0;
+        for fh in self.handles() {
+            let (_, log_path) = self.paths(fh);
+            let Ok(bytes) = std::fs::read(&log_path) else {
+                continue;
+            };
+            if matches!(decode_all(&bytes).0.first(), Some(Record::Header(_))) {
+                continue;
+            }
+            tracing::info!(log = %log_path.display(), "removed an upload log without a header: its engine died while creating it, before any reply named it");
+            self.remove(fh);
+            removed += 1;
+        }
+        removed
+    }
+
+    /// Whether handle `fh` has a spool here.
+    pub fn has(&self, fh: u64) -> bool {
+        self.paths(fh).1.exists()
+    }
+
     /// The handle numbers that have a spool here.
     pub fn handles(&self) -> Vec<u64> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -608,6 +633,28 @@ mod tests {
         s.remove();
         assert!(spools.open(0xfeed).unwrap().is_none());
         assert!(spools.handles().is_empty());
+    }
+
+    /// An engine that died inside `create` left a log with no header (empty, or the header
+    /// torn): nothing names it, so a successor removes it instead of reporting a lost file at
+    /// every takeover; spools with a header stay.
+    #[test]
+    fn logs_without_a_header_are_removed_and_the_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spools = SpoolDir::new(dir.path().to_path_buf());
+        drop(spools.create(1, header(None)).unwrap());
+        std::fs::write(dir.path().join(format!("{:016x}.log", 2)), b"").unwrap();
+        std::fs::write(dir.path().join(format!("{:016x}.data", 2)), b"").unwrap();
+        let mut torn = std::fs::read(dir.path().join(format!("{:016x}.log", 1))).unwrap();
+        torn.truncate(torn.len() / 2);
+        std::fs::write(dir.path().join(format!("{:016x}.log", 3)), torn).unwrap();
+        let mut found = spools.handles();
+        found.sort();
+        assert_eq!(found, vec![1, 2, 3]);
+        assert_eq!(spools.remove_unborn(), 2);
+        assert_eq!(spools.handles(), vec![1]);
+        assert!(!dir.path().join(format!("{:016x}.data", 2)).exists());
+        assert!(spools.open(1).unwrap().is_some());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! engine is killed with SIGKILL `--kills` times (default 20), once with the eBPF detector and
 //! once with `--no-ebpf`; then it is frozen with SIGSTOP 5 times (default flags: the holder
 //! finds it by its missing heartbeat within `--freeze-timeout`, 750 ms, and replaces it); then
-//! the engine is upgraded 5 times. Printed per run: operations,
+//! the engine is upgraded 5 times. The kill -9 and upgrade runs are repeated with the takeover
+//! path of kernels without FUSE_NOTIFY_RESEND (request slots) forced. Printed per run: operations,
 //! application errors, the stall each kill caused (longest operation that ended within 2 s
 //! after it; p50/p99/max), detection latency (kill to the holder noticing, both on
 //! CLOCK_MONOTONIC) and the holder's kill-to-serving time.
@@ -27,6 +28,8 @@ const DATA_MIB: u64 = 64;
 const UPGRADES: usize = 5;
 const FREEZES: usize = 5;
 const BETWEEN: Duration = Duration::from_millis(400);
+/// The engine's switch to the takeover path of kernels before 6.9 (daemon/src/engine.rs).
+const NO_RESEND_ENV: &str = "BERTH_TAKEOVER_NO_RESEND";
 
 /// One operation the load made: when it started and ended (monotonic ns), and whether it failed.
 #[derive(Clone, Copy)]
@@ -68,11 +71,18 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let data = Arc::new(std::fs::read(work.join("src").join("data.bin"))?);
     let mut rows = Vec::new();
-    for (label, flags) in [
-        ("kill -9, eBPF", vec![]),
-        ("kill -9, --no-ebpf", vec!["--no-ebpf"]),
+    // The kernel path without FUSE_NOTIFY_RESEND (before 6.9), forced on this kernel.
+    let no_resend = [(NO_RESEND_ENV, "1")];
+    for (label, flags, env) in [
+        ("kill -9, eBPF", vec![], &[][..]),
+        ("kill -9, --no-ebpf", vec!["--no-ebpf"], &[][..]),
+        (
+            "kill -9, --no-ebpf, no RESEND",
+            vec!["--no-ebpf"],
+            &no_resend[..],
+        ),
     ] {
-        let mut mount = BenchMount::start(&berth, &work, &flags)?;
+        let mut mount = BenchMount::start(&berth, &work, &flags, env)?;
         let detector = mount.status()?["detector"]
             .as_str()
             .unwrap_or("?")
@@ -86,7 +96,7 @@ pub fn run(args: &[String]) -> Result<()> {
         mount.stop()?;
         rows.push(row?);
     }
-    let mut mount = BenchMount::start(&berth, &work, &["--no-ebpf"])?;
+    let mut mount = BenchMount::start(&berth, &work, &["--no-ebpf"], &[])?;
     let row = kill_run(
         &mut mount,
         "SIGSTOP (frozen)",
@@ -96,10 +106,12 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     mount.stop()?;
     rows.push(row?);
-    let mut mount = BenchMount::start(&berth, &work, &["--no-ebpf"])?;
-    let row = upgrade_run(&mut mount, &data);
-    mount.stop()?;
-    rows.push(row?);
+    for (label, env) in [("upgrade", &[][..]), ("upgrade, no RESEND", &no_resend[..])] {
+        let mut mount = BenchMount::start(&berth, &work, &["--no-ebpf"], env)?;
+        let row = upgrade_run(&mut mount, label, &data);
+        mount.stop()?;
+        rows.push(row?);
+    }
     let _ = std::fs::remove_dir_all(&work);
     print_table(&rows, kills);
     Ok(())
@@ -157,7 +169,7 @@ fn kill_run(
     })
 }
 
-fn upgrade_run(mount: &mut BenchMount, data: &Arc<Vec<u8>>) -> Result<Row> {
+fn upgrade_run(mount: &mut BenchMount, label: &str, data: &Arc<Vec<u8>>) -> Result<Row> {
     eprintln!("bench: {UPGRADES} upgrades under load");
     let load = Load::start(&mount.mnt, data.clone())?;
     let mut times = Vec::new();
@@ -190,7 +202,7 @@ fn upgrade_run(mount: &mut BenchMount, data: &Arc<Vec<u8>>) -> Result<Row> {
     std::thread::sleep(BETWEEN);
     let ops = load.finish();
     Ok(Row {
-        label: "berth upgrade".into(),
+        label: format!("berth {label}"),
         ops: ops.len(),
         errors: ops.iter().filter(|o| o.failed && !o.write).count(),
         writes_failed: ops.iter().filter(|o| o.failed && o.write).count(),
@@ -282,7 +294,12 @@ struct BenchMount {
 }
 
 impl BenchMount {
-    fn start(berth: &Path, work: &Path, flags: &[&str]) -> Result<BenchMount> {
+    fn start(
+        berth: &Path,
+        work: &Path,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<BenchMount> {
         let mnt = work.join("mnt");
         let state = work.join("state");
         std::fs::create_dir_all(&mnt)?;
@@ -293,6 +310,7 @@ impl BenchMount {
             .arg("--state-dir")
             .arg(&state)
             .args(flags)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "berth=warn")
             .stdout(Stdio::piped())
             .spawn()

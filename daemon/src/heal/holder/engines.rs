@@ -54,6 +54,9 @@ impl Holder {
             .spawn()
             .with_context(|| format!("starting engine {}", self.binary.display()))?;
         drop(theirs);
+        for m in &mut self.mounts {
+            m.hang.engine_started(m.shared.progress());
+        }
         let (hello, fds, mounts) = self.hello(generation, resend);
         handoff::send(&ours, &ToEngine::Hello(hello), &fds).context("handing fds to the engine")?;
         self.detector.watch_process(child.id());

@@ -135,7 +135,14 @@ pub struct Holder {
     /// When the last fallback tick ran: a holder that was itself stopped (a frozen cgroup, a
     /// suspended node) does not blame its engine for the silence it slept through.
     last_tick: Option<Instant>,
+    /// Whether the stall check reads fusectl `waiting` (off with `BERTH_NO_FUSECTL=1`, how the
+    /// path of nodes without fusectl is tested); without it, the engine's own counters.
+    fusectl: bool,
 }
+
+/// Set to `1`, the holder never reads fusectl: the stall check counts the requests the engine
+/// read and did not finish instead of the kernel's `waiting`, as where fusectl is missing.
+pub const NO_FUSECTL_ENV: &str = "BERTH_NO_FUSECTL";
 
 /// `berth mount`: hold the mounts and keep an engine serving them until unmounted.
 pub fn run(config: HolderConfig) -> anyhow::Result<()> {
@@ -147,6 +154,11 @@ pub fn run(config: HolderConfig) -> anyhow::Result<()> {
         if unsafe { libc::geteuid() } != 0 {
             bail!("berth mount needs root (CAP_SYS_ADMIN) to mount FUSE filesystems");
         }
+    }
+    let fusectl = std::env::var_os(NO_FUSECTL_ENV).is_none_or(|v| v != "1");
+    if !fusectl {
+        tracing::info!("fusectl not used ({NO_FUSECTL_ENV}=1): the stall check counts the requests the engine read and did not finish");
+    } else if !config.targets.is_empty() {
         fuse::ensure_fusectl();
     }
     private_dir(&config.state_dir)
@@ -173,6 +185,7 @@ pub fn run(config: HolderConfig) -> anyhow::Result<()> {
         hang_timeout,
         signals: 0,
         last_tick: None,
+        fusectl,
     };
     let mut healed = Vec::new();
     for target in wanted {
@@ -351,9 +364,19 @@ impl Holder {
                 self.hang_timeout
             };
             let m = &mut self.mounts[i];
-            let waiting = m.conn.and_then(fuse::waiting_requests);
-            if let Some(waited) = m.hang.check(waiting, m.shared.progress().1, timeout) {
-                self.facts.last_detected_by = Some("fusectl".into());
+            let progress = m.shared.progress();
+            let kernel = m
+                .conn
+                .filter(|_| self.fusectl)
+                .and_then(fuse::waiting_requests);
+            // Where fusectl cannot be read: what the engine read and has not finished (blind
+            // to requests no worker has read yet, which the heartbeat covers).
+            let (waiting, by) = match kernel {
+                Some(w) => (w, "fusectl"),
+                None => (m.hang.in_flight(progress), "counters"),
+            };
+            if let Some(waited) = m.hang.check(Some(waiting), progress.1, timeout) {
+                self.facts.last_detected_by = Some(by.into());
                 let generation = self.generation;
                 self.on_hung(generation, i, waited, "requests waiting, none finished");
                 return;

@@ -97,7 +97,7 @@ impl Holder {
             mountpoint: path,
             fuse: None,
             queues: Vec::new(),
-            shared: ConnectionState::create().context("creating the shared state region")?,
+            shared: ConnectionState::create(0).context("creating the shared state region")?,
             conn: None,
             init_capable: None,
             hang: HangWatch::new(),
@@ -117,7 +117,8 @@ impl Holder {
         let queues = fuse
             .queues(self.config.threads)
             .context("cloning FUSE queues")?;
-        let shared = ConnectionState::create().context("creating the shared state region")?;
+        let shared =
+            ConnectionState::create(queues.len()).context("creating the shared state region")?;
         let conn = fuse.connection_id();
         if let Some(conn) = conn {
             self.detector.watch_connection(conn);

@@ -44,6 +44,48 @@ impl Detector {
     }
 }
 
+/// How a successor gets the requests its predecessor read and did not answer: the kernel's
+/// RESEND (6.9+), or the request slots in the holder's shared region (older kernels; forced
+/// here through the engine's environment).
+#[derive(Clone, Copy, Debug)]
+pub enum Takeover {
+    Resend,
+    Slots,
+}
+
+impl Takeover {
+    fn env(self) -> Vec<(String, String)> {
+        match self {
+            Takeover::Resend => vec![],
+            Takeover::Slots => vec![("BERTH_TAKEOVER_NO_RESEND".into(), "1".into())],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Takeover::Resend => "resend",
+            Takeover::Slots => "slots",
+        }
+    }
+
+    /// The log shows which path the successors took; returns how many requests they served
+    /// again from the request slots.
+    fn check_log(self, m: &Mount) -> Result<usize> {
+        let slots = m
+            .log()
+            .contains("serving the previous engine's unanswered requests from the request slots");
+        ensure!(
+            slots == matches!(self, Takeover::Slots),
+            "takeover {:?}, but the request slots were {}used",
+            self,
+            if slots { "" } else { "not " }
+        );
+        Ok(m.log()
+            .matches("serving again a request the previous engine read")
+            .count())
+    }
+}
+
 /// What the status file of a mount says about healing.
 #[derive(Debug)]
 pub(super) struct Heal {
@@ -295,14 +337,17 @@ fn setup(tag: &str) -> Result<(Bucket, Arc<Vec<u8>>)> {
     Ok((bucket, big))
 }
 
-fn mount(bucket: &Bucket, detector: Detector, extra: &[&str]) -> Result<Mount> {
+fn mount(bucket: &Bucket, detector: Detector, takeover: Takeover, extra: &[&str]) -> Result<Mount> {
     let mut flags = detector.flags();
     flags.extend_from_slice(extra);
     let m = Mount::s3(
         shared_server()?,
         &bucket.name,
         None,
-        MountOpts::flags(&flags),
+        MountOpts {
+            env: takeover.env(),
+            ..MountOpts::flags(&flags)
+        },
     )?;
     let status = heal_status(&m)?;
     ensure!(
@@ -323,9 +368,13 @@ fn kill(pid: u32, sig: i32) -> Result<()> {
 }
 
 /// The engine is killed with SIGKILL ten times under load: no application error.
-pub fn kill9_under_load(detector: Detector) -> Result<()> {
-    let (bucket, big) = setup(&format!("heal-kill-{}", detector.name()))?;
-    let m = mount(&bucket, detector, &[])?;
+pub fn kill9_under_load(detector: Detector, takeover: Takeover) -> Result<()> {
+    let (bucket, big) = setup(&format!(
+        "heal-kill-{}-{}",
+        detector.name(),
+        takeover.name()
+    ))?;
+    let m = mount(&bucket, detector, takeover, &[])?;
     let load = Load::start(m.path(), big)?;
     let mut generation = heal_status(&m)?.generation;
     let mut worst_recovery = Duration::ZERO;
@@ -342,8 +391,9 @@ pub fn kill9_under_load(detector: Detector) -> Result<()> {
     let (ok, reported) = check_writes(&bucket, &writes)?;
     let status = heal_status(&m)?;
     eprintln!(
-        "heal: {} kill -9 x10: {ops} operations, {} errors, max stall {max_stall:?}, worst kill-to-serving {worst_recovery:?}, writes {ok} committed / {reported} reported failed, generation {}, recoveries {}",
+        "heal: {} {} kill -9 x10: {ops} operations, {} errors, max stall {max_stall:?}, worst kill-to-serving {worst_recovery:?}, writes {ok} committed / {reported} reported failed, generation {}, recoveries {}",
         detector.name(),
+        takeover.name(),
         errors.len(),
         status.generation,
         status.recoveries
@@ -363,6 +413,11 @@ pub fn kill9_under_load(detector: Detector) -> Result<()> {
     ensure!(
         reported == 0,
         "{reported} files failed to write across engine kills"
+    );
+    let replayed = takeover.check_log(&m)?;
+    eprintln!(
+        "heal: {} takeover: {replayed} requests served again from request slots",
+        takeover.name()
     );
     m.finish()
 }
@@ -421,36 +476,35 @@ fn paced_writer(
 /// Files being written survive the engine: SIGKILL ten times under writers of large
 /// (multipart) and small files, paced so kills land mid-file. Every file is committed
 /// byte-exact and no write, flush or close fails.
-pub fn writes_survive_kill9() -> Result<()> {
-    writes_survive("kill -9 x10", "heal-writes-kill", 10, |m, generation| {
-        kill(heal_status(m)?.engine_pid, libc::SIGKILL)?;
-        Ok(wait_generation(m, generation, Duration::from_secs(20))?.generation)
-    })
+pub fn writes_survive_kill9(takeover: Takeover) -> Result<()> {
+    writes_survive(
+        "kill -9 x10",
+        "heal-writes-kill",
+        10,
+        takeover,
+        |m, generation| {
+            kill(heal_status(m)?.engine_pid, libc::SIGKILL)?;
+            Ok(wait_generation(m, generation, Duration::from_secs(20))?.generation)
+        },
+    )
 }
 
 /// The same writers across three `berth upgrade`s: open files are carried to the new engine
 /// (no drain), none fails.
 pub fn writes_survive_upgrade() -> Result<()> {
-    writes_survive("upgrade x3", "heal-writes-upgrade", 3, |m, generation| {
-        let out = Command::new(BERTH)
-            .arg("upgrade")
-            .arg(m.path())
-            .arg("--binary")
-            .arg(BERTH)
-            .arg("--state-dir")
-            .arg(m.state_dir())
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "berth upgrade failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("heal: {}", String::from_utf8_lossy(&out.stdout).trim());
-        let now = heal_status(m)?.generation;
-        ensure!(now > generation, "no new engine after the upgrade");
-        Ok(now)
-    })
+    writes_survive(
+        "upgrade x3",
+        "heal-writes-upgrade",
+        3,
+        Takeover::Resend,
+        |m, generation| {
+            let stdout = upgrade(m.path(), &m.state_dir())?;
+            eprintln!("heal: {}", stdout.trim());
+            let now = heal_status(m)?.generation;
+            ensure!(now > generation, "no new engine after the upgrade");
+            Ok(now)
+        },
+    )
 }
 
 /// Paced writers of 12 MiB (multipart), 48 KiB and 100-byte files while `disrupt` replaces
@@ -459,10 +513,16 @@ fn writes_survive(
     what: &str,
     tag: &str,
     rounds: u64,
+    takeover: Takeover,
     disrupt: impl Fn(&Mount, u64) -> Result<u64>,
 ) -> Result<()> {
-    let (bucket, _) = setup(tag)?;
-    let m = mount(&bucket, Detector::Fallback, &["--part-size", "5MiB"])?;
+    let (bucket, _) = setup(&format!("{tag}-{}", takeover.name()))?;
+    let m = mount(
+        &bucket,
+        Detector::Fallback,
+        takeover,
+        &["--part-size", "5MiB"],
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     let out = m.path().join("out");
     let writers = vec![
@@ -515,6 +575,11 @@ fn writes_survive(
         "{reported} files failed to write across engine replacements"
     );
     ensure!(large >= 2, "only {large} large files were written");
+    let replayed = takeover.check_log(&m)?;
+    eprintln!(
+        "heal: {} takeover: {replayed} requests served again from request slots",
+        takeover.name()
+    );
     m.finish()
 }
 
@@ -555,6 +620,7 @@ pub fn hung_engine_replaced(detector: Detector) -> Result<()> {
     let m = mount(
         &bucket,
         detector,
+        Takeover::Resend,
         &["--hang-timeout", "2s", "--freeze-timeout", "0"],
     )?;
     let what = format!("{} SIGSTOP", detector.name());
@@ -579,15 +645,35 @@ pub fn hung_engine_replaced(detector: Detector) -> Result<()> {
 /// missing heartbeat, killed and replaced, and nobody sees an error. How fast is measured by
 /// `cargo xtask bench recovery`; here only which detector found it (the stall detectors need
 /// 40 s).
-pub fn frozen_engine_replaced_by_heartbeat(detector: Detector) -> Result<()> {
-    let (bucket, big) = setup(&format!("heal-frozen-{}", detector.name()))?;
-    let m = mount(&bucket, detector, &[])?;
+///
+/// `fusectl: false` runs the holder as on a node without fusectl (`BERTH_NO_FUSECTL=1`): the
+/// heartbeat does not need it.
+pub fn frozen_engine_replaced_by_heartbeat(detector: Detector, fusectl: bool) -> Result<()> {
+    let tag = if fusectl { "" } else { "-no-fusectl" };
+    let (bucket, big) = setup(&format!("heal-frozen-{}{tag}", detector.name()))?;
+    let m = if fusectl {
+        mount(&bucket, detector, Takeover::Resend, &[])?
+    } else {
+        Mount::s3(
+            shared_server()?,
+            &bucket.name,
+            None,
+            MountOpts {
+                env: vec![("BERTH_NO_FUSECTL".into(), "1".into())],
+                ..MountOpts::flags(&detector.flags())
+            },
+        )?
+    };
     let what = format!("{} frozen engine", detector.name());
     let (after, _) = stop_under_load(&m, &bucket, big, &what)?;
     ensure!(
         after.last_detected_by.as_deref() == Some("heartbeat"),
         "the frozen engine was found by {:?}, not its heartbeat",
         after.last_detected_by
+    );
+    ensure!(
+        fusectl || m.log().contains("fusectl not used"),
+        "the holder did not say it runs without fusectl"
     );
     m.finish()
 }
@@ -625,17 +711,19 @@ pub fn slow_store_is_never_a_hang() -> Result<()> {
 /// The engine applies a mkdir, journals its reply and dies before replying: the successor
 /// gets the resent request and answers from the journal, so mkdir succeeds once instead of
 /// failing with EEXIST.
-pub fn resent_mkdir_is_not_applied_twice() -> Result<()> {
+pub fn resent_mkdir_is_not_applied_twice(takeover: Takeover) -> Result<()> {
     const FUSE_MKDIR: &str = "9";
     let server = shared_server()?;
-    let bucket = server.bucket("heal-resend")?;
+    let bucket = server.bucket(&format!("heal-resend-{}", takeover.name()))?;
     bucket.put("keep", b"x".to_vec())?;
+    let mut env = takeover.env();
+    env.push(("BERTH_FAULT_CRASH_BEFORE_REPLY".into(), FUSE_MKDIR.into()));
     let m = Mount::s3(
         server,
         &bucket.name,
         None,
         MountOpts {
-            env: vec![("BERTH_FAULT_CRASH_BEFORE_REPLY".into(), FUSE_MKDIR.into())],
+            env,
             ..MountOpts::flags(&["--no-ebpf"])
         },
     )?;
@@ -657,30 +745,71 @@ pub fn resent_mkdir_is_not_applied_twice() -> Result<()> {
         m.log().contains("replaying its journaled reply"),
         "no journal replay in the log"
     );
+    takeover.check_log(&m)?;
+    if let Takeover::Slots = takeover {
+        ensure!(
+            m.log()
+                .contains("serving again a request the previous engine read"),
+            "the mkdir was not served again from its request slot"
+        );
+    }
+    m.finish()
+}
+
+/// The engine commits and releases a closed file, then dies before its reply to RELEASE: the
+/// successor gets the RELEASE again (resent, or from the request slot) and finds the work
+/// done. No error, the object whole, and no false "file NOT saved" in the log.
+pub fn release_done_before_a_crash_is_not_redone(takeover: Takeover) -> Result<()> {
+    const FUSE_RELEASE: &str = "18";
+    let server = shared_server()?;
+    let bucket = server.bucket(&format!("heal-release-{}", takeover.name()))?;
+    bucket.put("keep", b"x".to_vec())?;
+    let mut env = takeover.env();
+    env.push(("BERTH_FAULT_CRASH_BEFORE_REPLY".into(), FUSE_RELEASE.into()));
+    let m = Mount::s3(
+        server,
+        &bucket.name,
+        None,
+        MountOpts {
+            env,
+            ..MountOpts::flags(&["--no-ebpf"])
+        },
+    )?;
+    let data = random_bytes(0x7e1e, 300_000);
+    std::fs::write(m.join("closed.bin"), &data)?;
+    let status = wait_for_kind(&m, "takeover", Duration::from_secs(10))?;
+    ensure!(
+        status.recoveries == 1,
+        "the engine should have died once, at the RELEASE: {status:?}"
+    );
+    ensure_same_bytes("closed.bin in the store", &bucket.get("closed.bin")?, &data)?;
+    ensure_same_bytes(
+        "closed.bin through the mount",
+        &read_file(m.join("closed.bin"))?,
+        &data,
+    )?;
+    std::fs::write(m.join("after.bin"), b"after the takeover")?;
+    ensure_same_bytes(
+        "a file written after the takeover",
+        &bucket.get("after.bin")?,
+        b"after the takeover",
+    )?;
+    ensure!(
+        !m.log().contains("NOT saved"),
+        "a RELEASE the dead engine had applied was reported as a lost file"
+    );
+    takeover.check_log(&m)?;
     m.finish()
 }
 
 /// `berth upgrade` under load: no error, and every write is committed.
-pub fn upgrade_under_load() -> Result<()> {
-    let (bucket, big) = setup("heal-upgrade")?;
-    let m = mount(&bucket, Detector::Fallback, &[])?;
+pub fn upgrade_under_load(takeover: Takeover) -> Result<()> {
+    let (bucket, big) = setup(&format!("heal-upgrade-{}", takeover.name()))?;
+    let m = mount(&bucket, Detector::Fallback, takeover, &[])?;
     let load = Load::start(m.path(), big)?;
     for round in 1..=3u64 {
         std::thread::sleep(Duration::from_millis(500));
-        let out = Command::new(BERTH)
-            .arg("upgrade")
-            .arg(m.path())
-            .arg("--binary")
-            .arg(BERTH)
-            .arg("--state-dir")
-            .arg(m.state_dir())
-            .output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success(),
-            "berth upgrade failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = upgrade(m.path(), &m.state_dir())?;
         eprintln!("heal: {}", stdout.trim());
         ensure!(heal_status(&m)?.generation == round + 1);
     }
@@ -700,7 +829,27 @@ pub fn upgrade_under_load() -> Result<()> {
         reported == 0,
         "an upgrade must not fail writes ({reported} did)"
     );
+    takeover.check_log(&m)?;
     m.finish()
+}
+
+/// `berth upgrade` of the mount (or share) at `target` to this same binary; its stdout.
+pub(super) fn upgrade(target: &Path, state_dir: &Path) -> Result<String> {
+    let out = Command::new(BERTH)
+        .arg("upgrade")
+        .arg(target)
+        .arg("--binary")
+        .arg(BERTH)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "berth upgrade failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
 }
 
 /// Runs a shell command, failing with its output.

@@ -239,7 +239,10 @@ pub fn all() -> Vec<Case> {
             daemon_cli::plain_unmount,
         ),
         case("heal::kill9_under_load::fallback", s3, || {
-            heal::kill9_under_load(heal::Detector::Fallback)
+            heal::kill9_under_load(heal::Detector::Fallback, heal::Takeover::Resend)
+        }),
+        case("heal::kill9_under_load::fallback::no_resend", s3, || {
+            heal::kill9_under_load(heal::Detector::Fallback, heal::Takeover::Slots)
         }),
         case("heal::hung_engine_replaced::fallback", s3, || {
             heal::hung_engine_replaced(heal::Detector::Fallback)
@@ -247,7 +250,7 @@ pub fn all() -> Vec<Case> {
         case(
             "heal::kill9_under_load::ebpf",
             s3.union(Needs::EBPF),
-            || heal::kill9_under_load(heal::Detector::Ebpf),
+            || heal::kill9_under_load(heal::Detector::Ebpf, heal::Takeover::Resend),
         ),
         case(
             "heal::hung_engine_replaced::ebpf",
@@ -257,29 +260,57 @@ pub fn all() -> Vec<Case> {
         case(
             "heal::frozen_engine_replaced_by_heartbeat::fallback",
             s3,
-            || heal::frozen_engine_replaced_by_heartbeat(heal::Detector::Fallback),
+            || heal::frozen_engine_replaced_by_heartbeat(heal::Detector::Fallback, true),
+        ),
+        case(
+            "heal::frozen_engine_replaced_by_heartbeat::fallback::no_fusectl",
+            s3,
+            || heal::frozen_engine_replaced_by_heartbeat(heal::Detector::Fallback, false),
         ),
         case(
             "heal::frozen_engine_replaced_by_heartbeat::ebpf",
             s3.union(Needs::EBPF),
-            || heal::frozen_engine_replaced_by_heartbeat(heal::Detector::Ebpf),
+            || heal::frozen_engine_replaced_by_heartbeat(heal::Detector::Ebpf, true),
         ),
         case(
             "heal::slow_store_is_never_a_hang",
             s3,
             heal::slow_store_is_never_a_hang,
         ),
-        case("heal::upgrade_under_load", s3, heal::upgrade_under_load),
-        case("heal::writes_survive_kill9", s3, heal::writes_survive_kill9),
+        case("heal::upgrade_under_load", s3, || {
+            heal::upgrade_under_load(heal::Takeover::Resend)
+        }),
+        case("heal::upgrade_under_load::no_resend", s3, || {
+            heal::upgrade_under_load(heal::Takeover::Slots)
+        }),
+        case("heal::writes_survive_kill9", s3, || {
+            heal::writes_survive_kill9(heal::Takeover::Resend)
+        }),
+        case("heal::writes_survive_kill9::no_resend", s3, || {
+            heal::writes_survive_kill9(heal::Takeover::Slots)
+        }),
         case(
             "heal::writes_survive_upgrade",
             s3,
             heal::writes_survive_upgrade,
         ),
+        case("heal::resent_mkdir_is_not_applied_twice", s3, || {
+            heal::resent_mkdir_is_not_applied_twice(heal::Takeover::Resend)
+        }),
         case(
-            "heal::resent_mkdir_is_not_applied_twice",
+            "heal::release_done_before_a_crash_is_not_redone",
             s3,
-            heal::resent_mkdir_is_not_applied_twice,
+            || heal::release_done_before_a_crash_is_not_redone(heal::Takeover::Resend),
+        ),
+        case(
+            "heal::release_done_before_a_crash_is_not_redone::no_resend",
+            s3,
+            || heal::release_done_before_a_crash_is_not_redone(heal::Takeover::Slots),
+        ),
+        case(
+            "heal::resent_mkdir_is_not_applied_twice::no_resend",
+            s3,
+            || heal::resent_mkdir_is_not_applied_twice(heal::Takeover::Slots),
         ),
         case(
             "heal::holder_killed_remount_rebinds",

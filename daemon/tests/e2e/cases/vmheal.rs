@@ -11,7 +11,7 @@ use anyhow::{ensure, Context as _, Result};
 
 use super::heal::{heal_status, heal_status_in, wait_generation_in, Heal};
 use super::sandbox::wait_for_line;
-use crate::mount::{berth_command, Mount, MountOpts, BERTH};
+use crate::mount::{berth_command, Mount, MountOpts};
 use crate::util::{random_bytes, tail_file, terminate};
 use crate::vmm::Guest;
 
@@ -222,21 +222,7 @@ fn write_file(guest: &mut Guest, name: &str, data: &[u8]) -> Result<()> {
 }
 
 fn upgrade(target: &Path, state: &Path) -> Result<()> {
-    let out = std::process::Command::new(BERTH)
-        .arg("upgrade")
-        .arg(target)
-        .arg("--binary")
-        .arg(BERTH)
-        .arg("--state-dir")
-        .arg(state)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "berth upgrade failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    super::heal::upgrade(target, state).map(drop)
 }
 
 /// An upgrade while the guest has a file open for writing: the old engine finishes it (the
