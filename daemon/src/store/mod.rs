@@ -157,6 +157,21 @@ pub trait ObjectStore: Send + Sync + 'static {
         body: Bytes,
     ) -> StoreResult<UploadedPart>;
 
+    /// Part `number` of upload `upload_id` of `key` as a copy, made by the store itself, of
+    /// `range` of the object `key` is now, only if that still carries `etag`
+    /// ([`StoreError::Changed`] otherwise): how an append keeps the old bytes without reading
+    /// them. `Ok(None)` from stores that cannot (the caller sends the bytes itself).
+    async fn copy_part(
+        &self,
+        _key: &str,
+        _upload_id: &str,
+        _number: i32,
+        _range: Range<u64>,
+        _etag: Option<&str>,
+    ) -> StoreResult<Option<UploadedPart>> {
+        Ok(None)
+    }
+
     async fn complete_upload(
         &self,
         key: &str,

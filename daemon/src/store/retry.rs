@@ -152,6 +152,23 @@ impl ObjectStore for RetryingStore {
             .await
     }
 
+    /// Safe to retry: copying the same range into the same part number again replaces it.
+    async fn copy_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> StoreResult<Option<UploadedPart>> {
+        self.policy
+            .run("copy_part", || {
+                self.inner
+                    .copy_part(key, upload_id, number, range.clone(), etag)
+            })
+            .await
+    }
+
     async fn complete_upload(
         &self,
         key: &str,

@@ -324,6 +324,19 @@ impl ObjectStore for S3Store {
         Ok(UploadedPart { number, etag })
     }
 
+    async fn copy_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> StoreResult<Option<UploadedPart>> {
+        self.upload_part_copy(key, upload_id, number, range, etag)
+            .await
+            .map(Some)
+    }
+
     async fn complete_upload(
         &self,
         key: &str,
@@ -456,31 +469,46 @@ impl S3Store {
         let mut number = 1;
         while start < size {
             let end = (start + self.copy_limit).min(size);
-            let out = self
-                .client
-                .upload_part_copy()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(upload_id)
-                .part_number(number)
-                .copy_source(encode_copy_source(&self.bucket, key))
-                .copy_source_range(format!("bytes={start}-{}", end - 1))
-                .set_copy_source_if_match(etag.map(str::to_string))
-                .send()
-                .await
-                .map_err(|e| classify(e, &self.bucket))?;
-            let etag = out
-                .copy_part_result()
-                .and_then(|r| r.e_tag())
-                .map(str::to_string)
-                .ok_or_else(|| {
-                    StoreError::Rejected(format!("UploadPartCopy {number} returned no ETag"))
-                })?;
-            parts.push(UploadedPart { number, etag });
+            parts.push(
+                self.upload_part_copy(key, upload_id, number, start..end, etag)
+                    .await?,
+            );
             start = end;
             number += 1;
         }
         Ok(parts)
+    }
+
+    /// UploadPartCopy of `range` of `key` itself, conditional on `etag`.
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> StoreResult<UploadedPart> {
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .copy_source(encode_copy_source(&self.bucket, key))
+            .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_copy_source_if_match(etag.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        let etag = out
+            .copy_part_result()
+            .and_then(|r| r.e_tag())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                StoreError::Rejected(format!("UploadPartCopy {number} returned no ETag"))
+            })?;
+        Ok(UploadedPart { number, etag })
     }
 }
 

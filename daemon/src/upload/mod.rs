@@ -351,8 +351,12 @@ impl Upload {
         self.abort(st).await;
     }
 
-    /// Puts the base object's bytes first in the pipeline, once (appends only). They are read
-    /// with If-Match on the ETag the object had when opened: a change since fails here.
+    /// Puts the base object's bytes first in the pipeline, once (appends only). Each whole
+    /// part of them is copied by the store itself where it can (UploadPartCopy, conditional on
+    /// the ETag the object had when opened), so an append to a large object does not read it;
+    /// the rest (the tail shorter than a part, or everything on stores that cannot copy) is
+    /// read with If-Match on that ETag. A change since fails here. A successor goes on from
+    /// the first part not acknowledged.
     async fn seed(&self, st: &mut State) -> io::Result<()> {
         let Some(base) = st.base.clone() else {
             return Ok(());
@@ -360,24 +364,51 @@ impl Upload {
         if st.seeded {
             return Ok(());
         }
-        let mut at = 0;
+        let key = &self.key;
+        let failed = |e: crate::store::StoreError| {
+            tracing::error!(key = %key, error = %e, "could not read the object being appended to; nothing is committed");
+            errno(e.errno())
+        };
+        let mut at = self.part_start(st.next_part).min(base.size);
+        let (mut can_copy, mut copied) = (true, 0u64);
         while at < base.size {
             let end = (at + self.part_size).min(base.size);
+            if can_copy && end - at == self.part_size {
+                self.ensure_upload(st).await?;
+                let id = st.upload_id.clone().unwrap_or_default();
+                let copy = self
+                    .store
+                    .copy_part(key, &id, st.next_part, at..end, base.etag.as_deref())
+                    .await
+                    .map_err(failed)?;
+                if let Some(part) = copy {
+                    st.spool.record(&Record::Part(part.clone()))?;
+                    st.parts.insert(part.number, part);
+                    st.next_part += 1;
+                    copied += end - at;
+                    at = end;
+                    continue;
+                }
+                can_copy = false;
+            }
             let bytes = self
                 .store
-                .get_range(&self.key, at..end, base.etag.as_deref())
+                .get_range(key, at..end, base.etag.as_deref())
                 .await
-                .map_err(|e| {
-                    tracing::error!(key = %self.key, error = %e, "could not read the object being appended to; nothing is committed");
-                    errno(e.errno())
-                })?;
+                .map_err(failed)?;
             if bytes.len() as u64 != end - at {
-                tracing::error!(key = %self.key, "the object being appended to is shorter than when it was opened; nothing is committed");
+                tracing::error!(key = %key, "the object being appended to is shorter than when it was opened; nothing is committed");
                 return Err(errno(libc::EIO));
             }
             st.spool.write_at(at, &bytes)?;
             at = end;
             self.send_full_parts(st, at).await?;
+        }
+        // The spool is as long as the object (copied parts are a hole in it): a successor
+        // takes its length for the bytes written so far.
+        st.spool.extend_to(base.size)?;
+        if copied > 0 {
+            tracing::debug!(key = %key, copied, read = base.size - copied, "the object being appended to was copied by the store, not read");
         }
         st.spool.record(&Record::Seeded)?;
         st.seeded = true;
@@ -400,19 +431,7 @@ impl Upload {
             tracing::error!(key = %self.key, part_size = self.part_size, "object too large for {MAX_PARTS} parts; raise --part-size");
             return Err(errno(libc::EFBIG));
         }
-        if st.upload_id.is_none() {
-            let id = self
-                .store
-                .create_upload(&self.key, &st.meta)
-                .await
-                .map_err(|e| {
-                    tracing::error!(key = %self.key, error = %e, "could not start multipart upload");
-                    errno(e.errno())
-                })?;
-            st.spool.record(&Record::UploadId(id.clone()))?;
-            st.upload_id = Some(id);
-            st.meta_sent = Some(st.meta.clone());
-        }
+        self.ensure_upload(st).await?;
         while st.in_flight.len() >= PARTS_IN_FLIGHT {
             self.reap_one(st).await?;
         }
@@ -429,6 +448,25 @@ impl Upload {
             task,
             _memory: memory,
         });
+        Ok(())
+    }
+
+    /// Starts the multipart upload, once.
+    async fn ensure_upload(&self, st: &mut State) -> io::Result<()> {
+        if st.upload_id.is_some() {
+            return Ok(());
+        }
+        let id = self
+            .store
+            .create_upload(&self.key, &st.meta)
+            .await
+            .map_err(|e| {
+                tracing::error!(key = %self.key, error = %e, "could not start multipart upload");
+                errno(e.errno())
+            })?;
+        st.spool.record(&Record::UploadId(id.clone()))?;
+        st.upload_id = Some(id);
+        st.meta_sent = Some(st.meta.clone());
         Ok(())
     }
 
@@ -1148,5 +1186,14 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EIO));
         assert!(rt.block_on(up.commit()).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"a third, longer version");
+        // Several parts long: replaced before its whole parts are copied by the store.
+        std::fs::write(&path, pattern(2500, 1)).unwrap();
+        let up = fx.appending(1000);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, pattern(2600, 2)).unwrap();
+        let e = rt.block_on(up.write(2500, b"x")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(rt.block_on(up.commit()).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), pattern(2600, 2));
     }
 }

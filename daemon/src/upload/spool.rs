@@ -306,6 +306,15 @@ impl Spool {
         Ok(())
     }
 
+    /// Makes the data file at least `len` bytes long (a hole where nothing was written).
+    pub fn extend_to(&mut self, len: u64) -> io::Result<()> {
+        let f = self.data()?;
+        if f.metadata()?.len() < len {
+            f.set_len(len)?;
+        }
+        Ok(())
+    }
+
     /// The bytes of `range`, read into memory for an upload.
     pub fn read(&mut self, range: Range<u64>) -> io::Result<BytesMut> {
         let len = usize::try_from(range.end - range.start)

@@ -34,8 +34,36 @@ pub fn read_only_mount() -> Result<()> {
             .open(m.join("r.txt")),
         libc::EROFS,
     )?;
+    // Attribute changes and links too (chmod, chown, utimes, symlink).
+    use std::os::unix::fs::PermissionsExt;
+    expect_errno(
+        "chmod",
+        std::fs::set_permissions(m.join("r.txt"), std::fs::Permissions::from_mode(0o600)),
+        libc::EROFS,
+    )?;
+    expect_errno(
+        "chown",
+        std::os::unix::fs::chown(m.join("r.txt"), Some(1), Some(1)),
+        libc::EROFS,
+    )?;
+    expect_errno(
+        "utimes",
+        File::open(m.join("r.txt"))?.set_modified(std::time::SystemTime::UNIX_EPOCH),
+        libc::EROFS,
+    )?;
+    expect_errno(
+        "symlink",
+        std::os::unix::fs::symlink("r.txt", m.join("link")),
+        libc::EROFS,
+    )?;
 
     ensure_same_bytes("r.txt in the bucket", &bucket.get("r.txt")?, &data)?;
+    ensure!(
+        bucket.metadata("r.txt")?.is_empty(),
+        "r.txt got metadata on a read-only mount: {:?}",
+        bucket.metadata("r.txt")?
+    );
+    ensure!(!bucket.exists("link")?, "a link made on a read-only mount");
     ensure!(
         !bucket.exists("new.txt")?,
         "new.txt created on a read-only mount"

@@ -229,6 +229,77 @@ pub fn shell_redirect() -> Result<()> {
     m.finish()
 }
 
+/// An append to an object of several parts: the whole parts are copied by the store
+/// (UploadPartCopy, conditional on the ETag), only the tail is read back; the object is the
+/// old bytes then the new ones. An append to an object replaced before its parts are copied
+/// fails and leaves the other client's object.
+pub fn large_append_copies_on_the_store_side() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("append-copy")?;
+    let old = random_bytes(0xc09e, 12 * 1024 * 1024 + 4321);
+    bucket.put("big.bin", old.clone())?;
+    let m = Mount::s3(
+        server,
+        &bucket.name,
+        None,
+        MountOpts::flags(&["--part-size", "5MiB"]),
+    )?;
+    let tail = random_bytes(0x7a12, 3 * 1024 * 1024 + 7);
+    let tail_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(tail_file.path(), &tail)?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("cat \"$2\" >> \"$1\"")
+        .arg("sh")
+        .arg(m.join("big.bin"))
+        .arg(tail_file.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "appending 3 MiB onto a 12 MiB object failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = old.clone();
+    want.extend_from_slice(&tail);
+    ensure_same_bytes("big.bin after the append", &bucket.get("big.bin")?, &want)?;
+    ensure_same_bytes("big.bin read back", &read_file(m.join("big.bin"))?, &want)?;
+    let copied = 10 * 1024 * 1024;
+    ensure!(
+        m.log().contains(&format!("copied={copied}")),
+        "the two whole 5 MiB parts were not copied by the store (log says nothing of copied={copied})"
+    );
+
+    // Opened for append, then replaced by another client before the first write: the copy
+    // is refused (If-Match), the write fails, the other client's object stays.
+    bucket.put("raced.bin", old.clone())?;
+    let mut sh = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3>>\"$1\"; read go; cat \"$2\" >&3")
+        .arg("sh")
+        .arg(m.join("raced.bin"))
+        .arg(tail_file.path())
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut go = sh.stdin.take().context("sh stdin")?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let other = random_bytes(0x07e5, 11 * 1024 * 1024);
+    bucket.put("raced.bin", other.clone())?;
+    go.write_all(b"go\n")?;
+    drop(go);
+    let out = sh.wait_with_output()?;
+    ensure!(
+        !out.status.success(),
+        "an append to an object replaced before its parts were copied was reported as saved"
+    );
+    ensure_same_bytes(
+        "raced.bin keeps the other client's version",
+        &bucket.get("raced.bin")?,
+        &other,
+    )?;
+    m.finish()
+}
+
 /// Appending to stored objects (`>>`, O_APPEND, write-only open without O_TRUNC and a write at
 /// the end), small and above the 5 MiB part size: the old bytes then the new ones, in S3. An
 /// object another client replaces while an append is open is not clobbered: the appender's
