@@ -179,6 +179,31 @@ pub trait ObjectStore: Send + Sync + 'static {
         parts: &[UploadedPart],
     ) -> StoreResult<Option<String>>;
 
+    /// [`ObjectStore::put`], only if `key` still carries `etag` (If-Match; [`StoreError::Changed`]
+    /// otherwise). Stores that cannot make a write conditional answer
+    /// [`StoreError::Unsupported`], and the caller checks with a HEAD instead.
+    async fn put_if_match(
+        &self,
+        _key: &str,
+        _body: Bytes,
+        _meta: &PosixMeta,
+        _etag: &str,
+    ) -> StoreResult<Option<String>> {
+        Err(StoreError::Unsupported("conditional writes".into()))
+    }
+
+    /// [`ObjectStore::complete_upload`], only if `key` still carries `etag`; as
+    /// [`ObjectStore::put_if_match`].
+    async fn complete_upload_if_match(
+        &self,
+        _key: &str,
+        _upload_id: &str,
+        _parts: &[UploadedPart],
+        _etag: &str,
+    ) -> StoreResult<Option<String>> {
+        Err(StoreError::Unsupported("conditional writes".into()))
+    }
+
     async fn abort_upload(&self, key: &str, upload_id: &str) -> StoreResult<()>;
 
     async fn delete(&self, key: &str) -> StoreResult<()>;

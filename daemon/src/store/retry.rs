@@ -182,6 +182,37 @@ impl ObjectStore for RetryingStore {
             .await
     }
 
+    /// Retried like `put`. A conditional write that succeeded but whose answer was lost is
+    /// refused when sent again (the object now carries its own ETag): reported as changed.
+    async fn put_if_match(
+        &self,
+        key: &str,
+        body: Bytes,
+        meta: &PosixMeta,
+        etag: &str,
+    ) -> StoreResult<Option<String>> {
+        self.policy
+            .run("put_if_match", || {
+                self.inner.put_if_match(key, body.clone(), meta, etag)
+            })
+            .await
+    }
+
+    async fn complete_upload_if_match(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+        etag: &str,
+    ) -> StoreResult<Option<String>> {
+        self.policy
+            .run("complete_upload_if_match", || {
+                self.inner
+                    .complete_upload_if_match(key, upload_id, parts, etag)
+            })
+            .await
+    }
+
     async fn abort_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
         self.policy
             .run("abort_upload", || self.inner.abort_upload(key, upload_id))

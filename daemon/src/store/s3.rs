@@ -97,6 +97,8 @@ where
                 (_, "NoSuchBucket") => StoreError::NoSuchBucket(bucket.to_string()),
                 (_, "NoSuchKey") | (_, "NotFound") | (404, _) => StoreError::NotFound,
                 (412, _) | (_, "PreconditionFailed") => StoreError::Changed,
+                // A header the store does not implement (a conditional write): not transient.
+                (501, _) | (_, "NotImplemented") => StoreError::Unsupported(detail),
                 (401 | 403, _)
                 | (_, "InvalidAccessKeyId")
                 | (_, "SignatureDoesNotMatch")
@@ -271,17 +273,17 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, body: Bytes, meta: &PosixMeta) -> StoreResult<Option<String>> {
-        let out = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .set_metadata(user_metadata(meta))
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket))?;
-        Ok(out.e_tag().map(str::to_string))
+        self.put_object(key, body, meta, None).await
+    }
+
+    async fn put_if_match(
+        &self,
+        key: &str,
+        body: Bytes,
+        meta: &PosixMeta,
+        etag: &str,
+    ) -> StoreResult<Option<String>> {
+        self.put_object(key, body, meta, Some(etag)).await
     }
 
     async fn create_upload(&self, key: &str, meta: &PosixMeta) -> StoreResult<String> {
@@ -343,30 +345,17 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         parts: &[UploadedPart],
     ) -> StoreResult<Option<String>> {
-        let parts = parts
-            .iter()
-            .map(|p| {
-                CompletedPart::builder()
-                    .part_number(p.number)
-                    .e_tag(&p.etag)
-                    .build()
-            })
-            .collect();
-        let out = self
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket))?;
-        Ok(out.e_tag().map(str::to_string))
+        self.complete(key, upload_id, parts, None).await
+    }
+
+    async fn complete_upload_if_match(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+        etag: &str,
+    ) -> StoreResult<Option<String>> {
+        self.complete(key, upload_id, parts, Some(etag)).await
     }
 
     async fn abort_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
@@ -434,6 +423,63 @@ impl ObjectStore for S3Store {
 }
 
 impl S3Store {
+    /// PutObject, with If-Match when `if_match` is given.
+    async fn put_object(
+        &self,
+        key: &str,
+        body: Bytes,
+        meta: &PosixMeta,
+        if_match: Option<&str>,
+    ) -> StoreResult<Option<String>> {
+        let out = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_metadata(user_metadata(meta))
+            .set_if_match(if_match.map(str::to_string))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        Ok(out.e_tag().map(str::to_string))
+    }
+
+    /// CompleteMultipartUpload, with If-Match when `if_match` is given.
+    async fn complete(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[UploadedPart],
+        if_match: Option<&str>,
+    ) -> StoreResult<Option<String>> {
+        let parts = parts
+            .iter()
+            .map(|p| {
+                CompletedPart::builder()
+                    .part_number(p.number)
+                    .e_tag(&p.etag)
+                    .build()
+            })
+            .collect();
+        let out = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .set_if_match(if_match.map(str::to_string))
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket))?;
+        Ok(out.e_tag().map(str::to_string))
+    }
+
     /// Objects larger than one CopyObject takes: a multipart upload onto the same key whose
     /// parts are server-side copies of ranges of the object (each conditional on `etag`).
     async fn set_meta_multipart(

@@ -14,11 +14,14 @@
 //! (the kernel resends it).
 //!
 //! An upload can also **append** to an object that exists (a base in its header): the new
-//! object is the old one's bytes, read from the store (with If-Match on its ETag) into the
-//! same pipeline when the first appended byte comes, then the appended bytes. At commit the
-//! store is asked again: if the object no longer carries the ETag it had at open (another
-//! client replaced it), nothing is committed and the writer gets EIO, with a log line; the
-//! other client's object stays. A flush or close with nothing appended changes nothing.
+//! object is the old one's bytes, then the appended bytes. When the first appended byte comes,
+//! each whole part of the old bytes is copied by the store itself (UploadPartCopy) and the
+//! rest is read into the pipeline, both conditional on the ETag the object had at open. At
+//! commit the store is asked again (HEAD), and the PutObject or CompleteMultipartUpload
+//! carries If-Match on that ETag where the store supports it (else the HEAD stands alone,
+//! with a window of one round trip): if another client replaced the object, nothing is
+//! committed and the writer gets EIO, with a log line; the other client's object stays. A
+//! flush or close with nothing appended changes nothing.
 
 pub mod spool;
 
@@ -33,7 +36,7 @@ use tokio::task::JoinHandle;
 
 use crate::memory::{MemoryLimiter, Reservation};
 use crate::namespace::ObjectStat;
-use crate::store::{ObjectStore, PosixMeta, StoreResult, UploadedPart};
+use crate::store::{ObjectStore, PosixMeta, StoreError, StoreResult, UploadedPart};
 pub use spool::{Header, Recovered, Spool, SpoolDir};
 use spool::{Record, MAX_META_RECORDS};
 
@@ -559,13 +562,24 @@ impl Upload {
         self.check_base_unchanged(st.base.as_ref()).await?;
         self.send_full_parts(st, size).await?;
         let mut meta = st.meta.clone();
+        // An append commits only onto the object it appended to (If-Match where the store can
+        // condition a write; elsewhere the HEAD check above stands alone).
+        let base_etag = st.base.as_ref().and_then(|b| b.etag.clone());
         let etag = if st.upload_id.is_none() {
             let _memory = self.take_filling(st, size).await;
             let body = st.spool.read(0..size)?.freeze();
-            self.store.put(&self.key, body, &meta).await.map_err(|e| {
-                tracing::error!(key = %self.key, error = %e, "upload failed");
-                errno(e.errno())
-            })?
+            let put = match base_etag.as_deref() {
+                Some(etag) => match self
+                    .store
+                    .put_if_match(&self.key, body.clone(), &meta, etag)
+                    .await
+                {
+                    Err(StoreError::Unsupported(_)) => self.store.put(&self.key, body, &meta).await,
+                    other => other,
+                },
+                None => self.store.put(&self.key, body, &meta).await,
+            };
+            put.map_err(|e| self.commit_failed("upload failed", e))?
         } else {
             if self.part_start(st.next_part) < size {
                 self.send_part(st, size).await?;
@@ -575,14 +589,21 @@ impl Upload {
             }
             let parts: Vec<UploadedPart> = st.parts.values().cloned().collect();
             let id = st.upload_id.clone().unwrap_or_default();
-            let etag = self
-                .store
-                .complete_upload(&self.key, &id, &parts)
-                .await
-                .map_err(|e| {
-                    tracing::error!(key = %self.key, error = %e, "completing the upload failed");
-                    errno(e.errno())
-                })?;
+            let completed = match base_etag.as_deref() {
+                Some(etag) => match self
+                    .store
+                    .complete_upload_if_match(&self.key, &id, &parts, etag)
+                    .await
+                {
+                    Err(StoreError::Unsupported(_)) => {
+                        self.store.complete_upload(&self.key, &id, &parts).await
+                    }
+                    other => other,
+                },
+                None => self.store.complete_upload(&self.key, &id, &parts).await,
+            };
+            let etag =
+                completed.map_err(|e| self.commit_failed("completing the upload failed", e))?;
             let sent = st.meta_sent.clone().unwrap_or_default();
             if sent == meta {
                 etag
@@ -611,8 +632,18 @@ impl Upload {
         })
     }
 
+    /// Logs why a commit failed (an append's object replaced meanwhile, or the store's error).
+    fn commit_failed(&self, what: &str, e: StoreError) -> io::Error {
+        if matches!(e, StoreError::Changed) {
+            tracing::error!(key = %self.key, "the object was replaced by another client while this append was open (If-Match refused); the append is NOT committed");
+        } else {
+            tracing::error!(key = %self.key, error = %e, "{what}");
+        }
+        errno(e.errno())
+    }
+
     /// Appends only: the object still carries the ETag it had when opened (asked right before
-    /// completing; a change in between is not seen, see the module's notes).
+    /// completing; a change in between is caught by If-Match where the store supports it).
     async fn check_base_unchanged(&self, base: Option<&ObjectStat>) -> io::Result<()> {
         let Some(base) = base else {
             return Ok(());

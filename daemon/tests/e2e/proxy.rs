@@ -4,7 +4,9 @@
 //! GETs of just the first byte (`Range: bytes=0-0`) are counted apart: they are the read
 //! proofs a volume makes before it is served blocks it did not fetch itself (docs/cache.md),
 //! and carry no block. [`CountingProxy::delaying`] also holds every object GET back for a
-//! while before forwarding it: a slow store.
+//! while before forwarding it: a slow store. [`CountingProxy::holding_conditional_writes`]
+//! holds back writes that carry `If-Match` (a conditional PutObject or
+//! CompleteMultipartUpload), so a test can change the object in between.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -18,6 +20,7 @@ pub struct CountingProxy {
     port: u16,
     gets: Arc<AtomicU64>,
     proofs: Arc<AtomicU64>,
+    held: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
 }
@@ -30,6 +33,23 @@ impl CountingProxy {
 
     /// As [`CountingProxy::start`], each object GET forwarded only after `delay`.
     pub fn delaying(upstream: &str, delay: std::time::Duration) -> Result<CountingProxy> {
+        CountingProxy::spawn(upstream, delay, std::time::Duration::ZERO)
+    }
+
+    /// As [`CountingProxy::start`], each PUT or POST carrying `If-Match` forwarded only after
+    /// `hold` ([`CountingProxy::held`] counts them as they are held).
+    pub fn holding_conditional_writes(
+        upstream: &str,
+        hold: std::time::Duration,
+    ) -> Result<CountingProxy> {
+        CountingProxy::spawn(upstream, std::time::Duration::ZERO, hold)
+    }
+
+    fn spawn(
+        upstream: &str,
+        delay: std::time::Duration,
+        hold: std::time::Duration,
+    ) -> Result<CountingProxy> {
         let target = upstream
             .trim_start_matches("http://")
             .trim_end_matches('/')
@@ -38,17 +58,23 @@ impl CountingProxy {
         let port = listener.local_addr()?.port();
         let gets = Arc::new(AtomicU64::new(0));
         let proofs = Arc::new(AtomicU64::new(0));
+        let held = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (g, p, s) = (gets.clone(), proofs.clone(), stop.clone());
+        let (g, p, h, s) = (gets.clone(), proofs.clone(), held.clone(), stop.clone());
         let accept = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Acquire) {
                     return;
                 }
                 let Ok(client) = conn else { continue };
-                let (target, g, p) = (target.clone(), g.clone(), p.clone());
+                let (target, g, p, h) = (target.clone(), g.clone(), p.clone(), h.clone());
                 std::thread::spawn(move || {
-                    let _ = relay(client, &target, &g, &p, delay);
+                    let counters = Counters {
+                        gets: &g,
+                        proofs: &p,
+                        held: &h,
+                    };
+                    let _ = relay(client, &target, counters, delay, hold);
                 });
             }
         });
@@ -56,6 +82,7 @@ impl CountingProxy {
             port,
             gets,
             proofs,
+            held,
             stop,
             accept: Some(accept),
         })
@@ -74,6 +101,11 @@ impl CountingProxy {
     pub fn proofs(&self) -> u64 {
         self.proofs.load(Ordering::Acquire)
     }
+
+    /// Conditional writes held back so far.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for CountingProxy {
@@ -87,14 +119,21 @@ impl Drop for CountingProxy {
     }
 }
 
+struct Counters<'a> {
+    gets: &'a AtomicU64,
+    proofs: &'a AtomicU64,
+    held: &'a AtomicU64,
+}
+
 /// Copies server -> client raw; parses client -> server requests to count GETs.
 fn relay(
     client: TcpStream,
     target: &str,
-    gets: &AtomicU64,
-    proofs: &AtomicU64,
+    counters: Counters<'_>,
     delay: std::time::Duration,
+    hold: std::time::Duration,
 ) -> Result<()> {
+    let Counters { gets, proofs, held } = counters;
     let server = TcpStream::connect(target)?;
     let (mut server_r, mut client_w) = (server.try_clone()?, client.try_clone()?);
     let back = std::thread::spawn(move || {
@@ -107,6 +146,8 @@ fn relay(
         let mut head = Vec::new();
         let mut content_length = 0usize;
         let mut is_get = false;
+        let mut is_write = false;
+        let mut conditional = false;
         let mut first_byte_only = false;
         let mut first = true;
         loop {
@@ -122,12 +163,14 @@ fn relay(
                 is_get = line.starts_with("GET ")
                     && !path.contains("list-type")
                     && path.trim_start_matches('/').contains('/');
+                is_write = line.starts_with("PUT ") || line.starts_with("POST ");
                 first = false;
             }
             let lower = line.to_ascii_lowercase();
             if let Some(v) = lower.strip_prefix("content-length:") {
                 content_length = v.trim().parse().unwrap_or(0);
             }
+            conditional |= lower.starts_with("if-match:");
             if let Some(v) = lower.strip_prefix("range:") {
                 first_byte_only = v.trim() == "bytes=0-0";
             }
@@ -143,6 +186,10 @@ fn relay(
         }
         if is_get {
             std::thread::sleep(delay);
+        }
+        if is_write && conditional && !hold.is_zero() {
+            held.fetch_add(1, Ordering::AcqRel);
+            std::thread::sleep(hold);
         }
         server_w.write_all(&head)?;
         let mut body = (&mut reader).take(content_length as u64);

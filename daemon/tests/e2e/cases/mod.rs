@@ -50,6 +50,11 @@ pub fn all() -> Vec<Case> {
         case("write::sequential_writes", s3, write::sequential_writes),
         case("write::cp_into_mount", s3, write::cp_into_mount),
         case(
+            "write::append_commit_is_conditional",
+            s3,
+            write::append_commit_is_conditional,
+        ),
+        case(
             "write::large_append_copies_on_the_store_side",
             s3,
             write::large_append_copies_on_the_store_side,

@@ -300,6 +300,56 @@ pub fn large_append_copies_on_the_store_side() -> Result<()> {
     m.finish()
 }
 
+/// The window the HEAD check leaves: another client replaces the object after berth checked
+/// it and before the commit reaches the store. The commit carries If-Match (held back here
+/// by a proxy while the object is replaced), so the store refuses it: close fails, the other
+/// client's object stays.
+pub fn append_commit_is_conditional() -> Result<()> {
+    let server = shared_server()?;
+    let bucket = server.bucket("append-if-match")?;
+    bucket.put("log.txt", b"line one\n".to_vec())?;
+    let proxy = crate::proxy::CountingProxy::holding_conditional_writes(
+        &server.endpoint(),
+        std::time::Duration::from_secs(2),
+    )?;
+    let m = Mount::s3_endpoint(&proxy.endpoint(), &bucket.name, None, MountOpts::default())?;
+    // dd opens the file itself and reports a failing close (a shell's `>>` ignores it).
+    let mut dd = Command::new("dd")
+        .arg(format!("of={}", m.join("log.txt").display()))
+        .args(["oflag=append", "conv=notrunc", "status=none"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    dd.stdin
+        .take()
+        .context("dd stdin")?
+        .write_all(b"line two\n")?;
+    let start = std::time::Instant::now();
+    while proxy.held() == 0 {
+        ensure!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the append's commit never reached the store with If-Match"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    bucket.put("log.txt", b"another client's version\n".to_vec())?;
+    let out = dd.wait_with_output()?;
+    ensure!(
+        !out.status.success(),
+        "an append whose object was replaced before its commit was reported as saved"
+    );
+    ensure_same_bytes(
+        "log.txt keeps the other client's version",
+        &bucket.get("log.txt")?,
+        b"another client's version\n",
+    )?;
+    ensure!(
+        m.log().contains("If-Match refused"),
+        "the refusal is not in the log"
+    );
+    m.finish()
+}
+
 /// Appending to stored objects (`>>`, O_APPEND, write-only open without O_TRUNC and a write at
 /// the end), small and above the 5 MiB part size: the old bytes then the new ones, in S3. An
 /// object another client replaces while an append is open is not clobbered: the appender's
