@@ -33,6 +33,25 @@ use crate::prefetch::{Fetcher, ObjectReader};
 use crate::store::MAX_COPY_SIZE;
 use crate::upload::SpoolDir;
 pub use attr::AttrConfig;
+
+thread_local! {
+    /// Set while a FUSE worker serves again a request a dead engine read and may have answered
+    /// (a takeover without RESEND, from the request slots): what such a request finds gone
+    /// may simply be done.
+    static SERVING_AGAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `serve` as the serving again of a request a dead engine read (see `SERVING_AGAIN`).
+pub fn serve_again<T>(serve: impl FnOnce() -> T) -> T {
+    SERVING_AGAIN.with(|c| c.set(true));
+    let out = serve();
+    SERVING_AGAIN.with(|c| c.set(false));
+    out
+}
+
+fn serving_again() -> bool {
+    SERVING_AGAIN.with(|c| c.get())
+}
 use handles::{Handle, HandleKind, HandleTable, FUSE_DOOR};
 
 /// Most handles the FUSE door holds at once (the kernel's open files of every application).

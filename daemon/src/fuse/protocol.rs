@@ -6,6 +6,7 @@ use std::os::fd::RawFd;
 
 pub const FUSE_LOOKUP: u32 = 1;
 pub const FUSE_FORGET: u32 = 2;
+pub const FUSE_SYMLINK: u32 = 6;
 pub const FUSE_MKDIR: u32 = 9;
 pub const FUSE_UNLINK: u32 = 10;
 pub const FUSE_RMDIR: u32 = 11;
@@ -62,7 +63,13 @@ impl InHeader {
 pub fn is_non_idempotent(opcode: u32) -> bool {
     matches!(
         opcode,
-        FUSE_MKDIR | FUSE_UNLINK | FUSE_RMDIR | FUSE_RENAME | FUSE_RENAME2 | FUSE_CREATE
+        FUSE_MKDIR
+            | FUSE_SYMLINK
+            | FUSE_UNLINK
+            | FUSE_RMDIR
+            | FUSE_RENAME
+            | FUSE_RENAME2
+            | FUSE_CREATE
     )
 }
 

@@ -141,7 +141,7 @@ pub fn serve_queue(
                         request = header.unique,
                         "serving again a request the previous engine read and did not answer"
                     );
-                    serve(bytes, &header, true, &mut reply);
+                    crate::fs::serve_again(|| serve(bytes, &header, true, &mut reply));
                 }
                 slot.finished(left.unique);
             }

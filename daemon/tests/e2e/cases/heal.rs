@@ -708,16 +708,14 @@ pub fn slow_store_is_never_a_hang() -> Result<()> {
     m.finish()
 }
 
-/// The engine applies a mkdir, journals its reply and dies before replying: the successor
-/// gets the resent request and answers from the journal, so mkdir succeeds once instead of
-/// failing with EEXIST.
-pub fn resent_mkdir_is_not_applied_twice(takeover: Takeover) -> Result<()> {
-    const FUSE_MKDIR: &str = "9";
+/// A bucket and a mount whose first engine aborts after applying its first request of FUSE
+/// `opcode`, before the reply (fault injection; the holder clears it for successors).
+fn crashing_before_reply(tag: &str, opcode: u32, takeover: Takeover) -> Result<(Bucket, Mount)> {
     let server = shared_server()?;
-    let bucket = server.bucket(&format!("heal-resend-{}", takeover.name()))?;
+    let bucket = server.bucket(&format!("{tag}-{}", takeover.name()))?;
     bucket.put("keep", b"x".to_vec())?;
     let mut env = takeover.env();
-    env.push(("BERTH_FAULT_CRASH_BEFORE_REPLY".into(), FUSE_MKDIR.into()));
+    env.push(("BERTH_FAULT_CRASH_BEFORE_REPLY".into(), opcode.to_string()));
     let m = Mount::s3(
         server,
         &bucket.name,
@@ -727,6 +725,15 @@ pub fn resent_mkdir_is_not_applied_twice(takeover: Takeover) -> Result<()> {
             ..MountOpts::flags(&["--no-ebpf"])
         },
     )?;
+    Ok((bucket, m))
+}
+
+/// The engine applies a mkdir, journals its reply and dies before replying: the successor
+/// gets the resent request and answers from the journal, so mkdir succeeds once instead of
+/// failing with EEXIST.
+pub fn resent_mkdir_is_not_applied_twice(takeover: Takeover) -> Result<()> {
+    const FUSE_MKDIR: u32 = 9;
+    let (bucket, m) = crashing_before_reply("heal-resend", FUSE_MKDIR, takeover)?;
     let result = std::fs::create_dir(m.path().join("made-once"));
     let status = wait_for_kind(&m, "takeover", Duration::from_secs(10))?;
     ensure!(
@@ -756,25 +763,40 @@ pub fn resent_mkdir_is_not_applied_twice(takeover: Takeover) -> Result<()> {
     m.finish()
 }
 
+/// As for mkdir, for symlink: applied once, answered from the journal after the takeover
+/// (else the link would be made again and the caller get EEXIST).
+pub fn resent_symlink_is_not_applied_twice(takeover: Takeover) -> Result<()> {
+    const FUSE_SYMLINK: u32 = 6;
+    let (bucket, m) = crashing_before_reply("heal-resend-link", FUSE_SYMLINK, takeover)?;
+    let result = std::os::unix::fs::symlink("keep", m.join("link"));
+    let status = wait_for_kind(&m, "takeover", Duration::from_secs(10))?;
+    ensure!(
+        result.is_ok(),
+        "symlink failed after the takeover: {result:?} (a resent symlink was applied twice?)"
+    );
+    ensure!(
+        status.recoveries == 1,
+        "the engine should have died once: {status:?}"
+    );
+    ensure_same_bytes("the link object's body", &bucket.get("link")?, b"keep")?;
+    ensure!(
+        std::fs::read_link(m.join("link"))? == Path::new("keep"),
+        "readlink after the takeover"
+    );
+    ensure!(
+        m.log().contains("replaying its journaled reply"),
+        "no journal replay in the log"
+    );
+    takeover.check_log(&m)?;
+    m.finish()
+}
+
 /// The engine commits and releases a closed file, then dies before its reply to RELEASE: the
 /// successor gets the RELEASE again (resent, or from the request slot) and finds the work
 /// done. No error, the object whole, and no false "file NOT saved" in the log.
 pub fn release_done_before_a_crash_is_not_redone(takeover: Takeover) -> Result<()> {
-    const FUSE_RELEASE: &str = "18";
-    let server = shared_server()?;
-    let bucket = server.bucket(&format!("heal-release-{}", takeover.name()))?;
-    bucket.put("keep", b"x".to_vec())?;
-    let mut env = takeover.env();
-    env.push(("BERTH_FAULT_CRASH_BEFORE_REPLY".into(), FUSE_RELEASE.into()));
-    let m = Mount::s3(
-        server,
-        &bucket.name,
-        None,
-        MountOpts {
-            env,
-            ..MountOpts::flags(&["--no-ebpf"])
-        },
-    )?;
+    const FUSE_RELEASE: u32 = 18;
+    let (bucket, m) = crashing_before_reply("heal-release", FUSE_RELEASE, takeover)?;
     let data = random_bytes(0x7e1e, 300_000);
     std::fs::write(m.join("closed.bin"), &data)?;
     let status = wait_for_kind(&m, "takeover", Duration::from_secs(10))?;

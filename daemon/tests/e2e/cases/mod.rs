@@ -307,6 +307,14 @@ pub fn all() -> Vec<Case> {
         case("heal::resent_mkdir_is_not_applied_twice", s3, || {
             heal::resent_mkdir_is_not_applied_twice(heal::Takeover::Resend)
         }),
+        case("heal::resent_symlink_is_not_applied_twice", s3, || {
+            heal::resent_symlink_is_not_applied_twice(heal::Takeover::Resend)
+        }),
+        case(
+            "heal::resent_symlink_is_not_applied_twice::no_resend",
+            s3,
+            || heal::resent_symlink_is_not_applied_twice(heal::Takeover::Slots),
+        ),
         case(
             "heal::release_done_before_a_crash_is_not_redone",
             s3,

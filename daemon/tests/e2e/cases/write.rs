@@ -229,6 +229,39 @@ pub fn shell_redirect() -> Result<()> {
     m.finish()
 }
 
+/// `cat TAIL >> KEY` in a child process (O_APPEND) with `len` random bytes; checks that the
+/// object, in the bucket and through the mount, is `old` then those bytes. Returns the tail
+/// and its file.
+fn cat_onto(
+    m: &Mount,
+    bucket: &crate::s3::Bucket,
+    key: &str,
+    old: &[u8],
+    seed: u64,
+    len: usize,
+) -> Result<(Vec<u8>, tempfile::NamedTempFile)> {
+    let tail = random_bytes(seed, len);
+    let tail_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(tail_file.path(), &tail)?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("cat \"$2\" >> \"$1\"")
+        .arg("sh")
+        .arg(m.join(key))
+        .arg(tail_file.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "O_APPEND of {len} bytes onto {key} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = old.to_vec();
+    want.extend_from_slice(&tail);
+    ensure_same_bytes(&format!("{key} after O_APPEND"), &bucket.get(key)?, &want)?;
+    ensure_same_bytes(&format!("{key} read back"), &read_file(m.join(key))?, &want)?;
+    Ok((tail, tail_file))
+}
+
 /// An append to an object of several parts: the whole parts are copied by the store
 /// (UploadPartCopy, conditional on the ETag), only the tail is read back; the object is the
 /// old bytes then the new ones. An append to an object replaced before its parts are copied
@@ -244,25 +277,7 @@ pub fn large_append_copies_on_the_store_side() -> Result<()> {
         None,
         MountOpts::flags(&["--part-size", "5MiB"]),
     )?;
-    let tail = random_bytes(0x7a12, 3 * 1024 * 1024 + 7);
-    let tail_file = tempfile::NamedTempFile::new()?;
-    std::fs::write(tail_file.path(), &tail)?;
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("cat \"$2\" >> \"$1\"")
-        .arg("sh")
-        .arg(m.join("big.bin"))
-        .arg(tail_file.path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "appending 3 MiB onto a 12 MiB object failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut want = old.clone();
-    want.extend_from_slice(&tail);
-    ensure_same_bytes("big.bin after the append", &bucket.get("big.bin")?, &want)?;
-    ensure_same_bytes("big.bin read back", &read_file(m.join("big.bin"))?, &want)?;
+    let (_, tail_file) = cat_onto(&m, &bucket, "big.bin", &old, 0x7a12, 3 * 1024 * 1024 + 7)?;
     let copied = 10 * 1024 * 1024;
     ensure!(
         m.log().contains(&format!("copied={copied}")),
@@ -381,25 +396,7 @@ pub fn append_to_stored_objects() -> Result<()> {
     // The writers below are child processes: a child another test thread forks while this
     // process holds a file open closes its copy of the fd at exec, and that close is a FUSE
     // FLUSH that commits the file early (README, semantics: "a writer that forks").
-    let tail = random_bytes(0x7a11, 3 * 1024 * 1024);
-    let tail_file = tempfile::NamedTempFile::new()?;
-    std::fs::write(tail_file.path(), &tail)?;
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("cat \"$2\" >> \"$1\"")
-        .arg("sh")
-        .arg(m.join("big.bin"))
-        .arg(tail_file.path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "O_APPEND of 3 MiB onto big.bin failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut want = big.clone();
-    want.extend_from_slice(&tail);
-    ensure_same_bytes("big.bin after O_APPEND", &bucket.get("big.bin")?, &want)?;
-    ensure_same_bytes("big.bin read back", &read_file(m.join("big.bin"))?, &want)?;
+    cat_onto(&m, &bucket, "big.bin", &big, 0x7a11, 3 * 1024 * 1024)?;
 
     // Write-only, no O_TRUNC (dd conv=notrunc), at the end.
     let size = b"line one\nline two\nline three\n".len();
