@@ -368,7 +368,7 @@ impl Upload {
             return Ok(());
         }
         let key = &self.key;
-        let failed = |e: crate::store::StoreError| {
+        let failed = |e: StoreError| {
             tracing::error!(key = %key, error = %e, "could not read the object being appended to; nothing is committed");
             errno(e.errno())
         };
@@ -568,18 +568,16 @@ impl Upload {
         let etag = if st.upload_id.is_none() {
             let _memory = self.take_filling(st, size).await;
             let body = st.spool.read(0..size)?.freeze();
-            let put = match base_etag.as_deref() {
-                Some(etag) => match self
-                    .store
-                    .put_if_match(&self.key, body.clone(), &meta, etag)
-                    .await
-                {
-                    Err(StoreError::Unsupported(_)) => self.store.put(&self.key, body, &meta).await,
-                    other => other,
+            if_match_or_not(
+                base_etag.as_deref(),
+                |etag| {
+                    self.store
+                        .put_if_match(&self.key, body.clone(), &meta, etag)
                 },
-                None => self.store.put(&self.key, body, &meta).await,
-            };
-            put.map_err(|e| self.commit_failed("upload failed", e))?
+                || self.store.put(&self.key, body.clone(), &meta),
+            )
+            .await
+            .map_err(|e| self.commit_failed("upload failed", e))?
         } else {
             if self.part_start(st.next_part) < size {
                 self.send_part(st, size).await?;
@@ -589,21 +587,16 @@ impl Upload {
             }
             let parts: Vec<UploadedPart> = st.parts.values().cloned().collect();
             let id = st.upload_id.clone().unwrap_or_default();
-            let completed = match base_etag.as_deref() {
-                Some(etag) => match self
-                    .store
-                    .complete_upload_if_match(&self.key, &id, &parts, etag)
-                    .await
-                {
-                    Err(StoreError::Unsupported(_)) => {
-                        self.store.complete_upload(&self.key, &id, &parts).await
-                    }
-                    other => other,
+            let etag = if_match_or_not(
+                base_etag.as_deref(),
+                |etag| {
+                    self.store
+                        .complete_upload_if_match(&self.key, &id, &parts, etag)
                 },
-                None => self.store.complete_upload(&self.key, &id, &parts).await,
-            };
-            let etag =
-                completed.map_err(|e| self.commit_failed("completing the upload failed", e))?;
+                || self.store.complete_upload(&self.key, &id, &parts),
+            )
+            .await
+            .map_err(|e| self.commit_failed("completing the upload failed", e))?;
             let sent = st.meta_sent.clone().unwrap_or_default();
             if sent == meta {
                 etag
@@ -779,6 +772,26 @@ impl State {
             meta_records: 0,
         }
     }
+}
+
+/// The conditional write (If-Match on `etag`) when there is an ETag to hold the object to and
+/// the store can condition a write; the plain one otherwise (the caller's HEAD check stands).
+async fn if_match_or_not<'a, T, C, P>(
+    etag: Option<&'a str>,
+    conditional: impl FnOnce(&'a str) -> C,
+    plain: impl FnOnce() -> P,
+) -> StoreResult<T>
+where
+    C: std::future::Future<Output = StoreResult<T>>,
+    P: std::future::Future<Output = StoreResult<T>>,
+{
+    if let Some(etag) = etag {
+        match conditional(etag).await {
+            Err(StoreError::Unsupported(_)) => {}
+            done => return done,
+        }
+    }
+    plain().await
 }
 
 #[cfg(test)]
